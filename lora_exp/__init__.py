@@ -1,0 +1,3 @@
+"""lora-exp: experiment-tracked hyperparameter sweeps for LoRA fine-tuning."""
+
+__version__ = "0.1.0"

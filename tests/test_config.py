@@ -1,0 +1,103 @@
+"""Every shipped config composes and validates; every bad value fails with its message."""
+from __future__ import annotations
+
+import pytest
+
+from conftest import CONF
+from lora_exp.config import compose
+from lora_exp.errors import ConfigError
+
+GROUPS = ["model", "lora", "trainer", "data", "tracking"]
+OPTIONS = [(g, p.stem) for g in GROUPS for p in sorted((CONF / g).glob("*.yaml"))]
+
+
+@pytest.mark.parametrize("group,option", OPTIONS, ids=[f"{g}={o}" for g, o in OPTIONS])
+def test_every_shipped_option_composes(group, option):
+    overrides = [f"{group}={option}"]
+    if group == "lora" or group == "model":  # presets must exist on the model
+        overrides.append("lora.preset=null" if group == "model" else "model=gpt2")
+    cfg = compose(overrides)
+    assert getattr(cfg, group) is not None
+    assert cfg.target_modules, "every combination resolves target modules"
+
+
+def test_every_yaml_opens_with_its_command():
+    for path in CONF.rglob("*.yaml"):
+        assert path.read_text().startswith("# "), f"{path} should open with the command that uses it"
+
+
+def test_defaults_are_offline_model_and_qa_demo():
+    cfg = compose([])
+    assert cfg.model.name == "smollm2_135m" and cfg.model.source == "gguf_package"
+    assert cfg.data.name == "qa_demo"
+    assert cfg.target_modules == ["q_proj", "v_proj"]
+    assert cfg.tracking.uri == "sqlite:///mlruns/mlflow.db"
+
+
+def test_seed_recipe_matches_the_blog():
+    cfg = compose(["model=gpt2", "lora=seed", "trainer=seed", "data=seed"])
+    assert (cfg.lora.r, cfg.lora.lora_alpha, cfg.lora.lora_dropout, cfg.lora.bias) == (8, 16, 0.1, "none")
+    assert cfg.target_modules == ["c_attn"] and cfg.model.fan_in_fan_out is True
+    t = cfg.trainer
+    assert (t.lr, t.epochs, t.batch_size, t.warmup_steps, t.logging_steps, t.seed) == (1e-4, 500, 1, 0, 5, 42)
+    assert cfg.data.max_length == 128
+
+
+def test_overrides_are_recorded():
+    cfg = compose(["lora.r=16", "trainer.lr=3e-4"])
+    assert cfg.lora.r == 16 and cfg.trainer.lr == 3e-4
+    assert cfg.overrides == ["lora.r=16", "trainer.lr=3e-4"]
+
+
+def test_preset_or_explicit_target_modules():
+    assert compose(["lora.preset=all_linear"]).target_modules[-1] == "down_proj"
+    assert compose(["lora.target_modules=[q_proj,o_proj]"]).target_modules == ["q_proj", "o_proj"]
+    assert compose(["model=gpt2", "lora.preset=attn_proj"]).target_modules == ["c_attn", "c_proj"]
+
+
+BAD = [
+    (["lora.r=0"], "lora.r: must be >= 1"),
+    (["lora.lora_alpha=-1"], "lora.lora_alpha: must be > 0"),
+    (["lora.lora_alpha=0"], "lora.lora_alpha: must be > 0"),
+    (["lora.lora_dropout=1.0"], "lora.lora_dropout: must be in [0, 1)"),
+    (["lora.lora_dropout=-0.1"], "lora.lora_dropout: must be in [0, 1)"),
+    (["trainer.lr=0"], "trainer.lr: must be > 0"),
+    (["trainer.lr=-1e-3"], "trainer.lr: must be > 0"),
+    (["lora.preset=qkv"], "has no preset 'qkv' (it has: qv, attn, all_linear)"),
+    (["lora.target_modules=[c_attn]"], "has no module c_attn (it has: q_proj, k_proj"),
+    (["model=gpt2", "lora.target_modules=[q_proj]"], "has no module q_proj (it has: c_attn, c_proj, c_fc)"),
+    (["data.train_files=[missing.jsonl]"], "data.train_files: file not found: missing.jsonl"),
+    (["model=llama7b"], "unknown model option 'llama7b' (available: gpt2, smollm2_135m, tiny_gpt2, tiny_llama)"),
+    (["lora.rank=4"], "lora.rank"),
+    (["lora.r=eight"], "lora.r: Value 'eight'"),
+    (["trainer.max_steps=0"], "trainer.max_steps: must be >= 1"),
+    (["trainer.batch_size=0"], "trainer.batch_size: must be >= 1"),
+    (["trainer.precision=fp8"], "trainer.precision: must be one of fp32, bf16"),
+    (["lora.r=[1"], "cannot parse override"),
+]
+
+
+@pytest.mark.parametrize("overrides,message", BAD, ids=[" ".join(o) for o, _ in BAD])
+def test_bad_values_rejected_with_one_line(overrides, message):
+    with pytest.raises(ConfigError) as info:
+        compose(overrides)
+    text = str(info.value)
+    assert message in text
+    assert "\n" not in text
+
+
+@pytest.mark.parametrize("group,option", OPTIONS, ids=[f"{g}={o}" for g, o in OPTIONS])
+def test_every_yaml_lists_every_field(group, option):
+    """Hydra only lets a user override keys the YAML has: every field must be there."""
+    import dataclasses
+
+    import yaml
+
+    from lora_exp.config import RunConfig
+
+    schema = {f.name: f.type for f in dataclasses.fields(RunConfig)}[group]
+    from lora_exp import config as config_module
+
+    fields = {f.name for f in dataclasses.fields(getattr(config_module, schema))}
+    keys = set(yaml.safe_load((CONF / group / f"{option}.yaml").read_text()))
+    assert keys == fields, f"missing {fields - keys}, unknown {keys - fields}"
