@@ -1,0 +1,462 @@
+"""The sweep: owns Optuna. Sweep file -> study, objective, pruning callback, workers.
+
+Training never imports optuna; this module turns a trial into overrides, composes its config
+with Hydra, runs `run_trial` on the worker's shared base model, and reports back.
+
+Budget: the study holds exactly `n_trials` live trials. The starting process tops the study up
+with WAITING trials (Optuna's own queue); workers pop them with `study.ask()`, which is atomic in
+the RDB storage, so any number of workers (or machines) run exactly `n_trials` trials in all.
+Running the same command again resumes: only the missing trials are added.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import multiprocessing
+import os
+import signal
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from lora_exp import sweep_tracking
+from lora_exp.config import RunConfig, compose
+from lora_exp.errors import ConfigError, LoraExpError
+from lora_exp.sweeps import SweepSpec, corner_overrides, load_sweep, suggest
+
+log = logging.getLogger("lora_exp")
+
+DEFAULT_STORAGE = "sqlite:///mlruns/optuna.db"
+OPTIONS = ("sweep", "n_trials", "workers", "storage", "study", "timeout")
+LIVE = ("COMPLETE", "PRUNED", "RUNNING", "WAITING")
+
+
+@dataclass(frozen=True)
+class SweepOptions:
+    sweep: str = "default"
+    n_trials: int | None = None
+    workers: int | None = None
+    storage: str = DEFAULT_STORAGE
+    study: str | None = None
+    timeout: float | None = None
+    overrides: tuple[str, ...] = ()
+
+
+@dataclass
+class SweepPlan:
+    """Everything a worker needs, as plain data (sent to spawned worker processes)."""
+
+    spec: SweepSpec
+    options: SweepOptions
+    study_name: str
+    n_trials: int
+    parent_run_id: str | None
+    base_overrides: list[str]
+    timeout: float | None
+    started: float = field(default_factory=time.time)
+
+
+def parse_options(args: list[str]) -> SweepOptions:
+    """Split `key=value` tokens into sweep options and Hydra config overrides."""
+    opts: dict[str, Any] = {}
+    overrides: list[str] = []
+    for arg in args:
+        key, sep, value = arg.partition("=")
+        if sep and key in OPTIONS:
+            opts[key] = value
+        else:
+            overrides.append(arg)
+    try:
+        n_trials = int(opts["n_trials"]) if "n_trials" in opts else None
+        workers = int(opts["workers"]) if "workers" in opts else None
+        timeout = float(opts["timeout"]) if "timeout" in opts else None
+    except ValueError as exc:
+        raise ConfigError(f"sweep option: {exc}") from exc
+    if n_trials is not None and n_trials <= 0:
+        raise ConfigError(f"n_trials: must be >= 1, got {n_trials}")
+    if workers is not None and workers <= 0:
+        raise ConfigError(f"workers: must be >= 1, got {workers}")
+    if timeout is not None and timeout <= 0:
+        raise ConfigError(f"timeout: must be > 0 seconds, got {timeout}")
+    return SweepOptions(sweep=opts.get("sweep", "default"), n_trials=n_trials, workers=workers,
+                        storage=opts.get("storage", DEFAULT_STORAGE), study=opts.get("study") or None,
+                        timeout=timeout, overrides=tuple(overrides))
+
+
+def default_workers() -> int:
+    """One worker per visible GPU on a CUDA machine, else one."""
+    import torch
+
+    return max(1, torch.cuda.device_count()) if torch.cuda.is_available() else 1
+
+
+# --- Optuna objects -------------------------------------------------------------------------
+
+
+def make_sampler(spec: SweepSpec, worker_index: int = 0) -> Any:
+    """The sampler; each worker offsets the seed, or parallel workers would draw the same values."""
+    import optuna
+
+    opts = {k: v for k, v in spec.sampler.items() if k != "name"}
+    if opts.get("seed") is not None:
+        opts["seed"] = int(opts["seed"]) + worker_index
+    name = spec.sampler["name"]
+    if name == "tpe":
+        opts.setdefault("seed", 42)
+        opts.setdefault("constant_liar", True)  # trials in flight count as pending for other workers
+        opts.setdefault("multivariate", True)
+        return optuna.samplers.TPESampler(**opts)
+    if name == "random":
+        return optuna.samplers.RandomSampler(**opts)
+    if name == "gp":
+        return optuna.samplers.GPSampler(**opts)
+    grid = {k: (p.choices if p.type == "categorical" else list(range(int(p.low), int(p.high) + 1, int(p.step or 1))))
+            for k, p in spec.space.items()}
+    return optuna.samplers.GridSampler(grid, **opts)
+
+
+def make_pruner(spec: SweepSpec) -> Any:
+    import optuna
+
+    opts = {k: v for k, v in spec.pruner.items() if k != "name"}
+    name = spec.pruner["name"]
+    if name == "median":
+        opts.setdefault("n_startup_trials", 3)
+        return optuna.pruners.MedianPruner(**opts)
+    if name == "hyperband":
+        return optuna.pruners.HyperbandPruner(**opts)
+    return optuna.pruners.NopPruner()
+
+
+def open_study(plan_or_spec: SweepSpec, storage_url: str, study_name: str, create: bool,
+               worker_index: int = 0) -> Any:
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    try:
+        storage = optuna.storages.RDBStorage(storage_url, engine_kwargs=_engine_kwargs(storage_url))
+        if create:
+            return optuna.create_study(study_name=study_name, storage=storage, load_if_exists=True,
+                                       direction=plan_or_spec.direction, sampler=make_sampler(plan_or_spec),
+                                       pruner=make_pruner(plan_or_spec))
+        return optuna.load_study(study_name=study_name, storage=storage,
+                                 sampler=make_sampler(plan_or_spec, worker_index),
+                                 pruner=make_pruner(plan_or_spec))
+    except LoraExpError:
+        raise
+    except Exception as exc:  # SQLAlchemy / driver errors: unreachable or wrong URL
+        from lora_exp.tracking import redact_uri
+
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ConfigError(f"storage: cannot open {redact_uri(storage_url)}: {first[:300]}") from exc
+
+
+def _engine_kwargs(url: str) -> dict[str, Any]:
+    if url.startswith("sqlite:///"):
+        from pathlib import Path
+
+        Path(url[len("sqlite:///"):]).expanduser().parent.mkdir(parents=True, exist_ok=True)
+        return {"connect_args": {"timeout": 60}}  # several workers write one file
+    if url.startswith("postgresql"):
+        return {"pool_pre_ping": True, "connect_args": {"connect_timeout": 10}}
+    return {}
+
+
+def claim_waiting_trial(study: Any) -> Any:
+    """Take one WAITING trial (RUNNING from now on), or None when the queue is empty.
+
+    What `study.ask()` does first, without its fallback of creating a new trial when the queue
+    is empty: that fallback would let a worker run a trial beyond the budget. The WAITING ->
+    RUNNING change is a compare-and-set in the storage, so two workers never get the same trial.
+    """
+    import optuna
+    from optuna.exceptions import UpdateFinishedTrialError
+    from optuna.trial import TrialState
+
+    storage = study._storage  # the study's RDBStorage (public BaseStorage API from here on)
+    study_id = storage.get_study_id_from_name(study.study_name)
+    for frozen in study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
+        trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, frozen.number)
+        try:
+            if storage.set_trial_state_values(trial_id, state=TrialState.RUNNING):
+                return optuna.Trial(study, trial_id)
+        except UpdateFinishedTrialError:
+            continue
+    return None
+
+
+def top_up(study: Any, n_trials: int) -> int:
+    """Enqueue WAITING trials until the study holds n_trials live ones; returns how many were added."""
+    from optuna.trial import TrialState
+
+    live = len(study.get_trials(deepcopy=False, states=tuple(TrialState[s] for s in LIVE)))
+    for _ in range(max(0, n_trials - live)):
+        study.enqueue_trial({}, skip_if_exists=False)
+    return max(0, n_trials - live)
+
+
+# --- the command ----------------------------------------------------------------------------
+
+
+def quiet_libraries() -> None:
+    """In a sweep the per-trial line is the output: keep per-step logs and library chatter out."""
+    import warnings
+
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    warnings.filterwarnings("ignore", category=UserWarning)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    with contextlib.suppress(ImportError):
+        from optuna.exceptions import ExperimentalWarning
+
+        warnings.filterwarnings("ignore", category=ExperimentalWarning)
+    if not os.environ.get("LORA_EXP_VERBOSE"):
+        logging.getLogger("lora_exp.training").setLevel(logging.WARNING)
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+
+
+def cmd_sweep(args: list[str]) -> int:
+    quiet_libraries()
+    options = parse_options(args)
+    spec = load_sweep(options.sweep)
+    study_name = options.study or spec.study
+    n_trials = options.n_trials or spec.n_trials
+    base_overrides = list(spec.base) + list(options.overrides)
+    base_cfg = compose(base_overrides)  # a bad base override fails here, before anything runs
+    for corner in corner_overrides(spec.space):  # and so does a search space the config rejects
+        compose(base_overrides + corner)
+    from lora_exp.data import load_rows
+
+    load_rows(base_cfg.data)
+    study = open_study(spec, options.storage, study_name, create=True)
+    parent_run_id = sweep_tracking.open_parent(base_cfg.tracking, study, spec, options)
+    added = top_up(study, n_trials)
+    workers = options.workers or default_workers()
+    log.info("study %s: %d trials wanted, %d to run now, %d worker(s); storage %s", study_name, n_trials, added,
+             workers, sweep_tracking.redact(options.storage))
+    plan = SweepPlan(spec, options, study_name, n_trials, parent_run_id, base_overrides,
+                     options.timeout or spec.timeout)
+    try:
+        if workers == 1:
+            run_worker(plan, worker_index=0)
+        else:
+            run_worker_processes(plan, workers)
+    finally:
+        summary = sweep_tracking.finish_parent(base_cfg.tracking, open_study(spec, options.storage, study_name,
+                                                                             create=False), plan)
+        print(summary)
+    return 0
+
+
+def run_worker_processes(plan: SweepPlan, workers: int) -> None:
+    ctx = multiprocessing.get_context("spawn")  # a fresh interpreter each: no forked torch state
+    procs = [ctx.Process(target=_worker_entry, args=(plan, i), name=f"lora-exp-worker-{i}") for i in range(workers)]
+    for p in procs:
+        p.start()
+    try:
+        for p in procs:
+            p.join()
+    except KeyboardInterrupt:  # the children got the same Ctrl-C and stop after their trial
+        for p in procs:
+            p.join()
+        raise
+    failed = [p.name for p in procs if p.exitcode not in (0, None)]
+    if failed:
+        log.warning("worker(s) %s exited with an error", ", ".join(failed))
+
+
+def _worker_entry(plan: SweepPlan, index: int) -> None:
+    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s [w{index}] %(message)s", datefmt="%H:%M:%S")
+    for noisy in ("httpx", "urllib3", "alembic", "mlflow", "datasets", "filelock"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    import warnings
+
+    quiet_libraries()
+    import torch
+
+    if torch.cuda.is_available() and torch.cuda.device_count() > 1:
+        torch.cuda.set_device(index % torch.cuda.device_count())
+    run_worker(plan, index, n_workers=None)
+
+
+class _StopFlag:
+    """First Ctrl-C: finish the trial in flight, then stop. Second: stop now."""
+
+    def __init__(self) -> None:
+        self.requested = False
+
+    def __call__(self, signum: int, frame: Any) -> None:
+        if self.requested or signum == signal.SIGTERM:
+            raise KeyboardInterrupt
+        self.requested = True
+        log.warning("stopping after the trial in flight (Ctrl-C again to stop now)")
+
+
+def run_worker(plan: SweepPlan, worker_index: int, n_workers: int | None = 1) -> None:
+    """Pop WAITING trials and run them on one base model, until none is left."""
+    import torch
+    from optuna.trial import TrialState
+
+    from lora_exp.data import load_rows, tokenize
+    from lora_exp.models import load_base, pick_device
+
+    if n_workers is None:  # share the CPU cores between worker processes
+        cores = os.cpu_count() or 1
+        torch.set_num_threads(max(1, cores // max(1, len(multiprocessing.active_children()) or 1)))
+    stop = _StopFlag()
+    previous = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)} \
+        if multiprocessing.current_process().name == "MainProcess" or n_workers is None else {}
+    study = open_study(plan.spec, plan.options.storage, plan.study_name, create=False, worker_index=worker_index)
+    base_cfg = compose(plan.base_overrides)
+    device = pick_device(base_cfg.trainer.device)
+    context = _WorkerContext(device=device, load_base=load_base, load_rows=load_rows, tokenize=tokenize)
+    failures = 0
+    try:
+        while not stop.requested:
+            if plan.timeout and time.time() - plan.started > plan.timeout:
+                log.info("timeout reached: no new trials")
+                break
+            trial = claim_waiting_trial(study)
+            if trial is None:
+                break
+            state = run_one_trial(plan, study, trial, context)
+            failures += state == "FAIL"
+            if plan.spec.max_failures and _failed_count(study) >= plan.spec.max_failures:
+                log.error("%d trials failed (max_failures=%d): stopping the sweep", _failed_count(study),
+                          plan.spec.max_failures)
+                break
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+def _failed_count(study: Any) -> int:
+    from optuna.trial import TrialState
+
+    return len(study.get_trials(deepcopy=False, states=(TrialState.FAIL,)))
+
+
+@dataclass
+class _WorkerContext:
+    """Per-process caches: the base model is loaded once per worker, data once per data config."""
+
+    device: Any
+    load_base: Any
+    load_rows: Any
+    tokenize: Any
+    bases: dict[str, Any] = field(default_factory=dict)
+    datasets: dict[str, Any] = field(default_factory=dict)
+
+    def prepare(self, cfg: RunConfig) -> tuple[Any, Any]:
+        mkey = repr(cfg.model)
+        if mkey not in self.bases:
+            self.bases.clear()  # one base in memory at a time
+            self.bases[mkey] = self.load_base(cfg.model, self.device)
+        base = self.bases[mkey]
+        dkey = repr((cfg.data, mkey))
+        if dkey not in self.datasets:
+            self.datasets[dkey] = self.tokenize(self.load_rows(cfg.data), cfg.data, base.tokenizer)
+        return base, self.datasets[dkey]
+
+
+class PruningCallback:
+    """Reports the objective at each eval; asks Optuna whether to stop."""
+
+    def __init__(self, trial: Any, metric: str):
+        self.trial, self.metric = trial, metric
+
+    def on_eval(self, step: int, metrics: dict[str, float]) -> bool:
+        if self.metric not in metrics:
+            return False
+        self.trial.report(metrics[self.metric], step)
+        return bool(self.trial.should_prune())
+
+
+def run_one_trial(plan: SweepPlan, study: Any, trial: Any, context: _WorkerContext) -> str:
+    """Train one trial into its own nested MLflow run; tell Optuna only after the run is closed."""
+    from optuna.trial import TrialState
+
+    from lora_exp.tracking import start_run
+    from lora_exp.training import run_trial
+
+    start = time.perf_counter()
+    metric = plan.spec.metric
+    state, value, result, run_id = TrialState.FAIL, None, None, None
+    overrides: list[str] = []
+    try:
+        overrides = suggest(trial, plan.spec.space, _base_values(plan))
+        trial.set_user_attr("overrides", overrides)
+        cfg = compose(plan.base_overrides + overrides)
+        base, data = context.prepare(cfg)
+        sweep_tracking.load_base_cache(study, base)
+        tags = {"lora_exp.kind": "trial", "lora_exp.study": plan.study_name, "trial_number": trial.number,
+                "lora_exp.trial_overrides": " ".join(overrides)}
+        compute = 0.0
+        with start_run(cfg.tracking, run_name=f"{plan.study_name}-trial-{trial.number}", tags=tags,
+                       parent_run_id=plan.parent_run_id) as tracker:
+            run_id = tracker.run_id
+            trial.set_user_attr("mlflow_run_id", run_id)
+            result = run_trial(cfg, base, data, tracker, callbacks=[PruningCallback(trial, metric)])
+            compute = result.metrics.get("train_runtime_s", 0.0) + result.metrics.get("generation_s", 0.0)
+            if result.status == "stopped":
+                tracker.status = "KILLED"
+                state = TrialState.PRUNED
+                tracker.set_tags({"trial_state": "PRUNED", "pruned": "true"})
+            else:
+                value = objective_value(result.metrics, metric)
+                state = TrialState.COMPLETE
+                tracker.set_tags({"trial_state": "COMPLETE"})
+        sweep_tracking.save_base_cache(study, base)
+        trial.set_user_attr("loss_curve", result.loss_curve)
+        trial.set_user_attr("compute_s", round(compute, 3))
+    except KeyboardInterrupt:
+        trial.set_user_attr("failure", "interrupted")
+        study.tell(trial, state=TrialState.FAIL)
+        raise
+    except Exception as exc:  # a bad sampled value, OOM, a bug: this trial fails, the sweep goes on
+        reason = f"{type(exc).__name__}: {exc}".splitlines()[0][:500]
+        log.error("trial %d failed: %s", trial.number, reason)
+        trial.set_user_attr("failure", reason)
+    wall = time.perf_counter() - start
+    trial.set_user_attr("wall_s", round(wall, 3))
+    if state == TrialState.COMPLETE:
+        study.tell(trial, value)
+    elif state == TrialState.PRUNED:
+        study.tell(trial, state=TrialState.PRUNED)
+    else:
+        study.tell(trial, state=TrialState.FAIL)
+    sweep_tracking.after_trial(plan, study, trial.number, run_id)
+    shown = value
+    if state == TrialState.PRUNED and result is not None and result.eval_curve:
+        shown = result.eval_curve[-1][1]
+    _print_trial_line(plan, study, trial.number, state.name, shown, overrides, wall,
+                      at_step=result.steps if state == TrialState.PRUNED and result is not None else None)
+    return state.name
+
+
+def objective_value(metrics: dict[str, float], metric: str) -> float:
+    """`eval_loss` names the final eval loss (`final_eval_loss`); any other logged metric by name."""
+    for key in (metric, f"final_{metric}"):
+        if key in metrics:
+            return metrics[key]
+    raise LoraExpError(f"objective metric {metric!r} was not computed (have: {', '.join(sorted(metrics))})")
+
+
+def _base_values(plan: SweepPlan) -> dict[str, Any]:
+    """Values of the base config (for `ratio_of` anchors that are not searched)."""
+    from lora_exp.tracking import flatten
+
+    return flatten(compose(plan.base_overrides).to_dict())
+
+
+def _print_trial_line(plan: SweepPlan, study: Any, number: int, state: str, value: float | None,
+                      overrides: list[str], wall: float, at_step: int | None = None) -> None:
+    from optuna.trial import TrialState
+
+    done = len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)))
+    shown = f"{plan.spec.metric}={value:.4f}" if value is not None else plan.spec.metric + "=-"
+    if at_step is not None:
+        shown += f"@{at_step}"
+    print(f"[{done}/{plan.n_trials}] trial {number:>3} {state:<8} {shown}  {' '.join(overrides)}  ({wall:.1f}s)",
+          flush=True)

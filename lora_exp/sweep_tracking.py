@@ -1,0 +1,253 @@
+"""What a sweep records in MLflow: one parent run per study (found again on resume), refreshed
+after every trial with the best trial, a table of all trials, Optuna's plots and a loss-curve
+overlay; the best adapter as a parent artifact and as a registered model with alias `best`.
+
+Runs are opened and closed through `lora_exp.tracking` (the one owner of the MLflow client)."""
+from __future__ import annotations
+
+import json
+import logging
+import tempfile
+import time
+from typing import TYPE_CHECKING, Any
+
+from lora_exp.config import TrackingConfig
+from lora_exp.tracking import connect, provenance, redact_uri
+
+if TYPE_CHECKING:
+    from lora_exp.search import SweepOptions, SweepPlan
+    from lora_exp.sweeps import SweepSpec
+
+log = logging.getLogger("lora_exp")
+
+PARENT_ATTR = "mlflow_parent_run_id"
+BEST_ALIAS = "best"
+PLOT_EVERY_S = 60.0
+_last_plots = 0.0
+
+
+def redact(url: str) -> str:
+    return redact_uri(url)
+
+
+def open_parent(cfg: TrackingConfig, study: Any, spec: SweepSpec, options: SweepOptions) -> str | None:
+    """The study's parent run: the one recorded in the study, else found by tag, else created."""
+    if not cfg.enabled:
+        return None
+    client, experiment_id = connect(cfg)
+    run_id = study.user_attrs.get(PARENT_ATTR)
+    if run_id is None:
+        found = client.search_runs([experiment_id], filter_string=(
+            f"tags.`lora_exp.kind` = 'sweep' and tags.`lora_exp.study` = '{study.study_name}'"), max_results=1)
+        run_id = found[0].info.run_id if found else None
+    if run_id is not None:
+        try:
+            client.get_run(run_id)
+        except Exception:  # recorded in another tracking store: start a parent here
+            run_id = None
+    if run_id is None:
+        tags = {**provenance(), "lora_exp.kind": "sweep", "lora_exp.study": study.study_name}
+        run = client.create_run(experiment_id, run_name=f"sweep-{study.study_name}", tags=tags)
+        run_id = run.info.run_id
+        client.log_batch(run_id, params=_params({
+            "study": study.study_name, "storage": redact(options.storage), "sweep_file": spec.name,
+            "sampler": json.dumps(spec.sampler), "pruner": json.dumps(spec.pruner), "objective": spec.metric,
+            "direction": spec.direction, "base_overrides": " ".join(spec.base + list(options.overrides)),
+            "search_space": json.dumps({k: v.__dict__ for k, v in spec.space.items()})}))
+        client.log_text(run_id, spec.text or "", "sweep.yaml")
+        study.set_user_attr(PARENT_ATTR, run_id)
+    else:
+        client.update_run(run_id, status="RUNNING")
+    return run_id
+
+
+def _params(values: dict[str, Any]) -> list[Any]:
+    from mlflow.entities import Param
+
+    return [Param(k, str(v)[:6000]) for k, v in values.items()]
+
+
+# --- base-model results shared by every worker of the study --------------------------------
+
+
+def load_base_cache(study: Any, base: Any) -> None:
+    """Base-model eval loss and generations are the same for every trial: computed once per study."""
+    prefix = _cache_prefix(base)
+    for key, value in study.user_attrs.items():
+        if key.startswith(prefix):
+            base.cache.setdefault(tuple(json.loads(key[len(prefix):])), value)
+
+
+def save_base_cache(study: Any, base: Any) -> None:
+    prefix = _cache_prefix(base)
+    existing = set(study.user_attrs)
+    for key, value in base.cache.items():
+        name = prefix + json.dumps(list(key))
+        if name not in existing:
+            study.set_user_attr(name, value)
+
+
+def _cache_prefix(base: Any) -> str:
+    import hashlib
+
+    return "base:" + hashlib.sha1(repr(base.config).encode()).hexdigest()[:8] + ":"
+
+
+# --- after each trial ------------------------------------------------------------------------
+
+
+def after_trial(plan: SweepPlan, study: Any, number: int, run_id: str | None, final: bool = False) -> None:
+    """Refresh the parent run; if this trial is the new best, publish its adapter."""
+    global _last_plots
+    if plan.parent_run_id is None:
+        return
+    from lora_exp.config import compose
+
+    cfg = compose(plan.base_overrides).tracking
+    client, _ = connect(cfg)
+    try:
+        trials = study.get_trials(deepcopy=False)
+        _log_summary(client, plan, study, trials)
+        best = _best(study)
+        if best is not None and (best.number == number or final):
+            _publish_best(client, plan, best)
+        if final or time.monotonic() - _last_plots >= PLOT_EVERY_S:
+            _log_plots(client, plan, study, trials)
+            _last_plots = time.monotonic()
+    except Exception as exc:  # noqa: BLE001 - the parent's refresh must never fail a trial
+        log.warning("could not refresh the sweep's parent run: %s", exc)
+
+
+def _best(study: Any) -> Any:
+    try:
+        return study.best_trial
+    except ValueError:
+        return None
+
+
+def trials_table(trials: list[Any]) -> dict[str, list[Any]]:
+    rows = sorted(trials, key=lambda t: t.number)
+    return {
+        "number": [t.number for t in rows],
+        "state": [t.state.name for t in rows],
+        "value": [t.value for t in rows],
+        "params": [json.dumps(t.params) for t in rows],
+        "overrides": [" ".join(t.user_attrs.get("overrides", [])) for t in rows],
+        "duration_s": [round(t.duration.total_seconds(), 2) if t.duration else None for t in rows],
+        "run_id": [t.user_attrs.get("mlflow_run_id") for t in rows],
+    }
+
+
+def _log_summary(client: Any, plan: SweepPlan, study: Any, trials: list[Any]) -> None:
+    from mlflow.entities import Metric, RunTag
+
+    counts = {s: sum(t.state.name == s for t in trials) for s in ("COMPLETE", "PRUNED", "FAIL", "RUNNING", "WAITING")}
+    tags = {"n_trials": plan.n_trials, **{f"trials_{k.lower()}": v for k, v in counts.items()}}
+    metrics = []
+    best = _best(study)
+    if best is not None:
+        tags.update({"best_trial_number": best.number, "best_value": best.value,
+                     "best_params": json.dumps(best.params), "best_run_id": best.user_attrs.get("mlflow_run_id"),
+                     "best_overrides": " ".join(best.user_attrs.get("overrides", []))})
+        finished = counts["COMPLETE"] + counts["PRUNED"] + counts["FAIL"]
+        now = int(time.time() * 1000)
+        metrics = [Metric("best_value", best.value, now, finished)]
+    client.log_batch(plan.parent_run_id, metrics=metrics, tags=[RunTag(k, str(v)) for k, v in tags.items()],
+                     synchronous=True)
+    client.log_table(plan.parent_run_id, data=trials_table(trials), artifact_file="trials.json")
+
+
+def _publish_best(client: Any, plan: SweepPlan, best: Any) -> None:
+    """Copy the best trial's adapter to the parent and point the registered model's alias at it."""
+    from mlflow.exceptions import MlflowException
+
+    run_id = best.user_attrs.get("mlflow_run_id")
+    if not run_id:
+        return
+    name = plan.study_name
+    try:
+        current = client.get_model_version_by_alias(name, BEST_ALIAS)
+        if current.run_id == run_id:
+            return
+    except MlflowException:
+        pass
+    with tempfile.TemporaryDirectory() as tmp:
+        local = client.download_artifacts(run_id, "adapter", tmp)
+        client.log_artifacts(plan.parent_run_id, local, "best_adapter")
+    try:
+        client.create_registered_model(name, description=f"Best LoRA adapter of the lora-exp study {name!r}")
+    except MlflowException:
+        pass  # exists already
+    source = f"{client.get_run(run_id).info.artifact_uri}/adapter"
+    version = client.create_model_version(name, source=source, run_id=run_id,
+                                          tags={"trial_number": str(best.number), "value": str(best.value)})
+    client.set_registered_model_alias(name, BEST_ALIAS, version.version)
+    log.info("best so far: trial %d (%s=%.4f) -> models:/%s@%s", best.number, plan.spec.metric, best.value,
+             name, BEST_ALIAS)
+
+
+def _log_plots(client: Any, plan: SweepPlan, study: Any, trials: list[Any]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from optuna.visualization import matplotlib as ov
+
+    complete = [t for t in trials if t.state.name == "COMPLETE"]
+    plots = {"optimization_history": lambda: ov.plot_optimization_history(study)}
+    if len(complete) >= 2 and len(plan.spec.space) >= 2:
+        plots["param_importances"] = lambda: ov.plot_param_importances(study)
+    if complete:
+        plots["parallel_coordinate"] = lambda: ov.plot_parallel_coordinate(study)
+    for name, make in plots.items():
+        try:
+            ax = make()
+            fig = ax.figure if hasattr(ax, "figure") else ax.flat[0].figure
+            fig.set_size_inches(9, 5)
+            fig.tight_layout()
+            client.log_figure(plan.parent_run_id, fig, f"plots/{name}.png")
+            plt.close(fig)
+        except Exception as exc:  # noqa: BLE001 - e.g. importances need variety among trials
+            log.debug("plot %s skipped: %s", name, exc)
+    fig, ax = plt.subplots(figsize=(9, 5))
+    for t in sorted(trials, key=lambda t: t.number):
+        curve = t.user_attrs.get("loss_curve")
+        if curve:
+            steps, values = zip(*curve)
+            ax.plot(steps, values, label=f"{t.number} {t.state.name.lower()}", alpha=0.8,
+                    linestyle="-" if t.state.name == "COMPLETE" else ":")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("train loss")
+    ax.set_title(f"{plan.study_name}: train loss of every trial")
+    if len(trials) <= 20:
+        ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    client.log_figure(plan.parent_run_id, fig, "plots/loss_curves.png")
+    plt.close(fig)
+
+
+# --- the end ---------------------------------------------------------------------------------
+
+
+def finish_parent(cfg: TrackingConfig, study: Any, plan: SweepPlan) -> str:
+    """Final refresh, close the parent (unless trials still run elsewhere), and the summary text."""
+    from optuna.trial import TrialState
+
+    trials = study.get_trials(deepcopy=False)
+    best = _best(study)
+    if plan.parent_run_id is not None:
+        after_trial(plan, study, best.number if best else -1, None, final=True)
+        client, _ = connect(cfg)
+        if not any(t.state in (TrialState.RUNNING, TrialState.WAITING) for t in trials):
+            client.set_terminated(plan.parent_run_id, "FINISHED")
+    counts = {s: sum(t.state == s for t in trials) for s in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)}
+    lines = [f"study {plan.study_name}: {len(trials)} trials -- {counts[TrialState.COMPLETE]} completed, "
+             f"{counts[TrialState.PRUNED]} pruned, {counts[TrialState.FAIL]} failed"]
+    if best is not None:
+        run_id = best.user_attrs.get("mlflow_run_id") or "-"
+        lines.append(f"best: trial {best.number}  {plan.spec.metric}={best.value:.4f}  run {run_id}")
+        command = " ".join(["lora-exp train", *plan.base_overrides, *best.user_attrs.get("overrides", [])])
+        lines.append(f"reproduce: {command}")
+        if plan.parent_run_id:
+            lines.append(f"parent run {plan.parent_run_id}; best adapter: models:/{plan.study_name}@{BEST_ALIAS}")
+    return "\n".join(lines)
