@@ -23,6 +23,7 @@ from lora_exp.errors import ConfigError
 log = logging.getLogger(__name__)
 
 PARENT_TAG = "mlflow.parentRunId"
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 MAX_PARAM_LEN = 6000
 PACKAGES = ("torch", "transformers", "peft", "datasets", "accelerate", "hydra-core", "optuna", "mlflow",
             "lora-exp")
@@ -169,7 +170,9 @@ def connect(cfg: TrackingConfig) -> tuple[Any, str]:
     logging.getLogger("alembic").setLevel(logging.WARNING)
     uri = cfg.uri
     if uri.startswith("sqlite:///"):
-        Path(uri[len("sqlite:///"):]).expanduser().parent.mkdir(parents=True, exist_ok=True)
+        path = Path(uri[len("sqlite:///"):]).expanduser().resolve()  # relative to the cwd, now
+        path.parent.mkdir(parents=True, exist_ok=True)
+        uri = f"sqlite:///{path}"
     elif "://" not in uri:
         raise ConfigError(f"tracking.uri: {uri!r} is not a URI (sqlite:///path.db, postgresql://..., "
                           f"http://host:port); MLflow 3 refuses plain file stores")
@@ -182,7 +185,9 @@ def connect(cfg: TrackingConfig) -> tuple[Any, str]:
             return client, experiment.experiment_id
         location = None if uri.startswith(("http://", "https://")) else Path(cfg.artifact_root).resolve().as_uri()
         try:
-            return client, client.create_experiment(cfg.experiment, artifact_location=location)
+            # the UI then opens on the runs table (model training), not on the GenAI overview
+            return client, client.create_experiment(cfg.experiment, artifact_location=location,
+                                                    tags={EXPERIMENT_KIND_TAG: "custom_model_development"})
         except MlflowException:  # another worker created it first
             experiment = client.get_experiment_by_name(cfg.experiment)
             if experiment is None:

@@ -38,3 +38,26 @@ def run_cli(*args: str, cwd: Path, env: dict[str, str] | None = None, timeout: i
     exe = Path(sys.executable).parent / "lora-exp"
     return subprocess.run([str(exe), *args], cwd=cwd, capture_output=True, text=True, timeout=timeout,
                           env={**os.environ, **(env or {})})
+
+
+@pytest.fixture
+def postgres_url():
+    """A fresh database on the PostgreSQL server that .ci/run starts (LORA_EXP_TEST_POSTGRES_URL)."""
+    import uuid
+
+    import sqlalchemy
+
+    admin_url = os.environ.get("LORA_EXP_TEST_POSTGRES_URL")
+    if not admin_url:
+        if os.environ.get("CI"):
+            pytest.fail("CI must provide LORA_EXP_TEST_POSTGRES_URL (.ci/run starts PostgreSQL)")
+        pytest.skip("no PostgreSQL server: set LORA_EXP_TEST_POSTGRES_URL (as .ci/run does)")
+    name = f"loraexp_{uuid.uuid4().hex[:10]}"
+    engine = sqlalchemy.create_engine(admin_url, isolation_level="AUTOCOMMIT")
+    with engine.connect() as conn:
+        conn.execute(sqlalchemy.text(f'CREATE DATABASE "{name}"'))
+    url = admin_url.rsplit("/", 1)[0] + "/" + name
+    yield url
+    with engine.connect() as conn:
+        conn.execute(sqlalchemy.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    engine.dispose()
