@@ -10,7 +10,7 @@ PORT      ?= 5000
 ARGS      ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help setup train sweep ui test test-quick bench clean
+.PHONY: help setup train sweep ui test test-quick bench clean rerun best
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-11s %s\n", $$1, $$2}'
@@ -54,3 +54,10 @@ bench: ## speed figures (prints them): training overhead vs a plain loop, start-
 
 clean: ## remove tracking data and caches (keeps the venv)
 	rm -rf mlruns outputs .pytest_cache test-output
+
+rerun: ## retrain from a run's recorded config: make rerun RUN_ID=<id> ARGS="trainer.max_steps=200"
+	@test -n "$(RUN_ID)" || { echo "usage: make rerun RUN_ID=<mlflow run id>"; exit 2; }
+	$(LORA_EXP) rerun $(RUN_ID) $(ARGS)
+
+best: ## best trial of the latest study (make best ARGS="study=NAME")
+	$(LORA_EXP) best $(ARGS)

@@ -1,8 +1,14 @@
 """`lora-exp` entry point: subcommands -> plain functions. Hydra overrides pass straight through.
 
-    lora-exp train [overrides...]      train one adapter, tracked in MLflow
-    lora-exp sweep [options] [overrides...]
-    lora-exp prepare [overrides...]    convert the offline default model once (make setup)
+    lora-exp train [overrides...]              train one adapter, tracked in MLflow
+    lora-exp sweep [options] [overrides...]    Optuna search; options: sweep= n_trials= workers= storage= study= timeout=
+    lora-exp best [study=NAME] [storage=URL]   best trial: run id, objective, params, the command to reproduce it
+    lora-exp rerun RUN_ID [overrides...]       retrain from the config recorded with a run
+    lora-exp export RUN_ID --out DIR [--merge] the adapter (or a merged model) + tokenizer, ready for peft
+    lora-exp generate RUN_ID "prompt"          try an adapter from the terminal
+    lora-exp prepare [overrides...]            convert the offline default model once (make setup)
+
+RUN_ID: a trial's or a training run's id, a sweep's parent run id (= its best trial), or models:/NAME@ALIAS.
 """
 from __future__ import annotations
 
@@ -30,6 +36,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     p = sub.add_parser("sweep", help="Optuna search over LoRA configs; trials nested in MLflow")
     p.add_argument("overrides", nargs="*",
                    help="sweep options (sweep=NAME n_trials=N workers=N storage=URL study=NAME) and config overrides")
+    p = sub.add_parser("best", help="best trial of a study")
+    p.add_argument("options", nargs="*", help="study=NAME storage=URL")
+    p = sub.add_parser("rerun", help="retrain from the config recorded with a run")
+    p.add_argument("run_id")
+    p.add_argument("overrides", nargs="*", help="overrides applied to the recorded config")
+    p = sub.add_parser("export", help="export a run's adapter (or a merged model) with its tokenizer")
+    p.add_argument("run_id")
+    p.add_argument("--out", required=True, help="output folder (must be empty unless --force)")
+    p.add_argument("--merge", action="store_true", help="merge the adapter into the base (standalone model)")
+    p.add_argument("--force", action="store_true", help="overwrite a non-empty output folder")
+    p.add_argument("overrides", nargs="*", help="tracking.uri=... to read from another store")
+    p = sub.add_parser("generate", help="generate with a run's adapter")
+    p.add_argument("run_id")
+    p.add_argument("prompts", nargs="+", help='prompts; "\\n" is a newline')
+    p.add_argument("--max-new-tokens", type=int, default=None)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
                         format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
@@ -49,6 +70,18 @@ def main(argv: Sequence[str] | None = None) -> int:
             from lora_exp.search import cmd_sweep
 
             return cmd_sweep(args.overrides)
+        from lora_exp import rerun
+
+        if args.command == "best":
+            return rerun.cmd_best(args.options)
+        if args.command == "rerun":
+            return rerun.cmd_rerun(args.run_id, args.overrides)
+        if args.command == "export":
+            return rerun.cmd_export(args.run_id, args.out, args.merge, args.force, args.overrides)
+        if args.command == "generate":
+            store = [p for p in args.prompts if p.startswith("tracking.")]  # tracking.uri=... picks the store
+            return rerun.cmd_generate(args.run_id, [p for p in args.prompts if p not in store],
+                                      args.max_new_tokens, store)
     except LoraExpError as exc:
         print(f"lora-exp: error: {exc}", file=sys.stderr)
         return exc.exit_code
@@ -60,12 +93,18 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def cmd_train(overrides: list[str]) -> int:
     from lora_exp.config import compose
+
+    train_config(compose(overrides), tags={"lora_exp.kind": "train"}, run_name=None)
+    return 0
+
+
+def train_config(cfg, tags: dict[str, str], run_name: str | None):  # type: ignore[no-untyped-def]
+    """Validate data and store, load the base, train one adapter into one run; print a summary."""
     from lora_exp.data import load_rows, tokenize
     from lora_exp.models import load_base, pick_device
     from lora_exp.tracking import connect, start_run
     from lora_exp.training import run_trial
 
-    cfg = compose(overrides)
     rows = load_rows(cfg.data)  # bad data fails here, before the model loads
     if cfg.tracking.enabled:
         connect(cfg.tracking)  # so does a bad tracking URI
@@ -73,19 +112,18 @@ def cmd_train(overrides: list[str]) -> int:
     base = load_base(cfg.model, device)
     log.info("loaded %s on %s in %.1fs", cfg.model.name, device, base.load_seconds)
     data = tokenize(rows, cfg.data, base.tokenizer)
-    tags = {"lora_exp.kind": "train"}
-    with start_run(cfg.tracking, run_name=cfg.tracking.run_name, tags=tags) as tracker:
+    with start_run(cfg.tracking, run_name=run_name or cfg.tracking.run_name, tags=tags) as tracker:
         result = run_trial(cfg, base, data, tracker)
     m = result.metrics
     print(f"done: {result.steps} steps in {m['train_runtime_s']:.1f}s | "
           + " | ".join(f"{k} {m[k]:.4g}" for k in ("final_train_loss", "base_eval_loss", "final_eval_loss",
                                                      "exact_match") if k in m)
-          + (f" | run {result.run_id or tracker.run_id}" if tracker.run_id else ""))
+          + (f" | run {tracker.run_id}" if tracker.run_id else ""))
     if result.generations:
         g = result.generations
         for prompt, expected, out in list(zip(g["prompt"], g["expected"], g["adapter_output"]))[:3]:
             print(f"  {prompt!r} -> {out!r}" + (f"  (expected {expected!r})" if expected else ""))
-    return 0
+    return result, tracker.run_id
 
 
 def cmd_prepare(overrides: list[str]) -> int:

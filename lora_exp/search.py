@@ -27,6 +27,11 @@ from lora_exp.sweeps import SweepSpec, corner_overrides, load_sweep, suggest
 log = logging.getLogger("lora_exp")
 
 DEFAULT_STORAGE = "sqlite:///mlruns/optuna.db"
+#: a worker writes a heartbeat for its trial this often; a RUNNING trial whose heartbeat is older
+#: than GRACE is taken as dead (SIGKILL, power loss): failed, and its parameters retried.
+HEARTBEAT_S = float(os.environ.get("LORA_EXP_HEARTBEAT_SECONDS", "10"))
+GRACE_S = 4 * HEARTBEAT_S
+RETRIES = 2
 OPTIONS = ("sweep", "n_trials", "workers", "storage", "study", "timeout")
 LIVE = ("COMPLETE", "PRUNED", "RUNNING", "WAITING")
 
@@ -134,11 +139,18 @@ def open_study(plan_or_spec: SweepSpec, storage_url: str, study_name: str, creat
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     try:
-        storage = optuna.storages.RDBStorage(storage_url, engine_kwargs=_engine_kwargs(storage_url))
-        if create:
-            return optuna.create_study(study_name=study_name, storage=storage, load_if_exists=True,
-                                       direction=plan_or_spec.direction, sampler=make_sampler(plan_or_spec),
-                                       pruner=make_pruner(plan_or_spec))
+        storage = optuna.storages.RDBStorage(
+            storage_url, engine_kwargs=_engine_kwargs(storage_url), heartbeat_interval=int(max(1, HEARTBEAT_S)),
+            grace_period=int(max(2, GRACE_S)),
+            failed_trial_callback=optuna.storages.RetryFailedTrialCallback(max_retry=RETRIES))
+        if create:  # (study, whether this process created it): the creator opens the parent run
+            try:
+                return optuna.create_study(study_name=study_name, storage=storage, load_if_exists=False,
+                                           direction=plan_or_spec.direction, sampler=make_sampler(plan_or_spec),
+                                           pruner=make_pruner(plan_or_spec)), True
+            except optuna.exceptions.DuplicatedStudyError:
+                return optuna.load_study(study_name=study_name, storage=storage,
+                                         sampler=make_sampler(plan_or_spec), pruner=make_pruner(plan_or_spec)), False
         return optuna.load_study(study_name=study_name, storage=storage,
                                  sampler=make_sampler(plan_or_spec, worker_index),
                                  pruner=make_pruner(plan_or_spec))
@@ -162,7 +174,7 @@ def _engine_kwargs(url: str) -> dict[str, Any]:
     return {}
 
 
-def claim_waiting_trial(study: Any) -> Any:
+def claim_waiting_trial(study: Any, storage_url: str) -> Any:
     """Take one WAITING trial (RUNNING from now on), or None when the queue is empty.
 
     What `study.ask()` does first, without its fallback of creating a new trial when the queue
@@ -175,14 +187,33 @@ def claim_waiting_trial(study: Any) -> Any:
 
     storage = study._storage  # the study's RDBStorage (public BaseStorage API from here on)
     study_id = storage.get_study_id_from_name(study.study_name)
-    for frozen in study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
-        trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, frozen.number)
-        try:
-            if storage.set_trial_state_values(trial_id, state=TrialState.RUNNING):
-                return optuna.Trial(study, trial_id)
-        except UpdateFinishedTrialError:
-            continue
+    with _claim_lock(storage_url):
+        for frozen in study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
+            trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, frozen.number)
+            try:
+                if storage.set_trial_state_values(trial_id, state=TrialState.RUNNING):
+                    return optuna.Trial(study, trial_id)
+            except UpdateFinishedTrialError:
+                continue
     return None
+
+
+@contextlib.contextmanager
+def _claim_lock(url: str) -> Any:
+    """SQLite ignores SELECT ... FOR UPDATE and its deferred transactions let two processes both
+    read WAITING: serialise claims with a lock file beside the database (SQLite is one machine's
+    anyway). PostgreSQL's row lock already makes the WAITING -> RUNNING change a compare-and-set."""
+    if not url.startswith("sqlite:///"):
+        yield
+        return
+    import fcntl
+
+    with open(url[len("sqlite:///"):] + ".claim.lock", "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 def top_up(study: Any, n_trials: int) -> int:
@@ -226,30 +257,41 @@ def cmd_sweep(args: list[str]) -> int:
     base_cfg = compose(base_overrides)  # a bad base override fails here, before anything runs
     for corner in corner_overrides(spec.space):  # and so does a search space the config rejects
         compose(base_overrides + corner)
+    check_ratio_anchors(spec, base_overrides)
     from lora_exp.data import load_rows
 
     load_rows(base_cfg.data)
-    study = open_study(spec, options.storage, study_name, create=True)
-    parent_run_id = sweep_tracking.open_parent(base_cfg.tracking, study, spec, options)
+    study, created = open_study(spec, options.storage, study_name, create=True)
+    study.set_user_attr("base_overrides", base_overrides)  # `lora-exp best` prints the full command
+    parent_run_id = sweep_tracking.open_parent(base_cfg.tracking, study, spec, options, created)
+    import optuna
+
+    optuna.storages.fail_stale_trials(study)  # trials left RUNNING by a killed worker: failed, retried
     added = top_up(study, n_trials)
+    plan = SweepPlan(spec, options, study_name, n_trials, parent_run_id, base_overrides,
+                     options.timeout or spec.timeout)
+    sweep_tracking.close_orphan_runs(plan, study)
     workers = options.workers or default_workers()
     log.info("study %s: %d trials wanted, %d to run now, %d worker(s); storage %s", study_name, n_trials, added,
              workers, sweep_tracking.redact(options.storage))
-    plan = SweepPlan(spec, options, study_name, n_trials, parent_run_id, base_overrides,
-                     options.timeout or spec.timeout)
     try:
         if workers == 1:
-            run_worker(plan, worker_index=0)
+            finished = run_worker(plan, worker_index=0)
         else:
-            run_worker_processes(plan, workers)
+            finished = run_worker_processes(plan, workers)
     finally:
-        summary = sweep_tracking.finish_parent(base_cfg.tracking, open_study(spec, options.storage, study_name,
-                                                                             create=False), plan)
-        print(summary)
+        final = open_study(spec, options.storage, study_name, create=False)
+        print(sweep_tracking.finish_parent(base_cfg.tracking, final, plan))
+    if not finished:
+        raise LoraExpError(f"sweep stopped: {spec.max_failures} trials failed (max_failures); the trials' "
+                           f"`failure` attribute and their runs' `error` tags say why")
     return 0
 
 
-def run_worker_processes(plan: SweepPlan, workers: int) -> None:
+FAILURE_LIMIT_EXIT = 3
+
+
+def run_worker_processes(plan: SweepPlan, workers: int) -> bool:
     ctx = multiprocessing.get_context("spawn")  # a fresh interpreter each: no forked torch state
     procs = [ctx.Process(target=_worker_entry, args=(plan, i), name=f"lora-exp-worker-{i}") for i in range(workers)]
     for p in procs:
@@ -261,12 +303,13 @@ def run_worker_processes(plan: SweepPlan, workers: int) -> None:
         for p in procs:
             p.join()
         raise
-    failed = [p.name for p in procs if p.exitcode not in (0, None)]
+    failed = [p.name for p in procs if p.exitcode not in (0, None, FAILURE_LIMIT_EXIT)]
     if failed:
         log.warning("worker(s) %s exited with an error", ", ".join(failed))
+    return not any(p.exitcode == FAILURE_LIMIT_EXIT for p in procs)
 
 
-def _worker_entry(plan: SweepPlan, index: int) -> None:
+def _worker_entry(plan: SweepPlan, index: int) -> None:  # noqa: D401 - process target
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s [w{index}] %(message)s", datefmt="%H:%M:%S")
     for noisy in ("httpx", "urllib3", "alembic", "mlflow", "datasets", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
@@ -277,7 +320,8 @@ def _worker_entry(plan: SweepPlan, index: int) -> None:
 
     if torch.cuda.is_available() and torch.cuda.device_count() > 1:
         torch.cuda.set_device(index % torch.cuda.device_count())
-    run_worker(plan, index, n_workers=None)
+    if not run_worker(plan, index, n_workers=None):
+        raise SystemExit(FAILURE_LIMIT_EXIT)
 
 
 class _StopFlag:
@@ -293,8 +337,10 @@ class _StopFlag:
         log.warning("stopping after the trial in flight (Ctrl-C again to stop now)")
 
 
-def run_worker(plan: SweepPlan, worker_index: int, n_workers: int | None = 1) -> None:
-    """Pop WAITING trials and run them on one base model, until none is left."""
+def run_worker(plan: SweepPlan, worker_index: int, n_workers: int | None = 1) -> bool:
+    """Claim WAITING trials and run them on one base model, until none is left.
+
+    Returns False when the failure limit stopped it."""
     import torch
     from optuna.trial import TrialState
 
@@ -317,18 +363,63 @@ def run_worker(plan: SweepPlan, worker_index: int, n_workers: int | None = 1) ->
             if plan.timeout and time.time() - plan.started > plan.timeout:
                 log.info("timeout reached: no new trials")
                 break
-            trial = claim_waiting_trial(study)
+            trial = claim_waiting_trial(study, plan.options.storage)
             if trial is None:
+                if _in_flight_elsewhere(study, plan):
+                    time.sleep(max(0.5, HEARTBEAT_S / 2))  # take over any of them that goes stale
+                    continue
                 break
-            state = run_one_trial(plan, study, trial, context)
-            failures += state == "FAIL"
-            if plan.spec.max_failures and _failed_count(study) >= plan.spec.max_failures:
-                log.error("%d trials failed (max_failures=%d): stopping the sweep", _failed_count(study),
-                          plan.spec.max_failures)
-                break
+            with _Heartbeat(study, trial):
+                state = run_one_trial(plan, study, trial, context)
+            if state == "FAIL":
+                failures += 1
+                if plan.spec.max_failures and failures >= plan.spec.max_failures:
+                    log.error("%d trials failed (max_failures=%d): stopping the sweep", failures,
+                              plan.spec.max_failures)
+                    return False
+                study.enqueue_trial({})  # a replacement, so the study still ends with n_trials trials
     finally:
         for s, h in previous.items():
             signal.signal(s, h)
+    return True
+
+
+def _in_flight_elsewhere(study: Any, plan: SweepPlan) -> bool:
+    """Fail trials whose worker died (stale heartbeat; Optuna enqueues a retry with the same
+    parameters) and tell whether other trials are still running somewhere."""
+    import optuna
+    from optuna.trial import TrialState
+
+    optuna.storages.fail_stale_trials(study)
+    sweep_tracking.close_orphan_runs(plan, study)
+    return bool(study.get_trials(deepcopy=False, states=(TrialState.RUNNING, TrialState.WAITING)))
+
+
+class _Heartbeat:
+    """Records the trial's heartbeat in the storage from a thread while the trial runs."""
+
+    def __init__(self, study: Any, trial: Any):
+        import threading
+
+        self.storage, self.trial_id = study._storage, trial._trial_id
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._beat, daemon=True, name="lora-exp-heartbeat")
+
+    def _beat(self) -> None:
+        while not self.stop.is_set():
+            try:
+                self.storage.record_heartbeat(self.trial_id)
+            except Exception as exc:  # noqa: BLE001 - a missed beat is retried; the trial goes on
+                log.debug("heartbeat failed: %s", exc)
+            self.stop.wait(HEARTBEAT_S)
+
+    def __enter__(self) -> "_Heartbeat":
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop.set()
+        self.thread.join(timeout=5)
 
 
 def _failed_count(study: Any) -> int:
@@ -420,12 +511,13 @@ def run_one_trial(plan: SweepPlan, study: Any, trial: Any, context: _WorkerConte
         trial.set_user_attr("failure", reason)
     wall = time.perf_counter() - start
     trial.set_user_attr("wall_s", round(wall, 3))
+    # skip_if_finished: a worker too slow to beat may have been taken over as stale meanwhile
     if state == TrialState.COMPLETE:
-        study.tell(trial, value)
+        study.tell(trial, value, skip_if_finished=True)
     elif state == TrialState.PRUNED:
-        study.tell(trial, state=TrialState.PRUNED)
+        study.tell(trial, state=TrialState.PRUNED, skip_if_finished=True)
     else:
-        study.tell(trial, state=TrialState.FAIL)
+        study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
     sweep_tracking.after_trial(plan, study, trial.number, run_id)
     shown = value
     if state == TrialState.PRUNED and result is not None and result.eval_curve:
@@ -441,6 +533,18 @@ def objective_value(metrics: dict[str, float], metric: str) -> float:
         if key in metrics:
             return metrics[key]
     raise LoraExpError(f"objective metric {metric!r} was not computed (have: {', '.join(sorted(metrics))})")
+
+
+def check_ratio_anchors(spec: SweepSpec, base_overrides: list[str]) -> None:
+    """A `ratio_of` anchor must be searched or be a numeric key of the base config."""
+    from lora_exp.tracking import flatten
+
+    values = flatten(compose(base_overrides).to_dict())
+    for key, param in spec.space.items():
+        anchor = param.ratio_of
+        if anchor is not None and anchor not in spec.space and not isinstance(values.get(anchor), (int, float)):
+            raise ConfigError(f"sweep {spec.name}: space.{key}.ratio_of: {anchor} is neither searched nor a "
+                              f"numeric config key")
 
 
 def _base_values(plan: SweepPlan) -> dict[str, Any]:

@@ -12,7 +12,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from lora_exp.config import TrackingConfig
-from lora_exp.tracking import connect, provenance, redact_uri
+from lora_exp.tracking import connect, provenance, redact_text, redact_uri
 
 if TYPE_CHECKING:
     from lora_exp.search import SweepOptions, SweepPlan
@@ -30,12 +30,20 @@ def redact(url: str) -> str:
     return redact_uri(url)
 
 
-def open_parent(cfg: TrackingConfig, study: Any, spec: SweepSpec, options: SweepOptions) -> str | None:
-    """The study's parent run: the one recorded in the study, else found by tag, else created."""
+def open_parent(cfg: TrackingConfig, study: Any, spec: SweepSpec, options: SweepOptions,
+                created: bool = True) -> str | None:
+    """The study's parent run: the one recorded in the study, else found by tag, else created.
+
+    Only the process that created the study creates its parent; another machine starting at the
+    same moment waits for the parent's id to appear in the study (so there is one parent)."""
     if not cfg.enabled:
         return None
     client, experiment_id = connect(cfg)
     run_id = study.user_attrs.get(PARENT_ATTR)
+    deadline = time.monotonic() + 60
+    while run_id is None and not created and time.monotonic() < deadline:
+        time.sleep(1)
+        run_id = study.user_attrs.get(PARENT_ATTR)
     if run_id is None:
         found = client.search_runs([experiment_id], filter_string=(
             f"tags.`lora_exp.kind` = 'sweep' and tags.`lora_exp.study` = '{study.study_name}'"), max_results=1)
@@ -47,14 +55,15 @@ def open_parent(cfg: TrackingConfig, study: Any, spec: SweepSpec, options: Sweep
             run_id = None
     if run_id is None:
         tags = {**provenance(), "lora_exp.kind": "sweep", "lora_exp.study": study.study_name}
-        run = client.create_run(experiment_id, run_name=f"sweep-{study.study_name}", tags=tags)
+        run = client.create_run(experiment_id, run_name=f"sweep-{study.study_name}",
+                                tags={k: redact_text(str(v)) for k, v in tags.items()})
         run_id = run.info.run_id
         client.log_batch(run_id, params=_params({
             "study": study.study_name, "storage": redact(options.storage), "sweep_file": spec.name,
             "sampler": json.dumps(spec.sampler), "pruner": json.dumps(spec.pruner), "objective": spec.metric,
             "direction": spec.direction, "base_overrides": " ".join(spec.base + list(options.overrides)),
             "search_space": json.dumps({k: v.__dict__ for k, v in spec.space.items()})}))
-        client.log_text(run_id, spec.text or "", "sweep.yaml")
+        client.log_text(run_id, redact_text(spec.text or ""), "sweep.yaml")
         study.set_user_attr(PARENT_ATTR, run_id)
     else:
         client.update_run(run_id, status="RUNNING")
@@ -64,7 +73,28 @@ def open_parent(cfg: TrackingConfig, study: Any, spec: SweepSpec, options: Sweep
 def _params(values: dict[str, Any]) -> list[Any]:
     from mlflow.entities import Param
 
-    return [Param(k, str(v)[:6000]) for k, v in values.items()]
+    return [Param(k, redact_text(str(v))[:6000]) for k, v in values.items()]
+
+
+def close_orphan_runs(plan: SweepPlan, study: Any) -> None:
+    """MLflow runs left RUNNING by a worker that died: FAILED, once Optuna has failed their trial."""
+    if plan.parent_run_id is None:
+        return
+    from lora_exp.config import compose
+
+    client, _ = connect(compose(plan.base_overrides).tracking)
+    for t in study.get_trials(deepcopy=False):
+        run_id = t.user_attrs.get("mlflow_run_id")
+        if t.state.name != "FAIL" or not run_id:
+            continue
+        try:
+            run = client.get_run(run_id)
+            if run.info.status == "RUNNING":
+                client.set_tag(run_id, "error", "worker died (no heartbeat); trial failed and retried")
+                client.set_tag(run_id, "trial_state", "FAIL")
+                client.set_terminated(run_id, "FAILED")
+        except Exception as exc:  # noqa: BLE001
+            log.warning("could not close orphan run %s: %s", run_id, exc)
 
 
 # --- base-model results shared by every worker of the study --------------------------------
@@ -152,8 +182,8 @@ def _log_summary(client: Any, plan: SweepPlan, study: Any, trials: list[Any]) ->
         finished = counts["COMPLETE"] + counts["PRUNED"] + counts["FAIL"]
         now = int(time.time() * 1000)
         metrics = [Metric("best_value", best.value, now, finished)]
-    client.log_batch(plan.parent_run_id, metrics=metrics, tags=[RunTag(k, str(v)) for k, v in tags.items()],
-                     synchronous=True)
+    client.log_batch(plan.parent_run_id, metrics=metrics,
+                     tags=[RunTag(k, redact_text(str(v))) for k, v in tags.items()], synchronous=True)
     client.log_table(plan.parent_run_id, data=trials_table(trials), artifact_file="trials.json")
 
 

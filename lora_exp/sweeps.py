@@ -130,8 +130,11 @@ def parse_sweep(raw: Any, name: str, text: str = "") -> SweepSpec:
     space = {str(k): _param(v, f"{where}: space.{k}") for k, v in space_raw.items()}
     for key, spec in space.items():
         if spec.ratio_of is not None:
-            _need(spec.ratio_of in space or spec.ratio_of in {b.split("=")[0] for b in base},
-                  f"{where}: space.{key}.ratio_of", f"{spec.ratio_of} is not searched nor set in base")
+            _need(isinstance(spec.ratio_of, str) and spec.ratio_of != key, f"{where}: space.{key}.ratio_of",
+                  "must name another config key (e.g. lora.r)")
+            anchor = space.get(spec.ratio_of)
+            _need(anchor is None or anchor.ratio_of is None, f"{where}: space.{key}.ratio_of",
+                  f"{spec.ratio_of} is itself a ratio")
     if sampler["name"] == "grid":
         for key, spec in space.items():
             _need(spec.type == "categorical" or (spec.type == "int" and spec.step is not None),

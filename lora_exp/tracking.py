@@ -72,7 +72,7 @@ class MlflowTracker:
     def log_params(self, params: dict[str, Any]) -> None:
         from mlflow.entities import Param
 
-        items = [Param(k, _param_value(v)) for k, v in params.items()]
+        items = [Param(k, redact_text(_param_value(v))) for k, v in params.items()]
         for i in range(0, len(items), 100):
             self.client.log_batch(self.run_id, params=items[i:i + 100], synchronous=True)
 
@@ -93,11 +93,11 @@ class MlflowTracker:
     def set_tags(self, tags: dict[str, Any]) -> None:
         from mlflow.entities import RunTag
 
-        self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)[:8000]) for k, v in tags.items()],
+        self.client.log_batch(self.run_id, tags=[RunTag(k, redact_text(str(v))[:8000]) for k, v in tags.items()],
                               synchronous=True)
 
     def log_text(self, text: str, artifact_file: str) -> None:
-        self.client.log_text(self.run_id, text, artifact_file)
+        self.client.log_text(self.run_id, redact_text(text), artifact_file)
 
     def log_dir(self, local_dir: str | Path, artifact_path: str) -> None:
         self.client.log_artifacts(self.run_id, str(local_dir), artifact_path)
@@ -123,6 +123,14 @@ def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
+_SECRET_IN_URL = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*://[^:/@\s]*:)[^@\s]+@")
+
+
+def redact_text(text: str) -> str:
+    """Replace the password of every URL in `text` (a command line, an override list, a YAML dump)."""
+    return _SECRET_IN_URL.sub(r"\1***@", text)
+
+
 def redact_uri(uri: str) -> str:
     """Drop the password from a URL (postgresql://user:pw@host/db -> postgresql://user:***@host/db)."""
     try:
@@ -139,7 +147,8 @@ def redact_uri(uri: str) -> str:
 def provenance() -> dict[str, str]:
     """Git commit, package versions, Python and platform: logged as tags on every run."""
     tags = {"python": platform.python_version(), "platform": platform.platform(terse=True),
-            "command": " ".join(["lora-exp"] + sys.argv[1:]) if sys.argv and sys.argv[0].endswith("lora-exp") else ""}
+            "command": redact_text(" ".join(["lora-exp"] + sys.argv[1:]))
+            if sys.argv and sys.argv[0].endswith("lora-exp") else ""}
     for name in PACKAGES:
         with contextlib.suppress(metadata.PackageNotFoundError):
             tags[f"version.{name}"] = metadata.version(name)
@@ -203,8 +212,8 @@ def start_run(cfg: TrackingConfig, run_name: str | None = None, tags: dict[str, 
     """Open a run (nested under `parent_run_id` if given) and always close it with a status.
 
     Normal exit: `tracker.status` (FINISHED unless the caller set KILLED, e.g. a pruned trial).
-    Ctrl-C: KILLED. Any other exception: FAILED with the error tagged. Metrics buffered so far
-    are flushed first, so no logged point is lost.
+    Ctrl-C or any exception: FAILED with the error tagged. Metrics buffered so far are flushed
+    first, so no logged point is lost.
     """
     if not cfg.enabled:
         yield NullTracker()
@@ -214,22 +223,24 @@ def start_run(cfg: TrackingConfig, run_name: str | None = None, tags: dict[str, 
     if parent_run_id:
         all_tags[PARENT_TAG] = parent_run_id
     run = client.create_run(experiment_id, run_name=run_name or cfg.run_name,
-                            tags={k: str(v) for k, v in all_tags.items()})
+                            tags={k: redact_text(str(v)) for k, v in all_tags.items()})
     tracker = MlflowTracker(client, run.info.run_id, cfg.flush_seconds)
-    status = "FAILED"
     try:
         yield tracker
-        status = tracker.status
-    except KeyboardInterrupt:
-        status = "KILLED"
+    except KeyboardInterrupt:  # Ctrl-C twice, or SIGTERM: the run did not finish
         _safe(tracker.set_tags, {"error": "interrupted"})
+        _safe(tracker.flush)
+        _safe(client.set_terminated, tracker.run_id, "FAILED")
         raise
     except BaseException as exc:
         _safe(tracker.set_tags, {"error": f"{type(exc).__name__}: {exc}"[:8000]})
-        raise
-    finally:
         _safe(tracker.flush)
-        _safe(client.set_terminated, tracker.run_id, status)
+        _safe(client.set_terminated, tracker.run_id, "FAILED")
+        raise
+    # Not best effort: a run that cannot be closed (tracking server gone) must fail its caller,
+    # so a sweep never records a trial as complete without its MLflow run.
+    tracker.flush()
+    client.set_terminated(tracker.run_id, tracker.status)
 
 
 def _safe(fn: Any, *args: Any) -> None:

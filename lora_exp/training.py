@@ -87,11 +87,7 @@ def _train(cfg: RunConfig, base: BaseModel, model: Any, data: PreparedData, trac
     def evaluate() -> float | None:
         return eval_loss(model, data.validation, pad_id, device, t.eval_batch_size, t.precision)
 
-    base_loss = _cached(base, ("eval_loss", data.key, t.precision), lambda: _without_adapter(model, evaluate))
     result = TrialResult(status="completed", steps=0)
-    if base_loss is not None:
-        result.metrics["base_eval_loss"] = base_loss
-        tracker.log_metrics({"base_eval_loss": base_loss, "eval_loss": base_loss}, step=0)
 
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
@@ -104,7 +100,7 @@ def _train(cfg: RunConfig, base: BaseModel, model: Any, data: PreparedData, trac
     torch.manual_seed(t.seed)  # dropout stream: identical whether base results were cached or not
     model.train()
     running = torch.zeros((), device=device)
-    count, tokens, start = 0, 0, time.perf_counter()
+    count, tokens, eval_seconds, start = 0, 0, 0.0, time.perf_counter()
     for step in range(1, steps + 1):
         batch = {k: v.to(device, non_blocking=True) for k, v in collate(next(batches), pad_id).items()}
         tokens += int(batch["attention_mask"].sum())
@@ -119,6 +115,8 @@ def _train(cfg: RunConfig, base: BaseModel, model: Any, data: PreparedData, trac
         running += loss.detach()
         count += 1
         result.steps = step
+        if step == 1:
+            result.metrics["startup_s"] = seconds_since_process_start()
         if step % t.logging_steps == 0 or step == steps:
             value = float(running) / count  # the one host sync per logging interval
             running.zero_()
@@ -130,19 +128,31 @@ def _train(cfg: RunConfig, base: BaseModel, model: Any, data: PreparedData, trac
             tracker.log_metrics({"train_loss": value, "learning_rate": scheduler.get_last_lr()[0]}, step)
             progress.update(step, value)
         if (t.eval_steps and step % t.eval_steps == 0) or step == steps:
+            eval_start = time.perf_counter()
             current = evaluate()
+            eval_seconds += time.perf_counter() - eval_start
             if current is not None:
                 result.eval_curve.append((step, current))
                 tracker.log_metrics({"eval_loss": current}, step)
                 progress.note(step, f"eval_loss {current:.4f}")
                 tracker.flush()
-                if any(cb.on_eval(step, {"eval_loss": current}) for cb in callbacks):
+                stop = [cb.on_eval(step, {"eval_loss": current}) for cb in callbacks]  # all see every eval
+                if any(stop) and step < steps:  # a finished trial is complete, whatever the callback says
                     result.status = "stopped"
                     break
     seconds = time.perf_counter() - start
     progress.close()
-    result.metrics.update({"train_runtime_s": seconds, "train_steps_per_s": result.steps / seconds,
-                           "train_tokens_per_s": tokens / seconds})
+    # The base model's eval loss is the curve's point at step 0; computed once per base (after the
+    # loop, so it does not delay the first step) on the same weights with the adapter switched off.
+    base_loss = _cached(base, ("eval_loss", data.key, t.precision), lambda: _without_adapter(model, evaluate))
+    if base_loss is not None:
+        result.metrics["base_eval_loss"] = base_loss
+        tracker.log_metrics({"base_eval_loss": base_loss, "eval_loss": base_loss}, step=0)
+    train_seconds = seconds - eval_seconds
+    result.metrics.update({"train_runtime_s": seconds, "eval_s": eval_seconds,
+                           "train_step_s": train_seconds / max(1, result.steps),
+                           "train_steps_per_s": result.steps / train_seconds,
+                           "train_tokens_per_s": tokens / train_seconds})
     if result.loss_curve:
         result.metrics["final_train_loss"] = result.loss_curve[-1][1]
     if result.eval_curve:
@@ -174,6 +184,13 @@ def _generate_and_save(cfg: RunConfig, base: BaseModel, model: Any, data: Prepar
         with tempfile.TemporaryDirectory() as tmp:
             model.save_pretrained(tmp)
             tracker.log_dir(tmp, "adapter")
+
+
+def seconds_since_process_start() -> float:
+    """Wall time since this process started (for the start-up figure: command to first step)."""
+    import psutil
+
+    return time.time() - psutil.Process().create_time()
 
 
 def _without_adapter(model: Any, fn: Any) -> Any:

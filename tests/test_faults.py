@@ -1,0 +1,252 @@
+"""Sweeps under faults, concurrency and bad input: nothing finished is lost, no run stays RUNNING."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO, run_cli
+
+os.environ["LORA_EXP_SWEEPS_DIR"] = str(REPO / "sweeps")
+EXE = str(Path(sys.executable).parent / "lora-exp")
+
+
+def _study(storage, name="tiny"):
+    import optuna
+
+    return optuna.load_study(study_name=name, storage=storage)
+
+
+def _runs(store):
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(store)
+    exp = client.get_experiment_by_name("lora-exp")
+    runs = client.search_runs([exp.experiment_id], max_results=5000)
+    return client, [r for r in runs if r.data.tags.get("lora_exp.kind") == "sweep"], \
+        [r for r in runs if r.data.tags.get("lora_exp.kind") == "trial"]
+
+
+def _sweep_file(workdir: Path, space: str, max_failures: int = 10) -> str:
+    path = workdir / "faulty.yaml"
+    path.write_text(f"""# lora-exp sweep sweep=faulty.yaml
+study: tiny
+n_trials: 4
+sampler: {{name: random, seed: 3}}
+pruner: none
+max_failures: {max_failures}
+base: [model=tiny_gpt2, data=seed, trainer.max_steps=10, trainer.batch_size=5, trainer.eval_steps=5,
+       trainer.max_new_tokens=4, trainer.max_grad_norm=null]
+space:
+{space}""")
+    return f"sweep={path}"
+
+
+def test_nan_and_raising_trials_fail_in_both_stores_and_the_sweep_goes_on(workdir, store):
+    space = ("  trainer.lr: {type: categorical, choices: [0.01, 0.02, 0.03, 1.0e+30]}\n"
+             "  lora.lora_alpha: {type: categorical, choices: [0, 1, 2, 4], ratio_of: lora.r}\n")
+    proc = run_cli("sweep", _sweep_file(workdir, space, max_failures=30), cwd=workdir)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    study = _study(f"sqlite:///{workdir}/mlruns/optuna.db")
+    finished = [t for t in study.trials if t.state.name == "COMPLETE"]
+    failed = [t for t in study.trials if t.state.name == "FAIL"]
+    assert len(finished) == 4, "failed trials are replaced: the study ends with n_trials finished"
+    reasons = {t.user_attrs.get("failure", "") for t in failed}
+    assert any("became nan" in r or "became inf" in r for r in reasons), reasons  # NaN/inf loss
+    assert any("lora.lora_alpha: must be > 0" in r for r in reasons), reasons     # a bad sampled value
+    client, parents, children = _runs(store)
+    by_id = {r.info.run_id: r for r in children}
+    for t in failed:
+        run = by_id.get(t.user_attrs.get("mlflow_run_id"))
+        if run is not None:  # a trial that failed before its run opened has none
+            assert run.info.status == "FAILED" and run.data.tags["error"]
+    assert not [r for r in children if r.info.status == "RUNNING"]
+    assert f"{len(failed)} failed" in proc.stdout
+
+
+def test_failure_limit_stops_the_sweep_with_a_clear_message(workdir, store):
+    space = "  lora.lora_alpha: {type: categorical, choices: [0], ratio_of: lora.r}\n"
+    proc = run_cli("sweep", _sweep_file(workdir, space, max_failures=2), cwd=workdir)
+    assert proc.returncode == 1
+    assert "sweep stopped: 2 trials failed (max_failures)" in proc.stderr.strip().splitlines()[-1]
+    study = _study(f"sqlite:///{workdir}/mlruns/optuna.db")
+    assert [t.state.name for t in study.trials].count("FAIL") == 2
+
+
+def _start(workdir, *args, env=None):
+    return subprocess.Popen([EXE, "sweep", *args], cwd=workdir, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, env={**os.environ, **(env or {})})
+
+
+def _wait_for_line(proc, prefix, seen):
+    for line in proc.stdout:
+        seen.append(line)
+        if line.startswith(prefix):
+            return
+    raise AssertionError("".join(seen))
+
+
+@pytest.mark.parametrize("how", ["ctrl-c twice", "sigterm"])
+def test_second_interrupt_or_sigterm_fails_the_trial_in_flight_then_resume(workdir, store, how):
+    args = ["sweep=tiny", "n_trials=4", "trainer.max_steps=3000", "trainer.eval_steps=1000"]
+    proc, seen = _start(workdir, *args), []
+    _wait_for_line(proc, "[1/4]", seen)
+    time.sleep(1.5)  # inside the second trial
+    if how == "sigterm":
+        proc.send_signal(signal.SIGTERM)
+    else:
+        proc.send_signal(signal.SIGINT)
+        time.sleep(0.3)
+        proc.send_signal(signal.SIGINT)
+    out = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 130, "".join(seen) + out
+    storage = f"sqlite:///{workdir}/mlruns/optuna.db"
+    interrupted = [t for t in _study(storage).trials if t.state.name == "FAIL"]
+    assert len(interrupted) == 1 and interrupted[0].user_attrs["failure"] == "interrupted"
+    client, parents, children = _runs(store)
+    run = client.get_run(interrupted[0].user_attrs["mlflow_run_id"])
+    assert run.info.status == "FAILED" and run.data.tags["error"] == "interrupted"
+    assert not [r for r in children if r.info.status == "RUNNING"]
+
+    proc = run_cli("sweep", "sweep=tiny", "n_trials=4", "trainer.max_steps=20", cwd=workdir)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    states = [t.state.name for t in _study(storage).trials]
+    assert states.count("COMPLETE") + states.count("PRUNED") == 4
+    _, parents, _ = _runs(store)
+    assert len(parents) == 1
+
+
+def test_sigkill_recovery_retries_the_dead_trial(workdir, store):
+    env = {"LORA_EXP_HEARTBEAT_SECONDS": "1"}  # grace: 4 s
+    args = ["sweep=tiny", "n_trials=4", "trainer.max_steps=3000", "trainer.eval_steps=1000"]
+    proc, seen = _start(workdir, *args, env=env), []
+    _wait_for_line(proc, "[1/4]", seen)
+    time.sleep(2)
+    proc.send_signal(signal.SIGKILL)  # power loss: no handler runs
+    proc.wait(timeout=30)
+    storage = f"sqlite:///{workdir}/mlruns/optuna.db"
+    dead = [t for t in _study(storage).trials if t.state.name == "RUNNING"]
+    assert len(dead) == 1
+    _, _, children = _runs(store)
+    assert any(r.info.status == "RUNNING" for r in children), "the killed trial's run was left RUNNING"
+
+    proc = run_cli("sweep", *args[:2], "trainer.max_steps=20", cwd=workdir, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    trials = _study(storage).trials
+    dead_now = next(t for t in trials if t.number == dead[0].number)
+    assert dead_now.state.name == "FAIL"
+    retry = [t for t in trials if t.system_attrs.get("failed_trial") == dead[0].number]
+    assert len(retry) == 1 and retry[0].params == dead[0].params, "its parameters are retried"
+    states = [t.state.name for t in trials]
+    assert states.count("COMPLETE") + states.count("PRUNED") == 4
+    _, parents, children = _runs(store)
+    assert len(parents) == 1 and not [r for r in children if r.info.status == "RUNNING"]
+    assert next(r for r in children if r.data.tags["trial_number"] == str(dead[0].number)).info.status == "FAILED"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_four_workers_twenty_five_trials_each(workdir, store, backend, request):
+    storage = f"sqlite:///{workdir}/mlruns/optuna.db"
+    if backend == "postgresql":
+        storage = request.getfixturevalue("postgres_url")
+    proc = run_cli("sweep", "sweep=tiny", "n_trials=100", "workers=4", f"storage={storage}", "trainer.max_steps=6",
+                   "trainer.eval_steps=3", "data.n_generate=1", cwd=workdir, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    trials = _study(storage).trials
+    assert len(trials) == 100 and sorted(t.number for t in trials) == list(range(100))
+    assert all(t.state.name in ("COMPLETE", "PRUNED") for t in trials)
+    _, parents, children = _runs(store)
+    assert len(parents) == 1 and len(children) == 100
+    assert len({r.data.tags["trial_number"] for r in children}) == 100
+    assert all("final_eval_loss" in r.data.metrics for r in children if r.data.tags["trial_state"] == "COMPLETE")
+
+
+@pytest.mark.slow
+@pytest.mark.postgres
+def test_many_machines_on_loopback_tracking_server_and_postgresql(workdir, postgres_url, tmp_path):
+    """An MLflow server on PostgreSQL with served artifacts + an Optuna study on PostgreSQL; two
+    workers that reach both only by URL (as two machines would)."""
+    import socket
+    import urllib.request
+
+    from mlflow.tracking import MlflowClient
+
+    backend = postgres_url.rsplit("/", 1)[0] + "/" + postgres_url.rsplit("/", 1)[1]  # the test's own database
+    mlflow_db = _create_db(postgres_url, "mlflow")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = subprocess.Popen([str(Path(sys.executable).parent / "mlflow"), "server", "--backend-store-uri", mlflow_db,
+                               "--serve-artifacts", "--artifacts-destination", str(tmp_path / "served"),
+                               "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(180):
+            try:
+                if urllib.request.urlopen(f"{url}/health", timeout=2).read() == b"OK":
+                    break
+            except OSError:
+                time.sleep(0.5)
+        machines = [tmp_path / "m1", tmp_path / "m2"]
+        args = ["sweep=tiny", "n_trials=8", f"storage={backend}", f"tracking.uri={url}", "trainer.max_steps=10",
+                "trainer.eval_steps=5"]
+        first = subprocess.Popen([EXE, "sweep", *args], cwd=machines[0].mkdir() or machines[0],
+                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for _ in range(120):  # the first machine creates the study; then the second joins
+            time.sleep(0.5)
+            try:
+                _study(backend)
+                break
+            except KeyError:
+                continue
+        second = run_cli("sweep", *args, cwd=machines[1].mkdir() or machines[1], timeout=600)
+        out = first.communicate(timeout=600)[0]
+        assert first.returncode == 0 and second.returncode == 0, out + second.stderr[-2000:]
+        trials = _study(backend).trials
+        assert len(trials) == 8 and all(t.state.name in ("COMPLETE", "PRUNED") for t in trials)
+        client, parents, children = _runs(url)
+        assert len(parents) == 1 and len(children) == 8
+        best = _study(backend).best_trial.user_attrs["mlflow_run_id"]
+        assert client.get_run(best).info.artifact_uri.startswith("mlflow-artifacts:")
+        local = client.download_artifacts(best, "adapter", str(tmp_path))  # served by the server
+        assert (Path(local) / "adapter_config.json").is_file()
+        assert not (machines[0] / "mlruns").exists() and not (machines[1] / "mlruns").exists(), \
+            "workers reach the stores only by URL"
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+def _create_db(admin_url: str, prefix: str) -> str:
+    import uuid
+
+    import sqlalchemy
+
+    name = f"{prefix}_{uuid.uuid4().hex[:8]}"
+    engine = sqlalchemy.create_engine(admin_url.rsplit("/", 1)[0] + "/postgres", isolation_level="AUTOCOMMIT")
+    with engine.connect() as conn:
+        conn.execute(sqlalchemy.text(f'CREATE DATABASE "{name}"'))
+    engine.dispose()
+    return admin_url.rsplit("/", 1)[0] + "/" + name
+
+
+def test_no_secret_reaches_mlflow(workdir, store, postgres_url):
+    password = postgres_url.split("://", 1)[1].split("@", 1)[0].split(":", 1)[1]
+    proc = run_cli("sweep", "sweep=tiny", "n_trials=2", f"storage={postgres_url}", cwd=workdir)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert f":{password}@" not in proc.stdout + proc.stderr
+    client, parents, children = _runs(store)
+    for run in parents + children:
+        blob = repr(run.data.params) + repr(run.data.tags)
+        assert f":{password}@" not in blob
+        assert "***" in run.data.tags.get("command", "***")
+    assert parents[0].data.params["storage"].count("***") == 1
+    for path in (workdir / "mlruns").rglob("*.yaml"):
+        assert f":{password}@" not in path.read_text()
