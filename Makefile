@@ -8,9 +8,13 @@ TORCH_INDEX ?=
 HOST      ?= 127.0.0.1
 PORT      ?= 5000
 ARGS      ?=
+# `make server`: the tracking server many machines share (PostgreSQL in production).
+BACKEND   ?= sqlite:///mlruns/mlflow.db
+ARTIFACTS ?= mlruns/served-artifacts
+SERVER_WORKERS ?= 1
 
 .DEFAULT_GOAL := help
-.PHONY: help setup train sweep ui test test-quick bench clean rerun best
+.PHONY: help setup train sweep ui server test test-quick bench clean rerun best
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-11s %s\n", $$1, $$2}'
@@ -42,6 +46,10 @@ sweep: ## the default Optuna sweep on the offline model: make sweep ARGS="n_tria
 
 ui: ## MLflow UI over ./mlruns on http://$(HOST):$(PORT)
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///mlruns/mlflow.db --host $(HOST) --port $(PORT) --workers 1
+
+server: ## tracking server for many machines: make server BACKEND=postgresql://u:pw@db/mlflow HOST=0.0.0.0
+	$(BIN)/mlflow server --backend-store-uri $(BACKEND) --serve-artifacts --artifacts-destination $(ARTIFACTS) \
+	  --host $(HOST) --port $(PORT) --workers $(SERVER_WORKERS)
 
 test: ## all tests, as CI runs them (~10 min on 2 cores)
 	$(BIN)/python -m pytest -q

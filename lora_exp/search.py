@@ -32,6 +32,8 @@ DEFAULT_STORAGE = "sqlite:///mlruns/optuna.db"
 HEARTBEAT_S = float(os.environ.get("LORA_EXP_HEARTBEAT_SECONDS", "10"))
 GRACE_S = 4 * HEARTBEAT_S
 RETRIES = 2
+#: how long a worker waits for an unreachable tracking store before it stops (trials stay queued)
+TRACKING_WAIT_S = float(os.environ.get("LORA_EXP_TRACKING_WAIT_SECONDS", "600"))
 OPTIONS = ("sweep", "n_trials", "workers", "storage", "study", "timeout")
 LIVE = ("COMPLETE", "PRUNED", "RUNNING", "WAITING")
 
@@ -346,6 +348,7 @@ def run_worker(plan: SweepPlan, worker_index: int, n_workers: int | None = 1) ->
 
     from lora_exp.data import load_rows, tokenize
     from lora_exp.models import load_base, pick_device
+    from lora_exp.tracking import reachable, wait_until_reachable
 
     if n_workers is None:  # share the CPU cores between worker processes
         cores = os.cpu_count() or 1
@@ -363,6 +366,9 @@ def run_worker(plan: SweepPlan, worker_index: int, n_workers: int | None = 1) ->
             if plan.timeout and time.time() - plan.started > plan.timeout:
                 log.info("timeout reached: no new trials")
                 break
+            if not wait_until_reachable(base_cfg.tracking, TRACKING_WAIT_S):
+                raise LoraExpError(f"tracking store {sweep_tracking.redact(base_cfg.tracking.uri)} unreachable for "
+                                   f"{TRACKING_WAIT_S:.0f}s: sweep stopped; queued trials run on the next start")
             trial = claim_waiting_trial(study, plan.options.storage)
             if trial is None:
                 if _in_flight_elsewhere(study, plan):
@@ -372,6 +378,9 @@ def run_worker(plan: SweepPlan, worker_index: int, n_workers: int | None = 1) ->
             with _Heartbeat(study, trial):
                 state = run_one_trial(plan, study, trial, context)
             if state == "FAIL":
+                if not reachable(base_cfg.tracking):  # the store went away: not the trial's fault
+                    study.enqueue_trial({})
+                    continue
                 failures += 1
                 if plan.spec.max_failures and failures >= plan.spec.max_failures:
                     log.error("%d trials failed (max_failures=%d): stopping the sweep", failures,

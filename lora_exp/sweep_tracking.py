@@ -82,7 +82,11 @@ def close_orphan_runs(plan: SweepPlan, study: Any) -> None:
         return
     from lora_exp.config import compose
 
-    client, _ = connect(compose(plan.base_overrides).tracking)
+    try:
+        client, _ = connect(compose(plan.base_overrides).tracking)
+    except Exception as exc:  # noqa: BLE001 - retried at the next check
+        log.warning("could not check for orphan runs: %s", exc)
+        return
     for t in study.get_trials(deepcopy=False):
         run_id = t.user_attrs.get("mlflow_run_id")
         if t.state.name != "FAIL" or not run_id:
@@ -134,8 +138,8 @@ def after_trial(plan: SweepPlan, study: Any, number: int, run_id: str | None, fi
     from lora_exp.config import compose
 
     cfg = compose(plan.base_overrides).tracking
-    client, _ = connect(cfg)
     try:
+        client, _ = connect(cfg)
         trials = study.get_trials(deepcopy=False)
         _log_summary(client, plan, study, trials)
         best = _best(study)
@@ -267,9 +271,11 @@ def finish_parent(cfg: TrackingConfig, study: Any, plan: SweepPlan) -> str:
     best = _best(study)
     if plan.parent_run_id is not None:
         after_trial(plan, study, best.number if best else -1, None, final=True)
-        client, _ = connect(cfg)
         if not any(t.state in (TrialState.RUNNING, TrialState.WAITING) for t in trials):
-            client.set_terminated(plan.parent_run_id, "FINISHED")
+            try:
+                connect(cfg)[0].set_terminated(plan.parent_run_id, "FINISHED")
+            except Exception as exc:  # noqa: BLE001 - the next start closes it
+                log.warning("could not close the parent run: %s", exc)
     counts = {s: sum(t.state == s for t in trials) for s in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)}
     lines = [f"study {plan.study_name}: {len(trials)} trials -- {counts[TrialState.COMPLETE]} completed, "
              f"{counts[TrialState.PRUNED]} pruned, {counts[TrialState.FAIL]} failed"]

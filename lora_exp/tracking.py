@@ -206,6 +206,34 @@ def connect(cfg: TrackingConfig) -> tuple[Any, str]:
         raise ConfigError(f"tracking.uri: cannot use {redact_uri(uri)}: {str(exc).splitlines()[0]}") from exc
 
 
+def reachable(cfg: TrackingConfig) -> bool:
+    """Whether the tracking store answers now (one cheap request)."""
+    if not cfg.enabled:
+        return True
+    try:
+        client, _ = connect(cfg)
+        client.search_experiments(max_results=1)
+        return True
+    except Exception:  # noqa: BLE001 - any failure means: not now
+        return False
+
+
+def wait_until_reachable(cfg: TrackingConfig, max_wait_s: float) -> bool:
+    """Poll the tracking store with backoff for up to `max_wait_s`; True once it answers."""
+    deadline, delay, warned = time.monotonic() + max_wait_s, 1.0, False
+    while not reachable(cfg):
+        if time.monotonic() >= deadline:
+            return False
+        if not warned:
+            log.warning("tracking store %s unreachable: waiting up to %.0fs for it", redact_uri(cfg.uri), max_wait_s)
+            warned = True
+        time.sleep(min(delay, max(0.0, deadline - time.monotonic())))
+        delay = min(delay * 2, 30.0)
+    if warned:
+        log.warning("tracking store %s is back", redact_uri(cfg.uri))
+    return True
+
+
 @contextlib.contextmanager
 def start_run(cfg: TrackingConfig, run_name: str | None = None, tags: dict[str, Any] | None = None,
               parent_run_id: str | None = None) -> Iterator[Tracker]:

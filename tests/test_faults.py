@@ -250,3 +250,63 @@ def test_no_secret_reaches_mlflow(workdir, store, postgres_url):
     assert parents[0].data.params["storage"].count("***") == 1
     for path in (workdir / "mlruns").rglob("*.yaml"):
         assert f":{password}@" not in path.read_text()
+
+
+def _mlflow_server(workdir: Path, port: int):
+    return subprocess.Popen([str(Path(sys.executable).parent / "mlflow"), "server", "--backend-store-uri",
+                             f"sqlite:///{workdir}/server.db", "--serve-artifacts", "--artifacts-destination",
+                             str(workdir / "served"), "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+
+
+def _wait_healthy(url: str, seconds: int = 90) -> None:
+    import urllib.request
+
+    deadline = time.time() + seconds
+    while time.time() < deadline:
+        try:
+            if urllib.request.urlopen(f"{url}/health", timeout=2).read() == b"OK":
+                return
+        except OSError:
+            time.sleep(0.5)
+    raise AssertionError("mlflow server not healthy")
+
+
+@pytest.mark.slow
+def test_tracking_server_outage_mid_sweep(workdir):
+    """The server goes away for a while: trials wait (MLflow's HTTP retries) or fail cleanly and are
+    replaced; no trial is COMPLETE in Optuna without its finished MLflow run."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    url = f"http://127.0.0.1:{port}"
+    server = _mlflow_server(workdir, port)
+    _wait_healthy(url)
+    env = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+           "MLFLOW_HTTP_REQUEST_TIMEOUT": "5"}
+    proc, seen = _start(workdir, "sweep=tiny", "n_trials=6", f"tracking.uri={url}", "trainer.max_steps=300",
+                        "trainer.eval_steps=100", env=env), []
+    try:
+        _wait_for_line(proc, "[1/6]", seen)
+        os.killpg(server.pid, signal.SIGKILL)  # the server vanishes mid-trial
+        server.wait(timeout=30)
+        time.sleep(8)
+        server = _mlflow_server(workdir, port)
+        _wait_healthy(url)
+        out = proc.communicate(timeout=600)[0]
+        assert proc.returncode == 0, "".join(seen) + out
+        study = _study(f"sqlite:///{workdir}/mlruns/optuna.db")
+        states = [t.state.name for t in study.trials]
+        assert states.count("COMPLETE") + states.count("PRUNED") == 6
+        client, parents, children = _runs(url)
+        assert not [r for r in children if r.info.status == "RUNNING"]
+        for t in study.trials:
+            if t.state.name == "COMPLETE":
+                run = client.get_run(t.user_attrs["mlflow_run_id"])
+                assert run.info.status == "FINISHED" and "final_eval_loss" in run.data.metrics
+    finally:
+        os.killpg(server.pid, signal.SIGKILL)
+        if proc.poll() is None:
+            proc.kill()

@@ -81,6 +81,8 @@ def test_sweep_in_the_mlflow_ui(workdir, store, mlflow_server, browser):
     # The parent run with its nested trials.
     page.goto(f"{base}/runs")
     page.get_by_text("sweep-tiny").wait_for(timeout=30000)
+    if page.locator("button[aria-label='Close']").count():  # the assistant side panel
+        page.locator("button[aria-label='Close']").first.click()
     _expand_nested(page)
     for n in range(4):
         page.get_by_text(f"tiny-trial-{n}", exact=True).wait_for(timeout=30000)
