@@ -14,7 +14,7 @@ ARTIFACTS ?= mlruns/served-artifacts
 SERVER_WORKERS ?= 1
 
 .DEFAULT_GOAL := help
-.PHONY: help setup train sweep ui server test test-quick bench clean rerun best
+.PHONY: help setup train sweep ui dashboard server test test-quick bench clean rerun best
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-11s %s\n", $$1, $$2}'
@@ -46,6 +46,9 @@ sweep: ## the default Optuna sweep on the offline model: make sweep ARGS="n_tria
 
 ui: ## MLflow UI over ./mlruns on http://$(HOST):$(PORT)
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///mlruns/mlflow.db --host $(HOST) --port $(PORT) --workers 1
+
+dashboard: ## optuna-dashboard over the study storage on http://$(HOST):8080 (trial notes: run id, overrides, answers)
+	$(BIN)/optuna-dashboard sqlite:///mlruns/optuna.db --host $(HOST) --port 8080
 
 server: ## tracking server for many machines: make server BACKEND=postgresql://u:pw@db/mlflow HOST=0.0.0.0
 	$(BIN)/mlflow server --backend-store-uri $(BACKEND) --serve-artifacts --artifacts-destination $(ARTIFACTS) \

@@ -2,7 +2,8 @@
 
     lora-exp train [overrides...]              train one adapter, tracked in MLflow
     lora-exp sweep [options] [overrides...]    Optuna search; options: sweep= n_trials= workers= storage= study= timeout=
-    lora-exp best [study=NAME] [storage=URL]   best trial: run id, objective, params, the command to reproduce it
+    lora-exp best [study=NAME] [storage=URL] [--promote RUN_ID]
+                                               best trial (or Pareto front): run ids, objectives, the command
     lora-exp rerun RUN_ID [overrides...]       retrain from the config recorded with a run
     lora-exp export RUN_ID --out DIR [--merge] the adapter (or a merged model) + tokenizer, ready for peft
     lora-exp generate RUN_ID "prompt"          try an adapter from the terminal
@@ -36,8 +37,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p = sub.add_parser("sweep", help="Optuna search over LoRA configs; trials nested in MLflow")
     p.add_argument("overrides", nargs="*",
                    help="sweep options (sweep=NAME n_trials=N workers=N storage=URL study=NAME) and config overrides")
-    p = sub.add_parser("best", help="best trial of a study")
+    p = sub.add_parser("best", help="best trial of a study (its Pareto front if it has several objectives)")
     p.add_argument("options", nargs="*", help="study=NAME storage=URL")
+    p.add_argument("--promote", metavar="RUN_ID", help="point models:/<study>@best at this trial's run")
     p = sub.add_parser("rerun", help="retrain from the config recorded with a run")
     p.add_argument("run_id")
     p.add_argument("overrides", nargs="*", help="overrides applied to the recorded config")
@@ -73,7 +75,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         from lora_exp import rerun
 
         if args.command == "best":
-            return rerun.cmd_best(args.options)
+            return rerun.cmd_best(args.options, promote=args.promote)
         if args.command == "rerun":
             return rerun.cmd_rerun(args.run_id, args.overrides)
         if args.command == "export":

@@ -138,8 +138,16 @@ class TrainerConfig:
     precision: str = "fp32"
     eval_batch_size: int = 16
     max_new_tokens: int = 32
+    #: scores of the generations against the references (means are logged as metrics).
+    generation_metrics: list[str] = field(default_factory=lambda: ["exact_match", "token_f1", "rouge_l",
+                                                                   "semantic_similarity"])
 
     def __post_init__(self) -> None:
+        from lora_exp.metrics import METRICS
+
+        unknown = [m for m in self.generation_metrics if m not in METRICS]
+        _check(not unknown, "trainer.generation_metrics", f"unknown metric(s) {', '.join(unknown)} "
+               f"(choose from: {', '.join(METRICS)})")
         _check(self.lr > 0 and math.isfinite(self.lr), "trainer.lr", f"must be > 0, got {self.lr}")
         _check(self.max_steps is not None or self.epochs is not None, "trainer.max_steps",
                "set trainer.max_steps or trainer.epochs")

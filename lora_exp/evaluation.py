@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import contextlib
-import re
 from typing import Any
 
 import torch
@@ -42,8 +41,10 @@ def eval_loss(model: Any, examples: list[Example], pad_id: int, device: torch.de
 
 @torch.no_grad()
 def generate(model: Any, tokenizer: Any, prompts: list[Prompt], device: torch.device,
-             max_new_tokens: int = 32, batch_size: int = 16) -> list[str]:
-    """Greedy continuations of each prompt (left-padded batches), stopped at EOS."""
+             max_new_tokens: int = 32, batch_size: int = 16, stats: dict[str, float] | None = None) -> list[str]:
+    """Greedy continuations of each prompt (left-padded batches), stopped at EOS.
+
+    `stats`, if given, receives the number of generated tokens (EOS included) under "new_tokens"."""
     if not prompts:
         return []
     was_training = model.training
@@ -58,6 +59,10 @@ def generate(model: Any, tokenizer: Any, prompts: list[Prompt], device: torch.de
             out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
                                  pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
             new = out[:, enc["input_ids"].shape[1]:]
+            if stats is not None:  # tokens up to and including the first EOS of each row
+                is_eos = (new == tokenizer.eos_token_id).int()
+                before_eos = (is_eos.cumsum(dim=1) - is_eos) == 0
+                stats["new_tokens"] = stats.get("new_tokens", 0) + int(before_eos.sum())
             outputs.extend(t.strip() for t in tokenizer.batch_decode(new, skip_special_tokens=True))
     finally:
         tokenizer.padding_side = side
@@ -65,22 +70,40 @@ def generate(model: Any, tokenizer: Any, prompts: list[Prompt], device: torch.de
     return outputs
 
 
-def normalize(text: str) -> str:
-    return re.sub(r"\s+", " ", text).strip()
-
-
 def exact_match(output: str, answers: tuple[str, ...]) -> bool:
     """The generated answer equals one of the references (whitespace-normalised)."""
-    return any(normalize(output) == normalize(a) for a in answers)
+    from lora_exp.metrics import exact_match as score
+
+    return bool(score(output, answers))
 
 
-def generations_table(prompts: list[Prompt], base: list[str], adapter: list[str]) -> dict[str, list[Any]]:
-    """Columns of the side-by-side table logged with each run."""
-    return {
-        "prompt": [p.text for p in prompts],
-        "expected": [" | ".join(p.answers) for p in prompts],
-        "base_output": base,
-        "adapter_output": adapter,
-        "base_exact_match": [exact_match(o, p.answers) if p.answers else None for o, p in zip(base, prompts)],
-        "exact_match": [exact_match(o, p.answers) if p.answers else None for o, p in zip(adapter, prompts)],
-    }
+def generations_table(prompts: list[Prompt], base: list[str], adapter: list[str],
+                      metrics: tuple[str, ...] | list[str] = ("exact_match",),
+                      base_scores: dict[str, list[float]] | None = None) -> tuple[dict[str, list[Any]],
+                                                                                  dict[str, float]]:
+    """The side-by-side table logged with each run, and the mean score of each metric over the
+    prompts that have reference answers (adapter: `<metric>`, base model: `base_<metric>`).
+    `base_scores` (from `score_outputs`) lets a sweep score the base model once per study."""
+    table: dict[str, list[Any]] = {"prompt": [p.text for p in prompts], "expected": [" | ".join(p.answers) for p in prompts],
+                                   "base_output": base, "adapter_output": adapter}
+    scored = [i for i, p in enumerate(prompts) if p.answers]
+    means: dict[str, float] = {}
+    sides = (("base_", base_scores if base_scores is not None else score_outputs(prompts, base, metrics)),
+             ("", score_outputs(prompts, adapter, metrics)))
+    for side, scores in sides:
+        for metric in metrics:
+            column: list[Any] = [None] * len(prompts)
+            for i, value in zip(scored, scores.get(metric, [])):
+                column[i] = bool(value) if metric == "exact_match" else round(value, 4)
+            table[f"{side}{metric}"] = column
+            if scored:
+                means[f"{side}{metric}"] = sum(scores[metric]) / len(scored)
+    return table, means
+
+
+def score_outputs(prompts: list[Prompt], outputs: list[str], metrics: tuple[str, ...] | list[str]) -> dict[str, list[float]]:
+    """Scores of the outputs of the prompts that have references (in prompt order)."""
+    from lora_exp.metrics import score
+
+    scored = [i for i, p in enumerate(prompts) if p.answers]
+    return score([outputs[i] for i in scored], [prompts[i].answers for i in scored], metrics) if scored else {}

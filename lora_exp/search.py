@@ -117,6 +117,8 @@ def make_sampler(spec: SweepSpec, worker_index: int = 0) -> Any:
         return optuna.samplers.RandomSampler(**opts)
     if name == "gp":
         return optuna.samplers.GPSampler(**opts)
+    if name == "nsga2":
+        return optuna.samplers.NSGAIISampler(**opts)
     grid = {k: (p.choices if p.type == "categorical" else list(range(int(p.low), int(p.high) + 1, int(p.step or 1))))
             for k, p in spec.space.items()}
     return optuna.samplers.GridSampler(grid, **opts)
@@ -125,6 +127,8 @@ def make_sampler(spec: SweepSpec, worker_index: int = 0) -> Any:
 def make_pruner(spec: SweepSpec) -> Any:
     import optuna
 
+    if spec.multi:  # Optuna cannot prune multi-objective studies
+        return optuna.pruners.NopPruner()
     opts = {k: v for k, v in spec.pruner.items() if k != "name"}
     name = spec.pruner["name"]
     if name == "median":
@@ -148,7 +152,7 @@ def open_study(plan_or_spec: SweepSpec, storage_url: str, study_name: str, creat
         if create:  # (study, whether this process created it): the creator opens the parent run
             try:
                 return optuna.create_study(study_name=study_name, storage=storage, load_if_exists=False,
-                                           direction=plan_or_spec.direction, sampler=make_sampler(plan_or_spec),
+                                           directions=plan_or_spec.directions, sampler=make_sampler(plan_or_spec),
                                            pruner=make_pruner(plan_or_spec)), True
             except optuna.exceptions.DuplicatedStudyError:
                 return optuna.load_study(study_name=study_name, storage=storage,
@@ -265,6 +269,9 @@ def cmd_sweep(args: list[str]) -> int:
     load_rows(base_cfg.data)
     study, created = open_study(spec, options.storage, study_name, create=True)
     study.set_user_attr("base_overrides", base_overrides)  # `lora-exp best` prints the full command
+    study.set_user_attr("objectives", spec.metrics)
+    if spec.multi and spec.pruner.get("name") != "none":
+        print(f"note: pruning is off: Optuna cannot prune multi-objective studies ({', '.join(spec.metrics)})")
     parent_run_id = sweep_tracking.open_parent(base_cfg.tracking, study, spec, options, created)
     import optuna
 
@@ -497,19 +504,22 @@ def run_one_trial(plan: SweepPlan, study: Any, trial: Any, context: _WorkerConte
                        parent_run_id=plan.parent_run_id) as tracker:
             run_id = tracker.run_id
             trial.set_user_attr("mlflow_run_id", run_id)
-            result = run_trial(cfg, base, data, tracker, callbacks=[PruningCallback(trial, metric)])
+            callbacks = [] if plan.spec.multi else [PruningCallback(trial, metric)]
+            result = run_trial(cfg, base, data, tracker, callbacks=callbacks)
             compute = result.metrics.get("train_runtime_s", 0.0) + result.metrics.get("generation_s", 0.0)
             if result.status == "stopped":
                 tracker.status = "KILLED"
                 state = TrialState.PRUNED
                 tracker.set_tags({"trial_state": "PRUNED", "pruned": "true"})
             else:
-                value = objective_value(result.metrics, metric)
+                values = [objective_value(result.metrics, m) for m in plan.spec.metrics]
+                value = values if plan.spec.multi else values[0]
                 state = TrialState.COMPLETE
                 tracker.set_tags({"trial_state": "COMPLETE"})
         sweep_tracking.save_base_cache(study, base)
         trial.set_user_attr("loss_curve", result.loss_curve)
         trial.set_user_attr("compute_s", round(compute, 3))
+        _dashboard_note(trial, run_id, overrides, result)
     except KeyboardInterrupt:
         trial.set_user_attr("failure", "interrupted")
         study.tell(trial, state=TrialState.FAIL)
@@ -534,6 +544,25 @@ def run_one_trial(plan: SweepPlan, study: Any, trial: Any, context: _WorkerConte
     _print_trial_line(plan, study, trial.number, state.name, shown, overrides, wall,
                       at_step=result.steps if state == TrialState.PRUNED and result is not None else None)
     return state.name
+
+
+def _dashboard_note(trial: Any, run_id: str | None, overrides: list[str], result: Any) -> None:
+    """A note optuna-dashboard shows beside the trial: its run, its overrides, its answers."""
+    try:
+        from optuna_dashboard import save_note
+    except ImportError:
+        return
+    lines = [f"**MLflow run** `{run_id}`", "", f"**overrides** `{' '.join(overrides)}`", ""]
+    g = result.generations
+    if g:
+        lines += ["| prompt | expected | base | adapter |", "|---|---|---|---|"]
+        cell = lambda text: str(text).replace("|", "\\|").replace("\n", " ")[:200]  # noqa: E731
+        for row in zip(g["prompt"], g["expected"], g["base_output"], g["adapter_output"]):
+            lines.append("| " + " | ".join(cell(c) for c in row) + " |")
+    try:
+        save_note(trial, "\n".join(lines))
+    except Exception as exc:  # noqa: BLE001 - a note is a nicety
+        log.debug("dashboard note not saved: %s", exc)
 
 
 def objective_value(metrics: dict[str, float], metric: str) -> float:
@@ -563,12 +592,15 @@ def _base_values(plan: SweepPlan) -> dict[str, Any]:
     return flatten(compose(plan.base_overrides).to_dict())
 
 
-def _print_trial_line(plan: SweepPlan, study: Any, number: int, state: str, value: float | None,
+def _print_trial_line(plan: SweepPlan, study: Any, number: int, state: str, value: Any,
                       overrides: list[str], wall: float, at_step: int | None = None) -> None:
     from optuna.trial import TrialState
 
     done = len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)))
-    shown = f"{plan.spec.metric}={value:.4f}" if value is not None else plan.spec.metric + "=-"
+    if isinstance(value, list):
+        shown = " ".join(f"{m}={v:.4g}" for m, v in zip(plan.spec.metrics, value))
+    else:
+        shown = f"{plan.spec.metric}={value:.4f}" if value is not None else plan.spec.metric + "=-"
     if at_step is not None:
         shown += f"@{at_step}"
     print(f"[{done}/{plan.n_trials}] trial {number:>3} {state:<8} {shown}  {' '.join(overrides)}  ({wall:.1f}s)",

@@ -12,7 +12,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from lora_exp.config import TrackingConfig
-from lora_exp.tracking import connect, provenance, redact_text, redact_uri
+from lora_exp.tracking import connect, provenance, redact_text, redact_uri, write_table
 
 if TYPE_CHECKING:
     from lora_exp.search import SweepOptions, SweepPlan
@@ -23,6 +23,7 @@ log = logging.getLogger("lora_exp")
 PARENT_ATTR = "mlflow_parent_run_id"
 BEST_ALIAS = "best"
 PLOT_EVERY_S = 60.0
+TABLES = ("trials.json", "pareto_front.json")
 _last_plots = 0.0
 
 
@@ -153,10 +154,20 @@ def after_trial(plan: SweepPlan, study: Any, number: int, run_id: str | None, fi
 
 
 def _best(study: Any) -> Any:
+    """The best trial of a single-objective study (None for multi-objective: see `pareto_front`)."""
+    if len(study.directions) > 1:
+        return None
     try:
         return study.best_trial
     except ValueError:
         return None
+
+
+def pareto_front(study: Any) -> list[Any]:
+    """Trials on the Pareto front of a multi-objective study (empty for single-objective)."""
+    if len(study.directions) < 2:
+        return []
+    return sorted(study.best_trials, key=lambda t: t.number)
 
 
 def trials_table(trials: list[Any]) -> dict[str, list[Any]]:
@@ -164,7 +175,7 @@ def trials_table(trials: list[Any]) -> dict[str, list[Any]]:
     return {
         "number": [t.number for t in rows],
         "state": [t.state.name for t in rows],
-        "value": [t.value for t in rows],
+        "value": [t.value if t.values is None or len(t.values) == 1 else t.values for t in rows],
         "params": [json.dumps(t.params) for t in rows],
         "overrides": [" ".join(t.user_attrs.get("overrides", [])) for t in rows],
         "duration_s": [round(t.duration.total_seconds(), 2) if t.duration else None for t in rows],
@@ -188,36 +199,47 @@ def _log_summary(client: Any, plan: SweepPlan, study: Any, trials: list[Any]) ->
         metrics = [Metric("best_value", best.value, now, finished)]
     client.log_batch(plan.parent_run_id, metrics=metrics,
                      tags=[RunTag(k, redact_text(str(v))) for k, v in tags.items()], synchronous=True)
-    client.log_table(plan.parent_run_id, data=trials_table(trials), artifact_file="trials.json")
+    front = pareto_front(study)
+    if front:
+        table = {"number": [t.number for t in front], "run_id": [t.user_attrs.get("mlflow_run_id") for t in front],
+                 **{m: [t.values[i] for t in front] for i, m in enumerate(plan.spec.metrics)},
+                 "params": [json.dumps(t.params) for t in front]}
+        write_table(client, plan.parent_run_id, table, "pareto_front.json", TABLES)
+        client.set_tag(plan.parent_run_id, "pareto_front",
+                       redact_text(json.dumps([[t.number, t.user_attrs.get("mlflow_run_id")] for t in front]))[:8000])
+    write_table(client, plan.parent_run_id, trials_table(trials), "trials.json",
+                TABLES if front else ("trials.json",))
 
 
 def _publish_best(client: Any, plan: SweepPlan, best: Any) -> None:
-    """Copy the best trial's adapter to the parent and point the registered model's alias at it."""
+    run_id = best.user_attrs.get("mlflow_run_id")
+    if run_id:
+        publish_adapter(client, plan.study_name, plan.parent_run_id, run_id, best.number, best.value)
+        log.info("best so far: trial %d (%s=%.4f) -> models:/%s@%s", best.number, plan.spec.metric, best.value,
+                 plan.study_name, BEST_ALIAS)
+
+
+def publish_adapter(client: Any, name: str, parent_run_id: str | None, run_id: str, number: int, value: Any) -> None:
+    """Copy a trial's adapter to the parent (`best_adapter/`) and point `models:/<name>@best` at it."""
     from mlflow.exceptions import MlflowException
 
-    run_id = best.user_attrs.get("mlflow_run_id")
-    if not run_id:
-        return
-    name = plan.study_name
     try:
-        current = client.get_model_version_by_alias(name, BEST_ALIAS)
-        if current.run_id == run_id:
+        if client.get_model_version_by_alias(name, BEST_ALIAS).run_id == run_id:
             return
     except MlflowException:
         pass
-    with tempfile.TemporaryDirectory() as tmp:
-        local = client.download_artifacts(run_id, "adapter", tmp)
-        client.log_artifacts(plan.parent_run_id, local, "best_adapter")
+    if parent_run_id:
+        with tempfile.TemporaryDirectory() as tmp:
+            local = client.download_artifacts(run_id, "adapter", tmp)
+            client.log_artifacts(parent_run_id, local, "best_adapter")
     try:
         client.create_registered_model(name, description=f"Best LoRA adapter of the lora-exp study {name!r}")
     except MlflowException:
         pass  # exists already
     source = f"{client.get_run(run_id).info.artifact_uri}/adapter"
     version = client.create_model_version(name, source=source, run_id=run_id,
-                                          tags={"trial_number": str(best.number), "value": str(best.value)})
+                                          tags={"trial_number": str(number), "value": str(value)})
     client.set_registered_model_alias(name, BEST_ALIAS, version.version)
-    log.info("best so far: trial %d (%s=%.4f) -> models:/%s@%s", best.number, plan.spec.metric, best.value,
-             name, BEST_ALIAS)
 
 
 def _log_plots(client: Any, plan: SweepPlan, study: Any, trials: list[Any]) -> None:
@@ -228,11 +250,14 @@ def _log_plots(client: Any, plan: SweepPlan, study: Any, trials: list[Any]) -> N
     from optuna.visualization import matplotlib as ov
 
     complete = [t for t in trials if t.state.name == "COMPLETE"]
-    plots = {"optimization_history": lambda: ov.plot_optimization_history(study)}
-    if len(complete) >= 2 and len(plan.spec.space) >= 2:
-        plots["param_importances"] = lambda: ov.plot_param_importances(study)
-    if complete:
-        plots["parallel_coordinate"] = lambda: ov.plot_parallel_coordinate(study)
+    if plan.spec.multi:
+        plots = {"pareto_front": lambda: ov.plot_pareto_front(study, target_names=plan.spec.metrics)} if complete else {}
+    else:
+        plots = {"optimization_history": lambda: ov.plot_optimization_history(study)}
+        if len(complete) >= 2 and len(plan.spec.space) >= 2:
+            plots["param_importances"] = lambda: ov.plot_param_importances(study)
+        if complete:
+            plots["parallel_coordinate"] = lambda: ov.plot_parallel_coordinate(study)
     for name, make in plots.items():
         try:
             ax = make()
@@ -286,4 +311,12 @@ def finish_parent(cfg: TrackingConfig, study: Any, plan: SweepPlan) -> str:
         lines.append(f"reproduce: {command}")
         if plan.parent_run_id:
             lines.append(f"parent run {plan.parent_run_id}; best adapter: models:/{plan.study_name}@{BEST_ALIAS}")
+    front = pareto_front(study)
+    if front:
+        lines.append(f"Pareto front ({', '.join(f'{m} {d}' for m, d in plan.spec.objectives)}): {len(front)} trials")
+        for t in front:
+            values = " ".join(f"{m}={v:.4g}" for m, v in zip(plan.spec.metrics, t.values))
+            lines.append(f"  trial {t.number:>3}  {values}  run {t.user_attrs.get('mlflow_run_id', '-')}")
+        lines.append("pick one: lora-exp best --promote RUN_ID  (points models:/"
+                     f"{plan.study_name}@{BEST_ALIAS} at it)")
     return "\n".join(lines)

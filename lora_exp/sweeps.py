@@ -27,7 +27,7 @@ import yaml
 from lora_exp.config import PACKAGE_DIR
 from lora_exp.errors import ConfigError
 
-SAMPLERS = ("tpe", "random", "grid", "gp")
+SAMPLERS = ("tpe", "random", "grid", "gp", "nsga2")
 PRUNERS = ("median", "hyperband", "none")
 TYPES = ("categorical", "int", "float")
 DIRECTIONS = ("minimize", "maximize")
@@ -49,8 +49,8 @@ class ParamSpec:
 class SweepSpec:
     name: str
     study: str
-    metric: str = "eval_loss"
-    direction: str = "minimize"
+    #: (metric, direction) pairs: one = a single-objective study, more = multi-objective
+    objectives: tuple[tuple[str, str], ...] = (("eval_loss", "minimize"),)
     n_trials: int = 12
     timeout: Optional[float] = None
     sampler: dict[str, Any] = field(default_factory=lambda: {"name": "tpe", "seed": 42})
@@ -60,6 +60,26 @@ class SweepSpec:
     #: failed trials after which the sweep stops (null = never).
     max_failures: Optional[int] = 5
     text: str = ""
+
+    @property
+    def metric(self) -> str:
+        return self.objectives[0][0]
+
+    @property
+    def direction(self) -> str:
+        return self.objectives[0][1]
+
+    @property
+    def multi(self) -> bool:
+        return len(self.objectives) > 1
+
+    @property
+    def metrics(self) -> list[str]:
+        return [m for m, _ in self.objectives]
+
+    @property
+    def directions(self) -> list[str]:
+        return [d for _, d in self.objectives]
 
 
 def sweeps_dir() -> Path:
@@ -106,11 +126,17 @@ def parse_sweep(raw: Any, name: str, text: str = "") -> SweepSpec:
     study = raw.get("study", name)
     _need(isinstance(study, str) and bool(study.strip()), f"{where}: study", "must be a non-empty name")
     objective = raw.get("objective", {}) or {}
-    _need(isinstance(objective, dict), f"{where}: objective", "must be {metric: NAME, direction: minimize|maximize}")
-    metric = objective.get("metric", "eval_loss")
-    direction = objective.get("direction", "minimize")
-    _need(isinstance(metric, str) and bool(metric), f"{where}: objective.metric", "must be a metric name")
-    _need(direction in DIRECTIONS, f"{where}: objective.direction", f"must be minimize or maximize, got {direction!r}")
+    entries = objective if isinstance(objective, list) else [objective]
+    _need(len(entries) >= 1, f"{where}: objective", "must name at least one metric")
+    objectives = []
+    for i, entry in enumerate(entries):
+        key = f"{where}: objective" + (f"[{i}]" if isinstance(objective, list) else "")
+        _need(isinstance(entry, dict), key, "must be {metric: NAME, direction: minimize|maximize} (or a list of them)")
+        metric, direction = entry.get("metric", "eval_loss"), entry.get("direction", "minimize")
+        _need(isinstance(metric, str) and bool(metric), f"{key}.metric", "must be a metric name")
+        _need(direction in DIRECTIONS, f"{key}.direction", f"must be minimize or maximize, got {direction!r}")
+        objectives.append((metric, direction))
+    _need(len({m for m, _ in objectives}) == len(objectives), f"{where}: objective", "names a metric twice")
     n_trials = raw.get("n_trials", 12)
     _need(isinstance(n_trials, int) and not isinstance(n_trials, bool) and n_trials >= 1, f"{where}: n_trials",
           f"must be an integer >= 1, got {n_trials!r}")
@@ -139,7 +165,7 @@ def parse_sweep(raw: Any, name: str, text: str = "") -> SweepSpec:
         for key, spec in space.items():
             _need(spec.type == "categorical" or (spec.type == "int" and spec.step is not None),
                   f"{where}: space.{key}", "the grid sampler needs categorical (or stepped int) parameters")
-    return SweepSpec(name=name, study=study.strip(), metric=metric, direction=direction, n_trials=n_trials,
+    return SweepSpec(name=name, study=study.strip(), objectives=tuple(objectives), n_trials=n_trials,
                      timeout=timeout, sampler=sampler, pruner=pruner, base=list(base), space=space,
                      max_failures=max_failures, text=text)
 

@@ -106,6 +106,23 @@ class MlflowTracker:
         self.client.log_table(self.run_id, data=table, artifact_file=artifact_file)
 
 
+def write_table(client: Any, run_id: str, table: dict[str, list[Any]], artifact_file: str,
+                known_tables: tuple[str, ...] = ()) -> None:
+    """Write (overwrite) a table artifact in MLflow's table format.
+
+    `MlflowClient.log_table` appends to an existing artifact of the same name; a table refreshed
+    after every trial must replace it. The run tag MLflow's UI reads to offer the table view is set
+    as log_table sets it."""
+    import json
+
+    import pandas as pd
+    from mlflow.utils.mlflow_tags import MLFLOW_LOGGED_ARTIFACTS
+
+    client.log_text(run_id, redact_text(pd.DataFrame(table).to_json(orient="split", index=False)), artifact_file)
+    tag = [{"path": path, "type": "table"} for path in sorted({artifact_file, *known_tables})]
+    client.set_tag(run_id, MLFLOW_LOGGED_ARTIFACTS, json.dumps(tag))
+
+
 def _param_value(value: Any) -> str:
     text = value if isinstance(value, str) else repr(value) if not isinstance(value, (int, float, bool)) else str(value)
     return text if len(text) <= MAX_PARAM_LEN else text[: MAX_PARAM_LEN - 3] + "..."
@@ -261,7 +278,10 @@ def start_run(cfg: TrackingConfig, run_name: str | None = None, tags: dict[str, 
         _safe(client.set_terminated, tracker.run_id, "FAILED")
         raise
     except BaseException as exc:
+        import traceback
+
         _safe(tracker.set_tags, {"error": f"{type(exc).__name__}: {exc}"[:8000]})
+        _safe(tracker.log_text, "".join(traceback.format_exception(exc)), "traceback.txt")
         _safe(tracker.flush)
         _safe(client.set_terminated, tracker.run_id, "FAILED")
         raise

@@ -21,7 +21,7 @@ from lora_exp.adapters import attach_adapter, count_parameters, detach_adapter, 
 from lora_exp.config import RunConfig
 from lora_exp.data import PreparedData, collate, train_batches
 from lora_exp.errors import LoraExpError
-from lora_exp.evaluation import autocast, eval_loss, exact_match, generate, generations_table
+from lora_exp.evaluation import autocast, eval_loss, generate, generations_table, score_outputs
 from lora_exp.models import BaseModel
 from lora_exp.tracking import Tracker, flatten
 
@@ -79,6 +79,8 @@ def _train(cfg: RunConfig, base: BaseModel, model: Any, data: PreparedData, trac
     steps = total_steps(cfg, len(data.train))
     trainable, total = count_parameters(model)
     log.info(trainable_line(model))
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
     tracker.log_params({**flatten(cfg.to_dict()), "target_modules": cfg.target_modules,
                         "trainable_params": trainable, "total_params": total, "total_steps": steps})
     tracker.set_tags({"trainable_line": trainable_line(model), "lora_exp.overrides": " ".join(cfg.overrides)})
@@ -157,6 +159,8 @@ def _train(cfg: RunConfig, base: BaseModel, model: Any, data: PreparedData, trac
         result.metrics["final_train_loss"] = result.loss_curve[-1][1]
     if result.eval_curve:
         result.metrics["final_eval_loss"] = result.eval_curve[-1][1]
+    result.metrics["trainable_params"] = trainable
+    result.metrics["peak_memory_mb"] = peak_memory_mb(device)
     if result.status == "completed":
         _generate_and_save(cfg, base, model, data, tracker, result)
     tracker.log_metrics(result.metrics, step=result.steps)
@@ -166,24 +170,38 @@ def _train(cfg: RunConfig, base: BaseModel, model: Any, data: PreparedData, trac
 def _generate_and_save(cfg: RunConfig, base: BaseModel, model: Any, data: PreparedData, tracker: Tracker,
                        result: TrialResult) -> None:
     t = cfg.trainer
-    gen_start = time.perf_counter()
     base_out = _cached(base, ("generations", data.key, t.max_new_tokens),
                        lambda: _without_adapter(model, lambda: generate(model, base.tokenizer, data.prompts,
                                                                           base.device, t.max_new_tokens)))
-    adapter_out = generate(model, base.tokenizer, data.prompts, base.device, t.max_new_tokens)
-    result.metrics["generation_s"] = time.perf_counter() - gen_start
-    result.generations = generations_table(data.prompts, base_out, adapter_out)
-    scored = [p for p in data.prompts if p.answers]
-    if scored:
-        hits = sum(exact_match(o, p.answers) for o, p in zip(adapter_out, data.prompts) if p.answers)
-        result.metrics["exact_match"] = hits / len(scored)
-        result.metrics["exact_match_count"] = hits
+    stats: dict[str, float] = {}
+    gen_start = time.perf_counter()
+    adapter_out = generate(model, base.tokenizer, data.prompts, base.device, t.max_new_tokens, stats=stats)
+    seconds = time.perf_counter() - gen_start
+    result.metrics["generation_s"] = seconds
+    if stats.get("new_tokens"):
+        result.metrics["generation_tokens_per_s"] = stats["new_tokens"] / seconds
+    metrics = tuple(t.generation_metrics)
+    base_scores = _cached(base, ("base_scores", data.key, t.max_new_tokens, metrics),
+                          lambda: score_outputs(data.prompts, base_out, metrics))
+    result.generations, means = generations_table(data.prompts, base_out, adapter_out, metrics, base_scores)
+    result.metrics.update(means)
+    if "exact_match" in means:
+        result.metrics["exact_match_count"] = round(means["exact_match"] * sum(bool(p.answers) for p in data.prompts))
     if data.prompts:
         tracker.log_table(result.generations, "generations.json")
     if tracker.run_id is not None:
         with tempfile.TemporaryDirectory() as tmp:
             model.save_pretrained(tmp)
             tracker.log_dir(tmp, "adapter")
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak GPU memory allocated in this trial on CUDA; the process's peak RSS on the CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
 def seconds_since_process_start() -> float:

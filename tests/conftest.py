@@ -17,7 +17,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 #: a tiny, fast configuration: random 2-layer GPT-2, the seed's five texts.
 TINY = ["model=tiny_gpt2", "data=seed", "trainer.max_steps=30", "trainer.batch_size=5", "trainer.lr=1e-2",
-        "trainer.eval_steps=10", "trainer.max_new_tokens=8", "trainer.warmup_steps=0"]
+        "trainer.eval_steps=10", "trainer.max_new_tokens=8", "trainer.warmup_steps=0",
+        "trainer.generation_metrics=[exact_match,token_f1,rouge_l]"]
 
 
 @pytest.fixture

@@ -10,7 +10,7 @@ from lora_exp.config import compose, from_container
 from lora_exp.errors import ConfigError
 
 
-@pytest.mark.parametrize("target", ["ui", "server"])
+@pytest.mark.parametrize("target", ["ui", "server", "dashboard"])
 def test_ui_and_server_bind_loopback_unless_told(target):
     plan = subprocess.run(["make", "-n", target], cwd=REPO, capture_output=True, text=True).stdout
     assert "--host 127.0.0.1" in plan

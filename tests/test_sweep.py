@@ -1,6 +1,7 @@
 """Sweeps end to end on a tiny model: real Optuna storage, real MLflow store, real processes."""
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -126,6 +127,9 @@ def test_tiny_sweep_prunes_and_mlflow_matches_optuna(workdir, store, capsys):
     assert parent.data.tags["best_trial_number"] == str(best.number)
     assert parent.data.tags["best_run_id"] == best.user_attrs["mlflow_run_id"]
     assert {"sweep.yaml", "trials.json", "best_adapter", "plots"} <= {a.path for a in client.list_artifacts(parent.info.run_id)}
+    table = json.loads(Path(client.download_artifacts(parent.info.run_id, "trials.json")).read_text())
+    assert sorted(row[0] for row in table["data"]) == list(range(6)), "one row per trial, refreshed not appended"
+    assert table["columns"][:3] == ["number", "state", "value"]
     plots = {a.path for a in client.list_artifacts(parent.info.run_id, "plots")}
     assert {"plots/optimization_history.png", "plots/loss_curves.png", "plots/parallel_coordinate.png"} <= plots
     version = client.get_model_version_by_alias("tiny", "best")
