@@ -55,7 +55,7 @@ server: ## tracking server for many machines: make server BACKEND=postgresql://u
 	  --host $(HOST) --port $(PORT) --workers $(SERVER_WORKERS)
 
 test: ## all tests, as CI runs them (~10 min on 2 cores)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=15
 
 test-quick: ## the fast loop: skips tests marked slow
 	$(BIN)/python -m pytest -q -m "not slow"

@@ -110,7 +110,12 @@ def load_base_cache(study: Any, base: Any) -> None:
     prefix = _cache_prefix(base)
     for key, value in study.user_attrs.items():
         if key.startswith(prefix):
-            base.cache.setdefault(tuple(json.loads(key[len(prefix):])), value)
+            base.cache.setdefault(_tuplify(json.loads(key[len(prefix):])), value)
+
+
+def _tuplify(value: Any) -> Any:
+    """JSON turns the cache keys' tuples into lists: turn them back (keys must be hashable)."""
+    return tuple(_tuplify(v) for v in value) if isinstance(value, list) else value
 
 
 def save_base_cache(study: Any, base: Any) -> None:

@@ -90,8 +90,9 @@ def test_sweep_in_the_mlflow_ui(workdir, store, mlflow_server, browser):
 
     # A trial's loss chart.
     page.goto(f"{base}/runs/{child.info.run_id}/model-metrics")
-    page.get_by_text("train_loss", exact=True).first.wait_for(timeout=30000)
     page.get_by_text("eval_loss", exact=True).first.wait_for(timeout=30000)
+    page.get_by_placeholder("Search metric charts").fill("loss")  # charts render lazily below the fold
+    page.get_by_text("train_loss", exact=True).first.wait_for(timeout=30000)
     # Plotly draws each curve as a path.js-line; a loss curve of 30 points has many segments
     page.wait_for_function("""() => [...document.querySelectorAll('.js-plotly-plot path.js-line')]
         .some(p => (p.getAttribute('d') || '').split('L').length > 10)""", timeout=30000)
