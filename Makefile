@@ -14,7 +14,7 @@ ARTIFACTS ?= mlruns/served-artifacts
 SERVER_WORKERS ?= 1
 
 .DEFAULT_GOAL := help
-.PHONY: help setup train sweep ui dashboard server test test-quick bench clean rerun best
+.PHONY: help setup train sweep ui dashboard server test test-quick bench bench-sweep clean rerun best
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-11s %s\n", $$1, $$2}'
@@ -54,14 +54,17 @@ server: ## tracking server for many machines: make server BACKEND=postgresql://u
 	$(BIN)/mlflow server --backend-store-uri $(BACKEND) --serve-artifacts --artifacts-destination $(ARTIFACTS) \
 	  --host $(HOST) --port $(PORT) --workers $(SERVER_WORKERS)
 
-test: ## all tests, as CI runs them (~10 min on 2 cores)
+test: ## all tests, as CI runs them (~16 min on 2 cores)
 	$(BIN)/python -m pytest -q --durations=15
 
 test-quick: ## the fast loop: skips tests marked slow
 	$(BIN)/python -m pytest -q -m "not slow"
 
-bench: ## speed figures (prints them): training overhead vs a plain loop, start-up
+bench: ## speed figures (prints them): training overhead vs a plain loop, start-up, default train
 	$(BIN)/python bench/train_overhead.py
+
+bench-sweep: ## make sweep timed on a fresh store, vs lora=seed at the same budget (~15 min on 2 cores)
+	$(BIN)/python bench/sweep_default.py
 
 clean: ## remove tracking data and caches (keeps the venv)
 	rm -rf mlruns outputs .pytest_cache test-output
