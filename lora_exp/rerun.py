@@ -302,7 +302,6 @@ def _download_adapter(client: Any, run_id: str, tmp: str) -> str:
 
 
 def cmd_generate(ref: str, prompts: list[str], max_new_tokens: int | None, overrides: list[str]) -> int:
-    import torch
     from peft import PeftModel
 
     from lora_exp.data import Prompt
@@ -319,5 +318,4 @@ def cmd_generate(ref: str, prompts: list[str], max_new_tokens: int | None, overr
                        max_new_tokens or recorded.config.trainer.max_new_tokens)
     for text, output in zip(texts, outputs):
         print(f"{text}{'' if text.endswith(' ') else ' '}{output}")
-    del torch
     return 0

@@ -60,6 +60,9 @@ class SweepPlan:
     parent_run_id: str | None
     base_overrides: list[str]
     timeout: float | None
+    #: the base config, composed once (trials add their overrides to `base_overrides`)
+    base: RunConfig
+    workers: int = 1
     started: float = field(default_factory=time.time)
 
 
@@ -277,10 +280,10 @@ def cmd_sweep(args: list[str]) -> int:
 
     optuna.storages.fail_stale_trials(study)  # trials left RUNNING by a killed worker: failed, retried
     added = top_up(study, n_trials)
-    plan = SweepPlan(spec, options, study_name, n_trials, parent_run_id, base_overrides,
-                     options.timeout or spec.timeout)
-    sweep_tracking.close_orphan_runs(plan, study)
     workers = options.workers or default_workers()
+    plan = SweepPlan(spec, options, study_name, n_trials, parent_run_id, base_overrides,
+                     options.timeout or spec.timeout, base_cfg, workers)
+    sweep_tracking.close_orphan_runs(plan, study)
     log.info("study %s: %d trials wanted, %d to run now, %d worker(s); storage %s", study_name, n_trials, added,
              workers, sweep_tracking.redact(options.storage))
     try:
@@ -318,7 +321,7 @@ def run_worker_processes(plan: SweepPlan, workers: int) -> bool:
     return not any(p.exitcode == FAILURE_LIMIT_EXIT for p in procs)
 
 
-def _worker_entry(plan: SweepPlan, index: int) -> None:  # noqa: D401 - process target
+def _worker_entry(plan: SweepPlan, index: int) -> None:
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s [w{index}] %(message)s", datefmt="%H:%M:%S")
     for noisy in ("httpx", "urllib3", "alembic", "mlflow", "datasets", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
@@ -357,14 +360,13 @@ def run_worker(plan: SweepPlan, worker_index: int, n_workers: int | None = 1) ->
     from lora_exp.models import load_base, pick_device
     from lora_exp.tracking import reachable, wait_until_reachable
 
-    if n_workers is None:  # share the CPU cores between worker processes
-        cores = os.cpu_count() or 1
-        torch.set_num_threads(max(1, cores // max(1, len(multiprocessing.active_children()) or 1)))
+    if n_workers is None:  # a worker process: share the CPU cores with the other workers
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // plan.workers))
     stop = _StopFlag()
     previous = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)} \
         if multiprocessing.current_process().name == "MainProcess" or n_workers is None else {}
     study = open_study(plan.spec, plan.options.storage, plan.study_name, create=False, worker_index=worker_index)
-    base_cfg = compose(plan.base_overrides)
+    base_cfg = plan.base
     device = pick_device(base_cfg.trainer.device)
     context = _WorkerContext(device=device, load_base=load_base, load_rows=load_rows, tokenize=tokenize)
     failures = 0
@@ -589,7 +591,7 @@ def _base_values(plan: SweepPlan) -> dict[str, Any]:
     """Values of the base config (for `ratio_of` anchors that are not searched)."""
     from lora_exp.tracking import flatten
 
-    return flatten(compose(plan.base_overrides).to_dict())
+    return flatten(plan.base.to_dict())
 
 
 def _print_trial_line(plan: SweepPlan, study: Any, number: int, state: str, value: Any,

@@ -81,10 +81,8 @@ def close_orphan_runs(plan: SweepPlan, study: Any) -> None:
     """MLflow runs left RUNNING by a worker that died: FAILED, once Optuna has failed their trial."""
     if plan.parent_run_id is None:
         return
-    from lora_exp.config import compose
-
     try:
-        client, _ = connect(compose(plan.base_overrides).tracking)
+        client, _ = connect(plan.base.tracking)
     except Exception as exc:  # noqa: BLE001 - retried at the next check
         log.warning("could not check for orphan runs: %s", exc)
         return
@@ -141,11 +139,8 @@ def after_trial(plan: SweepPlan, study: Any, number: int, run_id: str | None, fi
     global _last_plots
     if plan.parent_run_id is None:
         return
-    from lora_exp.config import compose
-
-    cfg = compose(plan.base_overrides).tracking
     try:
-        client, _ = connect(cfg)
+        client, _ = connect(plan.base.tracking)
         trials = study.get_trials(deepcopy=False)
         _log_summary(client, plan, study, trials)
         best = _best(study)
