@@ -40,7 +40,35 @@ def attach_adapter(base: BaseModel, cfg: RunConfig) -> Any:
                           f"(it has: {', '.join(base.module_names)})")
     torch.manual_seed(cfg.trainer.seed)
     model = get_peft_model(base.model, build_lora_config(cfg))
+    seed_randomness(model, cfg.trainer.seed)
     return model.to(base.device)
+
+
+PEFT_PREFIX = "base_model.model."
+
+
+def seed_randomness(model: Any, seed: int) -> None:
+    """Make the adapter's randomness a function of (seed, module) only, as in a pack.
+
+    LoRA A gets peft's default distribution drawn from a generator seeded by (seed, module), and
+    dropout masks come from a counter-based hash of (seed, step, module, row, position): a trial
+    then trains identically alone or packed with any other trials (lora_exp/packed.py). The
+    training loop sets `model.lora_exp_dropout.step` before each forward.
+    """
+    from lora_exp.packed import CounterDropout, DropoutState, init_lora_a, module_key
+
+    state = DropoutState(seed=seed)
+    with torch.no_grad():
+        for name, module in model.named_modules():
+            if not (hasattr(module, "lora_A") and hasattr(module, "lora_dropout")):
+                continue
+            key = module_key(name.removeprefix(PEFT_PREFIX))
+            for adapter, lin in module.lora_A.items():
+                lin.weight.copy_(init_lora_a(seed, key, lin.weight.shape[0], lin.weight.shape[1]))
+                drop = module.lora_dropout[adapter]
+                if isinstance(drop, torch.nn.Dropout) and drop.p > 0:
+                    module.lora_dropout[adapter] = CounterDropout(drop.p, key, state)
+    model.lora_exp_dropout = state
 
 
 def detach_adapter(model: Any) -> Any:
@@ -57,3 +85,17 @@ def trainable_line(model: Any) -> str:
     trainable, total = count_parameters(model)
     return (f"trainable params: {trainable:,d} || all params: {total:,d} || "
             f"trainable%: {100 * trainable / total:.4f}")
+
+
+def train_mode(model: Any, base_dropout: bool) -> None:
+    """Training mode; with base_dropout=False the frozen base stays in eval mode (its dropout
+    layers off) and only the LoRA dropout is active."""
+    from lora_exp.packed import CounterDropout, PackedLoraLayer
+
+    if base_dropout:
+        model.train()
+        return
+    model.eval()
+    for name, module in model.named_modules():
+        if isinstance(module, (CounterDropout, PackedLoraLayer)) or ".lora_dropout." in f".{name}.":
+            module.train()

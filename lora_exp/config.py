@@ -131,6 +131,9 @@ class TrainerConfig:
     #: gradient clipping as Trainer's max_grad_norm; null or 0 turns it off.
     max_grad_norm: Optional[float] = 1.0
     logging_steps: int = 1
+    #: the base model's own dropout layers active while training (as HF Trainer's model.train());
+    #: false trains with the frozen base in eval mode and only the LoRA dropout active.
+    base_dropout: bool = True
     #: evaluate every N steps (and always at the end); null = only at the end.
     eval_steps: Optional[int] = None
     seed: int = 42
@@ -270,6 +273,57 @@ class RunConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+GROUP_NAMES = ("model", "lora", "trainer", "data", "tracking")
+
+
+def replace_keys(base: RunConfig, base_dict: dict[str, Any], overrides: list[str],
+                 all_overrides: list[str]) -> RunConfig:
+    """`section.key=value` overrides on an already composed config, without recomposing with
+    Hydra (~60 ms a trial; a pack starts hundreds at once). Values are YAML, as in Hydra; each
+    changed section is rebuilt through its dataclass, so the same value checks run. Anything
+    else (a group swap, a nested key) goes through the full `from_container` validation."""
+    import yaml
+
+    changes: dict[str, dict[str, Any]] = {}
+    for text in overrides:
+        key, sep, value = text.partition("=")
+        section, _, name = key.partition(".")
+        if not sep or section not in GROUP_NAMES or not name or "." in name:
+            return from_container(_with(base_dict, overrides), all_overrides)
+        changes.setdefault(section, {})[name] = yaml.safe_load(value)
+    built: dict[str, Any] = {}
+    for section, values in changes.items():
+        current = getattr(base, section)
+        types = {f.name: f.type for f in dataclasses.fields(current)}
+        unknown = [n for n in values if n not in types]
+        if unknown:
+            raise ConfigError(f"{section}.{unknown[0]}: no such config key")
+        for name, value in values.items():
+            if "float" in str(types[name]) and isinstance(value, int) and not isinstance(value, bool):
+                values[name] = float(value)
+        built[section] = dataclasses.replace(current, **values)
+    return dataclasses.replace(base, **built, overrides=list(all_overrides))
+
+
+def _with(base_dict: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    import copy
+
+    import yaml
+
+    raw = copy.deepcopy(base_dict)
+    for text in overrides:
+        key, _, value = text.partition("=")
+        node = raw
+        parts = key.split(".")
+        for part in parts[:-1]:
+            if not isinstance(node.get(part), dict):
+                raise ConfigError(f"{key}: no such config key")
+            node = node[part]
+        node[parts[-1]] = yaml.safe_load(value)
+    raw.pop("overrides", None)
+    return raw
 
 
 def _check(ok: bool, key: str, message: str) -> None:

@@ -17,7 +17,7 @@ from typing import Any, Protocol, Sequence
 import torch
 import yaml
 
-from lora_exp.adapters import attach_adapter, count_parameters, detach_adapter, trainable_line
+from lora_exp.adapters import attach_adapter, count_parameters, detach_adapter, train_mode, trainable_line
 from lora_exp.config import RunConfig
 from lora_exp.data import PreparedData, collate, train_batches
 from lora_exp.errors import LoraExpError
@@ -100,12 +100,15 @@ def _train(cfg: RunConfig, base: BaseModel, model: Any, data: PreparedData, trac
     batches = train_batches(data.train, t.batch_size, t.seed)
     progress = _Progress(steps)
     torch.manual_seed(t.seed)  # dropout stream: identical whether base results were cached or not
-    model.train()
+    train_mode(model, t.base_dropout)
     running = torch.zeros((), device=device)
+    dropout = getattr(model, "lora_exp_dropout", None)
     count, tokens, eval_seconds, start = 0, 0, 0.0, time.perf_counter()
     for step in range(1, steps + 1):
         batch = {k: v.to(device, non_blocking=True) for k, v in collate(next(batches), pad_id).items()}
         tokens += int(batch["attention_mask"].sum())
+        if dropout is not None:
+            dropout.step = step - 1  # the masks depend on (seed, step, module, row, position) only
         with autocast(device, t.precision):
             loss = model(**batch).loss
         loss.backward()
@@ -132,6 +135,7 @@ def _train(cfg: RunConfig, base: BaseModel, model: Any, data: PreparedData, trac
         if (t.eval_steps and step % t.eval_steps == 0) or step == steps:
             eval_start = time.perf_counter()
             current = evaluate()
+            train_mode(model, t.base_dropout)
             eval_seconds += time.perf_counter() - eval_start
             if current is not None:
                 result.eval_curve.append((step, current))

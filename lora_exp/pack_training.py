@@ -1,0 +1,524 @@
+"""The packed training loop: what training.py does for one trial, for K trials at once.
+
+Each slot of a `PackTrainer` holds one trial with its own tracker and callbacks; `step()` trains
+every live slot one optimizer step and returns the trials that ended (completed, stopped by a
+callback, or failed). Per trial the result is what `run_trial` gives: the loss curve at every
+logging step, evals, base-vs-adapter generations and scores, the adapter as a peft folder.
+
+Host and GPU stay decoupled: a step launches its kernels without waiting; losses accumulate on
+the device and reach the host in one copy per few dozen steps (or at an eval), not once a step.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from torch.profiler import record_function
+
+from lora_exp.adapters import build_lora_config, train_mode
+from lora_exp.config import RunConfig
+from lora_exp.data import PreparedData
+from lora_exp.errors import ConfigError
+from lora_exp.evaluation import autocast, eval_loss, generate, generations_table, score_outputs
+from lora_exp.models import BaseModel
+from lora_exp.packed import (OutputHead, PackedModel, SlotSpec, TokenTable, batch_schedule, matches, row_keys,
+                             slot_losses)
+from lora_exp.tracking import Tracker, flatten
+from lora_exp.training import Callback, TrialResult, _cached, peak_memory_mb, total_steps, warmup_steps
+
+log = logging.getLogger(__name__)
+
+#: host copies of the accumulated losses at most this many steps apart
+DRAIN_EVERY = 50
+#: rows per forward when evaluating or generating many slots at once
+MAX_EVAL_ROWS = 2048
+
+
+def pack_key(cfg: RunConfig) -> tuple[Any, ...]:
+    """What trials in one pack must share. Everything else may differ per slot."""
+    t = cfg.trainer
+    return (repr(cfg.model), repr(cfg.data), t.batch_size, t.logging_steps, t.eval_steps, t.precision,
+            t.base_dropout, t.eval_batch_size, t.max_new_tokens, tuple(t.generation_metrics), t.device)
+
+
+def check_packable(cfg: RunConfig) -> None:
+    if cfg.lora.bias != "none":
+        raise ConfigError(f"pack: lora.bias={cfg.lora.bias} trains the base model's biases, which the trials of a "
+                          f"pack share; use lora.bias=none or pack=1")
+
+
+def slot_spec(cfg: RunConfig, n_train: int) -> SlotSpec:
+    t, lo = cfg.trainer, cfg.lora
+    steps = total_steps(cfg, n_train)
+    return SlotSpec(r=lo.r, alpha=float(lo.lora_alpha), dropout=float(lo.lora_dropout),
+                    targets=tuple(cfg.target_modules), use_rslora=lo.use_rslora, lr=t.lr,
+                    weight_decay=t.weight_decay, max_grad_norm=float(t.max_grad_norm or 0.0), seed=t.seed,
+                    steps=steps, warmup=warmup_steps(cfg, steps), scheduler=t.lr_scheduler)
+
+
+def lr_at(spec: SlotSpec, step: int) -> float:
+    """The learning rate after `step` optimizer steps (transformers' schedules)."""
+    if spec.scheduler == "constant":
+        return spec.lr
+    if step < spec.warmup:
+        return spec.lr * step / max(1, spec.warmup)
+    progress = (step - spec.warmup) / max(1, spec.steps - spec.warmup)
+    if spec.scheduler == "cosine":
+        return spec.lr * max(0.0, 0.5 * (1 + math.cos(math.pi * progress)))
+    return spec.lr * max(0.0, (spec.steps - step) / max(1, spec.steps - spec.warmup))
+
+
+@dataclass
+class SlotRun:
+    """One trial in a slot."""
+
+    cfg: RunConfig
+    spec: SlotSpec
+    tracker: Tracker
+    callbacks: Sequence[Callback]
+    handle: Any  # the caller's (e.g. the Optuna trial)
+    slot: int
+    started: float
+    result: TrialResult = field(default_factory=lambda: TrialResult(status="completed", steps=0))
+    trainable: int = 0
+    tokens: int = 0
+    prev_sum: float = 0.0
+    last_log: int = 0
+    eval_seconds: float = 0.0
+    error: str | None = None
+    #: also write the adapter here when the trial completes
+    adapter_dir: str | None = None
+
+
+class PackTrainer:
+    """K slots on one frozen base; trials start in free slots and leave when they end."""
+
+    def __init__(self, base: BaseModel, data: PreparedData, cfg: RunConfig, slots: int, max_rank: int,
+                 modules: Sequence[str]):
+        check_packable(cfg)
+        self.base, self.data, self.key = base, data, pack_key(cfg)
+        t = cfg.trainer
+        self.batch, self.logging_steps, self.eval_steps = t.batch_size, t.logging_steps, t.eval_steps
+        self.precision, self.base_dropout = t.precision, t.base_dropout
+        self.max_new_tokens, self.metrics = t.max_new_tokens, tuple(t.generation_metrics)
+        self.device = base.device
+        self.pad = base.tokenizer.pad_token_id
+        self.base_params = sum(p.numel() for p in base.model.parameters())
+        self.pm = PackedModel(base, slots, max_rank, modules)
+        self.k = slots
+        bf16 = self.precision == "bf16" and self.device.type == "cuda"
+        self.head = OutputHead(base.model, torch.bfloat16 if bf16 else torch.float32)
+        self.weights = _FrozenWeights(base.model, self.pm) if bf16 else None
+        self.train_table = TokenTable.build(data.train, self.pad, self.device)
+        self.eval_table = (TokenTable.build(data.validation, self.pad, self.device, "answer_labels")
+                           if data.validation else None)
+        self.schedule = torch.full((slots, 1, self.batch), self.train_table.empty, dtype=torch.long, device=self.device)
+        self.sums = torch.zeros(slots, dtype=torch.float64, device=self.device)
+        self.snapshots: list[torch.Tensor] = []
+        self.records: list[tuple[int, SlotRun, int, int]] = []  # (snapshot, run, step, count)
+        self.runs: list[SlotRun | None] = [None] * slots
+        self.host_step = np.zeros(slots, dtype=np.int64)
+        self.steps_total = np.zeros(slots, dtype=np.int64)
+        self.arange = torch.arange(slots, device=self.device)
+        self.row_in_batch = torch.arange(self.batch, device=self.device).repeat(slots)
+        #: called once before the callbacks of each batch of evals (a sweep reads its study once)
+        self.eval_batch_hook: Any = None
+        self.steps_run, self.trial_steps = 0, 0
+        self.first_step: float | None = None
+        self.dropout_on = False
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        train_mode(self.base.model, self.base_dropout)
+
+    # -- slots --
+
+    def free_slots(self) -> list[int]:
+        return [i for i, run in enumerate(self.runs) if run is None]
+
+    def live(self) -> int:
+        return sum(run is not None for run in self.runs)
+
+    def fits(self, cfg: RunConfig) -> str | None:
+        """Why `cfg` cannot join this pack (None if it can)."""
+        if pack_key(cfg) != self.key:
+            return "different shared settings (model, data, batch size, logging/eval steps, precision)"
+        if cfg.lora.r > self.pm.rank:
+            return f"lora.r={cfg.lora.r} above the pack's rank {self.pm.rank}"
+        missing = [m for m in cfg.target_modules if not any(matches(n, [m]) for n in self.pm.layers)]
+        if missing:
+            return f"targets {', '.join(missing)}, which this pack did not wrap"
+        if cfg.lora.bias != "none":
+            return "lora.bias is not none"
+        return None
+
+    def start(self, slot: int, cfg: RunConfig, tracker: Tracker, callbacks: Sequence[Callback] = (),
+              handle: Any = None) -> SlotRun:
+        why = self.fits(cfg)
+        if why:
+            raise ConfigError(f"pack: this trial cannot join the pack: {why}")
+        spec = slot_spec(cfg, len(self.data.train))
+        self.pm.assign(slot, spec)
+        sched = batch_schedule(len(self.data.train), self.batch, spec.seed, spec.steps)
+        if sched.shape[0] > self.schedule.shape[1]:
+            grown = torch.full((self.k, sched.shape[0], self.batch), self.train_table.empty, dtype=torch.long,
+                               device=self.device)
+            grown[:, :self.schedule.shape[1]] = self.schedule
+            self.schedule = grown
+        self.schedule[slot, :sched.shape[0]] = sched.to(self.device)
+        self.sums[slot] = 0.0
+        lengths = np.array(self.train_table.lengths + [0])
+        run = SlotRun(cfg, spec, tracker, callbacks, handle, slot, time.perf_counter(),
+                      tokens=int(lengths[sched.numpy()].sum()))
+        run.trainable = sum(spec.r * (self.pm.spans[n][1] + self.pm.spans[n][2])
+                            for n in self.pm.layers if matches(n, spec.targets))
+        total = run.trainable + self.base_params
+        self.runs[slot] = run
+        self.host_step[slot] = 0
+        self.steps_total[slot] = spec.steps
+        self.dropout_on = any(r is not None and r.spec.dropout > 0 for r in self.runs)
+        tracker.log_params({**flatten(cfg.to_dict()), "target_modules": cfg.target_modules,
+                            "trainable_params": run.trainable, "total_params": total, "total_steps": spec.steps,
+                            "pack_slots": self.k})
+        tracker.set_tags({"trainable_line": f"trainable params: {run.trainable:,d} || all params: {total:,d} || "
+                                            f"trainable%: {100 * run.trainable / total:.4f}",
+                          "lora_exp.overrides": " ".join(cfg.overrides), "lora_exp.packed": f"slot {slot} of {self.k}"})
+        import yaml
+
+        tracker.log_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False), "config.yaml")
+        return run
+
+    # -- one step for every live slot --
+
+    def step(self) -> list[SlotRun]:
+        """One optimizer step of every live slot; returns the trials that ended."""
+        live_np = np.array([r is not None for r in self.runs])
+        if not live_np.any():
+            return []
+        pm = self.pm
+        start = time.perf_counter()
+        position = pm.step.clamp(max=self.schedule.shape[1] - 1)
+        idx = self.schedule[self.arange, position]  # [K, batch]
+        idx = torch.where(pm.live.bool().view(-1, 1), idx, self.train_table.empty).view(-1)
+        ids, mask, labels = self.train_table.ids[idx], self.train_table.mask[idx], self.train_table.labels[idx]
+        g = pm.groups
+        g.slots, g.rows, g.enabled = None, self.batch, True
+        if self.dropout_on:
+            b = self.batch
+            g.dropout = (row_keys(pm.seed.repeat_interleave(b), pm.step.repeat_interleave(b), self.row_in_batch),
+                         pm.p.repeat_interleave(b))
+        else:
+            g.dropout = None
+        with autocast(self.device, self.precision), record_function("pack.forward"):
+            losses = slot_losses(self.base.model, ids, mask, labels, self.k, self.batch, self.head)
+        with record_function("pack.backward"):
+            (losses * pm.live).sum().backward()
+        self.sums += losses.detach().double() * pm.live
+        with record_function("pack.optimizer"):
+            pm.optimizer_step()
+        g.dropout = None
+        self.host_step[live_np] += 1
+        self.steps_run += 1
+        self.trial_steps += int(live_np.sum())
+        if self.first_step is None:
+            self.first_step = start
+
+        steps = self.host_step
+        logs = live_np & ((steps % self.logging_steps == 0) | (steps == self.steps_total))
+        evals = live_np & (((steps % self.eval_steps == 0) if self.eval_steps else False) | (steps == self.steps_total))
+        done = live_np & (steps == self.steps_total)
+        if logs.any():
+            self.snapshots.append(self.sums.clone())
+            for slot in np.flatnonzero(logs):
+                run = self.runs[slot]
+                assert run is not None
+                self.records.append((len(self.snapshots) - 1, run, int(steps[slot]), int(steps[slot]) - run.last_log))
+                run.last_log = int(steps[slot])
+        ended: list[SlotRun] = []
+        if evals.any() or len(self.snapshots) >= DRAIN_EVERY:
+            ended += self._drain()
+        if evals.any():
+            due = [s for s in np.flatnonzero(evals) if self.runs[s] is not None and self.runs[s] not in ended]
+            if due:
+                ended += self._evaluate(due)
+        finished = [self.runs[s] for s in np.flatnonzero(done) if self.runs[s] is not None and self.runs[s] not in ended]
+        for run in finished:
+            run.result.steps = int(steps[run.slot])
+        if finished:
+            self._finish_completed(finished)  # type: ignore[arg-type]
+        ended += finished  # type: ignore[arg-type]
+        for run in ended:
+            self._release(run)
+        return ended
+
+    def _release(self, run: SlotRun) -> None:
+        if self.runs[run.slot] is run:
+            self.runs[run.slot] = None
+            self.pm.release(run.slot)
+
+    def _drain(self) -> list[SlotRun]:
+        """Copy the accumulated losses to the host (one sync) and log each slot's points."""
+        if not self.snapshots:
+            return []
+        sums = torch.stack(self.snapshots).cpu().numpy()
+        records, self.snapshots, self.records = self.records, [], []
+        failed: list[SlotRun] = []
+        for snap, run, step, count in records:
+            if run.error is not None:
+                continue
+            total = float(sums[snap, run.slot])
+            value = (total - run.prev_sum) / max(1, count)
+            run.prev_sum = total
+            if not math.isfinite(value):
+                run.error = f"train loss became {value} at step {step}: trial stopped"
+                run.result.status = "failed"
+                run.tracker.set_tags({"failure_reason": f"non-finite train loss ({value}) at step {step}"})
+                failed.append(run)
+                continue
+            run.result.loss_curve.append((step, value))
+            run.result.steps = step
+            run.tracker.log_metrics({"train_loss": value, "learning_rate": lr_at(run.spec, step)}, step)
+        return failed
+
+    # -- eval, generation, adapters --
+
+    def _evaluate(self, slots: list[int]) -> list[SlotRun]:
+        """Eval loss of each due slot (as eval_loss computes it alone); callbacks may stop trials."""
+        if self.eval_table is None:
+            return []
+        t0 = time.perf_counter()
+        n_val = self.eval_table.empty
+        values = self._slot_eval(slots, n_val)
+        if self.eval_batch_hook is not None:
+            self.eval_batch_hook()
+        seconds = time.perf_counter() - t0
+        stopped = []
+        for slot, value in zip(slots, values):
+            run = self.runs[slot]
+            assert run is not None
+            run.eval_seconds += seconds / len(slots)
+            step = int(self.host_step[slot])
+            run.result.eval_curve.append((step, value))
+            run.tracker.log_metrics({"eval_loss": value}, step)
+            stop = [cb.on_eval(step, {"eval_loss": value}) for cb in run.callbacks]
+            if any(stop) and step < run.spec.steps:
+                run.result.status = "stopped"
+                run.result.steps = step
+                stopped.append(run)
+        for run in stopped:
+            self._close_metrics(run)
+        return stopped
+
+    @torch.no_grad()
+    def _slot_eval(self, slots: list[int], n_val: int) -> list[float]:
+        table = self.eval_table
+        assert table is not None
+        self.base.model.eval()
+        out: list[float] = []
+        per = max(1, MAX_EVAL_ROWS // n_val)
+        g = self.pm.groups
+        try:
+            for i in range(0, len(slots), per):
+                chunk = slots[i:i + per]
+                g.slots, g.rows, g.enabled = torch.tensor(chunk, device=self.device), n_val, True
+                rep = lambda x: x[:n_val].repeat(len(chunk), 1)  # noqa: E731
+                with autocast(self.device, self.precision):
+                    losses = slot_losses(self.base.model, rep(table.ids), rep(table.mask), rep(table.labels),
+                                         len(chunk), n_val, self.head)
+                out += losses.tolist()
+        finally:
+            g.slots, g.rows = None, self.batch
+            train_mode(self.base.model, self.base_dropout)
+        return out
+
+    def _base_results(self) -> tuple[float | None, list[str], dict[str, list[float]]]:
+        """Base-model eval loss, generations and scores: once per base (cached as training.py does)."""
+        g, model, data = self.pm.groups, self.base.model, self.data
+        g.enabled = False
+        if self.weights is not None:
+            self.weights.use_fp32()
+        try:
+            base_loss = _cached(self.base, ("eval_loss", data.key, self.precision),
+                                lambda: eval_loss(model, data.validation, self.pad, self.device, 16, self.precision))
+            outputs = _cached(self.base, ("generations", data.key, self.max_new_tokens),
+                              lambda: generate(model, self.base.tokenizer, data.prompts, self.device,
+                                               self.max_new_tokens))
+        finally:
+            if self.weights is not None:
+                self.weights.use_bf16()
+            g.enabled = True
+            train_mode(model, self.base_dropout)
+        scores = _cached(self.base, ("base_scores", data.key, self.max_new_tokens, self.metrics),
+                         lambda: score_outputs(data.prompts, outputs, self.metrics))
+        return base_loss, outputs, scores
+
+    @torch.no_grad()
+    def _generate(self, slots: list[int]) -> tuple[list[list[str]], list[int]]:
+        """Greedy generations of every prompt for each slot, batched across slots (16 prompts a
+        batch, left-padded, as `generate` does for one adapter)."""
+        tok, prompts = self.base.tokenizer, self.data.prompts
+        outs: list[list[str]] = [[] for _ in slots]
+        new_tokens = [0] * len(slots)
+        if not prompts:
+            return outs, new_tokens
+        model, g = self.base.model, self.pm.groups
+        model.eval()
+        side = tok.padding_side
+        tok.padding_side = "left"
+        if self.weights is not None:
+            self.weights.use_fp32()
+        try:
+            for start in range(0, len(prompts), 16):
+                texts = [p.text for p in prompts[start:start + 16]]
+                enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(self.device)
+                per = max(1, MAX_EVAL_ROWS // 4 // len(texts))
+                for i in range(0, len(slots), per):
+                    chunk = slots[i:i + per]
+                    g.slots, g.rows, g.enabled = torch.tensor(chunk, device=self.device), len(texts), True
+                    # greedy generation runs in fp32, as `generate` runs it for one adapter
+                    out = model.generate(input_ids=enc["input_ids"].repeat(len(chunk), 1),
+                                         attention_mask=enc["attention_mask"].repeat(len(chunk), 1),
+                                         max_new_tokens=self.max_new_tokens, do_sample=False,
+                                         pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+                    new = out[:, enc["input_ids"].shape[1]:]
+                    is_eos = (new == tok.eos_token_id).int()
+                    counted = ((is_eos.cumsum(dim=1) - is_eos) == 0).sum(dim=1).view(len(chunk), -1).sum(dim=1)
+                    decoded = [t.strip() for t in tok.batch_decode(new, skip_special_tokens=True)]
+                    for j, slot in enumerate(chunk):
+                        pos = slots.index(slot)
+                        outs[pos] += decoded[j * len(texts):(j + 1) * len(texts)]
+                        new_tokens[pos] += int(counted[j])
+        finally:
+            if self.weights is not None:
+                self.weights.use_bf16()
+            tok.padding_side = side
+            g.slots, g.rows = None, self.batch
+            train_mode(model, self.base_dropout)
+        return outs, new_tokens
+
+    def _close_metrics(self, run: SlotRun) -> None:
+        r, m = run.result, run.result.metrics
+        seconds = time.perf_counter() - run.started
+        train_seconds = max(1e-9, seconds - run.eval_seconds)
+        m.update({"train_runtime_s": seconds, "eval_s": run.eval_seconds,
+                  "train_step_s": train_seconds / max(1, r.steps), "train_steps_per_s": r.steps / train_seconds,
+                  "train_tokens_per_s": run.tokens * (r.steps / max(1, run.spec.steps)) / train_seconds,
+                  "trainable_params": run.trainable, "peak_memory_mb": peak_memory_mb(self.device),
+                  "pack_slots": self.k})
+        if r.loss_curve:
+            m["final_train_loss"] = r.loss_curve[-1][1]
+        if r.eval_curve:
+            m["final_eval_loss"] = r.eval_curve[-1][1]
+        base_loss, _, _ = self._base_results()
+        if base_loss is not None:
+            m["base_eval_loss"] = base_loss
+            run.tracker.log_metrics({"base_eval_loss": base_loss, "eval_loss": base_loss}, step=0)
+
+    def _finish_completed(self, runs: list[SlotRun]) -> None:
+        self._drain()
+        for run in runs:
+            self._close_metrics(run)
+        _, base_out, base_scores = self._base_results()
+        t0 = time.perf_counter()
+        outputs, new_tokens = self._generate([run.slot for run in runs])
+        seconds = (time.perf_counter() - t0) / len(runs)
+        for run, adapter_out, n_new in zip(runs, outputs, new_tokens):
+            m = run.result.metrics
+            m["generation_s"] = seconds
+            if n_new:
+                m["generation_tokens_per_s"] = n_new / seconds
+            table, means = generations_table(self.data.prompts, base_out, adapter_out, self.metrics, base_scores)
+            run.result.generations = table
+            m.update(means)
+            if "exact_match" in means:
+                m["exact_match_count"] = round(means["exact_match"] * sum(bool(p.answers) for p in self.data.prompts))
+            if self.data.prompts:
+                run.tracker.log_table(table, "generations.json")
+            if run.tracker.run_id is not None or getattr(run.tracker, "records_artifacts", False):
+                tmp = tempfile.mkdtemp(prefix="lora-exp-adapter-")
+                self.pm.save_adapter(run.slot, build_lora_config(run.cfg), tmp)
+                run.tracker.log_dir(tmp, "adapter")
+                cleanup = getattr(run.tracker, "remove_after", None)
+                (cleanup or (lambda path: shutil.rmtree(path, ignore_errors=True)))(tmp)
+            if run.adapter_dir is not None:
+                self.pm.save_adapter(run.slot, build_lora_config(run.cfg), run.adapter_dir)
+            run.tracker.log_metrics(m, step=run.result.steps)
+
+    def summary(self) -> dict[str, Any]:
+        """Pack-wide figures: steps, wall time since the first step (evals, generations and
+        trial starts included), slot occupancy and peak GPU memory."""
+        wall = time.perf_counter() - self.first_step if self.first_step is not None else 0.0
+        return {"slots": self.k, "steps": self.steps_run, "trial_steps": self.trial_steps, "wall_s": round(wall, 2),
+                "ms_per_step": round(1e3 * wall / max(1, self.steps_run), 2),
+                "occupancy": round(self.trial_steps / max(1, self.steps_run * self.k), 4),
+                "peak_memory_gib": round(peak_memory_mb(self.device) / 1024, 2), "device": str(self.device)}
+
+    def save_adapter(self, slot: int, directory: str) -> None:
+        run = self.runs[slot]
+        assert run is not None
+        self.pm.save_adapter(slot, build_lora_config(run.cfg), directory)
+
+    def close(self) -> None:
+        if self.weights is not None:
+            self.weights.use_fp32()
+        self.pm.close()
+        self.base.model.eval()
+
+
+class _FrozenWeights:
+    """bf16 copies of the frozen base's matmul weights, made once: autocast would cast the same
+    fp32 weights to the same bf16 values at every call (frozen weights are not in its cache).
+    Embeddings and norms stay fp32, as autocast keeps them; `use_fp32` swaps the originals back
+    (for fp32 generation, and when the pack closes)."""
+
+    def __init__(self, model: Any, pm: PackedModel):
+        skip = {id(model.get_output_embeddings())}
+        self.pairs: list[tuple[torch.nn.Parameter, torch.Tensor, torch.Tensor]] = []
+        for module in model.modules():
+            if id(module) in skip or not (isinstance(module, torch.nn.Linear) or type(module).__name__ == "Conv1D"):
+                continue
+            for param in (module.weight, getattr(module, "bias", None)):
+                if param is not None and param.dtype == torch.float32:
+                    self.pairs.append((param, param.data, param.data.to(torch.bfloat16)))
+        self.use_bf16()
+
+    def use_bf16(self) -> None:
+        for param, _, low in self.pairs:
+            param.data = low
+
+    def use_fp32(self) -> None:
+        for param, full, _ in self.pairs:
+            param.data = full
+
+
+def train_packed(cfgs: list[RunConfig], base: BaseModel, data: PreparedData, trackers: Sequence[Tracker] | None = None,
+                 slots: int | None = None, adapters_to: list[str] | None = None) -> list[TrialResult]:
+    """Train `cfgs` packed (all in one pack if `slots` is None; else continuously, `slots` at a
+    time). Returns the results in the order of `cfgs`. For tests and library use."""
+    from lora_exp.tracking import NullTracker
+
+    k = slots or len(cfgs)
+    max_rank = max(c.lora.r for c in cfgs)
+    modules = sorted({m for c in cfgs for m in c.target_modules})
+    trainer = PackTrainer(base, data, cfgs[0], k, max_rank, modules)
+    results: dict[int, TrialResult] = {}
+    queue = list(enumerate(cfgs))
+    try:
+        while queue or trainer.live():
+            for slot in trainer.free_slots():
+                if not queue:
+                    break
+                i, cfg = queue.pop(0)
+                run = trainer.start(slot, cfg, trackers[i] if trackers else NullTracker(), handle=i)
+                run.adapter_dir = adapters_to[i] if adapters_to else None
+            for run in trainer.step():
+                results[run.handle] = run.result
+    finally:
+        trainer.close()
+    return [results[i] for i in range(len(cfgs))]

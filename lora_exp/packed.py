@@ -1,0 +1,482 @@
+"""Packed trials: K LoRA trials trained at once on ONE frozen base model, in one process.
+
+A small model at batch 1 leaves a GPU almost idle (one trial of the seed's recipe is ~10 GFLOP a
+step, launch-bound). Here each trial owns a *slot*: its own slice of every LoRA A/B matrix (padded
+to the pack's largest rank; the padding is zero and stays zero), its own scale (alpha/r, 0 where it
+does not target a module), dropout rate, seed, data order, learning-rate schedule, AdamW state and
+gradient clipping. One batch row group per slot; the frozen base runs once on the whole batch; the
+loss is the SUM of the per-slot mean losses, so each slot's gradient is exactly its own trial's
+gradient. A slot is freed when its trial finishes or is pruned, and a new trial takes it
+(continuous batching of trials).
+
+The randomness of a trial depends on its own seed only (never on what it is packed with): LoRA A
+is initialised per (seed, module) and dropout masks come from a counter-based hash of (seed, step,
+module, row, position). `adapters.attach_adapter` uses the same two functions for a trial trained
+alone, so a trial has the same loss curve alone or in any pack (tests/test_packed.py).
+"""
+from __future__ import annotations
+
+import math
+import os
+import warnings
+import zlib
+from dataclasses import dataclass, field
+from typing import Any, Iterable
+
+import torch
+from torch import nn
+
+from lora_exp.data import IGNORE, Example
+
+M32 = 0xFFFFFFFF
+
+# LoRA gradients accumulate in place into views of one flat buffer [K, P] (so the optimizer is a
+# few whole-buffer kernels); autograd notes that the views' strides differ from a fresh gradient's.
+warnings.filterwarnings("ignore", message=".*gradient layout contract.*")
+
+
+# --- per-trial randomness, shared with a trial trained alone ----------------------------------
+
+
+def module_key(name: str) -> int:
+    """A stable 32-bit id of a module path (the same in every process and every pack)."""
+    return zlib.crc32(name.encode())
+
+
+def _mix32(h: torch.Tensor) -> torch.Tensor:
+    """lowbias32 (Chris Wellons' integer hash), on int64 tensors holding 32-bit values."""
+    h = h ^ (h >> 16)
+    h = (h * 0x7FEB352D) & M32
+    h = h ^ (h >> 15)
+    h = (h * 0x846CA68B) & M32
+    return h ^ (h >> 16)
+
+
+def _mix_int(x: int) -> int:
+    return int(_mix32(torch.tensor([x & M32], dtype=torch.int64))[0])
+
+
+def row_keys(seeds: torch.Tensor, steps: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """One 32-bit key per batch row from (trial seed, optimizer step, row in the trial's batch);
+    `module_keys` then gives each module its own stream."""
+    h = _mix32(seeds.to(torch.int64) & M32)
+    h = _mix32((h + steps.to(torch.int64)) & M32)
+    return _mix32((h + rows.to(torch.int64)) & M32)
+
+
+def module_keys(keys: torch.Tensor, key: int) -> torch.Tensor:
+    return _mix32(keys ^ key)
+
+
+def dropout_mask(x: torch.Tensor, keys: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """Inverted-dropout multipliers for x [rows, ...]: element i of row n is kept when
+    hash(keys[n], i) >= p[n] * 2^32 (i = its index within the row), scaled by 1/(1-p[n])."""
+    rows = x.shape[0]
+    n = x[0].numel()
+    idx = torch.arange(n, device=x.device, dtype=torch.int64)
+    h = _mix32(((keys.view(rows, 1) * 0x9E3779B1) + idx) & M32)
+    threshold = (p.to(torch.float64) * 2.0 ** 32).to(torch.int64).view(rows, 1)
+    keep = h >= threshold
+    scale = (1.0 / (1.0 - p)).to(x.dtype).view(rows, 1)
+    return (keep.to(x.dtype) * scale).view_as(x)
+
+
+def adamw_(params: torch.Tensor, grads: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor,
+           coef: torch.Tensor, decay: torch.Tensor, step_size: torch.Tensor, bc2_sqrt: torch.Tensor,
+           b1: float, b2: float, eps: float) -> None:
+    """torch.optim.AdamW's update (its formula and order of operations) on [K, P] buffers, with
+    per-slot [K, 1] clip coefficient, decay factor (1 - lr*wd), step size and bias correction."""
+    g = grads * coef
+    params.mul_(decay)
+    exp_avg.lerp_(g, 1 - b1)
+    exp_avg_sq.mul_(b2).addcmul_(g, g, value=1 - b2)
+    denom = (exp_avg_sq.sqrt() / bc2_sqrt).add_(eps)
+    params.addcdiv_(exp_avg * step_size, denom, value=-1.0)
+
+
+_COMPILED: dict[Any, Any] = {}
+
+
+def fused(fn: Any, enabled: bool) -> Any:
+    """`fn` compiled by torch.compile (one fused kernel instead of ~15 passes over memory) when
+    enabled; the integer hash is exact either way, so compiled and eager masks are identical."""
+    if not enabled:
+        return fn
+    if fn not in _COMPILED:
+        import torch._dynamo
+
+        # one graph per shape (eval, train, each module width): allow more than the default 8
+        torch._dynamo.config.recompile_limit = max(64, torch._dynamo.config.recompile_limit)
+        _COMPILED[fn] = torch.compile(fn, dynamic=False)
+    return _COMPILED[fn]
+
+
+def init_lora_a(seed: int, key: int, r: int, in_features: int) -> torch.Tensor:
+    """LoRA A ([r, in], peft's layout) as peft's default init draws it (kaiming-uniform with
+    a=sqrt(5): U(-1/sqrt(in), 1/sqrt(in))), from a generator seeded by (trial seed, module)."""
+    g = torch.Generator().manual_seed(_mix_int((seed & M32) ^ key))
+    bound = 1.0 / math.sqrt(in_features)
+    return (torch.rand(r, in_features, generator=g, dtype=torch.float32) * 2 - 1) * bound
+
+
+@dataclass
+class DropoutState:
+    """The step a trial trained alone is at (set by the training loop before each forward)."""
+
+    seed: int
+    step: int = 0
+
+
+class CounterDropout(nn.Module):
+    """Drop-in for peft's lora_dropout: masks from `dropout_mask`, a function of the trial's seed,
+    step, module, batch row and position only."""
+
+    def __init__(self, p: float, key: int, state: DropoutState):
+        super().__init__()
+        self.p, self.key, self.state = p, key, state
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0:
+            return x
+        rows = x.shape[0]
+        device = x.device
+        keys = row_keys(torch.full((rows,), self.state.seed, device=device),
+                        torch.full((rows,), self.state.step, device=device), torch.arange(rows, device=device))
+        p = torch.full((rows,), self.p, device=device, dtype=torch.float32)
+        return x * dropout_mask(x, module_keys(keys, self.key), p)
+
+
+# --- the packed model ---------------------------------------------------------------------------
+
+
+@dataclass
+class SlotSpec:
+    """What a pack needs to know about one trial (built from its RunConfig by `slot_spec`)."""
+
+    r: int
+    alpha: float
+    dropout: float
+    targets: tuple[str, ...]
+    use_rslora: bool
+    lr: float
+    weight_decay: float
+    max_grad_norm: float
+    seed: int
+    steps: int
+    warmup: int
+    scheduler: str
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
+
+
+class _Groups:
+    """How the current batch's rows map to slots: `slots[g]` owns rows [g*rows, (g+1)*rows)."""
+
+    def __init__(self) -> None:
+        self.slots: torch.Tensor | None = None  # None = every slot, in order
+        self.rows = 1
+        self.enabled = True
+        #: (row keys, dropout rate) per batch row while training; None = no dropout this step
+        self.dropout: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.compile = False
+
+
+class PackedLoraLayer(nn.Module):
+    """A frozen linear (or GPT-2 Conv1D) plus one LoRA delta per slot, computed as two bmm's."""
+
+    def __init__(self, base_layer: nn.Module, name: str, groups: _Groups, a: torch.Tensor, b: torch.Tensor,
+                 scale: torch.Tensor):
+        super().__init__()
+        self.base_layer = base_layer
+        self.name = name
+        self.key = module_key(name)
+        self.groups = groups
+        self.lora_A = nn.Parameter(a)  # [K, in, R] view into the pack's flat parameter buffer
+        self.lora_B = nn.Parameter(b)  # [K, R, out]
+        self.register_buffer("scale", scale, persistent=False)  # [K]
+        self.active = False  # some slot targets this module
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base_layer(x)
+        g = self.groups
+        if not self.active or not g.enabled:
+            return y
+        n_groups = x.shape[0] // g.rows
+        xs = x.reshape(n_groups, -1, x.shape[-1])
+        if g.dropout is not None and self.training:
+            keys, p = g.dropout
+            xr = xs.reshape(x.shape[0], -1)
+            with torch.no_grad():
+                mask = fused(dropout_mask, g.compile)(xr.detach(), module_keys(keys, self.key), p)
+            xs = (xr * mask).view_as(xs)
+        a, b, s = self.lora_A, self.lora_B, self.scale
+        if g.slots is not None:
+            a, b, s = a.index_select(0, g.slots), b.index_select(0, g.slots), s.index_select(0, g.slots)
+        delta = torch.bmm(torch.bmm(xs, a), b)  # autocast runs both in bf16 when asked
+        delta = delta * s.to(delta.dtype).view(-1, 1, 1)
+        return y + delta.reshape(y.shape).to(y.dtype)
+
+
+def _layer_shape(module: nn.Module) -> tuple[int, int] | None:
+    if isinstance(module, nn.Linear):
+        return module.in_features, module.out_features
+    if type(module).__name__ == "Conv1D":  # GPT-2: weight is (in, out)
+        return int(module.weight.shape[0]), int(module.weight.shape[1])
+    return None
+
+
+def matches(name: str, targets: Iterable[str]) -> bool:
+    """peft's rule for a list of target names: the module's name, or its last dotted parts."""
+    return any(name == t or name.endswith("." + t) for t in targets)
+
+
+class PackedModel:
+    """The base model with every module any trial may target wrapped in a PackedLoraLayer.
+
+    All LoRA parameters of all slots live in one flat fp32 buffer [K, P] (and its gradient in
+    another): the optimizer, gradient clipping and slot resets are a few whole-buffer kernels.
+    `close()` puts the original modules back.
+    """
+
+    def __init__(self, base: Any, slots: int, max_rank: int, modules: Iterable[str], compile: bool | None = None):
+        self.base = base
+        self.model = base.model
+        self.device = base.device
+        self.k, self.rank = slots, max_rank
+        self.groups = _Groups()
+        if compile is None:  # on CUDA unless LORA_EXP_PACK_COMPILE=0 (the bench's eager variant)
+            compile = self.device.type == "cuda" and os.environ.get("LORA_EXP_PACK_COMPILE", "1") != "0"
+        self.groups.compile = self.compile = compile
+        wanted = list(modules)
+        found = [(name, mod, _layer_shape(mod)) for name, mod in self.model.named_modules()
+                 if matches(name, wanted) and _layer_shape(mod) is not None]
+        if not found:
+            raise ValueError(f"the model has no linear module named {', '.join(wanted)}")
+        sizes = [self.rank * (i + o) for _, _, (i, o) in found]
+        total = sum(sizes)
+        self.params = torch.zeros(slots, total, device=self.device)
+        self.grads = torch.zeros_like(self.params)
+        self.exp_avg = torch.zeros_like(self.params)
+        self.exp_avg_sq = torch.zeros_like(self.params)
+        self.scales = torch.zeros(len(found), slots, device=self.device)
+        self.layers: dict[str, PackedLoraLayer] = {}
+        self._originals: list[tuple[nn.Module, str, nn.Module]] = []
+        self.spans: dict[str, tuple[int, int, int, int]] = {}  # name -> (offset, in, out, index)
+        offset = 0
+        for index, ((name, module, (fin, fout)), size) in enumerate(zip(found, sizes)):
+            a = self.params[:, offset:offset + fin * self.rank].view(slots, fin, self.rank)
+            b = self.params[:, offset + fin * self.rank:offset + size].view(slots, self.rank, fout)
+            layer = PackedLoraLayer(module, name, self.groups, a, b, self.scales[index])
+            layer.lora_A.grad = self.grads[:, offset:offset + fin * self.rank].view(slots, fin, self.rank)
+            layer.lora_B.grad = self.grads[:, offset + fin * self.rank:offset + size].view(slots, self.rank, fout)
+            parent_name, _, child = name.rpartition(".")
+            parent = self.model.get_submodule(parent_name) if parent_name else self.model
+            setattr(parent, child, layer)
+            self._originals.append((parent, child, module))
+            self.layers[name] = layer
+            self.spans[name] = (offset, fin, fout, index)
+            offset += size
+        self.specs: list[SlotSpec | None] = [None] * slots
+        self.targeting = {name: 0 for name in self.layers}  # live slots that target each module
+        # per-slot optimizer settings and counters, on the device (no host sync in a step)
+        z = lambda dtype=torch.float32: torch.zeros(slots, device=self.device, dtype=dtype)  # noqa: E731
+        self.lr, self.wd, self.max_norm = z(), z(), z()
+        self.seed, self.step, self.total, self.warmup = z(torch.int64), z(torch.int64), z(torch.int64), z(torch.int64)
+        self.sched = z(torch.int64)  # 0 linear, 1 constant, 2 cosine
+        self.p = z()
+        self.live = z()  # 1.0 for a slot that holds a trial
+
+    # -- slots --
+
+    def assign(self, slot: int, spec: SlotSpec) -> None:
+        """Give `slot` to a new trial: fresh A (seeded), zero B, zero optimizer state."""
+        missing = [t for t in spec.targets if not any(matches(n, [t]) for n in self.layers)]
+        if missing:
+            raise ValueError(f"this pack has no module {', '.join(missing)}")
+        if spec.r > self.rank:
+            raise ValueError(f"lora.r={spec.r} is above the pack's rank {self.rank}")
+        for buf in (self.grads, self.exp_avg, self.exp_avg_sq):
+            buf[slot].zero_()
+        row = torch.zeros(self.params.shape[1])  # built on the host, copied in one transfer
+        scales = torch.zeros(len(self.layers))
+        for name, layer in self.layers.items():
+            offset, fin, _, index = self.spans[name]
+            if matches(name, spec.targets):
+                a = init_lora_a(spec.seed, layer.key, spec.r, fin)  # peft layout [r, in]
+                row[offset:offset + fin * self.rank].view(fin, self.rank)[:, :spec.r] = a.T
+                scales[index] = spec.scaling
+                self.targeting[name] += 1
+                layer.active = True
+        self.params[slot].copy_(row)
+        self.scales[:, slot] = scales.to(self.device)
+        self.specs[slot] = spec
+        sched = {"linear": 0, "constant": 1, "cosine": 2}[spec.scheduler]
+        for tensor, value in ((self.lr, spec.lr), (self.wd, spec.weight_decay), (self.max_norm, spec.max_grad_norm),
+                              (self.seed, spec.seed), (self.step, 0), (self.total, spec.steps),
+                              (self.warmup, spec.warmup), (self.sched, sched), (self.p, spec.dropout),
+                              (self.live, 1.0)):
+            tensor[slot] = value
+
+    def release(self, slot: int) -> None:
+        spec = self.specs[slot]
+        if spec is not None:
+            for name, layer in self.layers.items():
+                if matches(name, spec.targets):
+                    self.targeting[name] -= 1
+                    layer.active = self.targeting[name] > 0
+        self.specs[slot] = None
+        self.live[slot] = 0.0
+        self.lr[slot] = 0.0
+        self.scales[:, slot] = 0.0
+        for buf in (self.params, self.grads, self.exp_avg, self.exp_avg_sq):
+            buf[slot].zero_()
+
+    def close(self) -> None:
+        """Unwrap: the base model is exactly as it was."""
+        for parent, child, module in self._originals:
+            setattr(parent, child, module)
+        self._originals.clear()
+
+    # -- one optimizer step for every slot --
+
+    def lr_factor(self, step: torch.Tensor) -> torch.Tensor:
+        """transformers' schedules (get_scheduler) at `step` (0-based), per slot."""
+        s = step.to(torch.float64)
+        total, warm = self.total.to(torch.float64), self.warmup.to(torch.float64)
+        in_warmup = s < warm
+        warm_f = s / warm.clamp(min=1)
+        progress = (s - warm) / (total - warm).clamp(min=1)
+        linear = torch.where(in_warmup, warm_f, ((total - s) / (total - warm).clamp(min=1)).clamp(min=0))
+        cosine = torch.where(in_warmup, warm_f, (0.5 * (1 + torch.cos(math.pi * progress))).clamp(min=0))
+        return torch.where(self.sched == 1, torch.ones_like(s), torch.where(self.sched == 2, cosine, linear))
+
+    @torch.no_grad()
+    def optimizer_step(self, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8) -> None:
+        """AdamW (torch's formula, decoupled weight decay) with per-slot lr, step count and
+        gradient clipping (clip_grad_norm_ over the slot's own parameters), for all slots at once."""
+        g = self.grads
+        norm = g.pow(2).sum(dim=1).sqrt()
+        coef = (self.max_norm / (norm + 1e-6)).clamp(max=1.0)
+        coef = torch.where(self.max_norm > 0, coef, torch.ones_like(coef))
+        lr = (self.lr.to(torch.float64) * self.lr_factor(self.step)) * self.live
+        self.step.add_(self.live.to(torch.int64))
+        t = self.step.clamp(min=1).to(torch.float64)
+        b1, b2 = betas
+        step_size = (lr / (1 - b1 ** t)).to(torch.float32).view(-1, 1)
+        bc2_sqrt = torch.sqrt(1 - b2 ** t).to(torch.float32).view(-1, 1)
+        decay = (1 - lr * self.wd).to(torch.float32).view(-1, 1)
+        fused(adamw_, self.compile)(self.params, g, self.exp_avg, self.exp_avg_sq, coef.view(-1, 1), decay,
+                                    step_size, bc2_sqrt, b1, b2, eps)
+        g.zero_()
+
+    def current_lr(self) -> torch.Tensor:
+        """The learning rate of each slot's next step (what the scheduler reports after a step)."""
+        return self.lr.to(torch.float64) * self.lr_factor(self.step)
+
+    # -- extraction --
+
+    def adapter_state(self, slot: int) -> dict[str, torch.Tensor]:
+        """The slot's weights as peft names them in adapter_model.safetensors."""
+        spec = self.specs[slot]
+        assert spec is not None
+        out = {}
+        for name in self.layers:
+            if not matches(name, spec.targets):
+                continue
+            offset, fin, fout, _ = self.spans[name]
+            a = self.params[slot, offset:offset + fin * self.rank].view(fin, self.rank)[:, :spec.r]
+            b = self.params[slot, offset + fin * self.rank:offset + self.rank * (fin + fout)].view(self.rank, fout)[:spec.r]
+            out[f"base_model.model.{name}.lora_A.weight"] = a.T.contiguous().cpu()
+            out[f"base_model.model.{name}.lora_B.weight"] = b.T.contiguous().cpu()
+        return out
+
+    def save_adapter(self, slot: int, lora_config: Any, directory: str) -> None:
+        """A normal peft adapter folder (adapter_config.json + adapter_model.safetensors)."""
+        from safetensors.torch import save_file
+
+        lora_config.save_pretrained(directory)
+        save_file(self.adapter_state(slot), f"{directory}/adapter_model.safetensors", metadata={"format": "pt"})
+
+
+# --- batches --------------------------------------------------------------------------------------
+
+
+@dataclass
+class TokenTable:
+    """A data split as padded tensors on the device, so a step gathers its rows without Python."""
+
+    ids: torch.Tensor
+    labels: torch.Tensor
+    mask: torch.Tensor
+    lengths: list[int] = field(default_factory=list)
+
+    @classmethod
+    def build(cls, examples: list[Example], pad_id: int, device: torch.device, field_name: str = "labels") -> "TokenTable":
+        n = max(len(e.input_ids) for e in examples)
+        ids = torch.full((len(examples) + 1, n), pad_id, dtype=torch.long)  # last row: an empty example
+        labels = torch.full((len(examples) + 1, n), IGNORE, dtype=torch.long)
+        mask = torch.zeros((len(examples) + 1, n), dtype=torch.long)
+        for i, e in enumerate(examples):
+            k = len(e.input_ids)
+            ids[i, :k] = torch.tensor(e.input_ids)
+            labels[i, :k] = torch.tensor(getattr(e, field_name))
+            mask[i, :k] = 1
+        return cls(ids.to(device), labels.to(device), mask.to(device), [len(e.input_ids) for e in examples])
+
+    @property
+    def empty(self) -> int:
+        return self.ids.shape[0] - 1
+
+
+def batch_schedule(n_examples: int, batch_size: int, seed: int, steps: int) -> torch.Tensor:
+    """Example indices [steps, batch_size] exactly as data.train_batches yields them (a short
+    last batch of an epoch is filled with the empty example, index n_examples)."""
+    generator = torch.Generator().manual_seed(seed)
+    out = torch.full((steps, batch_size), n_examples, dtype=torch.long)
+    step = 0
+    while step < steps:
+        order = torch.randperm(n_examples, generator=generator)
+        for start in range(0, n_examples, batch_size):
+            if step >= steps:
+                break
+            chunk = order[start:start + batch_size]
+            out[step, :len(chunk)] = chunk
+            step += 1
+    return out
+
+
+class OutputHead:
+    """The model's LM head with its vocabulary padded to a multiple of 64 (padded logits are
+    -inf, so the loss is unchanged): GEMMs over an odd vocabulary (GPT-2's 50257) fall back to
+    slow tensor-core kernels. For bf16 the weight is cast once, as autocast would cast it."""
+
+    def __init__(self, model: Any, dtype: torch.dtype):
+        head = model.get_output_embeddings()
+        weight = head.weight.detach()
+        vocab, width = weight.shape
+        padded = -(-vocab // 64) * 64
+        self.weight = torch.zeros(padded, width, dtype=dtype, device=weight.device)
+        self.weight[:vocab] = weight.to(dtype)
+        self.bias = torch.zeros(padded, dtype=dtype, device=weight.device)
+        if getattr(head, "bias", None) is not None:
+            self.bias[:vocab] = head.bias.detach().to(dtype)
+        self.bias[vocab:] = float("-inf")
+
+    def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
+        return nn.functional.linear(hidden, self.weight, self.bias)
+
+
+def slot_losses(model: Any, ids: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor, n_groups: int,
+                rows: int, head: Any = None) -> torch.Tensor:
+    """Mean next-token loss of each row group (one per slot), as HF's causal-LM loss computes it
+    for that group alone. Logits at every position (no data-dependent shapes: no host sync)."""
+    hidden = model.base_model(input_ids=ids, attention_mask=mask).last_hidden_state
+    target = labels[:, 1:]
+    logits = (head or model.get_output_embeddings())(hidden[:, :-1])
+    token_loss = nn.functional.cross_entropy(logits.float().flatten(0, 1), target.flatten(), ignore_index=IGNORE,
+                                             reduction="none")
+    sums = token_loss.view(n_groups, -1).sum(dim=1)
+    counts = (target != IGNORE).view(n_groups, -1).sum(dim=1)
+    return sums / counts.clamp(min=1)
