@@ -34,7 +34,7 @@ GRACE_S = 4 * HEARTBEAT_S
 RETRIES = 2
 #: how long a worker waits for an unreachable tracking store before it stops (trials stay queued)
 TRACKING_WAIT_S = float(os.environ.get("LORA_EXP_TRACKING_WAIT_SECONDS", "600"))
-OPTIONS = ("sweep", "n_trials", "workers", "storage", "study", "timeout")
+OPTIONS = ("sweep", "n_trials", "workers", "storage", "study", "timeout", "pack")
 LIVE = ("COMPLETE", "PRUNED", "RUNNING", "WAITING")
 
 
@@ -47,6 +47,8 @@ class SweepOptions:
     study: str | None = None
     timeout: float | None = None
     overrides: tuple[str, ...] = ()
+    #: trials trained at once per worker on one base model (lora_exp/pack_sweep.py); 1 = one at a time
+    pack: int = 1
 
 
 @dataclass
@@ -80,6 +82,7 @@ def parse_options(args: list[str]) -> SweepOptions:
         n_trials = int(opts["n_trials"]) if "n_trials" in opts else None
         workers = int(opts["workers"]) if "workers" in opts else None
         timeout = float(opts["timeout"]) if "timeout" in opts else None
+        pack = int(opts["pack"]) if "pack" in opts else 1
     except ValueError as exc:
         raise ConfigError(f"sweep option: {exc}") from exc
     if n_trials is not None and n_trials <= 0:
@@ -88,9 +91,11 @@ def parse_options(args: list[str]) -> SweepOptions:
         raise ConfigError(f"workers: must be >= 1, got {workers}")
     if timeout is not None and timeout <= 0:
         raise ConfigError(f"timeout: must be > 0 seconds, got {timeout}")
+    if pack <= 0:
+        raise ConfigError(f"pack: must be >= 1 (trials trained at once), got {pack}")
     return SweepOptions(sweep=opts.get("sweep", "default"), n_trials=n_trials, workers=workers,
                         storage=opts.get("storage", DEFAULT_STORAGE), study=opts.get("study") or None,
-                        timeout=timeout, overrides=tuple(overrides))
+                        timeout=timeout, overrides=tuple(overrides), pack=pack)
 
 
 def default_workers() -> int:
@@ -207,6 +212,28 @@ def claim_waiting_trial(study: Any, storage_url: str) -> Any:
     return None
 
 
+def claim_waiting_trials(study: Any, storage_url: str, n: int) -> list[Any]:
+    """Up to `n` WAITING trials in one pass (a pack asks for many at once)."""
+    import optuna
+    from optuna.exceptions import UpdateFinishedTrialError
+    from optuna.trial import TrialState
+
+    storage = study._storage
+    study_id = storage.get_study_id_from_name(study.study_name)
+    claimed: list[Any] = []
+    with _claim_lock(storage_url):
+        for frozen in study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
+            if len(claimed) >= n:
+                break
+            trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, frozen.number)
+            try:
+                if storage.set_trial_state_values(trial_id, state=TrialState.RUNNING):
+                    claimed.append(trial_id)
+            except UpdateFinishedTrialError:
+                continue
+    return [optuna.Trial(study, trial_id) for trial_id in claimed]
+
+
 @contextlib.contextmanager
 def _claim_lock(url: str) -> Any:
     """SQLite ignores SELECT ... FOR UPDATE and its deferred transactions let two processes both
@@ -267,6 +294,10 @@ def cmd_sweep(args: list[str]) -> int:
     for corner in corner_overrides(spec.space):  # and so does a search space the config rejects
         compose(base_overrides + corner)
     check_ratio_anchors(spec, base_overrides)
+    if options.pack > 1:
+        from lora_exp.pack_training import check_packable
+
+        check_packable(base_cfg)
     from lora_exp.data import load_rows
 
     load_rows(base_cfg.data)
@@ -370,6 +401,14 @@ def run_worker(plan: SweepPlan, worker_index: int, n_workers: int | None = 1) ->
     device = pick_device(base_cfg.trainer.device)
     context = _WorkerContext(device=device, load_base=load_base, load_rows=load_rows, tokenize=tokenize)
     failures = 0
+    if plan.options.pack > 1:
+        from lora_exp.pack_sweep import run_packed_worker
+
+        try:
+            return run_packed_worker(plan, worker_index, stop, study, context)
+        finally:
+            for s, h in previous.items():
+                signal.signal(s, h)
     try:
         while not stop.requested:
             if plan.timeout and time.time() - plan.started > plan.timeout:

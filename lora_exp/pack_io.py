@@ -1,0 +1,296 @@
+"""The tracking side of a packed sweep, in its own process.
+
+A packed worker launches thousands of small CUDA kernels a step from Python. A second Python
+thread in that process doing MLflow and Optuna writes (SQLAlchemy: pure-Python work) takes the GIL
+every time an operator releases it, and each hand-back waits up to the interpreter's switch
+interval: a loop of 3000 tiny torch ops went from 0.01 s to 3.5 s with one busy thread beside it
+(measured here). So every MLflow call, every Optuna write (user attributes, reports, tells) and
+the trials' heartbeats run in a separate process; the training process only appends tasks to a
+list and sends it once a step (one pickle, no thread). Tasks run in order, so a trial is told to
+Optuna only after its MLflow run is closed, as in the unpacked worker.
+"""
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import shutil
+import threading
+import time
+import types
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from lora_exp.search import SweepPlan
+
+log = logging.getLogger("lora_exp")
+
+#: seconds between refreshes of the sweep's parent run (tables, best adapter) while packing
+REFRESH_S = 30.0
+
+
+class IOClient:
+    """The training process's end: `submit` queues a task, `send` ships the queue (once a step)."""
+
+    def __init__(self, plan: SweepPlan):
+        ctx = multiprocessing.get_context("spawn")
+        self.tasks = ctx.SimpleQueue()
+        self.results = ctx.SimpleQueue()
+        self.pending: list[tuple[Any, ...]] = []
+        self.process = ctx.Process(target=_main, args=(plan, self.tasks, self.results), name="lora-exp-tracking",
+                                   daemon=True)
+        self.process.start()
+        self.failed: list[int] = []
+
+    def submit(self, *task: Any) -> None:
+        self.pending.append(task)
+
+    def send(self) -> None:
+        if self.pending:
+            self.tasks.put(self.pending)
+            self.pending = []
+
+    def poll(self) -> list[int]:
+        """Trial numbers the tracking process failed (e.g. the store went away) since last asked."""
+        while not self.results.empty():
+            self.failed.append(self.results.get())
+        out, self.failed = self.failed, []
+        return out
+
+    def close(self) -> list[int]:
+        """Run every queued task, stop the process; returns the trials it failed."""
+        self.send()
+        self.tasks.put(None)
+        self.process.join()
+        return self.poll()
+
+
+class QueuedTracker:
+    """A trial's MLflow run as seen by the training process: every call becomes a task (the run
+    id exists only in the tracking process)."""
+
+    records_artifacts = True
+
+    def __init__(self, io: IOClient, number: int, run_name: str, tags: dict[str, Any]):
+        self.io, self.number = io, number
+        self.run_id: str | None = None
+        self.status = "FINISHED"
+        io.submit("open", number, run_name, tags)
+
+    def _call(self, name: str, *args: Any) -> None:
+        self.io.submit("call", self.number, name, args)
+
+    def log_params(self, params: dict[str, Any]) -> None: self._call("log_params", params)
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None: self._call("log_metrics", dict(metrics), step)
+    def set_tags(self, tags: dict[str, Any]) -> None: self._call("set_tags", tags)
+    def log_text(self, text: str, artifact_file: str) -> None: self._call("log_text", text, artifact_file)
+    def log_dir(self, local_dir: Any, artifact_path: str) -> None: self._call("log_dir", str(local_dir), artifact_path)
+    def log_table(self, table: dict[str, list[Any]], artifact_file: str) -> None: self._call("log_table", table, artifact_file)
+    def flush(self) -> None: self._call("flush")
+
+    def remove_after(self, path: str) -> None:
+        """Delete a temporary folder once the tasks before this one (its upload) ran."""
+        self.io.submit("rmtree", path)
+
+
+# --- the tracking process -------------------------------------------------------------------------
+
+
+def _main(plan: SweepPlan, tasks: Any, results: Any) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    for noisy in ("httpx", "urllib3", "alembic", "mlflow", "filelock"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C goes to the trainer, which closes us in order
+    from lora_exp.search import HEARTBEAT_S, open_study, quiet_libraries
+
+    quiet_libraries()
+    study = open_study(plan.spec, plan.options.storage, plan.study_name, create=False)
+    worker = _Worker(plan, study, results)
+    beats = _Heartbeats(study, HEARTBEAT_S)
+    worker.beats = beats
+    try:
+        while True:
+            batch = tasks.get()
+            if batch is None:
+                break
+            for task in batch:
+                worker.run(task)
+    finally:
+        beats.close()
+        worker.refresh(final=True)
+
+
+class _Heartbeats:
+    """One thread recording the heartbeat of every trial the packed worker holds."""
+
+    def __init__(self, study: Any, interval: float):
+        self.storage, self.interval = study._storage, interval
+        self.trial_ids: set[int] = set()
+        self.lock = threading.Lock()
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._beat, daemon=True, name="lora-exp-heartbeats")
+        self.thread.start()
+
+    def _beat(self) -> None:
+        while not self.stop.wait(self.interval):
+            with self.lock:
+                ids = list(self.trial_ids)
+            for trial_id in ids:
+                try:
+                    self.storage.record_heartbeat(trial_id)
+                except Exception as exc:  # noqa: BLE001 - a missed beat is retried
+                    log.debug("heartbeat failed: %s", exc)
+
+    def add(self, trial_id: int) -> None:
+        with self.lock:
+            self.trial_ids.add(trial_id)
+
+    def remove(self, trial_id: int) -> None:
+        with self.lock:
+            self.trial_ids.discard(trial_id)
+
+    def close(self) -> None:
+        self.stop.set()
+        self.thread.join(timeout=5)
+
+
+class _Worker:
+    def __init__(self, plan: SweepPlan, study: Any, results: Any):
+        self.plan, self.study, self.results = plan, study, results
+        self.trackers: dict[int, Any] = {}
+        self.errors: dict[int, str] = {}
+        self.done = 0
+        self.last_refresh = time.monotonic()
+        self.beats: _Heartbeats | None = None
+
+    def run(self, task: tuple[Any, ...]) -> None:
+        kind = task[0]
+        try:
+            getattr(self, f"_{kind}")(*task[1:])
+        except Exception as exc:  # noqa: BLE001 - one trial's tracking failure must not stop the others
+            number = task[1] if kind in ("open", "call", "finish") else None
+            reason = f"{type(exc).__name__}: {exc}".splitlines()[0][:500]
+            if number is not None and number not in self.errors:
+                self.errors[number] = reason
+            log.warning("tracking task %s failed: %s", kind, reason)
+
+    # tasks
+
+    def _open(self, number: int, run_name: str, tags: dict[str, Any]) -> None:
+        from lora_exp.tracking import PARENT_TAG, MlflowTracker, connect, provenance, redact_text
+
+        cfg = self.plan.base.tracking
+        client, experiment_id = connect(cfg)
+        all_tags = {**_provenance(provenance), **tags}
+        if self.plan.parent_run_id:
+            all_tags[PARENT_TAG] = self.plan.parent_run_id
+        run = client.create_run(experiment_id, run_name=run_name,
+                                tags={k: redact_text(str(v)) for k, v in all_tags.items()})
+        # metrics go out in batches (1000 points a call) and at the end, not every few seconds
+        self.trackers[number] = MlflowTracker(client, run.info.run_id, flush_seconds=max(60.0, cfg.flush_seconds))
+
+    def _call(self, number: int, method: str, args: tuple[Any, ...]) -> None:
+        if number in self.errors:
+            return
+        getattr(self.trackers[number], method)(*args)
+
+    def _rmtree(self, path: str) -> None:
+        shutil.rmtree(path, ignore_errors=True)
+
+    def _user_attr(self, trial_id: int, key: str, value: Any) -> None:
+        self.study._storage.set_trial_user_attr(trial_id, key, value)
+
+    def _report(self, trial_id: int, step: int, value: float) -> None:
+        self.study._storage.set_trial_intermediate_value(trial_id, step, value)
+
+    def _beat_add(self, trial_id: int) -> None:
+        assert self.beats is not None
+        self.beats.add(trial_id)
+
+    def _fail(self, number: int, trial_id: int, reason: str) -> None:
+        """A trial that never trained (a sampled value the config rejects)."""
+        from optuna.trial import TrialState
+
+        self.study._storage.set_trial_user_attr(trial_id, "failure", reason)
+        self.study.tell(number, state=TrialState.FAIL, skip_if_finished=True)
+        if self.beats is not None:
+            self.beats.remove(trial_id)
+
+    def _finish(self, number: int, trial_id: int, status: str, value: Any, error: str | None,
+                overrides: list[str], loss_curve: list[Any], compute_s: float, wall: float,
+                generations: dict[str, list[Any]], eval_curve: list[Any], steps: int) -> None:
+        """Close the trial's run, then tell Optuna (in that order)."""
+        from optuna.trial import TrialState
+
+        from lora_exp.search import _dashboard_note
+
+        storage = self.study._storage
+        tracker = self.trackers.pop(number, None)
+        error = self.errors.pop(number, None) or error
+        if error is not None:
+            status = "failed"
+        try:
+            if tracker is None:
+                raise RuntimeError("the trial's MLflow run was never opened")
+            if status == "failed":
+                tracker.set_tags({"error": error or "failed", "trial_state": "FAIL"})
+            else:
+                tracker.set_tags({"trial_state": "COMPLETE" if status == "completed" else "PRUNED",
+                                  **({"pruned": "true"} if status == "stopped" else {})})
+            tracker.flush()
+            tracker.client.set_terminated(tracker.run_id,
+                                          {"completed": "FINISHED", "stopped": "KILLED"}.get(status, "FAILED"))
+            storage.set_trial_user_attr(trial_id, "mlflow_run_id", tracker.run_id)
+            storage.set_trial_user_attr(trial_id, "loss_curve", loss_curve)
+            storage.set_trial_user_attr(trial_id, "compute_s", round(compute_s, 3))
+        except Exception as exc:  # noqa: BLE001 - the store failed: the trial cannot count as done
+            status, error = "failed", f"{type(exc).__name__}: {exc}".splitlines()[0][:500]
+        storage.set_trial_user_attr(trial_id, "wall_s", round(wall, 3))
+        if status == "failed":
+            storage.set_trial_user_attr(trial_id, "failure", error or "failed")
+            self.study.tell(number, state=TrialState.FAIL, skip_if_finished=True)
+            self.results.put(number)
+        elif status == "stopped":
+            self.study.tell(number, state=TrialState.PRUNED, skip_if_finished=True)
+        else:
+            note = types.SimpleNamespace(storage=storage, study=self.study, _trial_id=trial_id)
+            _dashboard_note(note, tracker.run_id if tracker else None, overrides,
+                            types.SimpleNamespace(generations=generations))
+            self.study.tell(number, value, skip_if_finished=True)
+        if self.beats is not None:
+            self.beats.remove(trial_id)
+        self.done += 1
+        _print_line(self.plan, self.done, number, status, value, eval_curve, steps, overrides, wall)
+        self.refresh()
+
+    def refresh(self, final: bool = False) -> None:
+        from lora_exp import sweep_tracking
+
+        if final or time.monotonic() - self.last_refresh >= REFRESH_S:
+            self.last_refresh = time.monotonic()
+            best = sweep_tracking._best(self.study)
+            sweep_tracking.after_trial(self.plan, self.study, best.number if best else -1, None, final=True)
+
+
+_PROVENANCE: dict[str, str] = {}
+
+
+def _provenance(provenance: Any) -> dict[str, str]:
+    if not _PROVENANCE:  # the same for every trial of this process (git, packages): read once
+        _PROVENANCE.update(provenance())
+    return _PROVENANCE
+
+
+def _print_line(plan: SweepPlan, done: int, number: int, status: str, value: Any, eval_curve: list[Any],
+                steps: int, overrides: list[str], wall: float) -> None:
+    name = {"completed": "COMPLETE", "stopped": "PRUNED"}.get(status, "FAIL")
+    shown = eval_curve[-1][1] if status == "stopped" and eval_curve else value
+    if isinstance(shown, list):
+        text = " ".join(f"{m}={v:.4g}" for m, v in zip(plan.spec.metrics, shown))
+    else:
+        text = f"{plan.spec.metric}={shown:.4f}" if shown is not None else plan.spec.metric + "=-"
+    if status == "stopped":
+        text += f"@{steps}"
+    print(f"[{done}/{plan.n_trials}] trial {number:>3} {name:<8} {text}  {' '.join(overrides)}  ({wall:.1f}s, packed)",
+          flush=True)

@@ -1,0 +1,232 @@
+"""`lora-exp sweep pack=K`: a sweep worker that trains up to K trials at once on one base model.
+
+The worker claims WAITING trials as slots free up (continuous batching: a pruned or finished
+trial's slot is reset and the next trial takes it). Each trial still gets its own nested MLflow
+run with its loss curve, evals, generations and adapter, and its own Optuna trial (pruning at its
+evals, TPE's constant liar counting the trials in flight). MLflow writes, Optuna writes and
+heartbeats run in a tracking process (lora_exp/pack_io.py), in order, so the training loop never
+waits for the stores; a trial is told to Optuna only after its run is closed, as unpacked.
+
+Trials whose shared settings differ from the pack's (another batch size, model or data) cannot
+share it: they run after the pack drains, each in turn on the same base, as an unpacked worker
+runs them.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from typing import TYPE_CHECKING, Any
+
+from lora_exp import sweep_tracking
+from lora_exp.config import GROUP_NAMES, RunConfig, compose, replace_keys
+from lora_exp.errors import LoraExpError
+
+if TYPE_CHECKING:
+    from lora_exp.pack_training import PackTrainer, SlotRun
+    from lora_exp.search import SweepPlan
+
+log = logging.getLogger("lora_exp")
+
+#: trials claimed per step while slots are free (the GPU keeps stepping the filled ones)
+CLAIM_BATCH = 128
+
+
+def pack_shape(plan: SweepPlan, cfg: RunConfig) -> tuple[int, list[str]]:
+    """The largest rank and every module any trial of the space may target."""
+    space = plan.spec.space
+    ranks = [cfg.lora.r]
+    if "lora.r" in space:
+        p = space["lora.r"]
+        ranks += [int(c) for c in p.choices] if p.type == "categorical" else [int(p.high)]
+    modules = set(cfg.target_modules)
+    if "lora.preset" in space:
+        for preset in space["lora.preset"].choices or []:
+            modules.update(cfg.model.target_presets.get(preset, []))
+    if "lora.target_modules" in space:
+        for choice in space["lora.target_modules"].choices or []:
+            modules.update(choice)
+    return max(ranks), sorted(modules)
+
+
+def trial_config(plan: SweepPlan, overrides: list[str], base_dict: dict[str, Any]) -> RunConfig:
+    """The trial's config: plain key=value overrides applied to the composed base (fast, with the
+    same validation); a group override (`lora=seed`) goes through Hydra's compose."""
+    if any(o.split("=", 1)[0].lstrip("+~") in GROUP_NAMES for o in overrides):
+        return compose(plan.base_overrides + overrides)
+    return replace_keys(plan.base, base_dict, overrides, plan.base_overrides + overrides)
+
+
+def run_packed_worker(plan: SweepPlan, worker_index: int, stop: Any, study: Any, context: Any) -> bool:
+    """Run the study's WAITING trials K at a time. Returns False when the failure limit stopped it."""
+    import json
+
+    import torch
+    from optuna.trial import TrialState
+
+    from lora_exp.pack_io import IOClient
+    from lora_exp.pack_training import PackTrainer
+    from lora_exp.search import HEARTBEAT_S, _base_values, _in_flight_elsewhere, claim_waiting_trials, run_one_trial
+
+    k = plan.options.pack
+    base, data = context.prepare(plan.base)
+    sweep_tracking.load_base_cache(study, base)
+    max_rank, modules = pack_shape(plan, plan.base)
+    trainer = PackTrainer(base, data, plan.base, k, max_rank, modules)
+    log.info("packing up to %d trials on %s (rank %d, modules %s)", k, context.device, max_rank, ", ".join(modules))
+    io = IOClient(plan)
+    base_values, base_dict = _base_values(plan), plan.base.to_dict()
+    others: list[Any] = []  # trials that cannot share this pack: run alone afterwards
+    view = _StudyView(study)
+    trainer.eval_batch_hook = view.refresh
+    failures = 0
+    exhausted = False
+
+    def too_many() -> bool:
+        return bool(plan.spec.max_failures and failures >= plan.spec.max_failures)
+
+    try:
+        while True:
+            if not stop.requested and not exhausted and trainer.free_slots() and not too_many():
+                if plan.timeout and time.time() - plan.started > plan.timeout:
+                    exhausted = True
+                    log.info("timeout reached: no new trials")
+                else:
+                    free = trainer.free_slots()
+                    claimed = claim_waiting_trials(study, plan.options.storage, min(len(free), CLAIM_BATCH))
+                    if not claimed and not trainer.live():
+                        exhausted = True
+                    for trial in claimed:
+                        if not _start(plan, trainer, trainer.free_slots()[0], trial, io, base_values, base_dict,
+                                      others, view):
+                            failures += 1
+            if trainer.live():
+                for run in trainer.step():
+                    failures += _finish(plan, run, io)
+            failures += len(io.poll())
+            io.send()
+            if not trainer.live() and (exhausted or stop.requested or too_many()):
+                break
+    except BaseException as exc:
+        failing = [r for r in trainer.runs if r is not None]
+        reason = "interrupted" if isinstance(exc, KeyboardInterrupt) else f"{type(exc).__name__}: {exc}".splitlines()[0]
+        log.error("pack stopped (%s): failing its %d trial(s) in flight", reason, len(failing))
+        for run in failing:
+            run.error = reason
+            run.result.status = "failed"
+            _finish(plan, run, io)
+        trainer.close()
+        io.close()
+        raise
+    finally:
+        log.info("pack summary: %s", json.dumps(trainer.summary()))
+        trainer.close()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    for trial in others:  # different shared settings: alone, as an unpacked worker would
+        if stop.requested:
+            study.tell(trial, state=TrialState.FAIL)
+            continue
+        if run_one_trial(plan, study, trial, context) == "FAIL":
+            failures += 1
+    failures += len(io.close())
+    if too_many():
+        log.error("%d trials failed (max_failures=%d): stopping the sweep", failures, plan.spec.max_failures)
+        return False
+    while _in_flight_elsewhere(study, plan) and not stop.requested:  # other workers still running
+        time.sleep(max(0.5, HEARTBEAT_S / 2))
+        if study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
+            return run_packed_worker(plan, worker_index, stop, study, context)
+    return True
+
+
+class _StudyView:
+    """The study as one read of its trials: what a pruner sees for a whole batch of evals.
+
+    `Trial.should_prune` reads every trial of the study from the storage; with a thousand trials
+    in flight that is ~0.1-0.3 s per call, per trial, per eval. Here the study is read once per
+    batch of evals and each trial's own intermediate values come from memory."""
+
+    def __init__(self, study: Any):
+        self._study = study
+        self._trials: list[Any] = []
+
+    def refresh(self) -> None:
+        from optuna.trial import TrialState
+
+        self._trials = self._study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED))
+
+    def get_trials(self, deepcopy: bool = True, states: Any = None) -> list[Any]:
+        return [t for t in self._trials if states is None or t.state in states]
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._study, name)
+
+
+class PackPruning:
+    """Reports each eval to Optuna (through the tracking process, in order) and asks the study's
+    pruner with the batch's view of the study: the decision `Trial.should_prune` makes."""
+
+    def __init__(self, trial: Any, metric: str, view: _StudyView, io: Any):
+        self.trial, self.metric, self.view, self.io = trial, metric, view, io
+        self.values: dict[int, float] = {}
+
+    def on_eval(self, step: int, metrics: dict[str, float]) -> bool:
+        from optuna.trial import FrozenTrial, TrialState
+
+        if self.metric not in metrics:
+            return False
+        value = metrics[self.metric]
+        self.io.submit("report", self.trial._trial_id, step, value)
+        self.values[step] = value
+        t = self.trial
+        frozen = FrozenTrial(number=t.number, state=TrialState.RUNNING, value=None, datetime_start=None,
+                             datetime_complete=None, params=t.params, distributions=t.distributions, user_attrs={},
+                             system_attrs={}, intermediate_values=dict(self.values), trial_id=t._trial_id)
+        return bool(self.view._study.pruner.prune(self.view, frozen))
+
+
+def _start(plan: SweepPlan, trainer: PackTrainer, slot: int, trial: Any, io: Any, base_values: dict[str, Any],
+           base_dict: dict[str, Any], others: list[Any], view: _StudyView) -> bool:
+    """Sample the trial and give it a slot; False if its config is rejected (the trial fails)."""
+    from lora_exp.pack_io import QueuedTracker
+    from lora_exp.sweeps import suggest
+
+    io.submit("beat_add", trial._trial_id)
+    try:
+        overrides = suggest(trial, plan.spec.space, base_values)
+        io.submit("user_attr", trial._trial_id, "overrides", overrides)
+        cfg = trial_config(plan, overrides, base_dict)
+    except Exception as exc:  # a bad sampled value: this trial fails, the sweep goes on
+        reason = f"{type(exc).__name__}: {exc}".splitlines()[0][:500]
+        log.error("trial %d failed: %s", trial.number, reason)
+        io.submit("fail", trial.number, trial._trial_id, reason)
+        return False
+    if trainer.fits(cfg) is not None:
+        others.append(trial)
+        return True
+    tags = {"lora_exp.kind": "trial", "lora_exp.study": plan.study_name, "trial_number": trial.number,
+            "lora_exp.trial_overrides": " ".join(overrides)}
+    tracker = QueuedTracker(io, trial.number, f"{plan.study_name}-trial-{trial.number}", tags)
+    callbacks = [] if plan.spec.multi else [PackPruning(trial, plan.spec.metric, view, io)]
+    trainer.start(slot, cfg, tracker, callbacks, handle=(trial, overrides, time.perf_counter()))
+    return True
+
+
+def _finish(plan: SweepPlan, run: SlotRun, io: Any) -> int:
+    """Queue the trial's closing (run closed, then Optuna told); returns 1 if it failed."""
+    from lora_exp.search import objective_value
+
+    trial, overrides, started = run.handle
+    result = run.result
+    value: Any = None
+    status, error = result.status, run.error
+    if status == "completed":
+        try:
+            values = [objective_value(result.metrics, m) for m in plan.spec.metrics]
+            value = values if plan.spec.multi else values[0]
+        except LoraExpError as exc:
+            status, error = "failed", str(exc)
+    io.submit("finish", trial.number, trial._trial_id, status, value, error, overrides, result.loss_curve,
+              result.metrics.get("train_runtime_s", 0.0), time.perf_counter() - started, result.generations,
+              result.eval_curve, result.steps)
+    return int(status == "failed")

@@ -1,0 +1,183 @@
+"""Packed trials (`sweep pack=K`): a trial trained in a pack of mixed trials trains exactly as it
+does alone, its exported adapter is a normal peft adapter with the same logits, and a packed
+sweep records every trial in MLflow and Optuna as an unpacked sweep does. CPU, tiny models."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import run_cli
+from lora_exp.config import compose
+from lora_exp.data import load_rows, tokenize
+from lora_exp.models import load_base
+from lora_exp.pack_training import train_packed
+from lora_exp.packed import dropout_mask, module_keys, row_keys
+from lora_exp.tracking import NullTracker
+from lora_exp.training import run_trial
+
+COMMON = ["data=seed", "lora=seed", "trainer=seed", "trainer.max_steps=30", "trainer.eval_steps=10",
+          "trainer.logging_steps=5", "trainer.generation_metrics=[exact_match]", "trainer.max_new_tokens=8",
+          "tracking=none", "trainer.batch_size=2"]
+#: trials that differ in everything a pack lets differ: rank, alpha, dropout, targets, lr,
+#: clipping, seed, schedule, warmup, weight decay, length
+MIXED = [["lora.r=4", "lora.lora_alpha=8", "lora.lora_dropout=0.1", "trainer.lr=1e-3"],
+         ["lora.r=16", "lora.lora_alpha=16", "lora.lora_dropout=0.0", "lora.preset={all}", "trainer.lr=3e-3",
+          "trainer.max_grad_norm=0.05"],
+         ["lora.r=8", "lora.lora_alpha=32", "lora.lora_dropout=0.2", "lora.preset={mid}", "trainer.lr=5e-4",
+          "trainer.seed=7", "trainer.lr_scheduler=cosine", "trainer.warmup_steps=5"],
+         ["lora.r=2", "lora.lora_alpha=4", "lora.lora_dropout=0.05", "trainer.lr=2e-3", "trainer.seed=3",
+          "trainer.max_steps=20", "trainer.weight_decay=0.1", "lora.use_rslora=true"],
+         ["lora.r=8", "lora.lora_alpha=8", "lora.lora_dropout=0.3", "trainer.lr=1e-2", "trainer.seed=11",
+          "trainer.lr_scheduler=constant", "trainer.max_grad_norm=null"]]
+PRESETS = {"tiny_gpt2": {"all": "all", "mid": "attn_proj", "extra": ["trainer.base_dropout=false"]},
+           "tiny_llama": {"all": "all_linear", "mid": "attn", "extra": []}}
+
+
+def _mixed(model: str) -> list:
+    p = PRESETS[model]
+    return [compose([f"model={model}", *COMMON, *p["extra"], *(o.format(**p) for o in v)]) for v in MIXED]
+
+
+def _rel(a: float, b: float) -> float:
+    return abs(a - b) / max(abs(a), 1e-12)
+
+
+@pytest.mark.parametrize("model", ["tiny_gpt2", "tiny_llama"])
+def test_a_trial_in_a_mixed_pack_trains_exactly_as_alone(model):
+    torch.set_num_threads(2)
+    cfgs = _mixed(model)
+    base = load_base(cfgs[0].model, torch.device("cpu"))
+    data = tokenize(load_rows(cfgs[0].data), cfgs[0].data, base.tokenizer)
+    alone = [run_trial(c, base, data, NullTracker()) for c in cfgs]
+    packed = train_packed(cfgs, base, data)
+    for cfg, a, p in zip(cfgs, alone, packed):
+        assert [s for s, _ in a.loss_curve] == [s for s, _ in p.loss_curve], cfg.overrides
+        assert len(a.loss_curve) == cfg.trainer.max_steps // 5
+        for (step, x), (_, y) in zip(a.loss_curve, p.loss_curve):
+            assert _rel(x, y) <= 1e-4, (cfg.overrides, step, x, y)
+        assert [s for s, _ in a.eval_curve] == [s for s, _ in p.eval_curve]
+        for (_, x), (_, y) in zip(a.eval_curve, p.eval_curve):
+            assert _rel(x, y) <= 1e-4
+        assert a.generations["adapter_output"] == p.generations["adapter_output"]
+        assert a.metrics["trainable_params"] == p.metrics["trainable_params"]
+    # and the trials really differ from each other (a pack that trained one config K times would fail)
+    finals = [round(r.loss_curve[-1][1], 4) for r in packed]
+    assert len(set(finals)) == len(finals)
+    assert all(r.loss_curve[-1][1] < r.loss_curve[0][1] for r in packed[1:])
+    # the base model is given back untouched
+    assert not any("PackedLora" in type(m).__name__ for m in base.model.modules())
+
+
+def test_slots_are_reused_continuous_batching_gives_the_same_trials():
+    """5 trials through 2 slots: later trials take freed slots (fresh A, zero B and optimizer state)."""
+    cfgs = _mixed("tiny_llama")
+    base = load_base(cfgs[0].model, torch.device("cpu"))
+    data = tokenize(load_rows(cfgs[0].data), cfgs[0].data, base.tokenizer)
+    full = train_packed(cfgs, base, data)
+    two = train_packed(cfgs, base, data, slots=2)
+    for a, b in zip(full, two):
+        assert all(_rel(x, y) <= 1e-4 for (_, x), (_, y) in zip(a.loss_curve, b.loss_curve))
+
+
+class _AdapterTracker(NullTracker):
+    """Keeps the adapter folder a trial logs (what MLflow would store as its `adapter` artifact)."""
+
+    run_id = "local"
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+
+    def log_dir(self, local_dir, artifact_path):
+        shutil.copytree(local_dir, self.folder)
+
+
+def test_exported_adapter_is_a_normal_peft_adapter_with_the_logits_of_the_trial_trained_alone(tmp_path):
+    from peft import PeftModel
+
+    cfgs = _mixed("tiny_gpt2")[:4]
+    base = load_base(cfgs[0].model, torch.device("cpu"))
+    data = tokenize(load_rows(cfgs[0].data), cfgs[0].data, base.tokenizer)
+    alone_dirs = [tmp_path / f"alone{i}" for i in range(4)]
+    for cfg, folder in zip(cfgs, alone_dirs):
+        run_trial(cfg, base, data, _AdapterTracker(folder))
+    packed_dirs = [str(tmp_path / f"packed{i}") for i in range(4)]
+    train_packed(cfgs, base, data, adapters_to=packed_dirs)
+    ids = torch.tensor([data.train[0].input_ids])
+    for cfg, a, p in zip(cfgs, alone_dirs, packed_dirs):
+        config = json.loads(Path(p, "adapter_config.json").read_text())
+        assert config["r"] == cfg.lora.r and sorted(config["target_modules"]) == sorted(cfg.target_modules)
+        logits = []
+        for folder in (a, p):
+            model = PeftModel.from_pretrained(base.model, str(folder)).eval()
+            with torch.no_grad():
+                logits.append(model(input_ids=ids).logits)
+            model.unload()
+        torch.testing.assert_close(logits[1], logits[0], rtol=1e-4, atol=1e-5)
+        assert (logits[1] - base.model(input_ids=ids).logits).abs().max() > 1e-3, "the adapter does something"
+
+
+def test_dropout_masks_depend_on_the_trial_only():
+    x = torch.ones(3, 4000)
+    keys = module_keys(row_keys(torch.tensor([5, 5, 6]), torch.tensor([2, 2, 2]), torch.tensor([0, 0, 0])), 123)
+    mask = dropout_mask(x, keys, torch.tensor([0.25, 0.25, 0.25]))
+    assert torch.equal(mask[0], mask[1]), "same seed, step, module, row: same mask, whatever else is packed"
+    assert not torch.equal(mask[0], mask[2])
+    assert mask.unique().tolist() == [0.0, pytest.approx(1 / 0.75)]
+    assert abs(float((mask[0] == 0).float().mean()) - 0.25) < 0.03
+    other = dropout_mask(x[:1], module_keys(row_keys(torch.tensor([5]), torch.tensor([3]), torch.tensor([0])), 123),
+                         torch.tensor([0.25]))
+    assert not torch.equal(other[0], mask[0]), "a new mask every step"
+
+
+def test_packed_sweep_records_every_trial_and_its_best_reruns_the_same(workdir, store):
+    import optuna
+    from mlflow.tracking import MlflowClient
+
+    args = ["sweep", "sweep=tiny", "pack=4", "n_trials=7", "trainer.base_dropout=false"]
+    proc = run_cli(*args, cwd=workdir)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "packing up to 4 trials" in proc.stderr and "pack summary" in proc.stderr
+    study = optuna.load_study(study_name="tiny", storage=f"sqlite:///{workdir}/mlruns/optuna.db")
+    states = [t.state.name for t in study.trials]
+    assert len(states) == 7 and "FAIL" not in states and states.count("COMPLETE") >= 2
+    client = MlflowClient(store)
+    exp = client.get_experiment_by_name("lora-exp")
+    runs = client.search_runs([exp.experiment_id], max_results=100)
+    children = {r.info.run_id: r for r in runs if r.data.tags.get("lora_exp.kind") == "trial"}
+    parent = next(r for r in runs if r.data.tags.get("lora_exp.kind") == "sweep")
+    assert len(children) == 7
+    for t in study.trials:
+        run = children[t.user_attrs["mlflow_run_id"]]
+        assert run.data.tags["mlflow.parentRunId"] == parent.info.run_id
+        assert run.data.params["pack_slots"] == "4"
+        assert run.info.status == {"COMPLETE": "FINISHED", "PRUNED": "KILLED"}[t.state.name]
+        history = [m.step for m in client.get_metric_history(run.info.run_id, "train_loss")]
+        assert history == [s for s, _ in t.user_attrs["loss_curve"]] and history[:3] == [1, 2, 3]
+        assert set(t.intermediate_values) == {s for s in (10, 20, 30) if s <= max(history)}
+        if t.state.name == "COMPLETE":
+            assert run.data.metrics["final_eval_loss"] == pytest.approx(t.value)
+            files = {a.path for a in client.list_artifacts(run.info.run_id)}
+            assert {"adapter", "generations.json", "config.yaml"} <= files
+    best = study.best_trial
+    assert client.get_model_version_by_alias("tiny", "best").run_id == best.user_attrs["mlflow_run_id"]
+
+    # the best trial, rerun alone from its run id, gives the same curve
+    rerun = run_cli("rerun", best.user_attrs["mlflow_run_id"], cwd=workdir)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    line = next(ln for ln in rerun.stdout.splitlines() if ln.startswith("final_eval_loss"))
+    original, again = (float(v) for v in line.split()[1:3])
+    assert _rel(original, again) <= 1e-3  # printed with 6 significant digits
+
+
+def test_pack_option_bad_values_fail_in_one_line_before_any_model_loads(workdir):
+    for args, message in ((["pack=0"], "pack: must be >= 1"), (["pack=two"], "sweep option"),
+                          (["pack=2", "lora.bias=all"], "pack: lora.bias=all trains the base model's biases")):
+        proc = run_cli("sweep", "sweep=tiny", *args, cwd=workdir)
+        assert proc.returncode == 2, proc.stderr
+        lines = [ln for ln in proc.stderr.strip().splitlines() if "Warning" not in ln and "warn" not in ln]
+        assert message in lines[-1]
+        assert not (workdir / "mlruns" / "optuna.db").exists(), "rejected before the study was created"
