@@ -14,7 +14,7 @@ ARTIFACTS ?= mlruns/served-artifacts
 SERVER_WORKERS ?= 1
 
 .DEFAULT_GOAL := help
-.PHONY: help setup train sweep ui dashboard server test test-quick bench bench-sweep clean rerun best
+.PHONY: help setup train sweep ui dashboard server test test-quick bench bench-sweep bench-gpu clean rerun best
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-11s %s\n", $$1, $$2}'
@@ -68,6 +68,11 @@ bench-sweep: ## make sweep timed on a fresh store, vs lora=seed at the same budg
 
 clean: ## remove tracking data and caches (keeps the venv)
 	rm -rf mlruns outputs .pytest_cache test-output
+
+bench-gpu: ## packed-trial throughput on a GPU vs the blog's Trainer (needs CUDA; see README "Packed trials")
+	$(BIN)/python bench/sweep_throughput.py baseline
+	$(BIN)/python bench/sweep_throughput.py engine --ks 1,16,64,256,1024 --profile 1024
+	$(BIN)/python bench/sweep_throughput.py sweep --k 1024 --trials 1024
 
 rerun: ## retrain from a run's recorded config: make rerun RUN_ID=<id> ARGS="trainer.max_steps=200"
 	@test -n "$(RUN_ID)" || { echo "usage: make rerun RUN_ID=<mlflow run id>"; exit 2; }

