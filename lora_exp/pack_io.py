@@ -31,12 +31,13 @@ REFRESH_S = 30.0
 class IOClient:
     """The training process's end: `submit` queues a task, `send` ships the queue (once a step)."""
 
-    def __init__(self, plan: SweepPlan):
+    def __init__(self, plan: SweepPlan, worker_index: int = 0):
         ctx = multiprocessing.get_context("spawn")
         self.tasks = ctx.SimpleQueue()
         self.results = ctx.SimpleQueue()
         self.pending: list[tuple[Any, ...]] = []
-        self.process = ctx.Process(target=_main, args=(plan, self.tasks, self.results), name="lora-exp-tracking",
+        self.process = ctx.Process(target=_main, args=(plan, self.tasks, self.results, worker_index),
+                                   name="lora-exp-tracking",
                                    daemon=True)
         self.process.start()
         self.failed: list[int] = []
@@ -95,7 +96,7 @@ class QueuedTracker:
 # --- the tracking process -------------------------------------------------------------------------
 
 
-def _main(plan: SweepPlan, tasks: Any, results: Any) -> None:
+def _main(plan: SweepPlan, tasks: Any, results: Any, worker_index: int) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     for noisy in ("httpx", "urllib3", "alembic", "mlflow", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
@@ -107,6 +108,7 @@ def _main(plan: SweepPlan, tasks: Any, results: Any) -> None:
     quiet_libraries()
     study = open_study(plan.spec, plan.options.storage, plan.study_name, create=False)
     worker = _Worker(plan, study, results)
+    worker.label = f"w{worker_index} " if plan.workers > 1 else ""
     beats = _Heartbeats(study, HEARTBEAT_S)
     worker.beats = beats
     try:
@@ -163,6 +165,7 @@ class _Worker:
         self.done = 0
         self.last_refresh = time.monotonic()
         self.beats: _Heartbeats | None = None
+        self.label = ""  # which worker's count, when several run
 
     def run(self, task: tuple[Any, ...]) -> None:
         kind = task[0]
@@ -261,7 +264,7 @@ class _Worker:
         if self.beats is not None:
             self.beats.remove(trial_id)
         self.done += 1
-        _print_line(self.plan, self.done, number, status, value, eval_curve, steps, overrides, wall)
+        _print_line(self.plan, f"{self.label}{self.done}", number, status, value, eval_curve, steps, overrides, wall)
         self.refresh()
 
     def refresh(self, final: bool = False) -> None:
@@ -282,7 +285,7 @@ def _provenance(provenance: Any) -> dict[str, str]:
     return _PROVENANCE
 
 
-def _print_line(plan: SweepPlan, done: int, number: int, status: str, value: Any, eval_curve: list[Any],
+def _print_line(plan: SweepPlan, done: str, number: int, status: str, value: Any, eval_curve: list[Any],
                 steps: int, overrides: list[str], wall: float) -> None:
     name = {"completed": "COMPLETE", "stopped": "PRUNED"}.get(status, "FAIL")
     shown = eval_curve[-1][1] if status == "stopped" and eval_curve else value

@@ -73,7 +73,7 @@ def run_packed_worker(plan: SweepPlan, worker_index: int, stop: Any, study: Any,
     max_rank, modules = pack_shape(plan, plan.base)
     trainer = PackTrainer(base, data, plan.base, k, max_rank, modules)
     log.info("packing up to %d trials on %s (rank %d, modules %s)", k, context.device, max_rank, ", ".join(modules))
-    io = IOClient(plan)
+    io = IOClient(plan, worker_index)
     base_values, base_dict = _base_values(plan), plan.base.to_dict()
     others: list[Any] = []  # trials that cannot share this pack: run alone afterwards
     view = _StudyView(study)

@@ -377,7 +377,7 @@ class _StopFlag:
         if self.requested or signum == signal.SIGTERM:
             raise KeyboardInterrupt
         self.requested = True
-        log.warning("stopping after the trial in flight (Ctrl-C again to stop now)")
+        log.warning("stopping after the trial(s) in flight (Ctrl-C again to stop now)")
 
 
 def run_worker(plan: SweepPlan, worker_index: int, n_workers: int | None = 1) -> bool:
