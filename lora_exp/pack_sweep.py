@@ -8,8 +8,7 @@ heartbeats run in a tracking process (lora_exp/pack_io.py), in order, so the tra
 waits for the stores; a trial is told to Optuna only after its run is closed, as unpacked.
 
 Trials whose shared settings differ from the pack's (another batch size, model or data) cannot
-share it: they run after the pack drains, each in turn on the same base, as an unpacked worker
-runs them.
+share it: they wait, grouped by those settings, and each group gets a pack of its own.
 """
 from __future__ import annotations
 
@@ -57,86 +56,141 @@ def trial_config(plan: SweepPlan, overrides: list[str], base_dict: dict[str, Any
 
 
 def run_packed_worker(plan: SweepPlan, worker_index: int, stop: Any, study: Any, context: Any) -> bool:
-    """Run the study's WAITING trials K at a time. Returns False when the failure limit stopped it."""
+    """Run the study's WAITING trials K at a time. Returns False when the failure limit stopped it.
+
+    Trials that cannot share the current pack (other shared settings: batch size, model, data...)
+    wait, grouped by those settings; when the pack drains, the next group gets a pack of its own."""
     import json
 
     import torch
-    from optuna.trial import TrialState
 
     from lora_exp.pack_io import IOClient
-    from lora_exp.pack_training import PackTrainer
+    from lora_exp.pack_training import pack_key
     from lora_exp.search import HEARTBEAT_S, _base_values, _in_flight_elsewhere, claim_waiting_trials, run_one_trial
 
-    k = plan.options.pack
-    base, data = context.prepare(plan.base)
-    sweep_tracking.load_base_cache(study, base)
-    max_rank, modules = pack_shape(plan, plan.base)
-    trainer = PackTrainer(base, data, plan.base, k, max_rank, modules)
-    log.info("packing up to %d trials on %s (rank %d, modules %s)", k, context.device, max_rank, ", ".join(modules))
     io = IOClient(plan, worker_index)
     base_values, base_dict = _base_values(plan), plan.base.to_dict()
-    others: list[Any] = []  # trials that cannot share this pack: run alone afterwards
     view = _StudyView(study)
-    trainer.eval_batch_hook = view.refresh
-    failures = 0
-    exhausted = False
+    parked: dict[Any, list[tuple[Any, list[str], RunConfig]]] = {}  # by shared settings, in claim order
+    alone: list[Any] = []  # trials no pack can hold (e.g. lora.bias searched): run one at a time
+    failures, exhausted = 0, False
+    cfg: RunConfig = plan.base
+    trainer: PackTrainer | None = None
 
     def too_many() -> bool:
         return bool(plan.spec.max_failures and failures >= plan.spec.max_failures)
 
+    def begin(prepared: tuple[Any, list[str], RunConfig]) -> None:
+        assert trainer is not None
+        trial, overrides, tcfg = prepared
+        if trainer.fits(tcfg) is not None:
+            if pack_key(tcfg) == trainer.key:
+                alone.append(trial)
+            else:
+                parked.setdefault(pack_key(tcfg), []).append(prepared)
+            return
+        _begin(plan, trainer, trainer.free_slots()[0], trial, overrides, tcfg, io, view)
+
     try:
         while True:
-            if not stop.requested and not exhausted and trainer.free_slots() and not too_many():
-                if plan.timeout and time.time() - plan.started > plan.timeout:
-                    exhausted = True
-                    log.info("timeout reached: no new trials")
-                else:
-                    free = trainer.free_slots()
-                    claimed = claim_waiting_trials(study, plan.options.storage, min(len(free), CLAIM_BATCH))
-                    if not claimed and not trainer.live():
+            if trainer is None:
+                trainer = _new_pack(plan, cfg, study, context, view)
+            if not stop.requested and not too_many() and trainer.free_slots():
+                queue = parked.get(trainer.key, [])
+                while queue and trainer.free_slots():
+                    begin(queue.pop(0))
+                if trainer.free_slots() and not exhausted:
+                    if plan.timeout and time.time() - plan.started > plan.timeout:
                         exhausted = True
-                    for trial in claimed:
-                        if not _start(plan, trainer, trainer.free_slots()[0], trial, io, base_values, base_dict,
-                                      others, view):
-                            failures += 1
+                        log.info("timeout reached: no new trials")
+                    else:
+                        claimed = claim_waiting_trials(study, plan.options.storage,
+                                                       min(len(trainer.free_slots()), CLAIM_BATCH))
+                        if not claimed and not trainer.live():
+                            exhausted = True
+                        for trial in claimed:
+                            prepared = _prepare(plan, trial, io, base_values, base_dict)
+                            if prepared is None:
+                                failures += 1
+                            elif trainer.free_slots():
+                                begin(prepared)
+                            else:
+                                parked.setdefault(pack_key(prepared[2]), []).append(prepared)
             if trainer.live():
                 for run in trainer.step():
                     failures += _finish(plan, run, io)
             failures += len(io.poll())
             io.send()
-            if not trainer.live() and (exhausted or stop.requested or too_many()):
+            if trainer.live():
+                continue
+            if stop.requested or too_many():
+                break
+            if parked.get(trainer.key):
+                continue
+            waiting = [group for group in parked.values() if group]
+            if waiting:  # the next group of shared settings gets a pack of its own
+                log.info("pack summary: %s", json.dumps(trainer.summary()))
+                trainer.close()
+                cfg, trainer = waiting[0][0][2], None
+                continue
+            if exhausted:
                 break
     except BaseException as exc:
-        failing = [r for r in trainer.runs if r is not None]
         reason = "interrupted" if isinstance(exc, KeyboardInterrupt) else f"{type(exc).__name__}: {exc}".splitlines()[0]
+        failing = [r for r in trainer.runs if r is not None] if trainer is not None else []
         log.error("pack stopped (%s): failing its %d trial(s) in flight", reason, len(failing))
         for run in failing:
             run.error = reason
             run.result.status = "failed"
             _finish(plan, run, io)
-        trainer.close()
+        _fail_unstarted(parked, alone, io, reason)
+        if trainer is not None:
+            trainer.close()
         io.close()
         raise
     finally:
-        log.info("pack summary: %s", json.dumps(trainer.summary()))
-        trainer.close()
+        if trainer is not None:
+            log.info("pack summary: %s", json.dumps(trainer.summary()))
+            trainer.close()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
-    for trial in others:  # different shared settings: alone, as an unpacked worker would
-        if stop.requested:
-            study.tell(trial, state=TrialState.FAIL)
-            continue
+    if stop.requested or too_many():
+        _fail_unstarted(parked, alone, io, "the sweep stopped before it ran")
+        alone = []
+    for trial in alone:  # heartbeats go on from the tracking process until it closes
         if run_one_trial(plan, study, trial, context) == "FAIL":
             failures += 1
     failures += len(io.close())
     if too_many():
         log.error("%d trials failed (max_failures=%d): stopping the sweep", failures, plan.spec.max_failures)
         return False
+    from optuna.trial import TrialState
+
     while _in_flight_elsewhere(study, plan) and not stop.requested:  # other workers still running
         time.sleep(max(0.5, HEARTBEAT_S / 2))
         if study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
             return run_packed_worker(plan, worker_index, stop, study, context)
     return True
+
+
+def _new_pack(plan: SweepPlan, cfg: RunConfig, study: Any, context: Any, view: Any) -> PackTrainer:
+    from lora_exp.pack_training import PackTrainer
+
+    base, data = context.prepare(cfg)
+    sweep_tracking.load_base_cache(study, base)
+    max_rank, modules = pack_shape(plan, cfg)
+    trainer = PackTrainer(base, data, cfg, plan.options.pack, max_rank, modules)
+    trainer.eval_batch_hook = view.refresh
+    log.info("packing up to %d trials on %s (rank %d, modules %s)", plan.options.pack, context.device, max_rank,
+             ", ".join(modules))
+    return trainer
+
+
+def _fail_unstarted(parked: dict[Any, list[Any]], alone: list[Any], io: Any, reason: str) -> None:
+    """Claimed trials that never got a slot: failed (a later start tops the study up again)."""
+    for trial in [p[0] for group in parked.values() for p in group] + list(alone):
+        io.submit("fail", trial.number, trial._trial_id, reason)
+    parked.clear()
 
 
 class _StudyView:
@@ -185,10 +239,9 @@ class PackPruning:
         return bool(self.view._study.pruner.prune(self.view, frozen))
 
 
-def _start(plan: SweepPlan, trainer: PackTrainer, slot: int, trial: Any, io: Any, base_values: dict[str, Any],
-           base_dict: dict[str, Any], others: list[Any], view: _StudyView) -> bool:
-    """Sample the trial and give it a slot; False if its config is rejected (the trial fails)."""
-    from lora_exp.pack_io import QueuedTracker
+def _prepare(plan: SweepPlan, trial: Any, io: Any, base_values: dict[str, Any],
+             base_dict: dict[str, Any]) -> tuple[Any, list[str], RunConfig] | None:
+    """Sample the trial and build its config; None if the config rejects it (the trial fails)."""
     from lora_exp.sweeps import suggest
 
     io.submit("beat_add", trial._trial_id)
@@ -200,16 +253,20 @@ def _start(plan: SweepPlan, trainer: PackTrainer, slot: int, trial: Any, io: Any
         reason = f"{type(exc).__name__}: {exc}".splitlines()[0][:500]
         log.error("trial %d failed: %s", trial.number, reason)
         io.submit("fail", trial.number, trial._trial_id, reason)
-        return False
-    if trainer.fits(cfg) is not None:
-        others.append(trial)
-        return True
+        return None
+    return trial, overrides, cfg
+
+
+def _begin(plan: SweepPlan, trainer: PackTrainer, slot: int, trial: Any, overrides: list[str], cfg: RunConfig,
+           io: Any, view: _StudyView) -> None:
+    """Give the trial a slot: its MLflow run opens (in the tracking process) and it trains."""
+    from lora_exp.pack_io import QueuedTracker
+
     tags = {"lora_exp.kind": "trial", "lora_exp.study": plan.study_name, "trial_number": trial.number,
             "lora_exp.trial_overrides": " ".join(overrides)}
     tracker = QueuedTracker(io, trial.number, f"{plan.study_name}-trial-{trial.number}", tags)
     callbacks = [] if plan.spec.multi else [PackPruning(trial, plan.spec.metric, view, io)]
     trainer.start(slot, cfg, tracker, callbacks, handle=(trial, overrides, time.perf_counter()))
-    return True
 
 
 def _finish(plan: SweepPlan, run: SlotRun, io: Any) -> int:

@@ -181,3 +181,19 @@ def test_pack_option_bad_values_fail_in_one_line_before_any_model_loads(workdir)
         lines = [ln for ln in proc.stderr.strip().splitlines() if "Warning" not in ln and "warn" not in ln]
         assert message in lines[-1]
         assert not (workdir / "mlruns" / "optuna.db").exists(), "rejected before the study was created"
+
+
+def test_trials_with_other_shared_settings_get_a_pack_of_their_own(workdir, store):
+    """Searching the batch size: trials of each batch size train in their own pack."""
+    import optuna
+
+    sweep = workdir / "bs.yaml"
+    sweep.write_text((Path(__file__).parent.parent / "sweeps" / "tiny.yaml").read_text()
+                     + "  trainer.batch_size: {type: categorical, choices: [1, 5]}\n")
+    proc = run_cli("sweep", f"sweep={sweep}", "pack=4", "n_trials=8", "trainer.max_steps=20", cwd=workdir)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    study = optuna.load_study(study_name="tiny", storage=f"sqlite:///{workdir}/mlruns/optuna.db")
+    sizes = {t.params["trainer.batch_size"] for t in study.trials}
+    assert sizes == {1, 5}, "both batch sizes sampled (else the test proves nothing)"
+    assert all(t.state.name in ("COMPLETE", "PRUNED") for t in study.trials)
+    assert proc.stderr.count("packing up to 4 trials") == 2 and proc.stderr.count("pack summary") == 2
