@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
+import os
 import shutil
 import threading
 import time
@@ -135,7 +136,12 @@ class _Heartbeats:
         self.thread.start()
 
     def _beat(self) -> None:
+        parent = multiprocessing.parent_process()
         while not self.stop.wait(self.interval):
+            if parent is not None and not parent.is_alive():
+                # the trainer died without closing us (SIGKILL, power loss): stop beating at once,
+                # so its trials go stale and are retried, as an unpacked worker's would
+                os._exit(1)
             with self.lock:
                 ids = list(self.trial_ids)
             for trial_id in ids:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import time
 from pathlib import Path
 
 import pytest
@@ -197,3 +198,77 @@ def test_trials_with_other_shared_settings_get_a_pack_of_their_own(workdir, stor
     assert sizes == {1, 5}, "both batch sizes sampled (else the test proves nothing)"
     assert all(t.state.name in ("COMPLETE", "PRUNED") for t in study.trials)
     assert proc.stderr.count("packing up to 4 trials") == 2 and proc.stderr.count("pack summary") == 2
+
+
+def _popen(workdir, *args, env=None):
+    import os
+    import subprocess
+    import sys
+
+    exe = str(Path(sys.executable).parent / "lora-exp")
+    return subprocess.Popen([exe, "sweep", *args], cwd=workdir, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, env={**os.environ, **(env or {})})
+
+
+def _wait_for(proc, text, seen):
+    for line in proc.stdout:
+        seen.append(line)
+        if text in line:
+            return
+    raise AssertionError("".join(seen))
+
+
+def _study_states(workdir):
+    import optuna
+
+    study = optuna.load_study(study_name="tiny", storage=f"sqlite:///{workdir}/mlruns/optuna.db")
+    return study.trials
+
+
+def test_packed_sweep_ctrl_c_twice_fails_the_pack_then_resumes(workdir, store):
+    import signal
+
+    from mlflow.tracking import MlflowClient
+
+    args = ["sweep=tiny", "pack=2", "n_trials=4", "trainer.max_steps=3000", "trainer.eval_steps=1000"]
+    proc, seen = _popen(workdir, *args), []
+    _wait_for(proc, "packing up to 2 trials", seen)
+    time.sleep(3)
+    proc.send_signal(signal.SIGINT)
+    time.sleep(0.3)
+    proc.send_signal(signal.SIGINT)
+    out = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 130, "".join(seen) + out
+    failed = [t for t in _study_states(workdir) if t.state.name == "FAIL"]
+    assert len(failed) == 2 and {t.user_attrs["failure"] for t in failed} == {"interrupted"}
+    client = MlflowClient(store)
+    for t in failed:
+        run = client.get_run(t.user_attrs["mlflow_run_id"])
+        assert run.info.status == "FAILED" and run.data.tags["error"] == "interrupted"
+    proc = run_cli("sweep", "sweep=tiny", "pack=2", "n_trials=4", "trainer.max_steps=20", cwd=workdir)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    states = [t.state.name for t in _study_states(workdir)]
+    assert states.count("COMPLETE") + states.count("PRUNED") == 4
+
+
+def test_packed_worker_killed_its_trials_go_stale_and_are_retried(workdir, store):
+    import signal
+
+    env = {"LORA_EXP_HEARTBEAT_SECONDS": "1"}  # grace: 4 s
+    args = ["sweep=tiny", "pack=2", "n_trials=4", "trainer.max_steps=3000", "trainer.eval_steps=1000"]
+    proc, seen = _popen(workdir, *args, env=env), []
+    _wait_for(proc, "packing up to 2 trials", seen)
+    time.sleep(3)
+    proc.send_signal(signal.SIGKILL)  # no handler runs; its tracking process must notice and stop beating
+    proc.wait(timeout=30)
+    assert len([t for t in _study_states(workdir) if t.state.name == "RUNNING"]) == 2
+    time.sleep(6)
+    proc = run_cli("sweep", "sweep=tiny", "pack=2", "n_trials=4", "trainer.max_steps=20", cwd=workdir, env=env,
+                   timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    trials = _study_states(workdir)
+    states = [t.state.name for t in trials]
+    assert states.count("FAIL") == 2 and states.count("COMPLETE") + states.count("PRUNED") == 4
+    dead = [t for t in trials if t.state.name == "FAIL"]
+    retried = [t for t in trials if t.system_attrs.get("failed_trial") in {d.number for d in dead}]
+    assert len(retried) == 2, "each dead trial retried with its parameters"
