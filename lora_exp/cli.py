@@ -1,7 +1,7 @@
 """`lora-exp` entry point: subcommands -> plain functions. Hydra overrides pass straight through.
 
     lora-exp train [overrides...]              train one adapter, tracked in MLflow
-    lora-exp sweep [options] [overrides...]    Optuna search; options: sweep= n_trials= workers= storage= study= timeout=
+    lora-exp sweep [options] [overrides...]    Optuna search; options: sweep= n_trials= workers= storage= study= timeout= pack=
     lora-exp best [study=NAME] [storage=URL] [--promote RUN_ID]
                                                best trial (or Pareto front): run ids, objectives, the command
     lora-exp rerun RUN_ID [overrides...]       retrain from the config recorded with a run
@@ -36,7 +36,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("overrides", nargs="*")
     p = sub.add_parser("sweep", help="Optuna search over LoRA configs; trials nested in MLflow")
     p.add_argument("overrides", nargs="*",
-                   help="sweep options (sweep=NAME n_trials=N workers=N storage=URL study=NAME) and config overrides")
+                   help="sweep options (sweep=NAME n_trials=N workers=N storage=URL study=NAME timeout=S "
+                        "pack=K) and config overrides")
     p = sub.add_parser("best", help="best trial of a study (its Pareto front if it has several objectives)")
     p.add_argument("options", nargs="*", help="study=NAME storage=URL")
     p.add_argument("--promote", metavar="RUN_ID", help="point models:/<study>@best at this trial's run")
