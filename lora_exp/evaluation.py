@@ -59,15 +59,19 @@ def generate(model: Any, tokenizer: Any, prompts: list[Prompt], device: torch.de
             out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
                                  pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
             new = out[:, enc["input_ids"].shape[1]:]
-            if stats is not None:  # tokens up to and including the first EOS of each row
-                is_eos = (new == tokenizer.eos_token_id).int()
-                before_eos = (is_eos.cumsum(dim=1) - is_eos) == 0
-                stats["new_tokens"] = stats.get("new_tokens", 0) + int(before_eos.sum())
+            if stats is not None:
+                stats["new_tokens"] = stats.get("new_tokens", 0) + int(new_tokens(new, tokenizer.eos_token_id).sum())
             outputs.extend(t.strip() for t in tokenizer.batch_decode(new, skip_special_tokens=True))
     finally:
         tokenizer.padding_side = side
         model.train(was_training)
     return outputs
+
+
+def new_tokens(new: torch.Tensor, eos_id: int) -> torch.Tensor:
+    """Generated tokens per row, up to and including the first EOS."""
+    is_eos = (new == eos_id).int()
+    return ((is_eos.cumsum(dim=1) - is_eos) == 0).sum(dim=1)
 
 
 def exact_match(output: str, answers: tuple[str, ...]) -> bool:

@@ -293,13 +293,10 @@ def _provenance(provenance: Any) -> dict[str, str]:
 
 def _print_line(plan: SweepPlan, done: str, number: int, status: str, value: Any, eval_curve: list[Any],
                 steps: int, overrides: list[str], wall: float) -> None:
-    name = {"completed": "COMPLETE", "stopped": "PRUNED"}.get(status, "FAIL")
-    shown = eval_curve[-1][1] if status == "stopped" and eval_curve else value
-    if isinstance(shown, list):
-        text = " ".join(f"{m}={v:.4g}" for m, v in zip(plan.spec.metrics, shown))
-    else:
-        text = f"{plan.spec.metric}={shown:.4f}" if shown is not None else plan.spec.metric + "=-"
-    if status == "stopped":
-        text += f"@{steps}"
-    print(f"[{done}/{plan.n_trials}] trial {number:>3} {name:<8} {text}  {' '.join(overrides)}  ({wall:.1f}s, packed)",
+    from lora_exp.search import trial_line
+
+    state = {"completed": "COMPLETE", "stopped": "PRUNED"}.get(status, "FAIL")
+    stopped = status == "stopped"
+    shown = eval_curve[-1][1] if stopped and eval_curve else value
+    print(trial_line(plan, done, number, state, shown, overrides, f"{wall:.1f}s, packed", steps if stopped else None),
           flush=True)

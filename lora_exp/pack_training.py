@@ -26,7 +26,7 @@ from lora_exp.adapters import build_lora_config, train_mode
 from lora_exp.config import RunConfig
 from lora_exp.data import PreparedData
 from lora_exp.errors import ConfigError
-from lora_exp.evaluation import autocast, eval_loss, generate, generations_table, score_outputs
+from lora_exp.evaluation import autocast, eval_loss, generate, generations_table, new_tokens, score_outputs
 from lora_exp.models import BaseModel
 from lora_exp.packed import (OutputHead, PackedModel, SlotSpec, TokenTable, batch_schedule, matches, row_keys,
                              slot_losses)
@@ -364,9 +364,9 @@ class PackTrainer:
         batch, left-padded, as `generate` does for one adapter)."""
         tok, prompts = self.base.tokenizer, self.data.prompts
         outs: list[list[str]] = [[] for _ in slots]
-        new_tokens = [0] * len(slots)
+        n_new = [0] * len(slots)
         if not prompts:
-            return outs, new_tokens
+            return outs, n_new
         model, g = self.base.model, self.pm.groups
         model.eval()
         side = tok.padding_side
@@ -387,20 +387,19 @@ class PackTrainer:
                                          max_new_tokens=self.max_new_tokens, do_sample=False,
                                          pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
                     new = out[:, enc["input_ids"].shape[1]:]
-                    is_eos = (new == tok.eos_token_id).int()
-                    counted = ((is_eos.cumsum(dim=1) - is_eos) == 0).sum(dim=1).view(len(chunk), -1).sum(dim=1)
+                    counted = new_tokens(new, tok.eos_token_id).view(len(chunk), -1).sum(dim=1)
                     decoded = [t.strip() for t in tok.batch_decode(new, skip_special_tokens=True)]
                     for j, slot in enumerate(chunk):
                         pos = slots.index(slot)
                         outs[pos] += decoded[j * len(texts):(j + 1) * len(texts)]
-                        new_tokens[pos] += int(counted[j])
+                        n_new[pos] += int(counted[j])
         finally:
             if self.weights is not None:
                 self.weights.use_bf16()
             tok.padding_side = side
             g.slots, g.rows = None, self.batch
             train_mode(model, self.base_dropout)
-        return outs, new_tokens
+        return outs, n_new
 
     def _close_metrics(self, run: SlotRun) -> None:
         r, m = run.result, run.result.metrics
@@ -426,9 +425,9 @@ class PackTrainer:
             self._close_metrics(run)
         _, base_out, base_scores = self._base_results()
         t0 = time.perf_counter()
-        outputs, new_tokens = self._generate([run.slot for run in runs])
+        outputs, counts = self._generate([run.slot for run in runs])
         seconds = (time.perf_counter() - t0) / len(runs)
-        for run, adapter_out, n_new in zip(runs, outputs, new_tokens):
+        for run, adapter_out, n_new in zip(runs, outputs, counts):
             m = run.result.metrics
             m["generation_s"] = seconds
             if n_new:
@@ -458,11 +457,6 @@ class PackTrainer:
                 "ms_per_step": round(1e3 * wall / max(1, self.steps_run), 2),
                 "occupancy": round(self.trial_steps / max(1, self.steps_run * self.k), 4),
                 "peak_memory_gib": round(peak_memory_mb(self.device) / 1024, 2), "device": str(self.device)}
-
-    def save_adapter(self, slot: int, directory: str) -> None:
-        run = self.runs[slot]
-        assert run is not None
-        self.pm.save_adapter(slot, build_lora_config(run.cfg), directory)
 
     def close(self) -> None:
         if self.weights is not None:

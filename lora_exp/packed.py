@@ -371,10 +371,6 @@ class PackedModel:
                                     step_size, bc2_sqrt, b1, b2, eps)
         g.zero_()
 
-    def current_lr(self) -> torch.Tensor:
-        """The learning rate of each slot's next step (what the scheduler reports after a step)."""
-        return self.lr.to(torch.float64) * self.lr_factor(self.step)
-
     # -- extraction --
 
     def adapter_state(self, slot: int) -> dict[str, torch.Tensor]:

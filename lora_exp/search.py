@@ -638,11 +638,16 @@ def _print_trial_line(plan: SweepPlan, study: Any, number: int, state: str, valu
     from optuna.trial import TrialState
 
     done = len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)))
+    print(trial_line(plan, str(done), number, state, value, overrides, f"{wall:.1f}s", at_step), flush=True)
+
+
+def trial_line(plan: SweepPlan, done: str, number: int, state: str, value: Any, overrides: list[str], wall: str,
+               at_step: int | None = None) -> str:
+    """The one line a sweep prints per finished trial (packed or not)."""
     if isinstance(value, list):
         shown = " ".join(f"{m}={v:.4g}" for m, v in zip(plan.spec.metrics, value))
     else:
         shown = f"{plan.spec.metric}={value:.4f}" if value is not None else plan.spec.metric + "=-"
     if at_step is not None:
         shown += f"@{at_step}"
-    print(f"[{done}/{plan.n_trials}] trial {number:>3} {state:<8} {shown}  {' '.join(overrides)}  ({wall:.1f}s)",
-          flush=True)
+    return f"[{done}/{plan.n_trials}] trial {number:>3} {state:<8} {shown}  {' '.join(overrides)}  ({wall})"
