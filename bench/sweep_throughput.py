@@ -128,28 +128,40 @@ def cmd_engine(args: argparse.Namespace) -> None:
 
     max_rank = max(c.lora.r for c in cfgs)
     modules = sorted({m for c in cfgs for m in c.target_modules})
-    for k in [int(x) for x in args.ks.split(",")]:
-        trainer = PackTrainer(base, data, cfgs[0], k, max_rank, modules)
+    runs = [(mode, int(k)) for mode in args.modes.split(",") for k in args.ks.split(",")]
+    for mode, k in runs:
+        os.environ["LORA_EXP_PACK_COMPILE"] = mode
+        try:
+            trainer = PackTrainer(base, data, cfgs[0], k, max_rank, modules)
+        except Exception as exc:  # a variant that cannot run here is reported, not fatal
+            print(json.dumps({"what": "packed step", "mode": mode, "k": k, "error": repr(exc)[:300]}), flush=True)
+            continue
         try:
             for slot in range(k):
                 trainer.start(slot, cfgs[slot], NullTracker())
+            sync()
+            t0 = time.perf_counter()
             for _ in range(args.warmup):
                 trainer.step()
             sync()
+            warm_s = time.perf_counter() - t0
             start = time.perf_counter()
             for _ in range(args.steps):
                 trainer.step()
             sync()
             step_s = (time.perf_counter() - start) / args.steps
             peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0
-            print(json.dumps({"what": "packed step", "arch": args.arch, "precision": args.precision, "k": k,
+            print(json.dumps({"what": "packed step", "arch": args.arch, "precision": args.precision, "mode": mode,
+                              "k": k, "warmup_s": round(warm_s, 1),
                               "step_ms": round(step_s * 1e3, 2), "trial_steps_per_s": round(k / step_s, 1),
                               "trials_per_hour": round(3600 * k / (step_s * SEED_STEPS), 1),
                               "peak_gib": round(peak, 2),
                               "bf16_peak_fraction": round(k * flops / step_s / BF16_PEAK, 4),
                               "useful_gflop_per_trial_step": round(flops / 1e9, 2)}), flush=True)
-            if args.profile and k == args.profile:
+            if args.profile and k == args.profile and mode == args.modes.split(",")[0]:
                 profile(trainer)
+        except Exception as exc:
+            print(json.dumps({"what": "packed step", "mode": mode, "k": k, "error": repr(exc)[:300]}), flush=True)
         finally:
             trainer.close()
             del trainer
@@ -263,6 +275,7 @@ def main() -> None:
         s.add_argument("--arch", default="gpt2", choices=["gpt2", "smollm2"])
     e = sub.choices["engine"]
     e.add_argument("--ks", default="1,16,64,256,1024")
+    e.add_argument("--modes", default="full", help="compile modes to time, of lora_exp.packed.COMPILE_MODES")
     e.add_argument("--steps", type=int, default=20)
     e.add_argument("--warmup", type=int, default=5)
     e.add_argument("--profile", type=int, default=0, help="profile the step at this K")

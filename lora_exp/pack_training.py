@@ -28,7 +28,7 @@ from lora_exp.data import PreparedData
 from lora_exp.errors import ConfigError
 from lora_exp.evaluation import autocast, eval_loss, generate, generations_table, new_tokens, score_outputs
 from lora_exp.models import BaseModel
-from lora_exp.packed import (OutputHead, PackedModel, SlotSpec, TokenTable, batch_schedule, matches, row_keys,
+from lora_exp.packed import (OutputHead, compiled, PackedModel, SlotSpec, TokenTable, batch_schedule, matches, row_keys,
                              slot_losses)
 from lora_exp.tracking import Tracker, flatten
 from lora_exp.training import Callback, TrialResult, _cached, peak_memory_mb, total_steps, warmup_steps
@@ -111,9 +111,12 @@ class PackTrainer:
         self.device = base.device
         self.pad = base.tokenizer.pad_token_id
         self.base_params = sum(p.numel() for p in base.model.parameters())
-        self.pm = PackedModel(base, slots, max_rank, modules)
-        self.k = slots
         bf16 = self.precision == "bf16" and self.device.type == "cuda"
+        self.pm = PackedModel(base, slots, max_rank, modules, low_precision=bf16)
+        self.k = slots
+        self.train_loss = _train_loss
+        if self.pm.whole_step:
+            self.train_loss = compiled(_train_loss, "reduce-overhead" if self.pm.mode == "graphs" else None)
         self.head = OutputHead(base.model, torch.bfloat16 if bf16 else torch.float32)
         self.weights = _FrozenWeights(base.model, self.pm) if bf16 else None
         self.train_table = TokenTable.build(data.train, self.pad, self.device)
@@ -182,7 +185,9 @@ class PackTrainer:
         self.runs[slot] = run
         self.host_step[slot] = 0
         self.steps_total[slot] = spec.steps
-        self.dropout_on = any(r is not None and r.spec.dropout > 0 for r in self.runs)
+        # a compiled step always masks (p=0 keeps every element, times exactly 1): no recompile
+        # when the last trial with dropout leaves
+        self.dropout_on = self.pm.whole_step or any(r is not None and r.spec.dropout > 0 for r in self.runs)
         tracker.log_params({**flatten(cfg.to_dict()), "target_modules": cfg.target_modules,
                             "trainable_params": run.trainable, "total_params": total, "total_steps": spec.steps,
                             "pack_slots": self.k})
@@ -216,9 +221,9 @@ class PackTrainer:
         else:
             g.dropout = None
         with autocast(self.device, self.precision), record_function("pack.forward"):
-            losses = slot_losses(self.base.model, ids, mask, labels, self.k, self.batch, self.head)
+            losses, total = self.train_loss(self.base.model, self.head, ids, mask, labels, pm.live, self.k, self.batch)
         with record_function("pack.backward"):
-            (losses * pm.live).sum().backward()
+            total.backward()
         self.sums += losses.detach().double() * pm.live
         with record_function("pack.optimizer"):
             pm.optimizer_step()
@@ -463,6 +468,14 @@ class PackTrainer:
             self.weights.use_fp32()
         self.pm.close()
         self.base.model.eval()
+
+
+def _train_loss(model: Any, head: Any, ids: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor, live: torch.Tensor,
+                k: int, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every slot's mean loss and the sum that backward starts from (compiled as one graph in
+    the `full` and `graphs` modes)."""
+    losses = slot_losses(model, ids, mask, labels, k, rows, head)
+    return losses, (losses * live).sum()
 
 
 class _FrozenWeights:

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import math
 import os
-import warnings
 import zlib
 from dataclasses import dataclass, field
 from typing import Any, Iterable
@@ -30,9 +29,6 @@ from lora_exp.data import IGNORE, Example
 
 M32 = 0xFFFFFFFF
 
-# LoRA gradients accumulate in place into views of one flat buffer [K, P] (so the optimizer is a
-# few whole-buffer kernels); autograd notes that the views' strides differ from a fresh gradient's.
-warnings.filterwarnings("ignore", message=".*gradient layout contract.*")
 
 
 # --- per-trial randomness, shared with a trial trained alone ----------------------------------
@@ -96,6 +92,18 @@ def adamw_(params: torch.Tensor, grads: torch.Tensor, exp_avg: torch.Tensor, exp
 
 _COMPILED: dict[Any, Any] = {}
 
+#: off: eager; parts: the optimizer and dropout kernels compiled; full: also the whole training
+#: forward (base + LoRA + loss) and its backward; graphs: full, replayed as CUDA graphs
+COMPILE_MODES = ("off", "parts", "full", "graphs")
+
+
+def compile_mode(device: torch.device) -> str:
+    """LORA_EXP_PACK_COMPILE, else `full` on CUDA and `off` elsewhere (compiling pays on a GPU;
+    on a CPU it costs more than it saves)."""
+    mode = os.environ.get("LORA_EXP_PACK_COMPILE", "").strip().lower()
+    mode = {"0": "off", "1": "full", "": "full" if device.type == "cuda" else "off"}.get(mode, mode)
+    return mode
+
 
 def fused(fn: Any, enabled: bool) -> Any:
     """`fn` compiled by torch.compile (one fused kernel instead of ~15 passes over memory) when
@@ -103,12 +111,16 @@ def fused(fn: Any, enabled: bool) -> Any:
     if not enabled:
         return fn
     if fn not in _COMPILED:
-        import torch._dynamo
-
-        # one graph per shape (eval, train, each module width): allow more than the default 8
-        torch._dynamo.config.recompile_limit = max(64, torch._dynamo.config.recompile_limit)
-        _COMPILED[fn] = torch.compile(fn, dynamic=False)
+        _COMPILED[fn] = compiled(fn)
     return _COMPILED[fn]
+
+
+def compiled(fn: Any, mode: str | None = None) -> Any:
+    import torch._dynamo
+
+    # one graph per shape (eval, train, each module width): allow more than the default 8
+    torch._dynamo.config.recompile_limit = max(64, torch._dynamo.config.recompile_limit)
+    return torch.compile(fn, dynamic=False, mode=mode)
 
 
 def init_lora_a(seed: int, key: int, r: int, in_features: int) -> torch.Tensor:
@@ -187,14 +199,17 @@ class PackedLoraLayer(nn.Module):
     """A frozen linear (or GPT-2 Conv1D) plus one LoRA delta per slot, computed as two bmm's."""
 
     def __init__(self, base_layer: nn.Module, name: str, groups: _Groups, a: torch.Tensor, b: torch.Tensor,
-                 scale: torch.Tensor):
+                 scale: torch.Tensor, master_a: torch.Tensor, master_b: torch.Tensor):
         super().__init__()
         self.base_layer = base_layer
         self.name = name
         self.key = module_key(name)
         self.groups = groups
-        self.lora_A = nn.Parameter(a)  # [K, in, R] view into the pack's flat parameter buffer
+        # views into the pack's flat buffers: the compute copy (the fp32 master itself, or its
+        # bf16 copy when the pack trains in bf16) is what autograd sees
+        self.lora_A = nn.Parameter(a)  # [K, R, in] (rank-major: a slot's rank r is a prefix)
         self.lora_B = nn.Parameter(b)  # [K, R, out]
+        self.master = (master_a, master_b)
         self.register_buffer("scale", scale, persistent=False)  # [K]
         self.active = False  # some slot targets this module
 
@@ -209,12 +224,16 @@ class PackedLoraLayer(nn.Module):
             keys, p = g.dropout
             xr = xs.reshape(x.shape[0], -1)
             with torch.no_grad():
-                mask = fused(dropout_mask, g.compile)(xr.detach(), module_keys(keys, self.key), p)
+                # inside a compiled step the hash fuses into the multiply; eager, it is one kernel
+                masker = dropout_mask if torch.compiler.is_compiling() else fused(dropout_mask, g.compile)
+                mask = masker(xr.detach(), module_keys(keys, self.key), p)
             xs = (xr * mask).view_as(xs)
         a, b, s = self.lora_A, self.lora_B, self.scale
+        if a.dtype != x.dtype and not torch.is_autocast_enabled(x.device.type):
+            a, b = self.master  # fp32 work (generation) of a bf16 pack: the fp32 weights
         if g.slots is not None:
             a, b, s = a.index_select(0, g.slots), b.index_select(0, g.slots), s.index_select(0, g.slots)
-        delta = torch.bmm(torch.bmm(xs, a), b)  # autocast runs both in bf16 when asked
+        delta = torch.bmm(torch.bmm(xs, a.transpose(1, 2)), b)  # autocast runs both in bf16 when asked
         delta = delta * s.to(delta.dtype).view(-1, 1, 1)
         return y + delta.reshape(y.shape).to(y.dtype)
 
@@ -235,20 +254,28 @@ def matches(name: str, targets: Iterable[str]) -> bool:
 class PackedModel:
     """The base model with every module any trial may target wrapped in a PackedLoraLayer.
 
-    All LoRA parameters of all slots live in one flat fp32 buffer [K, P] (and its gradient in
-    another): the optimizer, gradient clipping and slot resets are a few whole-buffer kernels.
-    `close()` puts the original modules back.
+    All LoRA weights of all slots live in one flat fp32 buffer [K, P] (the master weights; AdamW's
+    moments in two more), laid out module by module, A then B. When the pack trains in bf16
+    (`low_precision`), the forward reads a bf16 copy of it that the optimizer writes, exactly the
+    values autocast would cast the master weights to at every use. `close()` puts the original
+    modules back.
     """
 
-    def __init__(self, base: Any, slots: int, max_rank: int, modules: Iterable[str], compile: bool | None = None):
+    def __init__(self, base: Any, slots: int, max_rank: int, modules: Iterable[str], compile: str | None = None,
+                 low_precision: bool = False):
         self.base = base
         self.model = base.model
         self.device = base.device
         self.k, self.rank = slots, max_rank
         self.groups = _Groups()
-        if compile is None:  # on CUDA unless LORA_EXP_PACK_COMPILE=0 (the bench's eager variant)
-            compile = self.device.type == "cuda" and os.environ.get("LORA_EXP_PACK_COMPILE", "1") != "0"
-        self.groups.compile = self.compile = compile
+        self.mode = compile_mode(self.device) if compile is None else compile
+        if self.mode not in COMPILE_MODES:
+            raise ValueError(f"pack compile mode {self.mode!r}: expected one of {', '.join(COMPILE_MODES)}")
+        self.groups.compile = self.compile = self.mode != "off"
+        #: the whole training step is one compiled graph (full, graphs)
+        self.whole_step = self.mode in ("full", "graphs")
+        #: the Triton optimizer (pack_kernels) on CUDA; torch ops elsewhere
+        self.kernels = self.compile and self.device.type == "cuda"
         wanted = list(modules)
         found = [(name, mod, _layer_shape(mod)) for name, mod in self.model.named_modules()
                  if matches(name, wanted) and _layer_shape(mod) is not None]
@@ -257,27 +284,35 @@ class PackedModel:
         sizes = [self.rank * (i + o) for _, _, (i, o) in found]
         total = sum(sizes)
         self.params = torch.zeros(slots, total, device=self.device)
-        self.grads = torch.zeros_like(self.params)
         self.exp_avg = torch.zeros_like(self.params)
         self.exp_avg_sq = torch.zeros_like(self.params)
+        self.low = self.params.to(torch.bfloat16) if low_precision else None
+        compute = self.low if self.low is not None else self.params
         self.scales = torch.zeros(len(found), slots, device=self.device)
         self.layers: dict[str, PackedLoraLayer] = {}
         self._originals: list[tuple[nn.Module, str, nn.Module]] = []
         self.spans: dict[str, tuple[int, int, int, int]] = {}  # name -> (offset, in, out, index)
+        #: per LoRA tensor (A, B of each layer): its [K, ...] views and each slot's live prefix
+        self.tensors: list[tuple[slice, int]] = []  # (columns of the flat buffer, width per rank)
         offset = 0
         for index, ((name, module, (fin, fout)), size) in enumerate(zip(found, sizes)):
-            a = self.params[:, offset:offset + fin * self.rank].view(slots, fin, self.rank)
-            b = self.params[:, offset + fin * self.rank:offset + size].view(slots, self.rank, fout)
-            layer = PackedLoraLayer(module, name, self.groups, a, b, self.scales[index])
-            layer.lora_A.grad = self.grads[:, offset:offset + fin * self.rank].view(slots, fin, self.rank)
-            layer.lora_B.grad = self.grads[:, offset + fin * self.rank:offset + size].view(slots, self.rank, fout)
+            cols_a, cols_b = slice(offset, offset + fin * self.rank), slice(offset + fin * self.rank, offset + size)
+            shape_a, shape_b = (slots, self.rank, fin), (slots, self.rank, fout)
+            layer = PackedLoraLayer(module, name, self.groups, compute[:, cols_a].view(shape_a),
+                                    compute[:, cols_b].view(shape_b), self.scales[index],
+                                    self.params[:, cols_a].view(shape_a), self.params[:, cols_b].view(shape_b))
+            self.tensors += [(cols_a, fin), (cols_b, fout)]
             parent_name, _, child = name.rpartition(".")
             parent = self.model.get_submodule(parent_name) if parent_name else self.model
             setattr(parent, child, layer)
             self._originals.append((parent, child, module))
+            layer.active = self.whole_step
             self.layers[name] = layer
             self.spans[name] = (offset, fin, fout, index)
             offset += size
+        self.weights = [w for layer in self.layers.values() for w in (layer.lora_A, layer.lora_B)]
+        #: elements of each tensor's slot prefix the slot trains (r * width, 0 if untargeted)
+        self.live_len = torch.zeros(len(self.tensors), slots, dtype=torch.int32, device=self.device)
         self.specs: list[SlotSpec | None] = [None] * slots
         self.targeting = {name: 0 for name in self.layers}  # live slots that target each module
         # per-slot optimizer settings and counters, on the device (no host sync in a step)
@@ -297,20 +332,25 @@ class PackedModel:
             raise ValueError(f"this pack has no module {', '.join(missing)}")
         if spec.r > self.rank:
             raise ValueError(f"lora.r={spec.r} is above the pack's rank {self.rank}")
-        for buf in (self.grads, self.exp_avg, self.exp_avg_sq):
+        for buf in (self.exp_avg, self.exp_avg_sq):
             buf[slot].zero_()
         row = torch.zeros(self.params.shape[1])  # built on the host, copied in one transfer
         scales = torch.zeros(len(self.layers))
+        live = torch.zeros(len(self.tensors), dtype=torch.int32)
         for name, layer in self.layers.items():
-            offset, fin, _, index = self.spans[name]
+            offset, fin, fout, index = self.spans[name]
             if matches(name, spec.targets):
                 a = init_lora_a(spec.seed, layer.key, spec.r, fin)  # peft layout [r, in]
-                row[offset:offset + fin * self.rank].view(fin, self.rank)[:, :spec.r] = a.T
+                row[offset:offset + fin * self.rank].view(self.rank, fin)[:spec.r] = a
                 scales[index] = spec.scaling
+                live[2 * index], live[2 * index + 1] = spec.r * fin, spec.r * fout
                 self.targeting[name] += 1
                 layer.active = True
         self.params[slot].copy_(row)
+        if self.low is not None:
+            self.low[slot].copy_(row)
         self.scales[:, slot] = scales.to(self.device)
+        self.live_len[:, slot] = live.to(self.device)
         self.specs[slot] = spec
         sched = {"linear": 0, "constant": 1, "cosine": 2}[spec.scheduler]
         for tensor, value in ((self.lr, spec.lr), (self.wd, spec.weight_decay), (self.max_norm, spec.max_grad_norm),
@@ -325,13 +365,16 @@ class PackedModel:
             for name, layer in self.layers.items():
                 if matches(name, spec.targets):
                     self.targeting[name] -= 1
-                    layer.active = self.targeting[name] > 0
+                    # a compiled step keeps every layer on (a slot's scale 0 adds exactly nothing)
+                    layer.active = self.targeting[name] > 0 or self.whole_step
         self.specs[slot] = None
         self.live[slot] = 0.0
         self.lr[slot] = 0.0
         self.scales[:, slot] = 0.0
-        for buf in (self.params, self.grads, self.exp_avg, self.exp_avg_sq):
-            buf[slot].zero_()
+        self.live_len[:, slot] = 0
+        for buf in (self.params, self.exp_avg, self.exp_avg_sq, self.low):
+            if buf is not None:
+                buf[slot].zero_()
 
     def close(self) -> None:
         """Unwrap: the base model is exactly as it was."""
@@ -355,21 +398,38 @@ class PackedModel:
     @torch.no_grad()
     def optimizer_step(self, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8) -> None:
         """AdamW (torch's formula, decoupled weight decay) with per-slot lr, step count and
-        gradient clipping (clip_grad_norm_ over the slot's own parameters), for all slots at once."""
-        g = self.grads
-        norm = g.pow(2).sum(dim=1).sqrt()
+        gradient clipping (clip_grad_norm_ over the slot's own parameters), for all slots at once.
+        Reads the gradients autograd left in each LoRA tensor's .grad, then clears them."""
+        grads = [w.grad if w.grad is not None else torch.zeros_like(w) for w in self.weights]
+        if self.kernels:
+            from lora_exp import pack_kernels
+
+            grads = [g.contiguous() for g in grads]
+            norm = pack_kernels.sq_norms(grads, self.live_len, self.k).sqrt()
+        else:
+            flat = torch.cat([g.reshape(self.k, -1).float() for g in grads], dim=1)
+            norm = flat.pow(2).sum(dim=1).sqrt()
         coef = (self.max_norm / (norm + 1e-6)).clamp(max=1.0)
         coef = torch.where(self.max_norm > 0, coef, torch.ones_like(coef))
         lr = (self.lr.to(torch.float64) * self.lr_factor(self.step)) * self.live
         self.step.add_(self.live.to(torch.int64))
         t = self.step.clamp(min=1).to(torch.float64)
         b1, b2 = betas
-        step_size = (lr / (1 - b1 ** t)).to(torch.float32).view(-1, 1)
-        bc2_sqrt = torch.sqrt(1 - b2 ** t).to(torch.float32).view(-1, 1)
-        decay = (1 - lr * self.wd).to(torch.float32).view(-1, 1)
-        fused(adamw_, self.compile)(self.params, g, self.exp_avg, self.exp_avg_sq, coef.view(-1, 1), decay,
-                                    step_size, bc2_sqrt, b1, b2, eps)
-        g.zero_()
+        step_size = (lr / (1 - b1 ** t)).to(torch.float32)
+        bc2_sqrt = torch.sqrt(1 - b2 ** t).to(torch.float32)
+        decay = (1 - lr * self.wd).to(torch.float32)
+        if self.kernels:
+            views = lambda buf: [buf[:, cols] for cols, _ in self.tensors]  # noqa: E731
+            pack_kernels.adamw(views(self.params), views(self.exp_avg), views(self.exp_avg_sq),
+                               views(self.low) if self.low is not None else None, grads, self.live_len,
+                               coef, decay, step_size, bc2_sqrt, b1, b2, eps)
+        else:
+            adamw_(self.params, flat, self.exp_avg, self.exp_avg_sq, coef.view(-1, 1), decay.view(-1, 1),
+                   step_size.view(-1, 1), bc2_sqrt.view(-1, 1), b1, b2, eps)
+            if self.low is not None:
+                self.low.copy_(self.params)
+        for w in self.weights:
+            w.grad = None
 
     # -- extraction --
 
@@ -382,9 +442,9 @@ class PackedModel:
             if not matches(name, spec.targets):
                 continue
             offset, fin, fout, _ = self.spans[name]
-            a = self.params[slot, offset:offset + fin * self.rank].view(fin, self.rank)[:, :spec.r]
+            a = self.params[slot, offset:offset + fin * self.rank].view(self.rank, fin)[:spec.r]
             b = self.params[slot, offset + fin * self.rank:offset + self.rank * (fin + fout)].view(self.rank, fout)[:spec.r]
-            out[f"base_model.model.{name}.lora_A.weight"] = a.T.contiguous().cpu()
+            out[f"base_model.model.{name}.lora_A.weight"] = a.contiguous().cpu()
             out[f"base_model.model.{name}.lora_B.weight"] = b.T.contiguous().cpu()
         return out
 
