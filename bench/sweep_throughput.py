@@ -239,17 +239,39 @@ def cmd_sweep(args: argparse.Namespace) -> None:
                    f"tracking.uri=sqlite:///{tmp}/mlflow.db", f"tracking.artifact_root={tmp}/artifacts", *overrides]
         env = {**os.environ, "PYTHONPATH": f"{ROOT}:{os.environ.get('PYTHONPATH', '')}"}
         start = time.time()
-        proc = subprocess.run(command, cwd=tmp, env=env, capture_output=True, text=True)
+        # streamed, each line stamped with seconds since the start (to --log), so a run cut off
+        # by --timeout still shows how far it got
+        proc = subprocess.Popen(command, cwd=tmp, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        lines: list[str] = []
+        log = open(args.log, "w") if args.log else None
+        timer = None
+        if args.timeout:
+            import threading
+
+            timer = threading.Timer(args.timeout, proc.kill)
+            timer.start()
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            lines.append(line.rstrip("\n"))
+            if log:
+                log.write(f"{time.time() - start:8.1f} {line}")
+                log.flush()
+        proc.wait()
+        if timer:
+            timer.cancel()
         wall = time.time() - start
-        text = proc.stdout + proc.stderr
+        text = "\n".join(lines)
         if proc.returncode != 0:
-            print(text[-4000:])
+            finished = len(re.findall(r"^\[\d+\] trial", text, flags=re.M))
+            print("\n".join(lines[-30:]))
+            print(json.dumps({"what": "lora-exp sweep", "k": args.k, "trials": args.trials, "exit": proc.returncode,
+                              "wall_s": round(wall, 1), "finished_lines": finished}), flush=True)
             raise SystemExit(f"sweep failed with exit code {proc.returncode}")
         packs = [json.loads(m) for m in re.findall(r"pack summary: (\{.*\})", text)]
-        finished = len(re.findall(r"^\[\d+\] trial", proc.stdout, flags=re.M))
+        finished = len(re.findall(r"^\[\d+\] trial", text, flags=re.M))
         counts = re.search(r"(\d+) trials -- (\d+) completed, (\d+) pruned, (\d+) failed", text)
         steps = SEED_STEPS if not args.epochs else args.epochs * 5
-        first = re.search(r"^\[1\] trial.*", proc.stdout, flags=re.M)
+        first = re.search(r"^\[1\] trial.*", text, flags=re.M)
         print(json.dumps({"what": "lora-exp sweep", "arch": args.arch, "precision": args.precision, "k": args.k,
                           "workers": args.workers, "trials": args.trials, "steps_per_trial": steps,
                           "wall_s": round(wall, 1), "finished_lines": finished,
@@ -288,6 +310,8 @@ def main() -> None:
     s.add_argument("--workers", type=int, default=1)
     s.add_argument("--epochs", type=int, default=0, help="shorter trials (0 = the seed's 500 epochs)")
     s.add_argument("--show", action="store_true")
+    s.add_argument("--log", default="", help="write the sweep's output here, each line stamped with seconds")
+    s.add_argument("--timeout", type=float, default=0, help="stop the sweep after this many seconds")
     args = p.parse_args()
     {"baseline": cmd_baseline, "engine": cmd_engine, "sweep": cmd_sweep, "check": cmd_check}[args.cmd](args)
 

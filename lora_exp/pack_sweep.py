@@ -55,6 +55,10 @@ def trial_config(plan: SweepPlan, overrides: list[str], base_dict: dict[str, Any
     return replace_keys(plan.base, base_dict, overrides, plan.base_overrides + overrides)
 
 
+#: a progress line from a pack at most this often
+PROGRESS_SECONDS = 30.0
+
+
 def run_packed_worker(plan: SweepPlan, worker_index: int, stop: Any, study: Any, context: Any) -> bool:
     """Run the study's WAITING trials K at a time. Returns False when the failure limit stopped it.
 
@@ -119,6 +123,9 @@ def run_packed_worker(plan: SweepPlan, worker_index: int, stop: Any, study: Any,
             if trainer.live():
                 for run in trainer.step():
                     failures += _finish(plan, run, io)
+                line = trainer.progress(PROGRESS_SECONDS)
+                if line:
+                    log.info("pack: %s", line)
             failures += len(io.poll())
             io.send()
             if trainer.live():

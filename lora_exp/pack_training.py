@@ -135,6 +135,7 @@ class PackTrainer:
         self.eval_batch_hook: Any = None
         self.steps_run, self.trial_steps = 0, 0
         self.first_step: float | None = None
+        self._progress = (time.perf_counter(), 0)
         self.dropout_on = False
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
@@ -453,6 +454,17 @@ class PackTrainer:
             if run.adapter_dir is not None:
                 self.pm.save_adapter(run.slot, build_lora_config(run.cfg), run.adapter_dir)
             run.tracker.log_metrics(m, step=run.result.steps)
+
+    def progress(self, every: float) -> str | None:
+        """A progress line at most every `every` seconds: steps, busy slots, recent step time."""
+        now = time.perf_counter()
+        last_time, last_steps = self._progress
+        if now - last_time < every:
+            return None
+        self._progress = (now, self.steps_run)
+        ms = 1e3 * (now - last_time) / max(1, self.steps_run - last_steps)
+        return (f"step {self.steps_run}, {self.live()}/{self.k} slots busy, {self.trial_steps} trial-steps, "
+                f"{ms:.1f} ms/step over the last {now - last_time:.0f}s")
 
     def summary(self) -> dict[str, Any]:
         """Pack-wide figures: steps, wall time since the first step (evals, generations and
