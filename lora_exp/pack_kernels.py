@@ -24,7 +24,7 @@ BLOCK = 4096
 
 @triton.jit
 def _sq_norm_kernel(g_ptr, live_ptr, out_ptr, g_stride, out_stride, out_offset, BLOCK: tl.constexpr):
-    slot = tl.program_id(0)
+    slot = tl.program_id(0).to(tl.int64)  # slot * stride passes 2^31 in a large pack
     blk = tl.program_id(1)
     live = tl.load(live_ptr + slot)
     start = blk * BLOCK
@@ -37,7 +37,7 @@ def _sq_norm_kernel(g_ptr, live_ptr, out_ptr, g_stride, out_stride, out_offset, 
 @triton.jit
 def _adamw_kernel(p_ptr, m_ptr, v_ptr, low_ptr, g_ptr, live_ptr, coef_ptr, decay_ptr, step_size_ptr, bc2_ptr,
                   p_stride, low_stride, g_stride, b1, b2, eps, HAS_LOW: tl.constexpr, BLOCK: tl.constexpr):
-    slot = tl.program_id(0)
+    slot = tl.program_id(0).to(tl.int64)  # slot * stride passes 2^31 in a large pack (K=1024: 2.4e9)
     blk = tl.program_id(1)
     live = tl.load(live_ptr + slot)
     start = blk * BLOCK

@@ -28,8 +28,8 @@ from lora_exp.data import PreparedData
 from lora_exp.errors import ConfigError
 from lora_exp.evaluation import autocast, eval_loss, generate, generations_table, new_tokens, score_outputs
 from lora_exp.models import BaseModel
-from lora_exp.packed import (OutputHead, compiled, PackedModel, SlotSpec, TokenTable, batch_schedule, matches, row_keys,
-                             slot_losses)
+from lora_exp.packed import (OutputHead, PackedModel, SlotSpec, TokenTable, batch_schedule, compiled, matches,
+                             row_keys, slot_losses)
 from lora_exp.tracking import Tracker, flatten
 from lora_exp.training import Callback, TrialResult, _cached, peak_memory_mb, total_steps, warmup_steps
 

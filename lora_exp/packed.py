@@ -490,17 +490,13 @@ def batch_schedule(n_examples: int, batch_size: int, seed: int, steps: int) -> t
     """Example indices [steps, batch_size] exactly as data.train_batches yields them (a short
     last batch of an epoch is filled with the empty example, index n_examples)."""
     generator = torch.Generator().manual_seed(seed)
-    out = torch.full((steps, batch_size), n_examples, dtype=torch.long)
-    step = 0
-    while step < steps:
-        order = torch.randperm(n_examples, generator=generator)
-        for start in range(0, n_examples, batch_size):
-            if step >= steps:
-                break
-            chunk = order[start:start + batch_size]
-            out[step, :len(chunk)] = chunk
-            step += 1
-    return out
+    per_epoch = -(-n_examples // batch_size)
+    epochs = -(-steps // per_epoch)
+    pad = torch.full((per_epoch * batch_size - n_examples,), n_examples, dtype=torch.long)
+    rows = [torch.cat([torch.randperm(n_examples, generator=generator), pad]) for _ in range(epochs)]
+    if not rows:
+        return torch.empty((0, batch_size), dtype=torch.long)
+    return torch.stack(rows).view(-1, batch_size)[:steps]
 
 
 class OutputHead:

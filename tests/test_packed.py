@@ -16,7 +16,8 @@ from lora_exp.config import compose
 from lora_exp.data import load_rows, tokenize
 from lora_exp.models import load_base
 from lora_exp.pack_training import train_packed
-from lora_exp.packed import dropout_mask, module_keys, row_keys
+from lora_exp.data import Example, train_batches
+from lora_exp.packed import batch_schedule, dropout_mask, module_keys, row_keys
 from lora_exp.tracking import NullTracker
 from lora_exp.training import run_trial
 
@@ -272,3 +273,16 @@ def test_packed_worker_killed_its_trials_go_stale_and_are_retried(workdir, store
     dead = [t for t in trials if t.state.name == "FAIL"]
     retried = [t for t in trials if t.system_attrs.get("failed_trial") in {d.number for d in dead}]
     assert len(retried) == 2, "each dead trial retried with its parameters"
+
+
+@pytest.mark.parametrize("n,batch,seed,steps", [(5, 1, 42, 2500), (5, 2, 3, 31), (7, 3, 1, 10), (4, 4, 0, 3), (4, 2, 9, 0)])
+def test_batch_schedule_is_the_order_train_batches_yields(n, batch, seed, steps):
+    """A slot's data order is the one its trial would see alone (a short last batch of an
+    epoch is padded with the empty example, index n)."""
+    examples = [Example(input_ids=[i], labels=[i], answer_labels=[i]) for i in range(n)]
+    stream = train_batches(examples, batch, seed)
+    expected = [[e.input_ids[0] for e in next(stream)] for _ in range(steps)]
+    got = batch_schedule(n, batch, seed, steps)
+    assert got.shape == (steps, batch)
+    assert [[i for i in row if i != n] for row in got.tolist()] == expected
+    assert all(row[:len(e)] == e for row, e in zip(got.tolist(), expected))
