@@ -85,6 +85,29 @@ def test_slots_are_reused_continuous_batching_gives_the_same_trials():
         assert all(_rel(x, y) <= 1e-4 for (_, x), (_, y) in zip(a.loss_curve, b.loss_curve))
 
 
+def test_the_compiled_step_trains_as_the_eager_one_through_slot_reuse_without_recompiling(monkeypatch):
+    """LORA_EXP_PACK_COMPILE=full (the default on CUDA) compiles the whole training step once:
+    5 trials through 2 slots (slots freed and re-assigned, dropout on and off) give the eager
+    curves and generations, with one graph for the step."""
+    import torch._dynamo
+
+    torch.set_num_threads(2)
+    cfgs = _mixed("tiny_gpt2")
+    base = load_base(cfgs[0].model, torch.device("cpu"))
+    data = tokenize(load_rows(cfgs[0].data), cfgs[0].data, base.tokenizer)
+    monkeypatch.setenv("LORA_EXP_PACK_COMPILE", "off")
+    eager = train_packed(cfgs, base, data, slots=2)
+    monkeypatch.setenv("LORA_EXP_PACK_COMPILE", "full")
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    compiled = train_packed(cfgs, base, data, slots=2)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
+    for a, b in zip(eager, compiled):
+        assert [s for s, _ in a.loss_curve] == [s for s, _ in b.loss_curve]
+        assert all(_rel(x, y) <= 1e-4 for (_, x), (_, y) in zip(a.loss_curve, b.loss_curve))
+        assert a.generations["adapter_output"] == b.generations["adapter_output"]
+
+
 class _AdapterTracker(NullTracker):
     """Keeps the adapter folder a trial logs (what MLflow would store as its `adapter` artifact)."""
 
