@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import os
+import queue
 import shutil
 import threading
 import time
@@ -112,9 +113,21 @@ def _main(plan: SweepPlan, tasks: Any, results: Any, worker_index: int) -> None:
     worker.label = f"w{worker_index} " if plan.workers > 1 else ""
     beats = _Heartbeats(study, HEARTBEAT_S)
     worker.beats = beats
-    try:
+    # the pipe is drained as soon as a batch arrives, so the trainer's `send` never blocks while
+    # this process is busy writing (a round of 1024 Optuna reports takes seconds on sqlite)
+    inbox: queue.SimpleQueue[Any] = queue.SimpleQueue()
+
+    def pump() -> None:
         while True:
             batch = tasks.get()
+            inbox.put(batch)
+            if batch is None:
+                return
+
+    threading.Thread(target=pump, daemon=True, name="lora-exp-inbox").start()
+    try:
+        while True:
+            batch = inbox.get()
             if batch is None:
                 break
             for task in batch:
