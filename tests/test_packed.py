@@ -108,6 +108,41 @@ def test_the_compiled_step_trains_as_the_eager_one_through_slot_reuse_without_re
         assert a.generations["adapter_output"] == b.generations["adapter_output"]
 
 
+def test_the_bf16_compute_copy_holds_what_autocast_would_cast_the_master_weights_to():
+    """A bf16 pack's forward reads a bf16 copy of the LoRA weights that the optimizer keeps: the
+    losses and updated fp32 weights are those of casting the fp32 weights at every use (CPU
+    autocast here; on CUDA the Triton kernel writes the copy)."""
+    from lora_exp.pack_training import slot_spec
+    from lora_exp.packed import PackedModel, TokenTable, slot_losses
+
+    cfgs = _mixed("tiny_llama")[:3]
+    base = load_base(cfgs[0].model, torch.device("cpu"))
+    data = tokenize(load_rows(cfgs[0].data), cfgs[0].data, base.tokenizer)
+    table = TokenTable.build(data.train, base.tokenizer.pad_token_id, torch.device("cpu"))
+    modules = sorted({m for c in cfgs for m in c.target_modules})
+    runs = []
+    for low in (False, True):
+        pm = PackedModel(base, 3, 16, modules, compile="off", low_precision=low)
+        for slot, cfg in enumerate(cfgs):
+            pm.assign(slot, slot_spec(cfg, len(data.train)))
+        losses = []
+        for step in range(4):
+            idx = torch.tensor([(step + s) % len(data.train) for s in range(3)])
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                loss = slot_losses(base.model, table.ids[idx], table.mask[idx], table.labels[idx], 3, 1)
+            loss.sum().backward()
+            pm.optimizer_step()
+            losses.append(loss.detach().clone())
+        if low:
+            assert torch.equal(pm.low, pm.params.to(torch.bfloat16))
+        runs.append((torch.stack(losses), pm.params.clone()))
+        pm.close()
+    (loss_a, params_a), (loss_b, params_b) = runs
+    assert torch.equal(loss_a, loss_b)
+    assert torch.equal(params_a, params_b)
+    assert not torch.equal(loss_a[0], loss_a[-1])  # it trained
+
+
 class _AdapterTracker(NullTracker):
     """Keeps the adapter folder a trial logs (what MLflow would store as its `adapter` artifact)."""
 
