@@ -30,7 +30,6 @@ from lora_exp.data import IGNORE, Example
 M32 = 0xFFFFFFFF
 
 
-
 # --- per-trial randomness, shared with a trial trained alone ----------------------------------
 
 
@@ -92,8 +91,9 @@ def adamw_(params: torch.Tensor, grads: torch.Tensor, exp_avg: torch.Tensor, exp
 
 _COMPILED: dict[Any, Any] = {}
 
-#: off: eager; parts: the optimizer and dropout kernels compiled; full: also the whole training
-#: forward (base + LoRA + loss) and its backward; graphs: full, replayed as CUDA graphs
+#: off: eager (torch ops); parts: the Triton optimizer (pack_kernels) and compiled dropout masks;
+#: full: also the whole training forward (base + LoRA + loss) and its backward as one compiled
+#: graph; graphs: full, replayed as CUDA graphs (measured slower than full on the H200)
 COMPILE_MODES = ("off", "parts", "full", "graphs")
 
 
