@@ -74,7 +74,7 @@ bench-gpu: ## packed-trial throughput on a GPU vs the blog's Trainer (needs CUDA
 	$(BIN)/python bench/sweep_throughput.py baseline
 	$(BIN)/python bench/sweep_throughput.py engine --ks 1024,256,64,16,1 --profile 1024
 	$(BIN)/python bench/sweep_throughput.py engine --arch smollm2 --ks 1024
-	$(BIN)/python bench/sweep_throughput.py sweep --k 1024 --trials 1024 --log sweep_throughput.log
+	$(BIN)/python bench/sweep_throughput.py sweep --k 1024 --trials 1024 --log mlruns/sweep_throughput.log
 
 rerun: ## retrain from a run's recorded config: make rerun RUN_ID=<id> ARGS="trainer.max_steps=200"
 	@test -n "$(RUN_ID)" || { echo "usage: make rerun RUN_ID=<mlflow run id>"; exit 2; }
