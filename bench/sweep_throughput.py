@@ -248,6 +248,8 @@ def cmd_sweep(args: argparse.Namespace) -> None:
         # by --timeout still shows how far it got
         proc = subprocess.Popen(command, cwd=tmp, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         lines: list[str] = []
+        if args.log:
+            Path(args.log).resolve().parent.mkdir(parents=True, exist_ok=True)
         log = open(args.log, "w") if args.log else None
         timer = None
         if args.timeout:
