@@ -269,16 +269,16 @@ def cmd_sweep(args: argparse.Namespace) -> None:
         wall = time.time() - start
         text = "\n".join(lines)
         if proc.returncode != 0:
-            finished = len(re.findall(r"^\[\d+\] trial", text, flags=re.M))
+            finished = len(re.findall(r"^\[\d+(?:/\d+)?\] trial", text, flags=re.M))
             print("\n".join(lines[-30:]))
             print(json.dumps({"what": "lora-exp sweep", "k": args.k, "trials": args.trials, "exit": proc.returncode,
                               "wall_s": round(wall, 1), "finished_lines": finished}), flush=True)
             raise SystemExit(f"sweep failed with exit code {proc.returncode}")
         packs = [json.loads(m) for m in re.findall(r"pack summary: (\{.*\})", text)]
-        finished = len(re.findall(r"^\[\d+\] trial", text, flags=re.M))
+        finished = len(re.findall(r"^\[\d+(?:/\d+)?\] trial", text, flags=re.M))
         counts = re.search(r"(\d+) trials -- (\d+) completed, (\d+) pruned, (\d+) failed", text)
         steps = SEED_STEPS if not args.epochs else args.epochs * 5
-        first = re.search(r"^\[1\] trial.*", text, flags=re.M)
+        first = re.search(r"^\[1(?:/\d+)?\] trial.*", text, flags=re.M)
         print(json.dumps({"what": "lora-exp sweep", "arch": args.arch, "precision": args.precision, "k": args.k,
                           "workers": args.workers, "trials": args.trials, "steps_per_trial": steps,
                           "wall_s": round(wall, 1), "finished_lines": finished,
