@@ -124,6 +124,8 @@ def cmd_engine(args: argparse.Namespace) -> None:
     overrides = base_overrides(args, args.arch)
     cfgs = mixed_configs(max(int(k) for k in args.ks.split(",")), overrides)
     base = load_base(cfgs[0].model, device)
+    if args.attn:  # a variant: e.g. eager attention, which the compiled step fuses (T is ~26)
+        base.model.set_attn_implementation(args.attn)
     data = tokenize(load_rows(cfgs[0].data), cfgs[0].data, base.tokenizer)
     flops = useful_flops(base, data, cfgs[0])
     from lora_exp.pack_sweep import pack_shape
@@ -154,6 +156,7 @@ def cmd_engine(args: argparse.Namespace) -> None:
             step_s = (time.perf_counter() - start) / args.steps
             peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0
             print(json.dumps({"what": "packed step", "arch": args.arch, "precision": args.precision, "mode": mode,
+                              "attn": base.model.config._attn_implementation,
                               "k": k, "warmup_s": round(warm_s, 1),
                               "step_ms": round(step_s * 1e3, 2), "trial_steps_per_s": round(k / step_s, 1),
                               "trials_per_hour": round(3600 * k / (step_s * SEED_STEPS), 1),
@@ -304,6 +307,7 @@ def main() -> None:
         s.add_argument("--arch", default="gpt2", choices=["gpt2", "smollm2"])
     e = sub.choices["engine"]
     e.add_argument("--ks", default="1,16,64,256,1024")
+    e.add_argument("--attn", default="", help="the base model's attention implementation (sdpa, eager)")
     e.add_argument("--modes", default="full", help="compile modes to time, of lora_exp.packed.COMPILE_MODES")
     e.add_argument("--steps", type=int, default=20)
     e.add_argument("--warmup", type=int, default=5)
