@@ -28,8 +28,8 @@ from lora_exp.data import PreparedData
 from lora_exp.errors import ConfigError
 from lora_exp.evaluation import autocast, eval_loss, generate, generations_table, new_tokens, score_outputs
 from lora_exp.models import BaseModel
-from lora_exp.packed import (OutputHead, PackedModel, SlotSpec, TokenTable, batch_schedule, compiled, matches,
-                             row_keys, slot_losses)
+from lora_exp.packed import (OutputHead, PackedModel, SlotSpec, TokenTable, batch_schedule, compile_mode, compiled,
+                             matches, row_keys, slot_losses)
 from lora_exp.tracking import Tracker, flatten
 from lora_exp.training import Callback, TrialResult, _cached, peak_memory_mb, total_steps, warmup_steps
 
@@ -49,6 +49,8 @@ def pack_key(cfg: RunConfig) -> tuple[Any, ...]:
 
 
 def check_packable(cfg: RunConfig) -> None:
+    """What rules packing out, before any model loads (a ConfigError: one line, exit 2)."""
+    compile_mode(torch.device("cpu"))  # LORA_EXP_PACK_COMPILE is one of the modes
     if cfg.lora.bias != "none":
         raise ConfigError(f"pack: lora.bias={cfg.lora.bias} trains the base model's biases, which the trials of a "
                           f"pack share; use lora.bias=none or pack=1")

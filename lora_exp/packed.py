@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from lora_exp.data import IGNORE, Example
+from lora_exp.errors import ConfigError
 
 M32 = 0xFFFFFFFF
 
@@ -102,6 +103,8 @@ def compile_mode(device: torch.device) -> str:
     on a CPU it costs more than it saves)."""
     mode = os.environ.get("LORA_EXP_PACK_COMPILE", "").strip().lower()
     mode = {"0": "off", "1": "full", "": "full" if device.type == "cuda" else "off"}.get(mode, mode)
+    if mode not in COMPILE_MODES:
+        raise ConfigError(f"LORA_EXP_PACK_COMPILE={mode}: expected one of {', '.join(COMPILE_MODES)}")
     return mode
 
 
@@ -269,8 +272,7 @@ class PackedModel:
         self.k, self.rank = slots, max_rank
         self.groups = _Groups()
         self.mode = compile_mode(self.device) if compile is None else compile
-        if self.mode not in COMPILE_MODES:
-            raise ValueError(f"pack compile mode {self.mode!r}: expected one of {', '.join(COMPILE_MODES)}")
+        assert self.mode in COMPILE_MODES, self.mode
         self.groups.compile = self.compile = self.mode != "off"
         #: the whole training step is one compiled graph (full, graphs)
         self.whole_step = self.mode in ("full", "graphs")

@@ -234,9 +234,11 @@ def test_packed_sweep_records_every_trial_and_its_best_reruns_the_same(workdir, 
 
 
 def test_pack_option_bad_values_fail_in_one_line_before_any_model_loads(workdir):
-    for args, message in ((["pack=0"], "pack: must be >= 1"), (["pack=two"], "sweep option"),
-                          (["pack=2", "lora.bias=all"], "pack: lora.bias=all trains the base model's biases")):
-        proc = run_cli("sweep", "sweep=tiny", *args, cwd=workdir)
+    for args, message, env in ((["pack=0"], "pack: must be >= 1", {}), (["pack=two"], "sweep option", {}),
+                               (["pack=2", "lora.bias=all"], "pack: lora.bias=all trains the base model's biases", {}),
+                               (["pack=2"], "LORA_EXP_PACK_COMPILE=fast: expected one of off, parts, full, graphs",
+                                {"LORA_EXP_PACK_COMPILE": "fast"})):
+        proc = run_cli("sweep", "sweep=tiny", *args, cwd=workdir, env=env)
         assert proc.returncode == 2, proc.stderr
         lines = [ln for ln in proc.stderr.strip().splitlines() if "Warning" not in ln and "warn" not in ln]
         assert message in lines[-1]
