@@ -195,30 +195,19 @@ def claim_waiting_trial(study: Any, storage_url: str) -> Any:
     is empty: that fallback would let a worker run a trial beyond the budget. The WAITING ->
     RUNNING change is a compare-and-set in the storage, so two workers never get the same trial.
     """
+    claimed = claim_waiting_trials(study, storage_url, 1)
+    return claimed[0] if claimed else None
+
+
+def claim_waiting_trials(study: Any, storage_url: str, n: int) -> list[Any]:
+    """Up to `n` WAITING trials in one pass (a pack asks for many at once). Each claimed trial
+    gets its first heartbeat at once: Optuna counts a trial stale only by its heartbeat, so a
+    worker killed before its first beat would otherwise leave a RUNNING trial no one retries."""
     import optuna
     from optuna.exceptions import UpdateFinishedTrialError
     from optuna.trial import TrialState
 
     storage = study._storage  # the study's RDBStorage (public BaseStorage API from here on)
-    study_id = storage.get_study_id_from_name(study.study_name)
-    with _claim_lock(storage_url):
-        for frozen in study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
-            trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, frozen.number)
-            try:
-                if storage.set_trial_state_values(trial_id, state=TrialState.RUNNING):
-                    return optuna.Trial(study, trial_id)
-            except UpdateFinishedTrialError:
-                continue
-    return None
-
-
-def claim_waiting_trials(study: Any, storage_url: str, n: int) -> list[Any]:
-    """Up to `n` WAITING trials in one pass (a pack asks for many at once)."""
-    import optuna
-    from optuna.exceptions import UpdateFinishedTrialError
-    from optuna.trial import TrialState
-
-    storage = study._storage
     study_id = storage.get_study_id_from_name(study.study_name)
     claimed: list[Any] = []
     with _claim_lock(storage_url):
@@ -228,6 +217,8 @@ def claim_waiting_trials(study: Any, storage_url: str, n: int) -> list[Any]:
             trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, frozen.number)
             try:
                 if storage.set_trial_state_values(trial_id, state=TrialState.RUNNING):
+                    if storage.get_heartbeat_interval():
+                        storage.record_heartbeat(trial_id)
                     claimed.append(trial_id)
             except UpdateFinishedTrialError:
                 continue

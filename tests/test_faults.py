@@ -121,6 +121,28 @@ def test_second_interrupt_or_sigterm_fails_the_trial_in_flight_then_resume(workd
     assert len(parents) == 1
 
 
+def test_a_claimed_trial_goes_stale_even_if_its_worker_dies_before_beating(workdir):
+    """Optuna finds stale trials by their heartbeat: a worker killed between claiming trials and
+    its heartbeat thread's first beat must not leave RUNNING trials that no one ever retries."""
+    script = f"""
+import time, optuna
+from lora_exp.search import claim_waiting_trials, open_study, top_up
+from lora_exp.sweeps import load_sweep
+url = "sqlite:///{workdir}/optuna.db"
+study, _ = open_study(load_sweep("tiny"), url, "s", create=True)
+top_up(study, 3)
+claimed = claim_waiting_trials(study, url, 2)   # and then no beat at all, as if killed here
+time.sleep(5)                                   # past the grace period (4 s)
+optuna.storages.fail_stale_trials(study)
+print(sorted(t.state.name for t in study.get_trials(deepcopy=False)))
+"""
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "LORA_EXP_HEARTBEAT_SECONDS": "1"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    states = proc.stdout.strip().splitlines()[-1]
+    assert states.count("FAIL") == 2 and "RUNNING" not in states, states
+
+
 def test_sigkill_recovery_retries_the_dead_trial(workdir, store):
     env = {"LORA_EXP_HEARTBEAT_SECONDS": "1"}  # grace: 4 s
     args = ["sweep=tiny", "n_trials=4", "trainer.max_steps=3000", "trainer.eval_steps=1000"]
