@@ -241,6 +241,8 @@ def cmd_sweep(args: argparse.Namespace) -> None:
     overrides = base_overrides(args, args.arch)
     if args.epochs:
         overrides.append(f"trainer.epochs={args.epochs}")
+    if args.attn:
+        overrides.append(f"model.attn_implementation={args.attn}")
     with tempfile.TemporaryDirectory(prefix="lora-exp-bench-") as tmp:
         command = [sys.executable, "-m", "lora_exp.cli", "sweep", "sweep=seed_gpt2", f"pack={args.k}",
                    f"n_trials={args.trials}", f"workers={args.workers}", f"storage=sqlite:///{tmp}/optuna.db",
@@ -283,6 +285,7 @@ def cmd_sweep(args: argparse.Namespace) -> None:
         steps = SEED_STEPS if not args.epochs else args.epochs * 5
         first = re.search(r"^\[1(?:/\d+)?\] trial.*", text, flags=re.M)
         print(json.dumps({"what": "lora-exp sweep", "arch": args.arch, "precision": args.precision, "k": args.k,
+                          "attn": args.attn or "default",
                           "workers": args.workers, "trials": args.trials, "steps_per_trial": steps,
                           "wall_s": round(wall, 1), "finished_lines": finished,
                           "completed_pruned_failed": [int(counts.group(i)) for i in (2, 3, 4)] if counts else None,
@@ -323,6 +326,7 @@ def main() -> None:
     s.add_argument("--workers", type=int, default=1)
     s.add_argument("--epochs", type=int, default=0, help="shorter trials (0 = the seed's 500 epochs)")
     s.add_argument("--show", action="store_true")
+    s.add_argument("--attn", default="", help="model.attn_implementation for the sweep (e.g. eager)")
     s.add_argument("--log", default="", help="write the sweep's output here, each line stamped with seconds")
     s.add_argument("--timeout", type=float, default=0, help="stop the sweep after this many seconds")
     args = p.parse_args()

@@ -23,6 +23,8 @@ SCHEDULERS = ("linear", "constant", "cosine")
 PRECISIONS = ("fp32", "bf16")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 SOURCES = ("hub", "gguf_package", "random")
+#: transformers' attention implementations (`attn_implementation`); null keeps the model's default
+ATTENTION = ("eager", "sdpa", "flex_attention", "flash_attention_2", "flash_attention_3")
 BIASES = ("none", "all", "lora_only")
 
 
@@ -71,8 +73,14 @@ class ModelConfig:
     fan_in_fan_out: bool = False
     #: run code shipped with a hub model. Off unless a model config turns it on.
     trust_remote_code: bool = False
+    #: attention implementation (eager, sdpa, ...); null = transformers' default (sdpa). Packed
+    #: trials on a GPU may gain from eager: the compiled step fuses it (sequences are short).
+    attn_implementation: Optional[str] = None
 
     def __post_init__(self) -> None:
+        _check(self.attn_implementation is None or self.attn_implementation in ATTENTION,
+               "model.attn_implementation", f"must be one of {', '.join(ATTENTION)} or null, "
+               f"got {self.attn_implementation!r}")
         _check(self.source in SOURCES, "model.source", f"must be one of {', '.join(SOURCES)}, got {self.source!r}")
         if self.source == "hub":
             _check(bool(self.path), "model.path", "is required when model.source=hub")

@@ -76,6 +76,12 @@ def load_base(cfg: ModelConfig, device: torch.device) -> BaseModel:
         folder = prepare_gguf(cfg) if cfg.source == "gguf_package" else cfg.path
         tokenizer = load_tokenizer(cfg.tokenizer or str(folder), cfg)
         model = _from_pretrained(str(folder), cfg)
+    if cfg.attn_implementation:
+        try:
+            model.set_attn_implementation(cfg.attn_implementation)
+        except (ImportError, ValueError) as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise ModelLoadError(f"model.attn_implementation={cfg.attn_implementation}: {first}") from exc
     if tokenizer.pad_token_id is None:  # GPT-2 has no pad token; padding is masked anyway
         tokenizer.pad_token = tokenizer.eos_token
     model.requires_grad_(False)

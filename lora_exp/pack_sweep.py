@@ -28,6 +28,9 @@ log = logging.getLogger("lora_exp")
 
 #: trials claimed per step while slots are free (the GPU keeps stepping the filled ones)
 CLAIM_BATCH = 128
+#: a free slot with no WAITING trial asks the storage again after this long (a retried trial
+#: or another process's top-up can add one), not at every step
+CLAIM_RETRY_S = 2.0
 
 
 def pack_shape(plan: SweepPlan, cfg: RunConfig) -> tuple[int, list[str]]:
@@ -70,7 +73,8 @@ def run_packed_worker(plan: SweepPlan, worker_index: int, stop: Any, study: Any,
 
     from lora_exp.pack_io import IOClient
     from lora_exp.pack_training import pack_key
-    from lora_exp.search import HEARTBEAT_S, _base_values, _in_flight_elsewhere, claim_waiting_trials, run_one_trial
+    from lora_exp.search import (HEARTBEAT_S, _base_values, _in_flight_elsewhere, claim_waiting_trials, run_one_trial,
+                                 stored_trials)
 
     io = IOClient(plan, worker_index)
     base_values, base_dict = _base_values(plan), plan.base.to_dict()
@@ -78,6 +82,7 @@ def run_packed_worker(plan: SweepPlan, worker_index: int, stop: Any, study: Any,
     parked: dict[Any, list[tuple[Any, list[str], RunConfig]]] = {}  # by shared settings, in claim order
     alone: list[Any] = []  # trials no pack can hold (e.g. lora.bias searched): run one at a time
     failures, exhausted = 0, False
+    next_claim = 0.0  # after a claim that found no WAITING trial, the next one waits CLAIM_RETRY_S
     cfg: RunConfig = plan.base
     trainer: PackTrainer | None = None
 
@@ -103,7 +108,8 @@ def run_packed_worker(plan: SweepPlan, worker_index: int, stop: Any, study: Any,
                 queue = parked.get(trainer.key, [])
                 while queue and trainer.free_slots():
                     begin(queue.pop(0))
-                if trainer.free_slots() and not exhausted:
+                if trainer.free_slots() and not exhausted and (time.monotonic() >= next_claim
+                                                                   or not trainer.live()):
                     if plan.timeout and time.time() - plan.started > plan.timeout:
                         exhausted = True
                         log.info("timeout reached: no new trials")
@@ -112,6 +118,7 @@ def run_packed_worker(plan: SweepPlan, worker_index: int, stop: Any, study: Any,
                                                        min(len(trainer.free_slots()), CLAIM_BATCH))
                         if not claimed and not trainer.live():
                             exhausted = True
+                        next_claim = 0.0 if claimed else time.monotonic() + CLAIM_RETRY_S
                         for trial in claimed:
                             prepared = _prepare(plan, trial, io, base_values, base_dict)
                             if prepared is None:
@@ -175,7 +182,7 @@ def run_packed_worker(plan: SweepPlan, worker_index: int, stop: Any, study: Any,
 
     while _in_flight_elsewhere(study, plan) and not stop.requested:  # other workers still running
         time.sleep(max(0.5, HEARTBEAT_S / 2))
-        if study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
+        if stored_trials(study, (TrialState.WAITING,)):
             return run_packed_worker(plan, worker_index, stop, study, context)
     return True
 
@@ -214,7 +221,9 @@ class _StudyView:
     def refresh(self) -> None:
         from optuna.trial import TrialState
 
-        self._trials = self._study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED))
+        from lora_exp.search import stored_trials
+
+        self._trials = stored_trials(self._study, (TrialState.COMPLETE, TrialState.PRUNED))
 
     def get_trials(self, deepcopy: bool = True, states: Any = None) -> list[Any]:
         return [t for t in self._trials if states is None or t.state in states]

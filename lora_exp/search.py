@@ -199,6 +199,19 @@ def claim_waiting_trial(study: Any, storage_url: str) -> Any:
     return claimed[0] if claimed else None
 
 
+def stored_trials(study: Any, states: tuple[Any, ...]) -> list[Any]:
+    """The study's trials in `states`, read with the states filter in the database query.
+
+    `study.get_trials` goes through Optuna's cache, which re-reads every unfinished trial (params,
+    attributes, intermediate values) at each call: with a thousand trials in flight, ~0.5 s, even
+    to learn that none is WAITING. Asked every packed step, that made the step 6x slower."""
+    backend = getattr(study._storage, "_backend", study._storage)
+    if not hasattr(backend, "scoped_session"):  # not a database (in-memory, journal): the cache is cheap
+        return study.get_trials(deepcopy=False, states=states)
+    study_id = backend.get_study_id_from_name(study.study_name)
+    return backend.get_all_trials(study_id, deepcopy=False, states=states)
+
+
 def claim_waiting_trials(study: Any, storage_url: str, n: int) -> list[Any]:
     """Up to `n` WAITING trials in one pass (a pack asks for many at once). Each claimed trial
     gets its first heartbeat at once: Optuna counts a trial stale only by its heartbeat, so a
@@ -211,7 +224,7 @@ def claim_waiting_trials(study: Any, storage_url: str, n: int) -> list[Any]:
     study_id = storage.get_study_id_from_name(study.study_name)
     claimed: list[Any] = []
     with _claim_lock(storage_url):
-        for frozen in study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
+        for frozen in stored_trials(study, (TrialState.WAITING,)):
             if len(claimed) >= n:
                 break
             trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, frozen.number)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from conftest import CONF
 from lora_exp.config import compose
@@ -74,6 +75,7 @@ BAD = [
     (["trainer.batch_size=0"], "trainer.batch_size: must be >= 1"),
     (["trainer.precision=fp8"], "trainer.precision: must be one of fp32, bf16"),
     (["lora.r=[1"], "cannot parse override"),
+    (["model.attn_implementation=flash"], "model.attn_implementation: must be one of eager, sdpa"),
 ]
 
 
@@ -101,3 +103,12 @@ def test_every_yaml_lists_every_field(group, option):
     fields = {f.name for f in dataclasses.fields(getattr(config_module, schema))}
     keys = set(yaml.safe_load((CONF / group / f"{option}.yaml").read_text()))
     assert keys == fields, f"missing {fields - keys}, unknown {keys - fields}"
+
+
+def test_attention_implementation_reaches_the_model():
+    from lora_exp.models import load_base
+
+    cfg = compose(["model=tiny_gpt2", "model.attn_implementation=eager"])
+    assert load_base(cfg.model, torch.device("cpu")).model.config._attn_implementation == "eager"
+    default = compose(["model=tiny_gpt2"])
+    assert load_base(default.model, torch.device("cpu")).model.config._attn_implementation == "sdpa"

@@ -346,3 +346,34 @@ def test_batch_schedule_is_the_order_train_batches_yields(n, batch, seed, steps)
     assert got.shape == (steps, batch)
     assert [[i for i in row if i != n] for row in got.tolist()] == expected
     assert all(row[:len(e)] == e for row, e in zip(got.tolist(), expected))
+
+
+def test_a_claim_reads_only_the_waiting_trials_not_every_trial_in_flight(tmp_path, monkeypatch):
+    """A pack with a free slot asks for WAITING trials; Optuna's cached reads re-load every
+    unfinished trial each time (~0.5 s with a thousand in flight: a 6x slower step on the GPU)."""
+    import optuna
+    from optuna.trial import TrialState
+
+    from lora_exp.search import claim_waiting_trials
+
+    url = f"sqlite:///{tmp_path}/optuna.db"
+    study = optuna.create_study(storage=url, study_name="s")
+    for _ in range(20):
+        study.ask()  # RUNNING, as a pack's trials are
+    for _ in range(2):
+        study.enqueue_trial({})
+    backend = study._storage._backend
+    loaded: list[TrialState] = []
+    read = backend._get_trials
+
+    def spy(*args, **kwargs):
+        trials = read(*args, **kwargs)
+        loaded.extend(t.state for t in trials)
+        return trials
+
+    monkeypatch.setattr(backend, "_get_trials", spy)
+    claimed = claim_waiting_trials(study, url, 5)
+    assert sorted(t.number for t in claimed) == [20, 21]
+    assert loaded == [TrialState.WAITING, TrialState.WAITING]
+    assert claim_waiting_trials(study, url, 5) == []
+    assert {t.state for t in study.get_trials()} == {TrialState.RUNNING}
