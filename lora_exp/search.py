@@ -204,7 +204,8 @@ def stored_trials(study: Any, states: tuple[Any, ...]) -> list[Any]:
 
     `study.get_trials` goes through Optuna's cache, which re-reads every unfinished trial (params,
     attributes, intermediate values) at each call: with a thousand trials in flight, ~0.5 s, even
-    to learn that none is WAITING. Asked every packed step, that made the step 6x slower."""
+    to learn that none is WAITING. Asked every packed step, that made the step 6x slower. (Trials
+    read this way are not registered with that cache: claim through `study.get_trials`.)"""
     backend = getattr(study._storage, "_backend", study._storage)
     if not hasattr(backend, "scoped_session"):  # not a database (in-memory, journal): the cache is cheap
         return study.get_trials(deepcopy=False, states=states)
@@ -224,7 +225,11 @@ def claim_waiting_trials(study: Any, storage_url: str, n: int) -> list[Any]:
     study_id = storage.get_study_id_from_name(study.study_name)
     claimed: list[Any] = []
     with _claim_lock(storage_url):
-        for frozen in stored_trials(study, (TrialState.WAITING,)):
+        if not stored_trials(study, (TrialState.WAITING,)):  # the usual answer once all are claimed: cheap
+            return []
+        # the cached read (every unfinished trial) also registers these trials with Optuna's cache,
+        # which their suggest_* calls need
+        for frozen in study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
             if len(claimed) >= n:
                 break
             trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, frozen.number)
