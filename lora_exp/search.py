@@ -209,8 +209,7 @@ def stored_trials(study: Any, states: tuple[Any, ...]) -> list[Any]:
     backend = getattr(study._storage, "_backend", study._storage)
     if not hasattr(backend, "scoped_session"):  # not a database (in-memory, journal): the cache is cheap
         return study.get_trials(deepcopy=False, states=states)
-    study_id = backend.get_study_id_from_name(study.study_name)
-    return backend.get_all_trials(study_id, deepcopy=False, states=states)
+    return backend.get_all_trials(study._study_id, deepcopy=False, states=states)
 
 
 def claim_waiting_trials(study: Any, storage_url: str, n: int) -> list[Any]:
