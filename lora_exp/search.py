@@ -239,6 +239,10 @@ def claim_waiting_trials(study: Any, storage_url: str, n: int) -> list[Any]:
                     claimed.append(trial_id)
             except UpdateFinishedTrialError:
                 continue
+    # what `study.ask` does for every trial: drop the sampler's per-thread copy of the study's
+    # trials, so it sees the trials finished since (a pack's are told by its tracking process,
+    # so nothing in this thread would ever drop it: TPE would stay in its random start-up)
+    study._thread_local.cached_all_trials = None
     return [optuna.Trial(study, trial_id) for trial_id in claimed]
 
 

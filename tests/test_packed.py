@@ -381,3 +381,38 @@ def test_a_claim_that_finds_nothing_reads_no_trial_in_flight(tmp_path, monkeypat
         assert claim_waiting_trials(study, url, 5) == []
     assert loaded == []
     assert {t.state for t in study.get_trials()} == {TrialState.RUNNING}
+
+
+def test_a_packed_worker_sees_trials_another_process_finished(tmp_path, monkeypatch):
+    """A pack's trials are told to Optuna by its tracking process, so the training process never
+    calls `tell` or `ask` (which drop Optuna's per-thread cache of the study's trials). Without a
+    fresh read at each claim, TPE there counts the finished trials as of its first sample forever
+    and never leaves its random start-up phase."""
+    import optuna
+
+    from lora_exp.search import claim_waiting_trials
+
+    url = f"sqlite:///{tmp_path}/optuna.db"
+    optuna.create_study(storage=url, study_name="s")
+    tpe = optuna.samplers.TPESampler(n_startup_trials=3, constant_liar=True, seed=0)
+    worker = optuna.load_study(study_name="s", storage=url, sampler=tpe)  # the training process
+    tracker = optuna.load_study(study_name="s", storage=url)  # the tracking process
+    for _ in range(4):
+        worker.enqueue_trial({})
+    first = claim_waiting_trials(worker, url, 3)
+    for trial in first:
+        trial.suggest_float("x", 0, 1)
+    for trial in first:
+        tracker.tell(trial.number, trial.params["x"])  # three finished trials: TPE's start-up is over
+
+    random_samples = []
+    real = tpe._random_sampler.sample_independent
+
+    def counting(*args, **kwargs):
+        random_samples.append(args[2])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(tpe._random_sampler, "sample_independent", counting)
+    (trial,) = claim_waiting_trials(worker, url, 1)
+    trial.suggest_float("x", 0, 1)
+    assert random_samples == []  # sampled by TPE from the three finished trials
