@@ -115,7 +115,8 @@ def run_packed_worker(plan: SweepPlan, worker_index: int, stop: Any, study: Any,
                         log.info("timeout reached: no new trials")
                     else:
                         claimed = claim_waiting_trials(study, plan.options.storage,
-                                                       min(len(trainer.free_slots()), CLAIM_BATCH))
+                                                       min(len(trainer.free_slots()), CLAIM_BATCH),
+                                                       batch_view=True)
                         if not claimed and not trainer.live():
                             exhausted = True
                         next_claim = 0.0 if claimed else time.monotonic() + CLAIM_RETRY_S

@@ -416,3 +416,48 @@ def test_a_packed_worker_sees_trials_another_process_finished(tmp_path, monkeypa
     (trial,) = claim_waiting_trials(worker, url, 1)
     trial.suggest_float("x", 0, 1)
     assert random_samples == []  # sampled by TPE from the three finished trials
+
+
+def _study_with_history(url):
+    import optuna
+    from optuna.distributions import FloatDistribution
+    from optuna.trial import TrialState, create_trial
+
+    dists = {"x": FloatDistribution(0, 1), "y": FloatDistribution(1e-4, 1e-1, log=True)}
+    tpe = optuna.samplers.TPESampler(n_startup_trials=3, constant_liar=True, seed=0)
+    study = optuna.create_study(storage=url, study_name="s", sampler=tpe)
+    for i in range(8):  # five finished trials and three in flight, whose params the liar counts
+        params = {"x": (i * 0.37) % 1, "y": 10 ** (-1 - (i % 3))}
+        study.add_trial(create_trial(params=params, distributions=dists, value=(params["x"] - 0.3) ** 2)
+                        if i < 5 else create_trial(params=params, distributions=dists, state=TrialState.RUNNING))
+    for _ in range(6):
+        study.enqueue_trial({})
+    return study
+
+
+def test_a_batch_samples_as_trial_by_trial_reads_would_with_one_read(tmp_path, monkeypatch):
+    """A pack claims trials in batches: TPE (constant liar) samples them against one read of the
+    study, not one per trial (quadratic in the trials in flight), and samples exactly what it
+    would with a fresh read per trial, the batch's earlier trials counted as in flight."""
+    from lora_exp.search import claim_waiting_trials
+
+    sampled, n_reads = {}, {}
+    for view in (False, True):
+        url = f"sqlite:///{tmp_path}/optuna-{view}.db"
+        study = _study_with_history(url)
+        backend = study._storage._backend
+        reads = []
+        read = backend._get_trials
+
+        def spy(*args, _read=read, _reads=reads, **kwargs):
+            _reads.append(1)
+            return _read(*args, **kwargs)
+
+        monkeypatch.setattr(backend, "_get_trials", spy)
+        trials = claim_waiting_trials(study, url, 6, batch_view=view)
+        reads.clear()
+        sampled[view] = [(t.suggest_float("x", 0, 1), t.suggest_float("y", 1e-4, 1e-1, log=True)) for t in trials]
+        n_reads[view] = len(reads)
+    assert n_reads[False] >= 6 and n_reads[True] == 1
+    assert len(set(sampled[True])) == 6
+    assert sampled[True] == sampled[False]
