@@ -30,40 +30,80 @@ log = logging.getLogger("lora_exp")
 REFRESH_S = 30.0
 
 
-class IOClient:
-    """The training process's end: `submit` queues a task, `send` ships the queue (once a step)."""
+def tracking_processes() -> int:
+    """How many tracking processes a pack uses: closing a trial is ~0.1 s of Python (MLflow and
+    Optuna writes), and a wave of a thousand trials ends at once; one process per four cores, up
+    to four (one on a small machine). `LORA_EXP_PACK_TRACKERS` sets it."""
+    raw = os.environ.get("LORA_EXP_PACK_TRACKERS", "").strip()
+    if raw:
+        try:
+            value = int(raw)
+        except ValueError:
+            value = 0
+        if value < 1:
+            from lora_exp.errors import ConfigError
 
-    def __init__(self, plan: SweepPlan, worker_index: int = 0):
+            raise ConfigError(f"LORA_EXP_PACK_TRACKERS={raw}: expected a whole number >= 1")
+        return value
+    return min(4, max(1, (os.cpu_count() or 1) // 4))
+
+
+class IOClient:
+    """The training process's end: `submit` queues a task, `send` ships the queues (once a step).
+
+    Every task names its trial; a trial's tasks all go to one tracking process (trial number
+    modulo their count), so they run in order. Process 0 also refreshes the sweep's parent run,
+    and closes last, so its final refresh sees every trial told."""
+
+    def __init__(self, plan: SweepPlan, worker_index: int = 0, processes: int | None = None):
         ctx = multiprocessing.get_context("spawn")
-        self.tasks = ctx.SimpleQueue()
+        n = processes or tracking_processes()
         self.results = ctx.SimpleQueue()
-        self.pending: list[tuple[Any, ...]] = []
-        self.process = ctx.Process(target=_main, args=(plan, self.tasks, self.results, worker_index),
-                                   name="lora-exp-tracking",
-                                   daemon=True)
-        self.process.start()
+        # kept here: a child unpickles it after `start` returns, and it must still exist then
+        self.done = ctx.Value("i", 0)
+        self.tasks = [ctx.SimpleQueue() for _ in range(n)]
+        self.pending: list[list[tuple[Any, ...]]] = [[] for _ in range(n)]
+        self.processes = [ctx.Process(target=_main, args=(plan, self.tasks[i], self.results, worker_index, i,
+                                                          self.done),
+                                      name=f"lora-exp-tracking-{i}", daemon=True)
+                          for i in range(n)]
+        for process in self.processes:
+            process.start()
         self.failed: list[int] = []
 
-    def submit(self, *task: Any) -> None:
-        self.pending.append(task)
+    def submit(self, kind: str, number: int, *args: Any) -> None:
+        self.pending[number % len(self.pending)].append((kind, number, *args))
 
     def send(self) -> None:
-        if self.pending:
-            self.tasks.put(self.pending)
-            self.pending = []
+        for i, batch in enumerate(self.pending):
+            if batch:
+                self._alive(i)
+                self.tasks[i].put(batch)
+                self.pending[i] = []
+
+    def _alive(self, i: int) -> None:
+        """A dead tracking process reads nothing more: writing on would block once its pipe is
+        full. The pack stops instead (its trials' heartbeats stopped with it: they are retried)."""
+        process = self.processes[i]
+        if not process.is_alive():
+            raise RuntimeError(f"the tracking process {process.name} stopped (exit code {process.exitcode})")
 
     def poll(self) -> list[int]:
-        """Trial numbers the tracking process failed (e.g. the store went away) since last asked."""
+        """Trial numbers the tracking processes failed (e.g. the store went away) since last asked."""
         while not self.results.empty():
             self.failed.append(self.results.get())
         out, self.failed = self.failed, []
         return out
 
     def close(self) -> list[int]:
-        """Run every queued task, stop the process; returns the trials it failed."""
-        self.send()
-        self.tasks.put(None)
-        self.process.join()
+        """Run every queued task, stop the processes (process 0 last); returns the trials they failed."""
+        for i in [*range(1, len(self.tasks)), 0]:
+            if self.processes[i].is_alive():
+                if self.pending[i]:
+                    self.tasks[i].put(self.pending[i])
+                    self.pending[i] = []
+                self.tasks[i].put(None)
+            self.processes[i].join()
         return self.poll()
 
 
@@ -92,13 +132,13 @@ class QueuedTracker:
 
     def remove_after(self, path: str) -> None:
         """Delete a temporary folder once the tasks before this one (its upload) ran."""
-        self.io.submit("rmtree", path)
+        self.io.submit("rmtree", self.number, path)
 
 
 # --- the tracking process -------------------------------------------------------------------------
 
 
-def _main(plan: SweepPlan, tasks: Any, results: Any, worker_index: int) -> None:
+def _main(plan: SweepPlan, tasks: Any, results: Any, worker_index: int, index: int, done: Any) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     for noisy in ("httpx", "urllib3", "alembic", "mlflow", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
@@ -109,7 +149,7 @@ def _main(plan: SweepPlan, tasks: Any, results: Any, worker_index: int) -> None:
 
     quiet_libraries()
     study = open_study(plan.spec, plan.options.storage, plan.study_name, create=False)
-    worker = _Worker(plan, study, results)
+    worker = _Worker(plan, study, results, done, refreshes=index == 0)
     worker.label = f"w{worker_index} " if plan.workers > 1 else ""
     beats = _Heartbeats(study, HEARTBEAT_S)
     worker.beats = beats
@@ -177,11 +217,12 @@ class _Heartbeats:
 
 
 class _Worker:
-    def __init__(self, plan: SweepPlan, study: Any, results: Any):
+    def __init__(self, plan: SweepPlan, study: Any, results: Any, done: Any, refreshes: bool = True):
         self.plan, self.study, self.results = plan, study, results
         self.trackers: dict[int, Any] = {}
         self.errors: dict[int, str] = {}
-        self.done = 0
+        self.done = done  # trials closed by all of this pack's tracking processes (the [n] count)
+        self.refreshes = refreshes  # the one process that refreshes the parent run
         self.last_refresh = time.monotonic()
         self.beats: _Heartbeats | None = None
         self.label = ""  # which worker's count, when several run
@@ -217,16 +258,16 @@ class _Worker:
             return
         getattr(self.trackers[number], method)(*args)
 
-    def _rmtree(self, path: str) -> None:
+    def _rmtree(self, number: int, path: str) -> None:
         shutil.rmtree(path, ignore_errors=True)
 
-    def _user_attr(self, trial_id: int, key: str, value: Any) -> None:
+    def _user_attr(self, number: int, trial_id: int, key: str, value: Any) -> None:
         self.study._storage.set_trial_user_attr(trial_id, key, value)
 
-    def _report(self, trial_id: int, step: int, value: float) -> None:
+    def _report(self, number: int, trial_id: int, step: int, value: float) -> None:
         self.study._storage.set_trial_intermediate_value(trial_id, step, value)
 
-    def _beat_add(self, trial_id: int) -> None:
+    def _beat_add(self, number: int, trial_id: int) -> None:
         assert self.beats is not None
         self.beats.add(trial_id)
 
@@ -282,13 +323,17 @@ class _Worker:
             self.study.tell(number, value, skip_if_finished=True)
         if self.beats is not None:
             self.beats.remove(trial_id)
-        self.done += 1
-        _print_line(self.plan, f"{self.label}{self.done}", number, status, value, eval_curve, steps, overrides, wall)
+        with self.done.get_lock():
+            self.done.value += 1
+            count = self.done.value
+        _print_line(self.plan, f"{self.label}{count}", number, status, value, eval_curve, steps, overrides, wall)
         self.refresh()
 
     def refresh(self, final: bool = False) -> None:
         from lora_exp import sweep_tracking
 
+        if not self.refreshes:
+            return
         if final or time.monotonic() - self.last_refresh >= REFRESH_S:
             self.last_refresh = time.monotonic()
             best = sweep_tracking._best(self.study)

@@ -247,7 +247,7 @@ class PackPruning:
         if self.metric not in metrics:
             return False
         value = metrics[self.metric]
-        self.io.submit("report", self.trial._trial_id, step, value)
+        self.io.submit("report", self.trial.number, self.trial._trial_id, step, value)
         self.values[step] = value
         t = self.trial
         frozen = FrozenTrial(number=t.number, state=TrialState.RUNNING, value=None, datetime_start=None,
@@ -261,10 +261,10 @@ def _prepare(plan: SweepPlan, trial: Any, io: Any, base_values: dict[str, Any],
     """Sample the trial and build its config; None if the config rejects it (the trial fails)."""
     from lora_exp.sweeps import suggest
 
-    io.submit("beat_add", trial._trial_id)
+    io.submit("beat_add", trial.number, trial._trial_id)
     try:
         overrides = suggest(trial, plan.spec.space, base_values)
-        io.submit("user_attr", trial._trial_id, "overrides", overrides)
+        io.submit("user_attr", trial.number, trial._trial_id, "overrides", overrides)
         cfg = trial_config(plan, overrides, base_dict)
     except Exception as exc:  # a bad sampled value: this trial fails, the sweep goes on
         reason = f"{type(exc).__name__}: {exc}".splitlines()[0][:500]

@@ -50,7 +50,10 @@ def pack_key(cfg: RunConfig) -> tuple[Any, ...]:
 
 def check_packable(cfg: RunConfig) -> None:
     """What rules packing out, before any model loads (a ConfigError: one line, exit 2)."""
+    from lora_exp.pack_io import tracking_processes
+
     compile_mode(torch.device("cpu"))  # LORA_EXP_PACK_COMPILE is one of the modes
+    tracking_processes()  # and LORA_EXP_PACK_TRACKERS a count
     if cfg.lora.bias != "none":
         raise ConfigError(f"pack: lora.bias={cfg.lora.bias} trains the base model's biases, which the trials of a "
                           f"pack share; use lora.bias=none or pack=1")

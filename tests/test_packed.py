@@ -4,6 +4,7 @@ sweep records every trial in MLflow and Optuna as an unpacked sweep does. CPU, t
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import time
 from pathlib import Path
@@ -198,9 +199,13 @@ def test_packed_sweep_records_every_trial_and_its_best_reruns_the_same(workdir, 
     from mlflow.tracking import MlflowClient
 
     args = ["sweep", "sweep=tiny", "pack=4", "n_trials=7", "trainer.base_dropout=false"]
-    proc = run_cli(*args, cwd=workdir)
+    # two tracking processes (one on a 2-core machine by default): each trial's tasks in order in
+    # one of them, the [n/7] count shared, the parent run refreshed by one, last
+    proc = run_cli(*args, cwd=workdir, env={"LORA_EXP_PACK_TRACKERS": "2"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "packing up to 4 trials" in proc.stderr and "pack summary" in proc.stderr
+    counts = sorted(int(ln[1:].split("/")[0]) for ln in proc.stdout.splitlines() if re.match(r"\[\d+/7\] trial", ln))
+    assert counts == list(range(1, 8))
     study = optuna.load_study(study_name="tiny", storage=f"sqlite:///{workdir}/mlruns/optuna.db")
     states = [t.state.name for t in study.trials]
     assert len(states) == 7 and "FAIL" not in states and states.count("COMPLETE") >= 2
@@ -237,7 +242,9 @@ def test_pack_option_bad_values_fail_in_one_line_before_any_model_loads(workdir)
     for args, message, env in ((["pack=0"], "pack: must be >= 1", {}), (["pack=two"], "sweep option", {}),
                                (["pack=2", "lora.bias=all"], "pack: lora.bias=all trains the base model's biases", {}),
                                (["pack=2"], "LORA_EXP_PACK_COMPILE=fast: expected one of off, parts, full, graphs",
-                                {"LORA_EXP_PACK_COMPILE": "fast"})):
+                                {"LORA_EXP_PACK_COMPILE": "fast"}),
+                               (["pack=2"], "LORA_EXP_PACK_TRACKERS=0: expected a whole number >= 1",
+                                {"LORA_EXP_PACK_TRACKERS": "0"})):
         proc = run_cli("sweep", "sweep=tiny", *args, cwd=workdir, env=env)
         assert proc.returncode == 2, proc.stderr
         lines = [ln for ln in proc.stderr.strip().splitlines() if "Warning" not in ln and "warn" not in ln]
@@ -315,7 +322,7 @@ def test_packed_sweep_ctrl_c_twice_fails_the_pack_then_resumes(workdir, store):
 def test_packed_worker_killed_its_trials_go_stale_and_are_retried(workdir, store):
     import signal
 
-    env = {"LORA_EXP_HEARTBEAT_SECONDS": "1"}  # grace: 4 s
+    env = {"LORA_EXP_HEARTBEAT_SECONDS": "1", "LORA_EXP_PACK_TRACKERS": "2"}  # grace: 4 s; each tracker stops
     args = ["sweep=tiny", "pack=2", "n_trials=4", "trainer.max_steps=3000", "trainer.eval_steps=1000"]
     proc, seen = _popen(workdir, *args, env=env), []
     _wait_for(proc, "packing up to 2 trials", seen)
