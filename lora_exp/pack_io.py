@@ -172,6 +172,8 @@ def _main(plan: SweepPlan, tasks: Any, results: Any, worker_index: int, index: i
                 break
             for task in batch:
                 worker.run(task)
+            if inbox.empty():  # not while trials wait to be closed (a wave ends at once): ~10 s a refresh
+                worker.refresh()
     finally:
         beats.close()
         worker.refresh(final=True)
@@ -327,7 +329,6 @@ class _Worker:
             self.done.value += 1
             count = self.done.value
         _print_line(self.plan, f"{self.label}{count}", number, status, value, eval_curve, steps, overrides, wall)
-        self.refresh()
 
     def refresh(self, final: bool = False) -> None:
         from lora_exp import sweep_tracking
