@@ -1,11 +1,11 @@
-"""The tracking side of a packed sweep, in its own process.
+"""The tracking side of a packed sweep, in processes of its own.
 
 A packed worker launches thousands of small CUDA kernels a step from Python. A second Python
 thread in that process doing MLflow and Optuna writes (SQLAlchemy: pure-Python work) takes the GIL
 every time an operator releases it, and each hand-back waits up to the interpreter's switch
 interval (bench/gil_contention.py: 3000 small torch ops, 0.006 s alone, 4.4 s with one busy thread
 beside them). So every MLflow call, every Optuna write (user attributes, reports, tells) and
-the trials' heartbeats run in a separate process; the training process only appends tasks to a
+the trials' heartbeats run in separate processes; the training process only appends tasks to a
 list and sends it once a step (one pickle, no thread). Tasks run in order, so a trial is told to
 Optuna only after its MLflow run is closed, as in the unpacked worker.
 """
