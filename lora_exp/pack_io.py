@@ -86,7 +86,10 @@ class IOClient:
         full. The pack stops instead (its trials' heartbeats stopped with it: they are retried)."""
         process = self.processes[i]
         if not process.is_alive():
-            raise RuntimeError(f"the tracking process {process.name} stopped (exit code {process.exitcode})")
+            from lora_exp.errors import LoraExpError
+
+            raise LoraExpError(f"the tracking process {process.name} stopped (exit code {process.exitcode}); "
+                               f"its trials are retried when the sweep runs again")
 
     def poll(self) -> list[int]:
         """Trial numbers the tracking processes failed (e.g. the store went away) since last asked."""

@@ -468,3 +468,29 @@ def test_a_batch_samples_as_trial_by_trial_reads_would_with_one_read(tmp_path, m
     assert n_reads[False] >= 6 and n_reads[True] == 1
     assert len(set(sampled[True])) == 6
     assert sampled[True] == sampled[False]
+
+
+def test_a_tracking_process_that_dies_stops_the_pack_with_one_line(workdir, store):
+    """The trainer writes its tasks to the tracking process's pipe: a dead reader would block it
+    forever once the pipe is full. It stops instead, in one line, and a later sweep retries."""
+    import psutil
+
+    env = {"LORA_EXP_HEARTBEAT_SECONDS": "1"}  # grace: 4 s
+    args = ["sweep=tiny", "pack=2", "n_trials=4", "trainer.max_steps=3000", "trainer.eval_steps=1000",
+            "trainer.logging_steps=1"]
+    proc, seen = _popen(workdir, *args, env=env), []
+    _wait_for(proc, "packing up to 2 trials", seen)
+    time.sleep(3)
+    trackers = [c for c in psutil.Process(proc.pid).children(recursive=True) if "spawn_main" in " ".join(c.cmdline())]
+    assert len(trackers) == 1
+    trackers[0].kill()
+    out = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 1, "".join(seen) + out
+    assert "Traceback" not in out
+    assert out.strip().splitlines()[-1].startswith("lora-exp: error: the tracking process lora-exp-tracking-0 stopped")
+    time.sleep(6)  # its trials' heartbeats stopped with it: stale, then retried
+    proc = run_cli("sweep", "sweep=tiny", "pack=2", "n_trials=4", "trainer.max_steps=20", cwd=workdir, env=env,
+                   timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    states = [t.state.name for t in _study_states(workdir)]
+    assert states.count("COMPLETE") + states.count("PRUNED") == 4
