@@ -55,9 +55,9 @@ class IOClient:
     modulo their count), so they run in order. Process 0 also refreshes the sweep's parent run,
     and closes last, so its final refresh sees every trial told."""
 
-    def __init__(self, plan: SweepPlan, worker_index: int = 0, processes: int | None = None):
+    def __init__(self, plan: SweepPlan, worker_index: int = 0):
         ctx = multiprocessing.get_context("spawn")
-        n = processes or tracking_processes()
+        n = tracking_processes()
         self.results = ctx.SimpleQueue()
         # kept here: a child unpickles it after `start` returns, and it must still exist then
         self.done = ctx.Value("i", 0)
