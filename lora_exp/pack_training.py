@@ -28,8 +28,8 @@ from lora_exp.data import PreparedData
 from lora_exp.errors import ConfigError
 from lora_exp.evaluation import autocast, eval_loss, generate, generations_table, new_tokens, score_outputs
 from lora_exp.models import BaseModel
-from lora_exp.packed import (OutputHead, PackedModel, SlotSpec, TokenTable, batch_schedule, compile_mode, compiled,
-                             matches, row_keys, slot_losses)
+from lora_exp.packed import (OutputHead, PackedModel, SlotSpec, TokenTable, batch_schedule, compile_lock, compile_mode,
+                             compiled, matches, row_keys, slot_losses)
 from lora_exp.tracking import Tracker, flatten
 from lora_exp.training import Callback, TrialResult, _cached, peak_memory_mb, total_steps, warmup_steps
 
@@ -39,6 +39,8 @@ log = logging.getLogger(__name__)
 DRAIN_EVERY = 50
 #: rows per forward when evaluating or generating many slots at once
 MAX_EVAL_ROWS = 2048
+#: finished slots whose parameters come to the host in one copy (~10 MB a slot at rank 16)
+ROWS_PER_COPY = 64
 
 
 def pack_key(cfg: RunConfig) -> tuple[Any, ...]:
@@ -151,8 +153,18 @@ class PackTrainer:
     def free_slots(self) -> list[int]:
         return [i for i, run in enumerate(self.runs) if run is None]
 
+    def free_count(self) -> int:
+        return self.k - self.live()
+
     def live(self) -> int:
         return sum(run is not None for run in self.runs)
+
+    def ending_within(self, steps: int, fraction: float = 1.0) -> int:
+        """Live trials that reach their last step within `steps` steps and within `fraction`
+        of their length (unless stopped sooner)."""
+        live = np.array([run is not None for run in self.runs])
+        ahead = np.minimum(steps, fraction * self.steps_total)
+        return int((live & (self.steps_total - self.host_step <= ahead)).sum())
 
     def fits(self, cfg: RunConfig) -> str | None:
         """Why `cfg` cannot join this pack (None if it can)."""
@@ -180,7 +192,7 @@ class PackTrainer:
                                device=self.device)
             grown[:, :self.schedule.shape[1]] = self.schedule
             self.schedule = grown
-        self.schedule[slot, :sched.shape[0]] = sched.to(self.device)
+        self.schedule[slot, :sched.shape[0]] = self.pm._to_device(sched)
         self.sums[slot] = 0.0
         lengths = np.array(self.train_table.lengths + [0])
         run = SlotRun(cfg, spec, tracker, callbacks, handle, slot, time.perf_counter(),
@@ -202,7 +214,8 @@ class PackTrainer:
                           "lora_exp.overrides": " ".join(cfg.overrides), "lora_exp.packed": f"slot {slot} of {self.k}"})
         import yaml
 
-        tracker.log_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False), "config.yaml")
+        tracker.log_text(yaml.dump(cfg.to_dict(), Dumper=getattr(yaml, "CSafeDumper", yaml.SafeDumper), sort_keys=False),
+                         "config.yaml")
         return run
 
     # -- one step for every live slot --
@@ -212,28 +225,15 @@ class PackTrainer:
         live_np = np.array([r is not None for r in self.runs])
         if not live_np.any():
             return []
-        pm = self.pm
         start = time.perf_counter()
-        position = pm.step.clamp(max=self.schedule.shape[1] - 1)
-        idx = self.schedule[self.arange, position]  # [K, batch]
-        idx = torch.where(pm.live.bool().view(-1, 1), idx, self.train_table.empty).view(-1)
-        ids, mask, labels = self.train_table.ids[idx], self.train_table.mask[idx], self.train_table.labels[idx]
-        g = pm.groups
-        g.slots, g.rows, g.enabled = None, self.batch, True
-        if self.dropout_on:
-            b = self.batch
-            g.dropout = (row_keys(pm.seed.repeat_interleave(b), pm.step.repeat_interleave(b), self.row_in_batch),
-                         pm.p.repeat_interleave(b))
+        if self.first_step is None and self.pm.compile and self.device.type == "cuda":
+            # the first step compiles: the workers of a multi-GPU sweep take turns, so the later
+            # ones load the first one's compiled graphs from the cache instead of compiling again
+            with compile_lock():
+                self._launch_step()
+                torch.cuda.synchronize(self.device)
         else:
-            g.dropout = None
-        with autocast(self.device, self.precision), record_function("pack.forward"):
-            losses, total = self.train_loss(self.base.model, self.head, ids, mask, labels, pm.live, self.k, self.batch)
-        with record_function("pack.backward"):
-            total.backward()
-        self.sums += losses.detach().double() * pm.live
-        with record_function("pack.optimizer"):
-            pm.optimizer_step()
-        g.dropout = None
+            self._launch_step()
         self.host_step[live_np] += 1
         self.steps_run += 1
         self.trial_steps += int(live_np.sum())
@@ -267,6 +267,30 @@ class PackTrainer:
         for run in ended:
             self._release(run)
         return ended
+
+    def _launch_step(self) -> None:
+        """Forward, backward and optimizer of every live slot, launched without waiting."""
+        pm = self.pm
+        position = pm.step.clamp(max=self.schedule.shape[1] - 1)
+        idx = self.schedule[self.arange, position]  # [K, batch]
+        idx = torch.where(pm.live.bool().view(-1, 1), idx, self.train_table.empty).view(-1)
+        ids, mask, labels = self.train_table.ids[idx], self.train_table.mask[idx], self.train_table.labels[idx]
+        g = pm.groups
+        g.slots, g.rows, g.enabled = None, self.batch, True
+        if self.dropout_on:
+            b = self.batch
+            g.dropout = (row_keys(pm.seed.repeat_interleave(b), pm.step.repeat_interleave(b), self.row_in_batch),
+                         pm.p.repeat_interleave(b))
+        else:
+            g.dropout = None
+        with autocast(self.device, self.precision), record_function("pack.forward"):
+            losses, total = self.train_loss(self.base.model, self.head, ids, mask, labels, pm.live, self.k, self.batch)
+        with record_function("pack.backward"):
+            total.backward()
+        self.sums += losses.detach().double() * pm.live
+        with record_function("pack.optimizer"):
+            pm.optimizer_step()
+        g.dropout = None
 
     def _release(self, run: SlotRun) -> None:
         if self.runs[run.slot] is run:
@@ -438,7 +462,11 @@ class PackTrainer:
         t0 = time.perf_counter()
         outputs, counts = self._generate([run.slot for run in runs])
         seconds = (time.perf_counter() - t0) / len(runs)
-        for run, adapter_out, n_new in zip(runs, outputs, counts):
+        rows: dict[int, torch.Tensor] = {}
+        for i, (run, adapter_out, n_new) in enumerate(zip(runs, outputs, counts)):
+            if i % ROWS_PER_COPY == 0:  # the next slots' parameters to the host in one copy
+                chunk = [r.slot for r in runs[i:i + ROWS_PER_COPY]]
+                rows = dict(zip(chunk, self.pm.params[chunk].cpu()))
             m = run.result.metrics
             m["generation_s"] = seconds
             if n_new:
@@ -452,12 +480,12 @@ class PackTrainer:
                 run.tracker.log_table(table, "generations.json")
             if run.tracker.run_id is not None or getattr(run.tracker, "records_artifacts", False):
                 tmp = tempfile.mkdtemp(prefix="lora-exp-adapter-")
-                self.pm.save_adapter(run.slot, build_lora_config(run.cfg), tmp)
+                self.pm.save_adapter(run.slot, build_lora_config(run.cfg), tmp, rows[run.slot])
                 run.tracker.log_dir(tmp, "adapter")
                 cleanup = getattr(run.tracker, "remove_after", None)
                 (cleanup or (lambda path: shutil.rmtree(path, ignore_errors=True)))(tmp)
             if run.adapter_dir is not None:
-                self.pm.save_adapter(run.slot, build_lora_config(run.cfg), run.adapter_dir)
+                self.pm.save_adapter(run.slot, build_lora_config(run.cfg), run.adapter_dir, rows[run.slot])
             run.tracker.log_metrics(m, step=run.result.steps)
 
     def progress(self, every: float) -> str | None:

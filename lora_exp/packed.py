@@ -16,11 +16,13 @@ alone, so a trial has the same loss curve alone or in any pack (tests/test_packe
 """
 from __future__ import annotations
 
+import contextlib
+import functools
 import math
 import os
 import zlib
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 import torch
 from torch import nn
@@ -116,6 +118,30 @@ def fused(fn: Any, enabled: bool) -> Any:
     if fn not in _COMPILED:
         _COMPILED[fn] = compiled(fn)
     return _COMPILED[fn]
+
+
+@contextlib.contextmanager
+def compile_lock() -> Iterator[None]:
+    """Held while a pack compiles its step: one process at a time per machine compiles, and the
+    next loads the compiled graphs from the compile cache (same shapes, each GPU seen as cuda:0)."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: compile side by side
+        yield
+        return
+    try:
+        from torch._inductor.runtime.cache_dir_utils import cache_dir
+        folder = cache_dir()
+    except Exception:  # noqa: BLE001 - an older torch: any shared folder does
+        import tempfile
+        folder = tempfile.gettempdir()
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, "lora-exp-compile.lock"), "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 def compiled(fn: Any, mode: str | None = None) -> Any:
@@ -316,6 +342,7 @@ class PackedModel:
         #: elements of each tensor's slot prefix the slot trains (r * width, 0 if untargeted)
         self.live_len = torch.zeros(len(self.tensors), slots, dtype=torch.int32, device=self.device)
         self.specs: list[SlotSpec | None] = [None] * slots
+        self._rows: dict[tuple[Any, ...], torch.Tensor] = {}  # initial parameter rows by (seed, r, targets)
         self.targeting = {name: 0 for name in self.layers}  # live slots that target each module
         # per-slot optimizer settings and counters, on the device (no host sync in a step)
         z = lambda dtype=torch.float32: torch.zeros(slots, device=self.device, dtype=dtype)  # noqa: E731
@@ -336,23 +363,22 @@ class PackedModel:
             raise ValueError(f"lora.r={spec.r} is above the pack's rank {self.rank}")
         for buf in (self.exp_avg, self.exp_avg_sq):
             buf[slot].zero_()
-        row = torch.zeros(self.params.shape[1])  # built on the host, copied in one transfer
         scales = torch.zeros(len(self.layers))
         live = torch.zeros(len(self.tensors), dtype=torch.int32)
         for name, layer in self.layers.items():
             offset, fin, fout, index = self.spans[name]
             if matches(name, spec.targets):
-                a = init_lora_a(spec.seed, layer.key, spec.r, fin)  # peft layout [r, in]
-                row[offset:offset + fin * self.rank].view(self.rank, fin)[:spec.r] = a
                 scales[index] = spec.scaling
                 live[2 * index], live[2 * index + 1] = spec.r * fin, spec.r * fout
                 self.targeting[name] += 1
                 layer.active = True
-        self.params[slot].copy_(row)
+        # host-to-GPU copies from pinned memory, queued behind the step in flight: a copy from
+        # ordinary host memory would wait for the GPU to finish it (~75 ms at K=1024, per trial)
+        self.params[slot].copy_(self._initial_row(spec), non_blocking=True)
         if self.low is not None:
-            self.low[slot].copy_(row)
-        self.scales[:, slot] = scales.to(self.device)
-        self.live_len[:, slot] = live.to(self.device)
+            self.low[slot].copy_(self.params[slot])
+        self.scales[:, slot] = self._to_device(scales)
+        self.live_len[:, slot] = self._to_device(live)
         self.specs[slot] = spec
         sched = {"linear": 0, "constant": 1, "cosine": 2}[spec.scheduler]
         for tensor, value in ((self.lr, spec.lr), (self.wd, spec.weight_decay), (self.max_norm, spec.max_grad_norm),
@@ -360,6 +386,30 @@ class PackedModel:
                               (self.warmup, spec.warmup), (self.sched, sched), (self.p, spec.dropout),
                               (self.live, 1.0)):
             tensor[slot] = value
+
+    def _to_device(self, host: torch.Tensor) -> torch.Tensor:
+        if self.device.type != "cuda":
+            return host.to(self.device)
+        return host.pin_memory().to(self.device, non_blocking=True)
+
+    def _initial_row(self, spec: SlotSpec) -> torch.Tensor:
+        """The slot's parameters at the start (A seeded per module, B zero), built on the host;
+        the same for every trial with this seed, rank and targets: kept (pinned on CUDA)."""
+        key = (spec.seed, spec.r, tuple(spec.targets))
+        row = self._rows.pop(key, None)
+        if row is None:
+            row = torch.zeros(self.params.shape[1])
+            for name, layer in self.layers.items():
+                offset, fin, _, _ = self.spans[name]
+                if matches(name, spec.targets):
+                    a = init_lora_a(spec.seed, layer.key, spec.r, fin)  # peft layout [r, in]
+                    row[offset:offset + fin * self.rank].view(self.rank, fin)[:spec.r] = a
+            if self.device.type == "cuda":
+                row = row.pin_memory()
+        self._rows[key] = row  # most recently used last
+        while len(self._rows) > 16:
+            self._rows.pop(next(iter(self._rows)))
+        return row
 
     def release(self, slot: int) -> None:
         spec = self.specs[slot]
@@ -435,27 +485,29 @@ class PackedModel:
 
     # -- extraction --
 
-    def adapter_state(self, slot: int) -> dict[str, torch.Tensor]:
-        """The slot's weights as peft names them in adapter_model.safetensors."""
+    def adapter_state(self, slot: int, row: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """The slot's weights as peft names them in adapter_model.safetensors (from `row`, the
+        slot's parameters already copied to the host, if given: one copy, not two per module)."""
         spec = self.specs[slot]
         assert spec is not None
+        params = self.params[slot] if row is None else row
         out = {}
         for name in self.layers:
             if not matches(name, spec.targets):
                 continue
             offset, fin, fout, _ = self.spans[name]
-            a = self.params[slot, offset:offset + fin * self.rank].view(self.rank, fin)[:spec.r]
-            b = self.params[slot, offset + fin * self.rank:offset + self.rank * (fin + fout)].view(self.rank, fout)[:spec.r]
+            a = params[offset:offset + fin * self.rank].view(self.rank, fin)[:spec.r]
+            b = params[offset + fin * self.rank:offset + self.rank * (fin + fout)].view(self.rank, fout)[:spec.r]
             out[f"base_model.model.{name}.lora_A.weight"] = a.contiguous().cpu()
             out[f"base_model.model.{name}.lora_B.weight"] = b.T.contiguous().cpu()
         return out
 
-    def save_adapter(self, slot: int, lora_config: Any, directory: str) -> None:
+    def save_adapter(self, slot: int, lora_config: Any, directory: str, row: torch.Tensor | None = None) -> None:
         """A normal peft adapter folder (adapter_config.json + adapter_model.safetensors)."""
         from safetensors.torch import save_file
 
         lora_config.save_pretrained(directory)
-        save_file(self.adapter_state(slot), f"{directory}/adapter_model.safetensors", metadata={"format": "pt"})
+        save_file(self.adapter_state(slot, row), f"{directory}/adapter_model.safetensors", metadata={"format": "pt"})
 
 
 # --- batches --------------------------------------------------------------------------------------
@@ -488,9 +540,11 @@ class TokenTable:
         return self.ids.shape[0] - 1
 
 
+@functools.lru_cache(maxsize=64)
 def batch_schedule(n_examples: int, batch_size: int, seed: int, steps: int) -> torch.Tensor:
     """Example indices [steps, batch_size] exactly as data.train_batches yields them (a short
-    last batch of an epoch is filled with the empty example, index n_examples)."""
+    last batch of an epoch is filled with the empty example, index n_examples). Cached: the
+    trials of a search often share a seed; the tensor is read-only."""
     generator = torch.Generator().manual_seed(seed)
     per_epoch = -(-n_examples // batch_size)
     epochs = -(-steps // per_epoch)
