@@ -470,9 +470,12 @@ def test_a_batch_samples_as_trial_by_trial_reads_would_with_one_read(tmp_path, m
     assert sampled[True] == sampled[False]
 
 
-def test_a_tracking_process_that_dies_stops_the_pack_with_one_line(workdir, store):
+@pytest.mark.parametrize("name,line", [("lora-exp-track0", "the tracking process lora-exp-tracking-0 stopped"),
+                                       ("lora-exp-sample", "the sampling process lora-exp-sampler stopped")])
+def test_a_helper_process_that_dies_stops_the_pack_with_one_line(workdir, store, name, line):
     """The trainer writes its tasks to the tracking process's pipe: a dead reader would block it
-    forever once the pipe is full. It stops instead, in one line, and a later sweep retries."""
+    forever once the pipe is full; a dead sampler would leave free slots waiting forever. It stops
+    instead, in one line, and a later sweep retries."""
     import psutil
 
     env = {"LORA_EXP_HEARTBEAT_SECONDS": "1"}  # grace: 4 s
@@ -481,16 +484,59 @@ def test_a_tracking_process_that_dies_stops_the_pack_with_one_line(workdir, stor
     proc, seen = _popen(workdir, *args, env=env), []
     _wait_for(proc, "packing up to 2 trials", seen)
     time.sleep(3)
-    trackers = [c for c in psutil.Process(proc.pid).children(recursive=True) if "spawn_main" in " ".join(c.cmdline())]
-    assert len(trackers) == 1
-    trackers[0].kill()
+    helpers = [c for c in psutil.Process(proc.pid).children(recursive=True) if c.name() == name]
+    assert len(helpers) == 1
+    helpers[0].kill()
     out = proc.communicate(timeout=120)[0]
     assert proc.returncode == 1, "".join(seen) + out
     assert "Traceback" not in out
-    assert out.strip().splitlines()[-1].startswith("lora-exp: error: the tracking process lora-exp-tracking-0 stopped")
+    assert out.strip().splitlines()[-1].startswith(f"lora-exp: error: {line}"), out[-2000:]
     time.sleep(6)  # its trials' heartbeats stopped with it: stale, then retried
     proc = run_cli("sweep", "sweep=tiny", "pack=2", "n_trials=4", "trainer.max_steps=20", cwd=workdir, env=env,
                    timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     states = [t.state.name for t in _study_states(workdir)]
     assert states.count("COMPLETE") + states.count("PRUNED") == 4
+
+
+def test_the_sampler_process_claims_and_samples_while_the_trainer_is_busy(tmp_path):
+    """A pack's trials are claimed and sampled in a process of their own (TPE over a thousand
+    trials: ~25 ms each; a pack refilling a thousand slots would stop the GPU for tens of
+    seconds): asked trials are ready when the training process looks, without waiting for them."""
+    from optuna.trial import TrialState
+
+    from lora_exp.config import compose
+    from lora_exp.pack_io import Sampler
+    from lora_exp.search import SweepPlan, open_study, parse_options, top_up
+    from lora_exp.sweeps import load_sweep
+
+    url = f"sqlite:///{tmp_path}/optuna.db"
+    spec = load_sweep("tiny")
+    options = parse_options(["sweep=tiny", f"storage={url}"])
+    plan = SweepPlan(spec, options, "s", 4, None, list(spec.base), None, compose(list(spec.base)))
+    study, _ = open_study(spec, url, "s", create=True)
+    top_up(study, 4)
+    sampler = Sampler(plan, chunk=2, retry_s=0.5)
+    try:
+        sampler.ask(3)
+        time.sleep(8)  # the trainer busy (its first step compiling, say): the sampler works on
+        got, empty = sampler.poll()
+        assert len(got) == 3 and not empty and sampler.asked == 0
+        stored = {t.number: t for t in study.get_trials(deepcopy=False)}
+        for trial in got:
+            assert stored[trial.number].state == TrialState.RUNNING
+            assert trial.params == stored[trial.number].params and set(trial.params) == set(spec.space)
+            assert f"trainer.lr={trial.params['trainer.lr']!r}" in trial.overrides
+        sampler.ask(3)  # one trial left to claim: then an empty answer, retried while wanted
+        claimed, seen_empty = [], False
+        deadline = time.time() + 60
+        while not seen_empty and time.time() < deadline:
+            more, seen_empty = sampler.poll(timeout=1.0)
+            claimed += more
+        assert len(claimed) == 1 and seen_empty and sampler.asked == 2
+        top_up(study, 5)  # another trial appears (a retry, another process's top-up): it is claimed
+        time.sleep(3)
+    finally:
+        left = sampler.close()
+    assert len(left) == 1  # claimed, never taken: the caller fails it
+    assert not sampler.process.is_alive()
