@@ -157,6 +157,8 @@ def open_study(plan_or_spec: SweepSpec, storage_url: str, study_name: str, creat
             storage_url, engine_kwargs=_engine_kwargs(storage_url), heartbeat_interval=int(max(1, HEARTBEAT_S)),
             grace_period=int(max(2, GRACE_S)),
             failed_trial_callback=optuna.storages.RetryFailedTrialCallback(max_retry=RETRIES))
+        if storage_url.startswith("sqlite:///"):
+            sqlite_wal(storage.engine)
         if create:  # (study, whether this process created it): the creator opens the parent run
             try:
                 return optuna.create_study(study_name=study_name, storage=storage, load_if_exists=False,
@@ -175,6 +177,28 @@ def open_study(plan_or_spec: SweepSpec, storage_url: str, study_name: str, creat
 
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ConfigError(f"storage: cannot open {redact_uri(storage_url)}: {first[:300]}") from exc
+
+
+def sqlite_wal(engine: Any) -> None:
+    """Write-ahead logging on a SQLite store: a packed sweep's sampler, tracking processes and
+    workers write one file at once; in WAL mode readers no longer wait for a writer's commit,
+    and a commit is one sync of the log, not of the journal and the database."""
+    import sqlite3
+
+    from sqlalchemy import event
+
+    def pragmas(dbapi_connection: Any, record: Any) -> None:
+        cursor = dbapi_connection.cursor()
+        try:
+            cursor.execute("PRAGMA journal_mode=WAL")  # kept in the file: once is enough
+            cursor.execute("PRAGMA synchronous=NORMAL")  # WAL stays consistent; a power cut may lose the last commits
+        except sqlite3.OperationalError:  # locked by a writer just now: the next connection sets it
+            pass
+        finally:
+            cursor.close()
+
+    event.listen(engine, "connect", pragmas)
+    engine.dispose()  # connections opened before (creating the tables) reconnect with it
 
 
 def _engine_kwargs(url: str) -> dict[str, Any]:
@@ -392,7 +416,9 @@ FAILURE_LIMIT_EXIT = 3
 
 def run_worker_processes(plan: SweepPlan, workers: int) -> bool:
     ctx = multiprocessing.get_context("spawn")  # a fresh interpreter each: no forked torch state
-    procs = [ctx.Process(target=_worker_entry, args=(plan, i), name=f"lora-exp-worker-{i}") for i in range(workers)]
+    gpus = _worker_gpus()
+    procs = [ctx.Process(target=_worker_entry, args=(plan, i, gpus[i % len(gpus)] if gpus else None),
+                         name=f"lora-exp-worker-{i}") for i in range(workers)]
     for p in procs:
         p.start()
     try:
@@ -408,17 +434,26 @@ def run_worker_processes(plan: SweepPlan, workers: int) -> bool:
     return not any(p.exitcode == FAILURE_LIMIT_EXIT for p in procs)
 
 
-def _worker_entry(plan: SweepPlan, index: int) -> None:
+def _worker_gpus() -> list[str]:
+    """The GPUs the workers spread over, as CUDA_VISIBLE_DEVICES names them (none without CUDA)."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return []
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES", "").strip()
+    names = [v.strip() for v in visible.split(",") if v.strip()] if visible else []
+    return names[:torch.cuda.device_count()] or [str(i) for i in range(torch.cuda.device_count())]
+
+
+def _worker_entry(plan: SweepPlan, index: int, gpu: str | None = None) -> None:
+    if gpu is not None:
+        # each worker sees its one GPU as cuda:0: the same compiled graphs on every GPU, so a
+        # worker whose pack starts second reuses the first one's compile cache (lora_exp/packed.py)
+        os.environ["CUDA_VISIBLE_DEVICES"] = gpu
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s [w{index}] %(message)s", datefmt="%H:%M:%S")
     for noisy in ("httpx", "urllib3", "alembic", "mlflow", "datasets", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    import warnings
-
     quiet_libraries()
-    import torch
-
-    if torch.cuda.is_available() and torch.cuda.device_count() > 1:
-        torch.cuda.set_device(index % torch.cuda.device_count())
     if not run_worker(plan, index, n_workers=None):
         raise SystemExit(FAILURE_LIMIT_EXIT)
 
