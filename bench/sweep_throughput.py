@@ -253,6 +253,7 @@ def cmd_sweep(args: argparse.Namespace) -> None:
         # by --timeout still shows how far it got
         proc = subprocess.Popen(command, cwd=tmp, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         lines: list[str] = []
+        stamps: list[float] = []
         if args.log:
             Path(args.log).resolve().parent.mkdir(parents=True, exist_ok=True)
         log = open(args.log, "w") if args.log else None
@@ -265,36 +266,67 @@ def cmd_sweep(args: argparse.Namespace) -> None:
         assert proc.stdout is not None
         for line in proc.stdout:
             lines.append(line.rstrip("\n"))
+            stamps.append(time.time() - start)
             if log:
-                log.write(f"{time.time() - start:8.1f} {line}")
+                log.write(f"{stamps[-1]:8.1f} {line}")
                 log.flush()
         proc.wait()
+        cut = bool(timer and not timer.is_alive() and proc.returncode != 0)  # stopped by --timeout
         if timer:
             timer.cancel()
         wall = time.time() - start
         text = "\n".join(lines)
-        if proc.returncode != 0:
-            finished = len(re.findall(r"^\[\d+(?:/\d+)?\] trial", text, flags=re.M))
+        steps = SEED_STEPS if not args.epochs else args.epochs * 5
+        closed = [t for t, line in zip(stamps, lines) if re.match(r"^\[\d+(?:/\d+)?\] trial", line)]
+        figures = sustained(stamps, lines, closed, steps)
+        if proc.returncode != 0 and not cut:
             print("\n".join(lines[-30:]))
             print(json.dumps({"what": "lora-exp sweep", "k": args.k, "trials": args.trials, "exit": proc.returncode,
-                              "wall_s": round(wall, 1), "finished_lines": finished}), flush=True)
+                              "wall_s": round(wall, 1), "finished_lines": len(closed), **figures}), flush=True)
             raise SystemExit(f"sweep failed with exit code {proc.returncode}")
         packs = [json.loads(m) for m in re.findall(r"pack summary: (\{.*\})", text)]
-        finished = len(re.findall(r"^\[\d+(?:/\d+)?\] trial", text, flags=re.M))
         counts = re.search(r"(\d+) trials -- (\d+) completed, (\d+) pruned, (\d+) failed", text)
-        steps = SEED_STEPS if not args.epochs else args.epochs * 5
         first = re.search(r"^\[1(?:/\d+)?\] trial.*", text, flags=re.M)
+        whole = {} if cut else {"trials_per_hour": round(3600 * args.trials / wall * steps / SEED_STEPS, 1)}
         print(json.dumps({"what": "lora-exp sweep", "arch": args.arch, "precision": args.precision, "k": args.k,
                           "attn": args.attn or "default",
                           "workers": args.workers, "trials": args.trials, "steps_per_trial": steps,
-                          "wall_s": round(wall, 1), "finished_lines": finished,
+                          "wall_s": round(wall, 1), "stopped_by_timeout": cut, "finished_lines": len(closed),
                           "completed_pruned_failed": [int(counts.group(i)) for i in (2, 3, 4)] if counts else None,
-                          "trials_per_hour": round(3600 * args.trials / wall * steps / SEED_STEPS, 1),
+                          **whole, **figures,
                           "packs": packs}), flush=True)
         if args.show:
             print("\n".join(text.splitlines()[:6] + ["..."] + text.splitlines()[-8:]))
         if first:
             print(first.group(0))
+
+
+def sustained(stamps: list[float], lines: list[str], closed: list[float], steps: int) -> dict:
+    """Figures of a sweep once running, from its stamped output: when the first trial closed,
+    when the K-th did, and the trials per hour from the progress line before the first trial
+    closed to the last one (every trial's end, evals, generations, the next trials' sampling and
+    start inside it; compile and start-up outside), scaled to 2500-step trials."""
+    progress: dict[str, list[tuple[float, int]]] = {}  # by worker
+    for t, line in zip(stamps, lines):
+        m = re.search(r"(\[w\d+\] )?pack: step \d+, .*?(\d+) trial-steps", line)
+        if m:
+            progress.setdefault(m.group(1) or "", []).append((t, int(m.group(2))))
+    out: dict = {"first_closed_s": round(closed[0], 1) if closed else None}
+    rate, window = 0.0, [float("inf"), 0.0]
+    for points in progress.values():
+        before = [p for p in points if closed and p[0] <= closed[0]]
+        after = [p for p in points if closed and p[0] > closed[0]]
+        a, b = (before[-1] if before else points[0]), points[-1]
+        if before and after:  # the trial-steps done when the first trial closed (linear in between)
+            c = after[0]
+            a = (closed[0], a[1] + (c[1] - a[1]) * (closed[0] - a[0]) / (c[0] - a[0]))
+        if closed and b[0] > a[0]:
+            rate += (b[1] - a[1]) / (b[0] - a[0])  # trial-steps a second of this worker's pack
+            window = [min(window[0], a[0]), max(window[1], b[0])]
+    if rate:
+        out.update({"sustained_window_s": [round(window[0], 1), round(window[1], 1)],
+                    "sustained_trials_per_hour": round(3600 * rate / SEED_STEPS, 1)})
+    return out
 
 
 def main() -> None:
