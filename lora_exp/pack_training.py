@@ -192,7 +192,7 @@ class PackTrainer:
                                device=self.device)
             grown[:, :self.schedule.shape[1]] = self.schedule
             self.schedule = grown
-        self.schedule[slot, :sched.shape[0]] = self.pm._to_device(sched)
+        self.schedule[slot, :sched.shape[0]] = self.pm.to_device(sched)
         self.sums[slot] = 0.0
         lengths = np.array(self.train_table.lengths + [0])
         run = SlotRun(cfg, spec, tracker, callbacks, handle, slot, time.perf_counter(),

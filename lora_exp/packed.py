@@ -377,8 +377,8 @@ class PackedModel:
         self.params[slot].copy_(self._initial_row(spec), non_blocking=True)
         if self.low is not None:
             self.low[slot].copy_(self.params[slot])
-        self.scales[:, slot] = self._to_device(scales)
-        self.live_len[:, slot] = self._to_device(live)
+        self.scales[:, slot] = self.to_device(scales)
+        self.live_len[:, slot] = self.to_device(live)
         self.specs[slot] = spec
         sched = {"linear": 0, "constant": 1, "cosine": 2}[spec.scheduler]
         for tensor, value in ((self.lr, spec.lr), (self.wd, spec.weight_decay), (self.max_norm, spec.max_grad_norm),
@@ -387,7 +387,8 @@ class PackedModel:
                               (self.live, 1.0)):
             tensor[slot] = value
 
-    def _to_device(self, host: torch.Tensor) -> torch.Tensor:
+    def to_device(self, host: torch.Tensor) -> torch.Tensor:
+        """A host tensor on the pack's device, queued without waiting for the GPU (pinned on CUDA)."""
         if self.device.type != "cuda":
             return host.to(self.device)
         return host.pin_memory().to(self.device, non_blocking=True)
