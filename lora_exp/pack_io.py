@@ -146,6 +146,7 @@ class Sampler:
                                    name="lora-exp-sampler", daemon=True)
         self.process.start()
         self.asked = 0  # asked for and not delivered yet
+        self.seconds_per_trial = 0.0  # the last chunk's claim and sampling time, a trial
 
     def ask(self, n: int) -> None:
         if n > 0:
@@ -160,10 +161,12 @@ class Sampler:
         empty = False
         while True:
             try:
-                trials = self.answers.get(timeout=timeout) if timeout else self.answers.get_nowait()
+                trials, seconds = self.answers.get(timeout=timeout) if timeout else self.answers.get_nowait()
             except queue.Empty:
                 break
             timeout = 0.0
+            if trials:
+                self.seconds_per_trial = seconds / len(trials)
             out += [ClaimedTrial(*t) for t in trials]
             empty = empty or not trials
             self.asked -= len(trials)
@@ -185,7 +188,7 @@ class Sampler:
             self.requests.put(None)
         while True:  # read on until it is gone: it cannot exit while its answers fill the pipe
             try:
-                out += [ClaimedTrial(*t) for t in self.answers.get(timeout=0.1)]
+                out += [ClaimedTrial(*t) for t in self.answers.get(timeout=0.1)[0]]
                 continue
             except queue.Empty:
                 pass
@@ -194,7 +197,7 @@ class Sampler:
         self.process.join()
         try:  # what it flushed on its way out
             while True:
-                out += [ClaimedTrial(*t) for t in self.answers.get_nowait()]
+                out += [ClaimedTrial(*t) for t in self.answers.get_nowait()[0]]
         except queue.Empty:
             pass
         self.requests.close()
@@ -245,7 +248,7 @@ def _sampler_main(plan: SweepPlan, worker_index: int, requests: Any, answers: An
                             overrides, error))
         wanted -= len(claimed)
         retry_at = 0.0 if claimed else time.monotonic() + retry_s
-        answers.put(sampled)
+        answers.put((sampled, time.perf_counter() - began))
         if claimed:
             busy += time.perf_counter() - began
             if (count + len(claimed)) // 512 > count // 512:

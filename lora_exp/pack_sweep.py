@@ -34,11 +34,16 @@ CLAIM_BATCH = 64
 #: a free slot with no WAITING trial asks the storage again after this long (a retried trial
 #: or another process's top-up can add one), not at every step
 CLAIM_RETRY_S = 2.0
-#: a trial's successor is sampled this long before the trial ends (at most a tenth of its
-#: steps ahead): a wave of a thousand trials ending together takes the sampler ~20 s to refill,
-#: and TPE, with a thousand trials in flight anyway, misses only the few that end meanwhile
+#: a trial's successor is sampled this long before the trial ends, plus the time the sampler
+#: needs for all the trials ending within a quarter of their length (it tells its time a trial),
+#: never further ahead than that quarter: a wave of a thousand trials ending together takes the
+#: sampler 30-50 s, and TPE, with a thousand trials in flight anyway, misses only those that end
+#: meanwhile
 SAMPLE_AHEAD_S = 15.0
-SAMPLE_AHEAD_FRACTION = 0.1
+SAMPLE_AHEAD_FRACTION = 0.25
+#: and this share of the slots sampled in reserve: pruned trials end when no one can say (in a
+#: wave, hundreds at one eval), and the sampler takes ~25 ms a trial
+SAMPLE_RESERVE_FRACTION = 0.25
 
 
 class _Pace:
@@ -138,11 +143,14 @@ def run_packed_worker(plan: SweepPlan, worker_index: int, stop: Any, study: Any,
                     ready = parked.setdefault(trainer.key, [])
                     # slots free now, and those whose trial ends soon: their next trials are
                     # sampled while the GPU works
-                    soon = trainer.free_count() + trainer.ending_within(pace.steps_in(SAMPLE_AHEAD_S),
-                                                                        SAMPLE_AHEAD_FRACTION)
+                    ahead = SAMPLE_AHEAD_S + sampler.seconds_per_trial * trainer.ending_within(
+                        2**62, SAMPLE_AHEAD_FRACTION)
+                    soon = (trainer.free_count() + trainer.ending_within(pace.steps_in(ahead), SAMPLE_AHEAD_FRACTION)
+                            + int(SAMPLE_RESERVE_FRACTION * trainer.k))
                     sampler.ask(soon - sampler.asked - len(ready))
-                    idle = not trainer.live() and not ready
+                    idle = not trainer.busy() and not ready
                     # nothing to train: wait for the sampler (an empty answer then means no trial is left)
+                    t0 = time.perf_counter()
                     claimed, empty = sampler.poll(timeout=2 * CLAIM_RETRY_S + 1 if idle else 0.0)
                     for trial in claimed:
                         prepared = _prepare(plan, trial, io, base_dict)
@@ -150,22 +158,28 @@ def run_packed_worker(plan: SweepPlan, worker_index: int, stop: Any, study: Any,
                             failures += 1
                         else:
                             parked.setdefault(pack_key(prepared[2]), []).append(prepared)
+                    trainer.host_s["claim"] += time.perf_counter() - t0
                     if idle and empty and not claimed:
                         exhausted = True
             if not stop.requested and not too_many():
                 ready = parked.get(trainer.key, [])
                 while ready and trainer.free_count():
                     begin(ready.pop(0))
-            if trainer.live():
+            if trainer.busy():
                 pace.tick()
-                for run in trainer.step():
+                ended = trainer.step()
+                t0 = time.perf_counter()
+                for run in ended:
                     failures += _finish(plan, run, io)
+                trainer.host_s["finish"] += time.perf_counter() - t0
                 line = trainer.progress(PROGRESS_SECONDS)
                 if line:
                     log.info("pack: %s", line)
             failures += len(io.poll())
+            t0 = time.perf_counter()
             io.send()
-            if trainer.live():
+            trainer.host_s["send"] += time.perf_counter() - t0
+            if trainer.busy():
                 continue
             if stop.requested or too_many():
                 break
@@ -181,7 +195,7 @@ def run_packed_worker(plan: SweepPlan, worker_index: int, stop: Any, study: Any,
                 break
     except BaseException as exc:
         reason = "interrupted" if isinstance(exc, KeyboardInterrupt) else f"{type(exc).__name__}: {exc}".splitlines()[0]
-        failing = [r for r in trainer.runs if r is not None] if trainer is not None else []
+        failing = [r for r in [*trainer.runs, *trainer.closing] if r is not None] if trainer is not None else []
         log.error("pack stopped (%s): failing its %d trial(s) in flight", reason, len(failing))
         for run in failing:
             run.error = reason

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections import Counter, deque
 import shutil
 import tempfile
 import time
@@ -41,6 +42,18 @@ DRAIN_EVERY = 50
 MAX_EVAL_ROWS = 2048
 #: finished slots whose parameters come to the host in one copy (~10 MB a slot at rank 16)
 ROWS_PER_COPY = 64
+#: slots whose eval is due are evaluated together once the first has waited this many steps (or
+#: this many are due); they hold still meanwhile, and the answer is read back a few steps later,
+#: when the GPU gets there: an eval per step with a host sync each cost ~30% of a full pack's step
+EVAL_GATHER_STEPS = 8
+EVAL_GATHER_SLOTS = 256
+#: host seconds a step may spend writing finished trials' adapters while the pack trains (at
+#: least one a step; ~14 ms each on the H200's host at rank 16)
+ADAPTER_WRITE_S = 0.02
+#: finished trials generate together (one `generate`, which syncs at every token, per batch)
+#: once the first has waited this many steps or this many have finished
+FINISH_GATHER_STEPS = 64
+FINISH_GATHER_SLOTS = 64
 
 
 def pack_key(cfg: RunConfig) -> tuple[Any, ...]:
@@ -102,6 +115,8 @@ class SlotRun:
     error: str | None = None
     #: also write the adapter here when the trial completes
     adapter_dir: str | None = None
+    #: its parameters on the host, from its last step until its adapter is written
+    row: torch.Tensor | None = None
 
 
 class PackTrainer:
@@ -133,6 +148,14 @@ class PackTrainer:
         self.sums = torch.zeros(slots, dtype=torch.float64, device=self.device)
         self.snapshots: list[torch.Tensor] = []
         self.records: list[tuple[int, SlotRun, int, int]] = []  # (snapshot, run, step, count)
+        self._pending: list[_HostCopy] = []  # copies to the host in flight, oldest first
+        self.due: dict[int, int] = {}  # slot -> the step it began holding for its eval
+        self.finishing: dict[int, int] = {}  # slot -> the step it began waiting for its generations
+        #: finished trials, slots freed, whose adapters are still to be written (oldest first)
+        self.closing: deque[SlotRun] = deque()
+        self.held_slot_steps = 0  # slot-steps trials held (eval or generations pending) while others trained
+        #: seconds of host work since the last progress line, by what (and `starts`: a count)
+        self.host_s: Counter[str] = Counter()
         self.runs: list[SlotRun | None] = [None] * slots
         self.host_step = np.zeros(slots, dtype=np.int64)
         self.steps_total = np.zeros(slots, dtype=np.int64)
@@ -181,6 +204,7 @@ class PackTrainer:
 
     def start(self, slot: int, cfg: RunConfig, tracker: Tracker, callbacks: Sequence[Callback] = (),
               handle: Any = None) -> SlotRun:
+        t0 = time.perf_counter()
         why = self.fits(cfg)
         if why:
             raise ConfigError(f"pack: this trial cannot join the pack: {why}")
@@ -216,15 +240,61 @@ class PackTrainer:
 
         tracker.log_text(yaml.dump(cfg.to_dict(), Dumper=getattr(yaml, "CSafeDumper", yaml.SafeDumper), sort_keys=False),
                          "config.yaml")
+        self.host_s["start"] += time.perf_counter() - t0
+        self.host_s["starts"] += 1
         return run
 
     # -- one step for every live slot --
 
     def step(self) -> list[SlotRun]:
-        """One optimizer step of every live slot; returns the trials that ended."""
-        live_np = np.array([r is not None for r in self.runs])
-        if not live_np.any():
-            return []
+        """One optimizer step of every slot that trains; returns the trials that ended.
+
+        A slot that reaches an eval (or its last step) holds still, exactly as it is, while the
+        others train on: its eval runs with others' a few steps later, is read back when the GPU
+        gets there (no host sync), and the trial then goes on, stops (its callbacks) or waits for
+        its generations, which are also batched. Nothing waits on the GPU while any slot can train."""
+        if not any(run is not None for run in self.runs):
+            return self._write_adapters(None)  # nothing left to train: close every finished trial
+        self._train_step()
+        ended: list[SlotRun] = []
+        stalled = not self._trainable()  # every trial holds: wait for what they wait for
+        if len(self.snapshots) >= DRAIN_EVERY:
+            self._pending.append(self._launch_host_copy([]))
+        if self.due and (stalled or len(self.due) >= EVAL_GATHER_SLOTS
+                         or self.steps_run - min(self.due.values()) >= EVAL_GATHER_STEPS):
+            self._pending.append(self._launch_host_copy(sorted(self.due)))
+            self.due.clear()
+        ended += self._collect(wait=stalled)
+        idle = not self._trainable() and not self.due and not self._pending
+        if self.finishing and (idle or len(self.finishing) >= FINISH_GATHER_SLOTS
+                               or self.steps_run - min(self.finishing.values()) >= FINISH_GATHER_STEPS):
+            # every logged loss read first (generation waits for the GPU anyway)
+            if self.snapshots:
+                self._pending.append(self._launch_host_copy([]))
+            ended += self._collect(wait=True)
+            runs = [self.runs[s] for s in sorted(self.finishing)]
+            self.finishing.clear()
+            self._finish_completed(runs)  # type: ignore[arg-type]
+            for run in runs:  # their slots are free now; their adapters are written step by step
+                self._release(run)  # type: ignore[arg-type]
+        for run in ended:
+            self._release(run)
+        return ended + self._write_adapters(ADAPTER_WRITE_S)
+
+    def busy(self) -> bool:
+        """Trials in slots, or finished ones whose adapters are still to be written."""
+        return self.live() > 0 or bool(self.closing)
+
+    def _trainable(self) -> bool:
+        return any(run is not None and slot not in self.pm.paused for slot, run in enumerate(self.runs))
+
+    def _train_step(self) -> bool:
+        """One step of the slots not held; logs their losses (on the device) and holds those
+        whose eval is due. False if no slot trains."""
+        training = np.array([run is not None and slot not in self.pm.paused for slot, run in enumerate(self.runs)])
+        if not training.any():
+            return False
+        self.held_slot_steps += sum(run is not None for run in self.runs) - int(training.sum())
         start = time.perf_counter()
         if self.first_step is None and self.pm.compile and self.device.type == "cuda":
             # the first step compiles: the workers of a multi-GPU sweep take turns, so the later
@@ -234,16 +304,14 @@ class PackTrainer:
                 torch.cuda.synchronize(self.device)
         else:
             self._launch_step()
-        self.host_step[live_np] += 1
+        self.host_step[training] += 1
         self.steps_run += 1
-        self.trial_steps += int(live_np.sum())
+        self.trial_steps += int(training.sum())
         if self.first_step is None:
             self.first_step = start
-
         steps = self.host_step
-        logs = live_np & ((steps % self.logging_steps == 0) | (steps == self.steps_total))
-        evals = live_np & (((steps % self.eval_steps == 0) if self.eval_steps else False) | (steps == self.steps_total))
-        done = live_np & (steps == self.steps_total)
+        logs = training & ((steps % self.logging_steps == 0) | (steps == self.steps_total))
+        evals = training & (((steps % self.eval_steps == 0) if self.eval_steps else False) | (steps == self.steps_total))
         if logs.any():
             self.snapshots.append(self.sums.clone())
             for slot in np.flatnonzero(logs):
@@ -251,22 +319,15 @@ class PackTrainer:
                 assert run is not None
                 self.records.append((len(self.snapshots) - 1, run, int(steps[slot]), int(steps[slot]) - run.last_log))
                 run.last_log = int(steps[slot])
-        ended: list[SlotRun] = []
-        if evals.any() or len(self.snapshots) >= DRAIN_EVERY:
-            ended += self._drain()
-        if evals.any():
-            due = [s for s in np.flatnonzero(evals) if self.runs[s] is not None and self.runs[s] not in ended]
-            if due:
-                ended += self._evaluate(due)
-        finished = [self.runs[s] for s in np.flatnonzero(done) if self.runs[s] is not None and self.runs[s] not in ended]
-        for run in finished:
-            run.result.steps = int(steps[run.slot])
-        if finished:
-            self._finish_completed(finished)  # type: ignore[arg-type]
-        ended += finished  # type: ignore[arg-type]
-        for run in ended:
-            self._release(run)
-        return ended
+        held = [int(s) for s in np.flatnonzero(evals if self.eval_table is not None else
+                                                training & (steps == self.steps_total))]
+        self.pm.pause(held)
+        for slot in held:
+            if self.eval_table is not None:
+                self.due[slot] = self.steps_run
+            else:  # nothing to evaluate: a finished trial goes straight to its generations
+                self.finishing[slot] = self.steps_run
+        return True
 
     def _launch_step(self) -> None:
         """Forward, backward and optimizer of every live slot, launched without waiting."""
@@ -295,16 +356,56 @@ class PackTrainer:
     def _release(self, run: SlotRun) -> None:
         if self.runs[run.slot] is run:
             self.runs[run.slot] = None
+            self.due.pop(run.slot, None)
+            self.finishing.pop(run.slot, None)
             self.pm.release(run.slot)
 
-    def _drain(self) -> list[SlotRun]:
-        """Copy the accumulated losses to the host (one sync) and log each slot's points."""
-        if not self.snapshots:
-            return []
-        sums = torch.stack(self.snapshots).cpu().numpy()
+    def _launch_host_copy(self, eval_slots: list[int]) -> _HostCopy:
+        """Queue the copy of the logged losses to the host (and the evals of `eval_slots`, whose
+        trials hold still meanwhile), without waiting: `_collect` reads it when the GPU is there."""
+        sums = torch.stack(self.snapshots) if self.snapshots else None
         records, self.snapshots, self.records = self.records, [], []
+        values, t0 = None, time.perf_counter()
+        if eval_slots:
+            values = self._slot_eval(eval_slots, self.eval_table.empty)  # type: ignore[union-attr]
+        copy = _HostCopy(records, [(s, self.runs[s]) for s in eval_slots], t0)  # type: ignore[misc]
+        if self.device.type == "cuda":
+            copy.sums = _to_host(sums)
+            copy.values = _to_host(values)
+            copy.ready = torch.cuda.Event()
+            copy.ready.record()
+        else:
+            copy.sums, copy.values = sums, values
+        copy.launch_s = time.perf_counter() - t0
+        self.host_s["eval"] += copy.launch_s
+        return copy
+
+    def _collect(self, wait: bool = False) -> list[SlotRun]:
+        """Read back, in order, the host copies the GPU has finished (all of them if `wait`):
+        log each slot's losses, then its eval (callbacks may stop it); evaluated trials go on,
+        or wait for their generations if they reached their last step."""
+        ended: list[SlotRun] = []
+        while self._pending:
+            copy = self._pending[0]
+            if copy.ready is not None and not copy.ready.query():
+                if not wait:
+                    break
+                t0 = time.perf_counter()
+                copy.ready.synchronize()
+                self.host_s["wait"] += time.perf_counter() - t0
+            self._pending.pop(0)
+            ended += self._log_losses(copy)
+            if copy.evals:
+                ended += self._read_evals(copy)
+        return ended
+
+    def _log_losses(self, copy: _HostCopy) -> list[SlotRun]:
+        """Each logged slot's mean train loss since its last log point; a non-finite one fails the trial."""
+        if copy.sums is None:
+            return []
+        sums = copy.sums.numpy()
         failed: list[SlotRun] = []
-        for snap, run, step, count in records:
+        for snap, run, step, count in copy.records:
             if run.error is not None:
                 continue
             total = float(sums[snap, run.slot])
@@ -321,23 +422,19 @@ class PackTrainer:
             run.tracker.log_metrics({"train_loss": value, "learning_rate": lr_at(run.spec, step)}, step)
         return failed
 
-    # -- eval, generation, adapters --
-
-    def _evaluate(self, slots: list[int]) -> list[SlotRun]:
-        """Eval loss of each due slot (as eval_loss computes it alone); callbacks may stop trials."""
-        if self.eval_table is None:
-            return []
-        t0 = time.perf_counter()
-        n_val = self.eval_table.empty
-        values = self._slot_eval(slots, n_val)
+    def _read_evals(self, copy: _HostCopy) -> list[SlotRun]:
+        """Eval loss of each slot (as eval_loss computes it alone), its callbacks, and what follows."""
+        assert copy.values is not None
+        t_read = time.perf_counter()
+        values = copy.values.tolist()
         if self.eval_batch_hook is not None:
             self.eval_batch_hook()
-        seconds = time.perf_counter() - t0
-        stopped = []
-        for slot, value in zip(slots, values):
-            run = self.runs[slot]
-            assert run is not None
-            run.eval_seconds += seconds / len(slots)
+        seconds = copy.launch_s + (time.perf_counter() - copy.t0 - copy.launch_s) / 4  # the GPU's share, roughly
+        stopped, resumed = [], []
+        for (slot, run), value in zip(copy.evals, values):
+            if run is None or self.runs[slot] is not run or run.error is not None:
+                continue
+            run.eval_seconds += seconds / len(copy.evals)
             step = int(self.host_step[slot])
             run.result.eval_curve.append((step, value))
             run.tracker.log_metrics({"eval_loss": value}, step)
@@ -346,31 +443,38 @@ class PackTrainer:
                 run.result.status = "stopped"
                 run.result.steps = step
                 stopped.append(run)
+            elif step >= run.spec.steps:
+                run.result.steps = step
+                self.finishing[slot] = self.steps_run
+            else:
+                resumed.append(slot)
+        self.pm.resume(resumed)
         for run in stopped:
             self._close_metrics(run)
+        self.host_s["eval"] += time.perf_counter() - t_read
         return stopped
 
     @torch.no_grad()
-    def _slot_eval(self, slots: list[int], n_val: int) -> list[float]:
+    def _slot_eval(self, slots: list[int], n_val: int) -> torch.Tensor:
+        """Each slot's eval loss, on the device (queued: nothing here waits for the GPU)."""
         table = self.eval_table
         assert table is not None
         self.base.model.eval()
-        out: list[float] = []
+        out: list[torch.Tensor] = []
         per = max(1, MAX_EVAL_ROWS // n_val)
         g = self.pm.groups
         try:
             for i in range(0, len(slots), per):
                 chunk = slots[i:i + per]
-                g.slots, g.rows, g.enabled = torch.tensor(chunk, device=self.device), n_val, True
+                g.slots, g.rows, g.enabled = self.pm.to_device(torch.tensor(chunk)), n_val, True
                 rep = lambda x: x[:n_val].repeat(len(chunk), 1)  # noqa: E731
                 with autocast(self.device, self.precision):
-                    losses = slot_losses(self.base.model, rep(table.ids), rep(table.mask), rep(table.labels),
-                                         len(chunk), n_val, self.head)
-                out += losses.tolist()
+                    out.append(slot_losses(self.base.model, rep(table.ids), rep(table.mask), rep(table.labels),
+                                           len(chunk), n_val, self.head))
         finally:
             g.slots, g.rows = None, self.batch
             train_mode(self.base.model, self.base_dropout)
-        return out
+        return torch.cat(out)
 
     def _base_results(self) -> tuple[float | None, list[str], dict[str, list[float]]]:
         """Base-model eval loss, generations and scores: once per base (cached as training.py does)."""
@@ -412,7 +516,7 @@ class PackTrainer:
             for start in range(0, len(prompts), 16):
                 texts = [p.text for p in prompts[start:start + 16]]
                 enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(self.device)
-                per = max(1, MAX_EVAL_ROWS // 4 // len(texts))
+                per = max(1, MAX_EVAL_ROWS // len(texts))
                 for i in range(0, len(slots), per):
                     chunk = slots[i:i + per]
                     g.slots, g.rows, g.enabled = torch.tensor(chunk, device=self.device), len(texts), True
@@ -455,13 +559,14 @@ class PackTrainer:
             run.tracker.log_metrics({"base_eval_loss": base_loss, "eval_loss": base_loss}, step=0)
 
     def _finish_completed(self, runs: list[SlotRun]) -> None:
-        self._drain()
         for run in runs:
             self._close_metrics(run)
         _, base_out, base_scores = self._base_results()
         t0 = time.perf_counter()
         outputs, counts = self._generate([run.slot for run in runs])
+        self.host_s["generate"] += time.perf_counter() - t0
         seconds = (time.perf_counter() - t0) / len(runs)
+        t_rows = time.perf_counter()
         rows: dict[int, torch.Tensor] = {}
         for i, (run, adapter_out, n_new) in enumerate(zip(runs, outputs, counts)):
             if i % ROWS_PER_COPY == 0:  # the next slots' parameters to the host in one copy
@@ -478,15 +583,32 @@ class PackTrainer:
                 m["exact_match_count"] = round(means["exact_match"] * sum(bool(p.answers) for p in self.data.prompts))
             if self.data.prompts:
                 run.tracker.log_table(table, "generations.json")
+            run.row = rows[run.slot]
+            self.closing.append(run)
+        self.host_s["rows"] += time.perf_counter() - t_rows
+
+    def _write_adapters(self, budget: float | None) -> list[SlotRun]:
+        """Write finished trials' adapters (from their rows, already on the host) for up to `budget`
+        seconds (at least one; all if None) and return those trials: they have ended. Writing a
+        wave of a thousand at once kept the GPU idle ~14 s; a few a step run while it trains."""
+        out: list[SlotRun] = []
+        t0 = time.perf_counter()
+        while self.closing and (budget is None or not out or time.perf_counter() - t0 < budget):
+            run = self.closing.popleft()
+            row, run.row = run.row, None
             if run.tracker.run_id is not None or getattr(run.tracker, "records_artifacts", False):
                 tmp = tempfile.mkdtemp(prefix="lora-exp-adapter-")
-                self.pm.save_adapter(run.slot, build_lora_config(run.cfg), tmp, rows[run.slot])
+                self.pm.save_adapter(run.slot, build_lora_config(run.cfg), tmp, row, run.spec)
                 run.tracker.log_dir(tmp, "adapter")
                 cleanup = getattr(run.tracker, "remove_after", None)
                 (cleanup or (lambda path: shutil.rmtree(path, ignore_errors=True)))(tmp)
             if run.adapter_dir is not None:
-                self.pm.save_adapter(run.slot, build_lora_config(run.cfg), run.adapter_dir, rows[run.slot])
-            run.tracker.log_metrics(m, step=run.result.steps)
+                self.pm.save_adapter(run.slot, build_lora_config(run.cfg), run.adapter_dir, row, run.spec)
+            run.tracker.log_metrics(run.result.metrics, step=run.result.steps)
+            out.append(run)
+        if out:
+            self.host_s["adapters"] += time.perf_counter() - t0
+        return out
 
     def progress(self, every: float) -> str | None:
         """A progress line at most every `every` seconds: steps, busy slots, recent step time."""
@@ -496,16 +618,23 @@ class PackTrainer:
             return None
         self._progress = (now, self.steps_run)
         ms = 1e3 * (now - last_time) / max(1, self.steps_run - last_steps)
+        held = len(self.pm.paused)
+        host = ", ".join(f"{what} {v:.1f}" for what, v in sorted(self.host_s.items()) if what != "starts" and v >= 0.05)
+        starts = self.host_s["starts"]
+        self.host_s.clear()
         return (f"step {self.steps_run}, {self.live()}/{self.k} slots busy, {self.trial_steps} trial-steps, "
-                f"{ms:.1f} ms/step over the last {now - last_time:.0f}s")
+                f"{ms:.1f} ms/step over the last {now - last_time:.0f}s ({held} holding for evals or generations; "
+                f"{int(starts)} started; host seconds: {host or 'none over 0.05'})")
 
     def summary(self) -> dict[str, Any]:
         """Pack-wide figures: steps, wall time since the first step (evals, generations and
-        trial starts included), slot occupancy and peak GPU memory."""
+        trial starts included), slot occupancy (slots training), the share of slot-steps held for
+        evals or generations, and peak GPU memory."""
         wall = time.perf_counter() - self.first_step if self.first_step is not None else 0.0
         return {"slots": self.k, "steps": self.steps_run, "trial_steps": self.trial_steps, "wall_s": round(wall, 2),
                 "ms_per_step": round(1e3 * wall / max(1, self.steps_run), 2),
                 "occupancy": round(self.trial_steps / max(1, self.steps_run * self.k), 4),
+                "held": round(self.held_slot_steps / max(1, self.steps_run * self.k), 4),
                 "peak_memory_gib": round(peak_memory_mb(self.device) / 1024, 2), "device": str(self.device)}
 
     def close(self) -> None:
@@ -513,6 +642,28 @@ class PackTrainer:
             self.weights.use_fp32()
         self.pm.close()
         self.base.model.eval()
+
+
+@dataclass
+class _HostCopy:
+    """Logged losses (and evals) on their way to the host; `ready` is recorded after the copy."""
+
+    records: list[tuple[int, SlotRun, int, int]]
+    evals: list[tuple[int, SlotRun | None]]
+    t0: float
+    sums: torch.Tensor | None = None
+    values: torch.Tensor | None = None
+    ready: Any = None
+    launch_s: float = 0.0
+
+
+def _to_host(t: torch.Tensor | None) -> torch.Tensor | None:
+    """A pinned host copy of `t`, queued (read it once the stream has passed this point)."""
+    if t is None:
+        return None
+    host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+    host.copy_(t, non_blocking=True)
+    return host
 
 
 def _train_loss(model: Any, head: Any, ids: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor, live: torch.Tensor,
@@ -562,7 +713,7 @@ def train_packed(cfgs: list[RunConfig], base: BaseModel, data: PreparedData, tra
     results: dict[int, TrialResult] = {}
     queue = list(enumerate(cfgs))
     try:
-        while queue or trainer.live():
+        while queue or trainer.busy():
             for slot in trainer.free_slots():
                 if not queue:
                     break

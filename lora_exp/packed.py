@@ -341,6 +341,10 @@ class PackedModel:
         self.weights = [w for layer in self.layers.values() for w in (layer.lora_A, layer.lora_B)]
         #: elements of each tensor's slot prefix the slot trains (r * width, 0 if untargeted)
         self.live_len = torch.zeros(len(self.tensors), slots, dtype=torch.int32, device=self.device)
+        self.slot_len = torch.zeros_like(self.live_len)  # the same for every slot that holds a trial
+        #: slots whose trial holds still (its parameters, moments and step count kept) while it
+        #: waits for an eval's answer or its generations
+        self.paused: set[int] = set()
         self.specs: list[SlotSpec | None] = [None] * slots
         self._rows: dict[tuple[Any, ...], torch.Tensor] = {}  # initial parameter rows by (seed, r, targets)
         self.targeting = {name: 0 for name in self.layers}  # live slots that target each module
@@ -379,6 +383,8 @@ class PackedModel:
             self.low[slot].copy_(self.params[slot])
         self.scales[:, slot] = self.to_device(scales)
         self.live_len[:, slot] = self.to_device(live)
+        self.slot_len[:, slot] = self.live_len[:, slot]
+        self.paused.discard(slot)
         self.specs[slot] = spec
         sched = {"linear": 0, "constant": 1, "cosine": 2}[spec.scheduler]
         for tensor, value in ((self.lr, spec.lr), (self.wd, spec.weight_decay), (self.max_norm, spec.max_grad_norm),
@@ -412,6 +418,22 @@ class PackedModel:
             self._rows.pop(next(iter(self._rows)))
         return row
 
+    def pause(self, slots: list[int]) -> None:
+        """These slots stop training, exactly where they are: no optimizer update (moments and
+        step count kept), no loss, no data consumed, until `resume`. Queued without a host sync."""
+        if slots:
+            idx = self.to_device(torch.tensor(slots, dtype=torch.long))
+            self.live.index_fill_(0, idx, 0.0)
+            self.live_len.index_fill_(1, idx, 0)
+            self.paused.update(slots)
+
+    def resume(self, slots: list[int]) -> None:
+        if slots:
+            idx = self.to_device(torch.tensor(slots, dtype=torch.long))
+            self.live.index_fill_(0, idx, 1.0)
+            self.live_len.index_copy_(1, idx, self.slot_len.index_select(1, idx))
+            self.paused.difference_update(slots)
+
     def release(self, slot: int) -> None:
         spec = self.specs[slot]
         if spec is not None:
@@ -425,6 +447,8 @@ class PackedModel:
         self.lr[slot] = 0.0
         self.scales[:, slot] = 0.0
         self.live_len[:, slot] = 0
+        self.slot_len[:, slot] = 0
+        self.paused.discard(slot)
         for buf in (self.params, self.exp_avg, self.exp_avg_sq, self.low):
             if buf is not None:
                 buf[slot].zero_()
@@ -477,8 +501,15 @@ class PackedModel:
                                views(self.low) if self.low is not None else None, grads, self.live_len,
                                coef, decay, step_size, bc2_sqrt, b1, b2, eps)
         else:
+            # the torch update runs on every row: a paused slot's zero gradient would decay its
+            # moments, so its rows are put back (the kernels above skip it: live_len 0)
+            held = torch.tensor(sorted(self.paused), dtype=torch.long, device=self.device) if self.paused else None
+            kept = [(buf, buf.index_select(0, held)) for buf in (self.params, self.exp_avg, self.exp_avg_sq)] \
+                if held is not None else []
             adamw_(self.params, flat, self.exp_avg, self.exp_avg_sq, coef.view(-1, 1), decay.view(-1, 1),
                    step_size.view(-1, 1), bc2_sqrt.view(-1, 1), b1, b2, eps)
+            for buf, rows in kept:
+                buf.index_copy_(0, held, rows)
             if self.low is not None:
                 self.low.copy_(self.params)
         for w in self.weights:
@@ -486,10 +517,12 @@ class PackedModel:
 
     # -- extraction --
 
-    def adapter_state(self, slot: int, row: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    def adapter_state(self, slot: int, row: torch.Tensor | None = None,
+                      spec: SlotSpec | None = None) -> dict[str, torch.Tensor]:
         """The slot's weights as peft names them in adapter_model.safetensors (from `row`, the
-        slot's parameters already copied to the host, if given: one copy, not two per module)."""
-        spec = self.specs[slot]
+        slot's parameters already copied to the host, if given: one copy, not two per module;
+        with `spec`, the trial's, once its slot has gone to another)."""
+        spec = spec or self.specs[slot]
         assert spec is not None
         params = self.params[slot] if row is None else row
         out = {}
@@ -503,12 +536,14 @@ class PackedModel:
             out[f"base_model.model.{name}.lora_B.weight"] = b.T.contiguous().cpu()
         return out
 
-    def save_adapter(self, slot: int, lora_config: Any, directory: str, row: torch.Tensor | None = None) -> None:
+    def save_adapter(self, slot: int, lora_config: Any, directory: str, row: torch.Tensor | None = None,
+                     spec: SlotSpec | None = None) -> None:
         """A normal peft adapter folder (adapter_config.json + adapter_model.safetensors)."""
         from safetensors.torch import save_file
 
         lora_config.save_pretrained(directory)
-        save_file(self.adapter_state(slot, row), f"{directory}/adapter_model.safetensors", metadata={"format": "pt"})
+        save_file(self.adapter_state(slot, row, spec), f"{directory}/adapter_model.safetensors",
+                  metadata={"format": "pt"})
 
 
 # --- batches --------------------------------------------------------------------------------------

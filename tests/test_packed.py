@@ -86,6 +86,59 @@ def test_slots_are_reused_continuous_batching_gives_the_same_trials():
         assert all(_rel(x, y) <= 1e-4 for (_, x), (_, y) in zip(a.loss_curve, b.loss_curve))
 
 
+class _StopAt:
+    """Stops its trial at the eval of `step` (as a pruner would)."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_eval(self, step: int, metrics: dict) -> bool:
+        return step == self.step
+
+
+def test_trials_that_hold_for_evals_and_generations_while_others_train_train_exactly_as_alone(monkeypatch):
+    """Out of step (2 slots, trials of 20 and 30 steps), a slot whose eval is due holds still while
+    the other trains, is evaluated a few steps later with others, and goes on, stops (a callback),
+    or waits for its generations: every trial's curves, evals and generations are those it has
+    alone, and a trial stopped at an eval ends there."""
+    from lora_exp import pack_training
+    from lora_exp.pack_training import PackTrainer
+
+    monkeypatch.setattr(pack_training, "EVAL_GATHER_STEPS", 3)
+    monkeypatch.setattr(pack_training, "FINISH_GATHER_STEPS", 4)
+    torch.set_num_threads(2)
+    cfgs = _mixed("tiny_llama")
+    cfgs = [cfgs[3], cfgs[0], cfgs[1], cfgs[2], cfgs[4]]  # 20 steps first: the next trial starts out of step
+    stops = {3: 20}  # the fourth trial is stopped at its eval of step 20 (of 30)
+    base = load_base(cfgs[0].model, torch.device("cpu"))
+    data = tokenize(load_rows(cfgs[0].data), cfgs[0].data, base.tokenizer)
+    alone = [run_trial(c, base, data, NullTracker(), [_StopAt(stops[i])] if i in stops else [])
+             for i, c in enumerate(cfgs)]
+    trainer = PackTrainer(base, data, cfgs[0], 2, 16, sorted({m for c in cfgs for m in c.target_modules}))
+    results, queue = {}, list(enumerate(cfgs))
+    try:
+        while queue or trainer.busy():
+            for slot in trainer.free_slots():
+                if queue:
+                    i, cfg = queue.pop(0)
+                    trainer.start(slot, cfg, NullTracker(), [_StopAt(stops[i])] if i in stops else [], handle=i)
+            for run in trainer.step():
+                results[run.handle] = run.result
+    finally:
+        trainer.close()
+    assert trainer.held_slot_steps > 0  # slots really held while the other trained
+    for i, (cfg, a) in enumerate(zip(cfgs, alone)):
+        p = results[i]
+        assert (p.status, p.steps) == (a.status, a.steps), cfg.overrides
+        assert [s for s, _ in a.loss_curve] == [s for s, _ in p.loss_curve], cfg.overrides
+        assert all(_rel(x, y) <= 1e-4 for (_, x), (_, y) in zip(a.loss_curve, p.loss_curve)), cfg.overrides
+        assert [s for s, _ in a.eval_curve] == [s for s, _ in p.eval_curve], cfg.overrides
+        assert all(_rel(x, y) <= 1e-4 for (_, x), (_, y) in zip(a.eval_curve, p.eval_curve)), cfg.overrides
+        assert a.generations.get("adapter_output") == p.generations.get("adapter_output"), cfg.overrides
+    assert all(results[i].generations["adapter_output"] for i in (0, 1, 2, 4))
+    assert results[3].status == "stopped" and results[3].loss_curve[-1][0] == 20
+
+
 def test_the_compiled_step_trains_as_the_eager_one_through_slot_reuse_without_recompiling(monkeypatch):
     """LORA_EXP_PACK_COMPILE=full (the default on CUDA) compiles the whole training step once:
     5 trials through 2 slots (slots freed and re-assigned, dropout on and off) give the eager
