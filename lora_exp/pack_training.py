@@ -368,7 +368,7 @@ class PackTrainer:
         values, t0 = None, time.perf_counter()
         if eval_slots:
             values = self._slot_eval(eval_slots, self.eval_table.empty)  # type: ignore[union-attr]
-        copy = _HostCopy(records, [(s, self.runs[s]) for s in eval_slots], t0)  # type: ignore[misc]
+        copy = _HostCopy(records, [(s, self.runs[s]) for s in eval_slots])  # type: ignore[misc]
         if self.device.type == "cuda":
             copy.sums = _to_host(sums)
             copy.values = _to_host(values)
@@ -429,7 +429,8 @@ class PackTrainer:
         values = copy.values.tolist()
         if self.eval_batch_hook is not None:
             self.eval_batch_hook()
-        seconds = copy.launch_s + (time.perf_counter() - copy.t0 - copy.launch_s) / 4  # the GPU's share, roughly
+        # the host's time on these evals (launch and read back; the steps run in between are others')
+        seconds = copy.launch_s + time.perf_counter() - t_read
         stopped, resumed = [], []
         for (slot, run), value in zip(copy.evals, values):
             if run is None or self.runs[slot] is not run or run.error is not None:
@@ -650,7 +651,6 @@ class _HostCopy:
 
     records: list[tuple[int, SlotRun, int, int]]
     evals: list[tuple[int, SlotRun | None]]
-    t0: float
     sums: torch.Tensor | None = None
     values: torch.Tensor | None = None
     ready: Any = None
