@@ -515,10 +515,9 @@ def _provenance(provenance: Any) -> dict[str, str]:
 
 def _print_line(plan: SweepPlan, done: str, number: int, status: str, value: Any, eval_curve: list[Any],
                 steps: int, overrides: list[str], wall: float) -> None:
-    from lora_exp.search import trial_line
+    from lora_exp.search import trial_line, write_line
 
     state = {"completed": "COMPLETE", "stopped": "PRUNED"}.get(status, "FAIL")
     stopped = status == "stopped"
     shown = eval_curve[-1][1] if stopped and eval_curve else value
-    print(trial_line(plan, done, number, state, shown, overrides, f"{wall:.1f}s, packed", steps if stopped else None),
-          flush=True)
+    write_line(trial_line(plan, done, number, state, shown, overrides, f"{wall:.1f}s, packed", steps if stopped else None))

@@ -15,6 +15,7 @@ import logging
 import multiprocessing
 import os
 import signal
+import sys
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -729,7 +730,15 @@ def _print_trial_line(plan: SweepPlan, study: Any, number: int, state: str, valu
     from optuna.trial import TrialState
 
     done = len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)))
-    print(trial_line(plan, str(done), number, state, value, overrides, f"{wall:.1f}s", at_step), flush=True)
+    write_line(trial_line(plan, str(done), number, state, value, overrides, f"{wall:.1f}s", at_step))
+
+
+def write_line(text: str) -> None:
+    """One line to stdout in one write: several processes print trial lines at once, and with
+    PYTHONUNBUFFERED (common in containers) `print` writes the text and its newline separately,
+    so two processes' lines could interleave."""
+    sys.stdout.write(text + "\n")
+    sys.stdout.flush()
 
 
 def trial_line(plan: SweepPlan, done: str, number: int, state: str, value: Any, overrides: list[str], wall: str,

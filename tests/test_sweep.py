@@ -207,3 +207,25 @@ def test_two_workers_on_one_sqlite_study(workdir, store):
 def test_two_workers_on_one_postgresql_study(workdir, store, postgres_url):
     _two_workers(workdir, store, [f"storage={postgres_url}"])
     _assert_exact(postgres_url, store, 8)
+
+
+def test_a_trial_line_goes_out_in_one_write(monkeypatch):
+    """Tracking processes print trial lines at once; with PYTHONUNBUFFERED, `print` writes the
+    text and its newline separately and two processes' lines interleave (seen once in CI)."""
+    import sys
+
+    from lora_exp.search import write_line
+
+    writes: list[str] = []
+
+    class Out:
+        def write(self, text: str) -> int:
+            writes.append(text)
+            return len(text)
+
+        def flush(self) -> None:
+            pass
+
+    monkeypatch.setattr(sys, "stdout", Out())
+    write_line("[1/7] trial   0 COMPLETE eval_loss=1.0000")
+    assert writes == ["[1/7] trial   0 COMPLETE eval_loss=1.0000\n"]
