@@ -272,7 +272,9 @@ class PackTrainer:
             if self.snapshots:
                 self._pending.append(self._launch_host_copy([]))
             ended += self._collect(wait=True)
-            runs = [self.runs[s] for s in sorted(self.finishing)]
+            # (a trial whose last losses came back non-finite just now has failed: not finished)
+            runs = [self.runs[s] for s in sorted(self.finishing) if self.runs[s] is not None
+                    and self.runs[s].error is None]  # type: ignore[union-attr]
             self.finishing.clear()
             self._finish_completed(runs)  # type: ignore[arg-type]
             for run in runs:  # their slots are free now; their adapters are written step by step

@@ -594,3 +594,21 @@ def test_the_sampler_process_claims_and_samples_while_the_trainer_is_busy(tmp_pa
         left = sampler.close()
     assert len(left) == 1  # claimed, never taken: the caller fails it
     assert not sampler.process.is_alive()
+
+
+def test_a_trial_whose_loss_goes_non_finite_fails_alone_and_the_pack_goes_on():
+    """A trial at lr 1e30 fails (its loss becomes non-finite, found when the losses come back to
+    the host) without touching its neighbours, which train as they do alone."""
+    torch.set_num_threads(2)
+    cfgs = _mixed("tiny_llama")[:3]
+    cfgs[1] = compose([*cfgs[1].overrides, "trainer.lr=1e30", "trainer.max_grad_norm=null"])
+    base = load_base(cfgs[0].model, torch.device("cpu"))
+    data = tokenize(load_rows(cfgs[0].data), cfgs[0].data, base.tokenizer)
+    packed = train_packed(cfgs, base, data, slots=2)
+    assert packed[1].status == "failed"
+    assert not packed[1].generations.get("adapter_output")
+    for i in (0, 2):
+        alone = run_trial(cfgs[i], base, data, NullTracker())
+        assert packed[i].status == "completed"
+        assert all(_rel(x, y) <= 1e-4 for (_, x), (_, y) in zip(alone.loss_curve, packed[i].loss_curve))
+        assert alone.generations["adapter_output"] == packed[i].generations["adapter_output"]
