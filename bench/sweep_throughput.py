@@ -202,6 +202,8 @@ def profile(trainer) -> None:
 
 def cmd_check(args: argparse.Namespace) -> None:
     """Each of K mixed trials trained in one pack vs the same trial trained alone (run_trial)."""
+    import torch
+
     from lora_exp.data import load_rows, tokenize
     from lora_exp.models import load_base, pick_device
     from lora_exp.pack_training import train_packed
@@ -221,8 +223,32 @@ def cmd_check(args: argparse.Namespace) -> None:
     alone = [run_trial(cfgs[i], base, data, NullTracker()) for i in chosen]
     start = time.perf_counter()
     packed_all = train_packed(cfgs, base, data)
+    packed_s = round(time.perf_counter() - start, 2)
     packed = [packed_all[i] for i in chosen]
     worst = max(abs(a[1] - b[1]) / abs(a[1]) for x, y in zip(alone, packed) for a, b in zip(x.loss_curve, y.loss_curve))
+    # per compared slot: where its largest difference is, and the trial alone again against itself
+    # (how far the GPU's own run-to-run differences go for this trial)
+    per_slot = []
+    for i, x, y in zip(chosen, alone, packed):
+        diffs = [(abs(a[1] - b[1]) / abs(a[1]), a[0], a[1], b[1]) for a, b in zip(x.loss_curve, y.loss_curve)]
+        rel, step, a_loss, p_loss = max(diffs)
+        per_slot.append({"slot": i, "max_rel_diff": rel, "at_step": step, "alone": a_loss, "packed": p_loss})
+    # the slot furthest from alone, trained alone again: as is (the GPU's run-to-run difference),
+    # and with one weight of the frozen base one ulp up (how far this trial's own curve moves for
+    # a rounding-sized change; any other order of summation, as a pack's batched GEMMs have, is one)
+    top = max(range(len(chosen)), key=lambda j: per_slot[j]["max_rel_diff"])
+
+    def max_rel(curve: list) -> float:
+        return max(abs(a[1] - b[1]) / abs(a[1]) for a, b in zip(alone[top].loss_curve, curve))
+
+    repeat = max_rel(run_trial(cfgs[chosen[top]], base, data, NullTracker()).loss_curve)
+    weight = next(p for p in base.model.parameters() if p.dim() == 1)  # a norm's weight
+    kept = weight.detach().clone()
+    with torch.no_grad():
+        weight[0] = torch.nextafter(weight[0], weight[0] + 1)
+    ulp = max_rel(run_trial(cfgs[chosen[top]], base, data, NullTracker()).loss_curve)
+    with torch.no_grad():
+        weight.copy_(kept)
     same_steps = all([s for s, _ in x.loss_curve] == [s for s, _ in y.loss_curve] for x, y in zip(alone, packed))
     evals = max(abs(x.eval_curve[-1][1] - y.eval_curve[-1][1]) / x.eval_curve[-1][1] for x, y in zip(alone, packed))
     same_text = sum(x.generations["adapter_output"] == y.generations["adapter_output"] for x, y in zip(alone, packed))
@@ -230,7 +256,9 @@ def cmd_check(args: argparse.Namespace) -> None:
                       "compared_slots": chosen, "steps": cfgs[0].trainer.epochs * 5, "same_logged_steps": same_steps,
                       "max_rel_diff_train_loss": worst, "max_rel_diff_final_eval": evals,
                       "trials_with_identical_generations": f"{same_text}/{len(chosen)}",
-                      "packed_s": round(time.perf_counter() - start, 2),
+                      "packed_s": packed_s, "per_slot": per_slot,
+                      "furthest_slot_alone_again": {"slot": chosen[top], "as_is_max_rel_diff": repeat,
+                                                    "one_ulp_in_base_max_rel_diff": ulp},
                       "configs": [" ".join(cfgs[i].overrides[-5:]) for i in chosen[:8]]}), flush=True)
 
 
