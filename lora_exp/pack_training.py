@@ -569,12 +569,15 @@ class PackTrainer:
         outputs, counts = self._generate([run.slot for run in runs])
         self.host_s["generate"] += time.perf_counter() - t0
         seconds = (time.perf_counter() - t0) / len(runs)
-        t_rows = time.perf_counter()
+        t_tables = time.perf_counter()
         rows: dict[int, torch.Tensor] = {}
         for i, (run, adapter_out, n_new) in enumerate(zip(runs, outputs, counts)):
             if i % ROWS_PER_COPY == 0:  # the next slots' parameters to the host in one copy
+                t_rows = time.perf_counter()
                 chunk = [r.slot for r in runs[i:i + ROWS_PER_COPY]]
                 rows = dict(zip(chunk, self.pm.params[chunk].cpu()))
+                self.host_s["rows"] += time.perf_counter() - t_rows
+                t_tables -= time.perf_counter() - t_rows
             m = run.result.metrics
             m["generation_s"] = seconds
             if n_new:
@@ -588,7 +591,8 @@ class PackTrainer:
                 run.tracker.log_table(table, "generations.json")
             run.row = rows[run.slot]
             self.closing.append(run)
-        self.host_s["rows"] += time.perf_counter() - t_rows
+        # each trial's generations table, its means and its logging (the copies above apart)
+        self.host_s["tables"] += time.perf_counter() - t_tables
 
     def _write_adapters(self, budget: float | None) -> list[SlotRun]:
         """Write finished trials' adapters (from their rows, already on the host) for up to `budget`
