@@ -212,12 +212,13 @@ def _sampler_main(plan: SweepPlan, worker_index: int, requests: Any, answers: An
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C goes to the trainer, which stops us
     _name_process("lora-exp-sample")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
-    from lora_exp.search import _base_values, claim_waiting_trials, open_study, quiet_libraries
+    from lora_exp.search import TrialReader, _base_values, claim_waiting_trials, open_study, quiet_libraries
     from lora_exp.sweeps import suggest
 
     quiet_libraries()
     study = open_study(plan.spec, plan.options.storage, plan.study_name, create=False, worker_index=worker_index)
     base_values = _base_values(plan)
+    reader = TrialReader(study)  # each batch reads only the trials finished since and those live
     parent = multiprocessing.parent_process()
     wanted, retry_at = 0, 0.0
     count, busy = 0, 0.0  # trials sampled, and the seconds spent on them (for a line per 512)
@@ -237,7 +238,8 @@ def _sampler_main(plan: SweepPlan, worker_index: int, requests: Any, answers: An
         if not wanted or time.monotonic() < retry_at:
             continue
         began = time.perf_counter()
-        claimed = claim_waiting_trials(study, plan.options.storage, min(wanted, chunk), batch_view=True)
+        claimed = claim_waiting_trials(study, plan.options.storage, min(wanted, chunk), batch_view=True,
+                                       reader=reader)
         sampled = []
         for trial in claimed:
             try:

@@ -266,7 +266,10 @@ class _StudyView:
     batch of evals and each trial's own intermediate values come from memory."""
 
     def __init__(self, study: Any, every: float = 0.0):
+        from lora_exp.search import TrialReader
+
         self._study = study
+        self._reader = TrialReader(study)  # each finished trial loaded once
         self._trials: list[Any] = []
         self.every = every
         self._read = -float("inf")
@@ -277,11 +280,9 @@ class _StudyView:
         finished trial (thousands, in a long packed search)."""
         from optuna.trial import TrialState
 
-        from lora_exp.search import stored_trials
-
         if time.monotonic() - self._read < self.every:
             return
-        self._trials = stored_trials(self._study, (TrialState.COMPLETE, TrialState.PRUNED))
+        self._trials = self._reader.read((TrialState.COMPLETE, TrialState.PRUNED))
         self._read = time.monotonic()
 
     def get_trials(self, deepcopy: bool = True, states: Any = None) -> list[Any]:

@@ -500,10 +500,10 @@ def test_a_batch_samples_as_trial_by_trial_reads_would_with_one_read(tmp_path, m
     """A pack claims trials in batches: TPE (constant liar) samples them against one read of the
     study, not one per trial (quadratic in the trials in flight), and samples exactly what it
     would with a fresh read per trial, the batch's earlier trials counted as in flight."""
-    from lora_exp.search import claim_waiting_trials
+    from lora_exp.search import TrialReader, claim_waiting_trials
 
     sampled, n_reads = {}, {}
-    for view in (False, True):
+    for view in (False, True, "reader"):
         url = f"sqlite:///{tmp_path}/optuna-{view}.db"
         study = _study_with_history(url)
         backend = study._storage._backend
@@ -515,13 +515,56 @@ def test_a_batch_samples_as_trial_by_trial_reads_would_with_one_read(tmp_path, m
             return _read(*args, **kwargs)
 
         monkeypatch.setattr(backend, "_get_trials", spy)
-        trials = claim_waiting_trials(study, url, 6, batch_view=view)
+        trials = claim_waiting_trials(study, url, 6, batch_view=bool(view),
+                                      reader=TrialReader(study) if view == "reader" else None)
         reads.clear()
         sampled[view] = [(t.suggest_float("x", 0, 1), t.suggest_float("y", 1e-4, 1e-1, log=True)) for t in trials]
         n_reads[view] = len(reads)
     assert n_reads[False] >= 6 and n_reads[True] == 1
+    assert n_reads["reader"] == 2  # the finished trials, then the live ones
     assert len(set(sampled[True])) == 6
-    assert sampled[True] == sampled[False]
+    assert sampled[True] == sampled[False] == sampled["reader"]
+
+
+def test_a_trial_reader_answers_as_a_full_read_and_loads_each_finished_trial_once(tmp_path):
+    """The pruner's view and the sampler read the study again and again in a long packed search:
+    the reader answers exactly what a full read of the database answers (live trials as they are
+    now), and loads a finished trial only once, also one that finishes after a later one."""
+    import optuna
+    from optuna.trial import TrialState as S
+
+    from lora_exp.search import TrialReader
+
+    study = optuna.create_study(storage=f"sqlite:///{tmp_path}/optuna.db", study_name="s")
+    backend = getattr(study._storage, "_backend", study._storage)
+    trials = [study.ask({"x": optuna.distributions.FloatDistribution(0, 1)}) for _ in range(6)]
+    for t, (state, value) in zip(trials, [(S.COMPLETE, 0.5), (S.COMPLETE, 0.2), (S.PRUNED, None), (S.FAIL, None)]):
+        t.report(t.params["x"], 10)
+        t.set_user_attr("overrides", [f"x={t.params['x']}"])
+        study.tell(t, value, state=state)
+    study.enqueue_trial({"x": 0.25})
+
+    def rows(got: list) -> list:
+        return [(t.number, t.state, t.params, t.values, t.intermediate_values, t.user_attrs) for t in got]
+
+    def same_as_full_reads() -> None:
+        for states in (None, (S.COMPLETE, S.PRUNED), (S.RUNNING,), (S.WAITING, S.FAIL), (S.COMPLETE, S.RUNNING)):
+            assert rows(reader.read(states)) == rows(backend.get_all_trials(study._study_id, deepcopy=False,
+                                                                            states=states)), states
+
+    reader = TrialReader(study)
+    same_as_full_reads()
+    assert reader.loaded == 4
+    trials[4].report(0.1, 10)  # live trials change: seen at the next read
+    study.tell(trials[5], 0.3)  # a later trial finishes first
+    same_as_full_reads()
+    assert reader.loaded == 5
+    study.tell(trials[4], 0.1)  # then an earlier one
+    same_as_full_reads()
+    assert reader.loaded == 6
+    kept = {t.number: t for t in reader.read((S.COMPLETE,))}
+    same_as_full_reads()
+    assert reader.loaded == 6 and all(kept[t.number] is t for t in reader.read((S.COMPLETE,)))
 
 
 @pytest.mark.parametrize("name,line", [("lora-exp-track0", "the tracking process lora-exp-tracking-0 stopped"),
