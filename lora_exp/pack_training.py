@@ -576,8 +576,9 @@ class PackTrainer:
                 t_rows = time.perf_counter()
                 chunk = [r.slot for r in runs[i:i + ROWS_PER_COPY]]
                 rows = dict(zip(chunk, self.pm.params[chunk].cpu()))
-                self.host_s["rows"] += time.perf_counter() - t_rows
-                t_tables -= time.perf_counter() - t_rows
+                copied = time.perf_counter() - t_rows
+                self.host_s["rows"] += copied
+                t_tables += copied  # not a table's time
             m = run.result.metrics
             m["generation_s"] = seconds
             if n_new:

@@ -231,10 +231,16 @@ def stored_trials(study: Any, states: tuple[Any, ...]) -> list[Any]:
     attributes, intermediate values) at each call: with a thousand trials in flight, ~0.5 s, even
     to learn that none is WAITING. Asked every packed step, that made the step 6x slower. (Trials
     read this way are not registered with that cache: claim through `study.get_trials`.)"""
-    backend = getattr(study._storage, "_backend", study._storage)
-    if not hasattr(backend, "scoped_session"):  # not a database (in-memory, journal): the cache is cheap
+    backend = _database(study)
+    if backend is None:  # not a database (in-memory, journal): the cache is cheap
         return study.get_trials(deepcopy=False, states=states)
     return backend.get_all_trials(study._study_id, deepcopy=False, states=states)
+
+
+def _database(study: Any) -> Any:
+    """The study's RDBStorage under Optuna's cache, or None if it is not a database."""
+    backend = getattr(study._storage, "_backend", study._storage)
+    return backend if hasattr(backend, "scoped_session") else None
 
 
 class TrialReader:
@@ -258,8 +264,8 @@ class TrialReader:
         `storage.get_all_trials(..., deepcopy=False, states=states)` answers (do not modify them)."""
         from optuna.trial import TrialState
 
-        backend = getattr(self._study._storage, "_backend", self._study._storage)
-        if not hasattr(backend, "scoped_session"):  # not a database: Optuna's own read is cheap
+        backend = _database(self._study)
+        if backend is None:  # not a database: Optuna's own read is cheap
             return self._study.get_trials(deepcopy=False, states=states)
         study_id = self._study._study_id
         wanted = set(states) if states is not None else set(TrialState)
