@@ -96,6 +96,22 @@ def mixed_configs(n: int, overrides: list[str], seed: int = 0) -> list:
     return cfgs
 
 
+#: trial mixes `engine --mixes` can time besides the uniform one: every trial at the heaviest
+#: (rank 16, every module) or the lightest (rank 4, c_attn only) point of the space
+MIXES = {"heavy": ["lora.r=16", "lora.preset=all"], "light": ["lora.r=4", "lora.preset=attn"]}
+
+
+def fixed(cfgs: list, overrides: list[str], extra: list[str]) -> list:
+    """The same configs with `extra` overrides on each (alpha kept as a multiple of the new r)."""
+    from lora_exp.config import replace_keys
+
+    out = []
+    for c in cfgs:
+        ov = extra + [f"lora.lora_alpha={int(c.lora.lora_alpha // c.lora.r) * int(extra[0].split('=')[1])}"]
+        out.append(replace_keys(c, c.to_dict(), ov, overrides + ov))
+    return out
+
+
 def useful_flops(base, data, cfg) -> float:
     """Matmul FLOPs of one trial-step (forward + input gradients; the base is frozen), as the
     seed's mean example has them: what a trial needs, not what padding costs."""
@@ -130,10 +146,15 @@ def cmd_engine(args: argparse.Namespace) -> None:
     flops = useful_flops(base, data, cfgs[0])
     from lora_exp.pack_sweep import pack_shape
 
-    max_rank = max(c.lora.r for c in cfgs)
-    modules = sorted({m for c in cfgs for m in c.target_modules})
-    runs = [(mode, int(k)) for mode in args.modes.split(",") for k in args.ks.split(",")]
-    for mode, k in runs:
+    # the same pack (shape: largest rank, every module) holding other mixes of trials: how much
+    # the step depends on what the search samples (TPE drifts from the uniform start)
+    mixes = {"uniform": cfgs, **{name: fixed(cfgs, overrides, ov) for name, ov in MIXES.items()}}
+    used = [c for mix in args.mixes.split(",") for c in mixes[mix]]
+    max_rank = max(c.lora.r for c in used)
+    modules = sorted({m for c in used for m in c.target_modules})
+    runs = [(mode, int(k), mix) for mode in args.modes.split(",") for k in args.ks.split(",")
+            for mix in args.mixes.split(",")]
+    for mode, k, mix in runs:
         os.environ["LORA_EXP_PACK_COMPILE"] = mode
         try:
             trainer = PackTrainer(base, data, cfgs[0], k, max_rank, modules)
@@ -142,7 +163,7 @@ def cmd_engine(args: argparse.Namespace) -> None:
             continue
         try:
             for slot in range(k):
-                trainer.start(slot, cfgs[slot], NullTracker())
+                trainer.start(slot, mixes[mix][slot], NullTracker())
             sync()
             t0 = time.perf_counter()
             for _ in range(args.warmup):
@@ -156,14 +177,16 @@ def cmd_engine(args: argparse.Namespace) -> None:
             step_s = (time.perf_counter() - start) / args.steps
             peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0
             print(json.dumps({"what": "packed step", "arch": args.arch, "precision": args.precision, "mode": mode,
-                              "attn": base.model.config._attn_implementation,
+                              "mix": mix, "attn": base.model.config._attn_implementation,
                               "k": k, "warmup_s": round(warm_s, 1),
                               "step_ms": round(step_s * 1e3, 2), "trial_steps_per_s": round(k / step_s, 1),
                               "trials_per_hour": round(3600 * k / (step_s * SEED_STEPS), 1),
                               "peak_gib": round(peak, 2),
                               "bf16_peak_fraction": round(k * flops / step_s / BF16_PEAK, 4),
                               "useful_gflop_per_trial_step": round(flops / 1e9, 2)}), flush=True)
-            if args.profile and k == args.profile and mode == args.modes.split(",")[0]:
+            if args.kernel_configs and mix == args.mixes.split(",")[0]:
+                time_kernel_configs(trainer, args, k, sync)
+            if args.profile and k == args.profile and mode == args.modes.split(",")[0] and mix == args.mixes.split(",")[0]:
                 profile(trainer)
         except Exception as exc:
             print(json.dumps({"what": "packed step", "mode": mode, "k": k, "error": repr(exc)[:300]}), flush=True)
@@ -175,6 +198,30 @@ def cmd_engine(args: argparse.Namespace) -> None:
                 torch.cuda.reset_peak_memory_stats()
 
 
+def time_kernel_configs(trainer, args: argparse.Namespace, k: int, sync) -> None:
+    """The same pack's step with other launch configs of the Triton optimizer (BLOCKxWARPS)."""
+    from lora_exp import pack_kernels
+
+    default = pack_kernels.BLOCK, pack_kernels.NUM_WARPS
+    try:
+        for config in args.kernel_configs.split(","):
+            block, warps = (int(x) for x in config.split("x"))
+            pack_kernels.BLOCK, pack_kernels.NUM_WARPS = block, warps
+            for _ in range(3):
+                trainer.step()
+            sync()
+            start = time.perf_counter()
+            for _ in range(args.steps):
+                trainer.step()
+            sync()
+            step_s = (time.perf_counter() - start) / args.steps
+            print(json.dumps({"what": "packed step, optimizer launch config", "k": k, "block": block, "warps": warps,
+                              "step_ms": round(step_s * 1e3, 2),
+                              "trials_per_hour": round(3600 * k / (step_s * SEED_STEPS), 1)}), flush=True)
+    finally:
+        pack_kernels.BLOCK, pack_kernels.NUM_WARPS = default
+
+
 def profile(trainer) -> None:
     """Where a packed step's time goes: top CUDA kernels over 3 steps, and GPU busy vs wall."""
     import torch
@@ -182,7 +229,7 @@ def profile(trainer) -> None:
     from torch.profiler import profile as torch_profile
 
     torch.cuda.synchronize()
-    with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+    with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], record_shapes=True) as prof:
         start = time.perf_counter()
         for _ in range(3):
             trainer.step()
@@ -192,7 +239,7 @@ def profile(trainer) -> None:
     gpu = sum(e.self_device_time_total for e in events) / 3 / 1e3
     print(f"profile: wall {wall * 1e3:.1f} ms/step, GPU busy {gpu:.1f} ms/step "
           f"({100 * gpu / (wall * 1e3):.0f}%)", flush=True)
-    print(events.table(sort_by="self_cuda_time_total", row_limit=14, max_name_column_width=50), flush=True)
+    print(events.table(sort_by="self_cuda_time_total", row_limit=30, max_name_column_width=60), flush=True)
     phases = {e.key: e.device_time_total / 3 / 1e3 for e in events if e.key.startswith("pack.")}
     print("profile phases (GPU ms/step): " + json.dumps({k: round(v, 1) for k, v in phases.items()}), flush=True)
     shaped = prof.key_averages(group_by_input_shape=True)
@@ -375,6 +422,8 @@ def main() -> None:
     e.add_argument("--steps", type=int, default=20)
     e.add_argument("--warmup", type=int, default=5)
     e.add_argument("--profile", type=int, default=0, help="profile the step at this K")
+    e.add_argument("--kernel-configs", default="", help="also time the optimizer's kernels at these BLOCKxWARPS, e.g. 4096x4,2048x8")
+    e.add_argument("--mixes", default="uniform", help=f"trial mixes to time: uniform (the sampled space), {', '.join(MIXES)}")
     c = sub.choices["check"]
     c.add_argument("--k", type=int, default=6)
     c.add_argument("--epochs", type=int, default=40)
