@@ -11,7 +11,8 @@ one prefix: r * in (or r * out) elements, 0 where the slot does not target the m
 `sq_norms` gives each slot's gradient norm (clip_grad_norm_ over the slot's parameters) and
 `adamw` applies torch.optim.AdamW's update (its formula and order of operations) to the fp32
 master weights and moments, and writes the bf16 compute copy the forward reads when the pack
-trains in bf16. No gradient is copied: autograd's fresh gradient tensors are read in place.
+trains in bf16. No gradient is copied: autograd's fresh gradient tensors are read in place,
+whatever their layout (A's comes out of the backward as a transposed view, [K, in, R] in memory).
 """
 from __future__ import annotations
 
@@ -19,24 +20,38 @@ import torch
 import triton
 import triton.language as tl
 
+#: elements a program updates, and its warps (the bench's `engine --kernel-configs` times others)
 BLOCK = 4096
+NUM_WARPS = 4
 
 
 @triton.jit
-def _sq_norm_kernel(g_ptr, live_ptr, out_ptr, g_stride, out_stride, out_offset, BLOCK: tl.constexpr):
+def _grad_at(slot, offs, g_s0, g_s1, g_s2, width, DENSE: tl.constexpr):
+    """Where element `offs` of a slot's [R, width] gradient is (rank-major order, as the
+    parameters are stored): the slot's row itself when dense, else through the strides."""
+    if DENSE:
+        return slot * g_s0 + offs
+    return slot * g_s0 + (offs // width) * g_s1 + (offs % width) * g_s2
+
+
+@triton.jit
+def _sq_norm_kernel(g_ptr, live_ptr, out_ptr, g_s0, g_s1, g_s2, width, out_stride, out_offset,
+                    DENSE: tl.constexpr, BLOCK: tl.constexpr):
     slot = tl.program_id(0).to(tl.int64)  # slot * stride passes 2^31 in a large pack
     blk = tl.program_id(1)
     live = tl.load(live_ptr + slot)
     start = blk * BLOCK
     if start < live:
         offs = start + tl.arange(0, BLOCK)
-        g = tl.load(g_ptr + slot * g_stride + offs, mask=offs < live, other=0.0).to(tl.float32)
+        at = _grad_at(slot, offs, g_s0, g_s1, g_s2, width, DENSE)
+        g = tl.load(g_ptr + at, mask=offs < live, other=0.0).to(tl.float32)
         tl.store(out_ptr + slot * out_stride + out_offset + blk, tl.sum(g * g, axis=0))
 
 
 @triton.jit
 def _adamw_kernel(p_ptr, m_ptr, v_ptr, low_ptr, g_ptr, live_ptr, coef_ptr, decay_ptr, step_size_ptr, bc2_ptr,
-                  p_stride, low_stride, g_stride, b1, b2, eps, HAS_LOW: tl.constexpr, BLOCK: tl.constexpr):
+                  p_stride, low_stride, g_s0, g_s1, g_s2, width, b1, b2, eps, HAS_LOW: tl.constexpr,
+                  DENSE: tl.constexpr, BLOCK: tl.constexpr):
     slot = tl.program_id(0).to(tl.int64)  # slot * stride passes 2^31 in a large pack (K=1024: 2.4e9)
     blk = tl.program_id(1)
     live = tl.load(live_ptr + slot)
@@ -45,7 +60,7 @@ def _adamw_kernel(p_ptr, m_ptr, v_ptr, low_ptr, g_ptr, live_ptr, coef_ptr, decay
         offs = start + tl.arange(0, BLOCK)
         mask = offs < live
         at = slot * p_stride + offs
-        g = tl.load(g_ptr + slot * g_stride + offs, mask=mask, other=0.0).to(tl.float32)
+        g = tl.load(g_ptr + _grad_at(slot, offs, g_s0, g_s1, g_s2, width, DENSE), mask=mask, other=0.0).to(tl.float32)
         p = tl.load(p_ptr + at, mask=mask, other=0.0)
         m = tl.load(m_ptr + at, mask=mask, other=0.0)
         v = tl.load(v_ptr + at, mask=mask, other=0.0)
@@ -66,16 +81,25 @@ def _blocks(width: int) -> int:
     return triton.cdiv(width, BLOCK)
 
 
+def _grad_layout(g: torch.Tensor) -> tuple[int, int, int, int, bool]:
+    """A [K, R, width] gradient's strides, width, and whether each slot's part is one dense row."""
+    s0, s1, s2 = g.stride()
+    width = g.shape[2]
+    return s0, s1, s2, width, s2 == 1 and (s1 == width or g.shape[1] == 1)
+
+
 def sq_norms(grads: list[torch.Tensor], live: torch.Tensor, k: int) -> torch.Tensor:
-    """Each slot's squared gradient norm [K] over `grads` (one [K, ...] tensor per LoRA tensor;
-    `live[i, slot]` = elements of slot's prefix in tensor i that it trains)."""
+    """Each slot's squared gradient norm [K] over `grads` (one [K, R, width] tensor per LoRA
+    tensor, any strides; `live[i, slot]` = elements of slot's prefix in tensor i that it trains)."""
     widths = [g[0].numel() for g in grads]
     offsets = [0]
     for w in widths:
         offsets.append(offsets[-1] + _blocks(w))
     partial = torch.zeros(k, offsets[-1], device=live.device, dtype=torch.float32)
     for i, (g, w) in enumerate(zip(grads, widths)):
-        _sq_norm_kernel[(k, _blocks(w))](g, live[i], partial, g.stride(0), partial.stride(0), offsets[i], BLOCK=BLOCK)
+        s0, s1, s2, width, dense = _grad_layout(g)
+        _sq_norm_kernel[(k, _blocks(w))](g, live[i], partial, s0, s1, s2, width, partial.stride(0), offsets[i],
+                                         DENSE=dense, BLOCK=BLOCK, num_warps=NUM_WARPS)
     return partial.sum(dim=1)
 
 
@@ -86,6 +110,8 @@ def adamw(masters: list[torch.Tensor], exp_avgs: list[torch.Tensor], exp_avg_sqs
     bias correction as `packed.adamw_` takes them."""
     for i, (p, g) in enumerate(zip(masters, grads)):
         low = lows[i] if lows is not None else p
+        s0, s1, s2, width, dense = _grad_layout(g)
         _adamw_kernel[(p.shape[0], _blocks(p[0].numel()))](
             p, exp_avgs[i], exp_avg_sqs[i], low, g, live[i], coef, decay, step_size, bc2_sqrt,
-            p.stride(0), low.stride(0), g.stride(0), b1, b2, eps, HAS_LOW=lows is not None, BLOCK=BLOCK)
+            p.stride(0), low.stride(0), s0, s1, s2, width, b1, b2, eps, HAS_LOW=lows is not None, DENSE=dense,
+            BLOCK=BLOCK, num_warps=NUM_WARPS)

@@ -349,10 +349,10 @@ class PackTrainer:
         with autocast(self.device, self.precision), record_function("pack.forward"):
             losses, total = self.train_loss(self.base.model, self.head, ids, mask, labels, pm.live, self.k, self.batch)
         with record_function("pack.backward"):
-            total.backward()
+            grads = pm.gradients(total)
         self.sums += losses.detach().double() * pm.live
         with record_function("pack.optimizer"):
-            pm.optimizer_step()
+            pm.optimizer_step(grads)
         g.dropout = None
 
     def _release(self, run: SlotRun) -> None:

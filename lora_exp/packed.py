@@ -473,15 +473,24 @@ class PackedModel:
         return torch.where(self.sched == 1, torch.ones_like(s), torch.where(self.sched == 2, cosine, linear))
 
     @torch.no_grad()
-    def optimizer_step(self, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8) -> None:
+    def gradients(self, loss: torch.Tensor) -> list[torch.Tensor | None]:
+        """The LoRA tensors' gradients of `loss`, as the backward computes them. Not through
+        .grad: autograd makes a gradient that is not laid out as its parameter contiguous first,
+        and A's is a transposed view (2 GB copied a step at K=1024); the kernels read any layout."""
+        return list(torch.autograd.grad(loss, self.weights, allow_unused=True))
+
+    def optimizer_step(self, grads: list[torch.Tensor | None] | None = None, betas: tuple[float, float] = (0.9, 0.999),
+                       eps: float = 1e-8) -> None:
         """AdamW (torch's formula, decoupled weight decay) with per-slot lr, step count and
         gradient clipping (clip_grad_norm_ over the slot's own parameters), for all slots at once.
-        Reads the gradients autograd left in each LoRA tensor's .grad, then clears them."""
-        grads = [w.grad if w.grad is not None else torch.zeros_like(w) for w in self.weights]
+        Takes `grads` (from `gradients`), else the gradients left in each LoRA tensor's .grad
+        (then cleared)."""
+        if grads is None:
+            grads = [w.grad for w in self.weights]
+        grads = [g if g is not None else torch.zeros_like(w) for g, w in zip(grads, self.weights)]
         if self.kernels:
             from lora_exp import pack_kernels
 
-            grads = [g.contiguous() for g in grads]
             norm = pack_kernels.sq_norms(grads, self.live_len, self.k).sqrt()
         else:
             flat = torch.cat([g.reshape(self.k, -1).float() for g in grads], dim=1)

@@ -14,11 +14,13 @@ import pytest
 pytest.importorskip("triton")  # installed by `make setup` on x86-64 Linux (pyproject test extra)
 
 SCRIPT = textwrap.dedent('''
+    import os
     import torch
     from lora_exp import pack_kernels
     from lora_exp.packed import adamw_
 
     torch.manual_seed(0)
+    torch.set_default_device(os.environ["KERNELS_DEVICE"])
     k, rank = 5, 4
     widths = [7, 3, 4097, 11]                  # one tensor wider than a block
     live = torch.tensor([[r * w for r in (4, 0, 2, 1, 3)] for w in widths], dtype=torch.int32)
@@ -35,6 +37,9 @@ SCRIPT = textwrap.dedent('''
     m, v = padded(torch.randn(k, offset)), padded(torch.rand(k, offset))
     grads_flat = padded(torch.randn(k, offset)).to(torch.bfloat16)
     grads = [grads_flat[:, c].contiguous().view(k, rank, -1) for c in cols]
+    # A's gradient comes out of the backward transposed ([K, in, R] in memory): read in place
+    grads = [g.transpose(1, 2).contiguous().transpose(1, 2) if i % 2 else g for i, g in enumerate(grads)]
+    assert not grads[1].is_contiguous() and grads[0].is_contiguous()
     coef, decay = torch.rand(k) + 0.5, 1 - torch.rand(k) * 1e-2
     step_size, bc2 = torch.rand(k) * 1e-2, torch.rand(k) + 0.1
 
@@ -63,8 +68,20 @@ SCRIPT = textwrap.dedent('''
 ''')
 
 
-def test_triton_adamw_and_norms_match_torch_on_each_slots_live_prefix():
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
+def test_triton_adamw_and_norms_match_torch_on_each_slots_live_prefix_whatever_the_gradients_layout():
+    env = {**os.environ, "TRITON_INTERPRET": "1", "KERNELS_DEVICE": "cpu"}
+    out = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "kernels ok" in out.stdout
+
+
+def test_the_same_on_the_gpu_compiled():
+    """The kernels as they run in a pack: compiled by Triton for the GPU (where there is one)."""
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA GPU here")
+    env = {**os.environ, "KERNELS_DEVICE": "cuda"}
+    env.pop("TRITON_INTERPRET", None)
     out = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, env=env, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "kernels ok" in out.stdout
