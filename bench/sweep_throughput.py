@@ -7,6 +7,7 @@ speed does not depend on weight values; 2500 steps at batch 1 on the five texts)
 
     python bench/sweep_throughput.py baseline --seed-baseline ../shared/bench/seed_baseline.py
     python bench/sweep_throughput.py engine --ks 1,16,64,256,1024 --precision bf16 --profile 1024
+    python bench/sweep_throughput.py engine --ks 1024 --attn eager --mixes uniform,heavy,light
     python bench/sweep_throughput.py sweep --k 1024 --trials 1024 --precision bf16 --attn eager
     python bench/sweep_throughput.py sweep --k 1024 --trials 2048 --workers 2     # two GPUs
     python bench/sweep_throughput.py check --precision fp32 --k 6                 # pack vs alone
