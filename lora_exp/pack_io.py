@@ -147,6 +147,7 @@ class Sampler:
         self.process.start()
         self.asked = 0  # asked for and not delivered yet
         self.seconds_per_trial = 0.0  # the last chunk's claim and sampling time, a trial
+        self.closed = False
 
     def ask(self, n: int) -> None:
         if n > 0:
@@ -182,8 +183,11 @@ class Sampler:
                                f"{self.process.exitcode}); its trials are retried when the sweep runs again")
 
     def close(self) -> list[ClaimedTrial]:
-        """Stop the process; returns the trials it claimed that no one took yet."""
+        """Stop the process; returns the trials it claimed that no one took yet (none once closed)."""
         out: list[ClaimedTrial] = []
+        if self.closed:
+            return out
+        self.closed = True
         if self.process.is_alive():
             self.requests.put(None)
         while True:  # read on until it is gone: it cannot exit while its answers fill the pipe

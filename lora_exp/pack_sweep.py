@@ -112,7 +112,7 @@ def run_packed_worker(plan: SweepPlan, worker_index: int, stop: Any, study: Any,
     view = _StudyView(study, VIEW_REFRESH_S)
     parked: dict[Any, list[tuple[Any, list[str], RunConfig]]] = {}  # by shared settings, in claim order
     alone: list[Any] = []  # trials no pack can hold (e.g. lora.bias searched): run one at a time
-    failures, exhausted = 0, False
+    failures, exhausted, timed_out = 0, False, False
     cfg: RunConfig = plan.base
     trainer: PackTrainer | None = None
     pace = _Pace()
@@ -137,8 +137,13 @@ def run_packed_worker(plan: SweepPlan, worker_index: int, stop: Any, study: Any,
                 trainer = _new_pack(plan, cfg, study, context, view)
             if not stop.requested and not too_many() and not exhausted:
                 if plan.timeout and time.time() - plan.started > plan.timeout:
-                    exhausted = True
-                    log.info("timeout reached: no new trials")
+                    # as Optuna's timeout: the trials in slots finish, no other starts; those
+                    # already claimed and sampled ahead are failed (a later run tops the study up)
+                    exhausted = timed_out = True
+                    unstarted = _fail_unstarted(parked, alone, io, "not started: the sweep's timeout came first", sampler)
+                    alone.clear()
+                    log.info("timeout reached: no new trials (%d in slots finish; %d claimed, not started: failed)",
+                             trainer.live(), unstarted)
                 else:
                     ready = parked.setdefault(trainer.key, [])
                     # slots free now, and those whose trial ends soon: their next trials are
@@ -226,6 +231,8 @@ def run_packed_worker(plan: SweepPlan, worker_index: int, stop: Any, study: Any,
     if too_many():
         log.error("%d trials failed (max_failures=%d): stopping the sweep", failures, plan.spec.max_failures)
         return False
+    if timed_out:  # the trials still queued wait for the next start; other workers stop at theirs
+        return True
     from optuna.trial import TrialState
 
     while _in_flight_elsewhere(study, plan) and not stop.requested:  # other workers still running
@@ -249,13 +256,15 @@ def _new_pack(plan: SweepPlan, cfg: RunConfig, study: Any, context: Any, view: A
 
 
 def _fail_unstarted(parked: dict[Any, list[Any]], alone: list[Any], io: Any, reason: str,
-                    sampler: Any = None) -> None:
+                    sampler: Any = None) -> int:
     """Claimed trials that never got a slot, and those the sampler still held: failed (a later
-    start tops the study up again). Stops the sampler."""
+    start tops the study up again). Stops the sampler; returns how many it failed."""
     left = sampler.close() if sampler is not None else []
-    for trial in [p[0] for group in parked.values() for p in group] + list(alone) + left:
+    trials = [p[0] for group in parked.values() for p in group] + list(alone) + left
+    for trial in trials:
         io.submit("fail", trial.number, trial._trial_id, reason)
     parked.clear()
+    return len(trials)
 
 
 class _StudyView:

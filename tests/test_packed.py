@@ -373,6 +373,40 @@ def test_packed_sweep_ctrl_c_twice_fails_the_pack_then_resumes(workdir, store):
     assert states.count("COMPLETE") + states.count("PRUNED") == 4
 
 
+@pytest.mark.slow
+def test_a_packed_sweeps_timeout_starts_no_trial_after_it_and_the_sweep_ends_then_resumes(workdir, store):
+    """As Optuna's timeout: the trials in slots finish, none starts after it (those sampled ahead
+    are failed, never run), the sweep exits, and the next start tops the study up."""
+    from mlflow.tracking import MlflowClient
+
+    # trials of ~30 s that start ~10 s in: the timeout falls while the first four train, with
+    # the pack's reserve (a quarter of its slots) already sampled
+    proc = run_cli("sweep", "sweep=tiny", "pack=4", "n_trials=6", "timeout=25", "trainer.max_steps=300",
+                   "trainer.eval_steps=100", cwd=workdir, timeout=400)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    m = re.search(r"timeout reached: no new trials \((\d+) in slots finish; (\d+) claimed, not started: failed\)",
+                  proc.stderr)
+    assert m, proc.stderr[-3000:]
+    in_slots, unstarted = int(m.group(1)), int(m.group(2))
+    assert in_slots >= 1 and unstarted >= 1, m.group(0)
+    trials = _study_states(workdir)
+    ran = [t for t in trials if t.state.name in ("COMPLETE", "PRUNED")]
+    failed = [t for t in trials if t.state.name == "FAIL"]
+    assert len(ran) == in_slots, [(t.number, t.state.name) for t in trials]
+    assert len(failed) == unstarted
+    assert {t.user_attrs["failure"] for t in failed} == {"not started: the sweep's timeout came first"}
+    client = MlflowClient(store)
+    exp = client.get_experiment_by_name("lora-exp")
+    children = [r for r in client.search_runs([exp.experiment_id], max_results=100)
+                if r.data.tags.get("lora_exp.kind") == "trial"]
+    assert len(children) == in_slots  # the unstarted ones never opened a run
+    # the next start runs what is left: the study ends with its 6 trials
+    proc = run_cli("sweep", "sweep=tiny", "pack=4", "n_trials=6", "trainer.max_steps=20", cwd=workdir)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    states = [t.state.name for t in _study_states(workdir)]
+    assert states.count("COMPLETE") + states.count("PRUNED") == 6, states
+
+
 def test_packed_worker_killed_its_trials_go_stale_and_are_retried(workdir, store):
     import signal
 
