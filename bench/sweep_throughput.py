@@ -106,9 +106,10 @@ def fixed(cfgs: list, overrides: list[str], extra: list[str]) -> list:
     """The same configs with `extra` overrides on each (alpha kept as a multiple of the new r)."""
     from lora_exp.config import replace_keys
 
+    r = int(dict(o.split("=") for o in extra)["lora.r"])
     out = []
     for c in cfgs:
-        ov = extra + [f"lora.lora_alpha={int(c.lora.lora_alpha // c.lora.r) * int(extra[0].split('=')[1])}"]
+        ov = extra + [f"lora.lora_alpha={int(c.lora.lora_alpha // c.lora.r) * r}"]
         out.append(replace_keys(c, c.to_dict(), ov, overrides + ov))
     return out
 
@@ -149,7 +150,8 @@ def cmd_engine(args: argparse.Namespace) -> None:
 
     # the same pack (shape: largest rank, every module) holding other mixes of trials: how much
     # the step depends on what the search samples (TPE drifts from the uniform start)
-    mixes = {"uniform": cfgs, **{name: fixed(cfgs, overrides, ov) for name, ov in MIXES.items()}}
+    mixes = {name: cfgs if name == "uniform" else fixed(cfgs, overrides, MIXES[name])
+             for name in args.mixes.split(",")}
     used = [c for mix in args.mixes.split(",") for c in mixes[mix]]
     max_rank = max(c.lora.r for c in used)
     modules = sorted({m for c in used for m in c.target_modules})

@@ -472,13 +472,13 @@ class PackedModel:
         cosine = torch.where(in_warmup, warm_f, (0.5 * (1 + torch.cos(math.pi * progress))).clamp(min=0))
         return torch.where(self.sched == 1, torch.ones_like(s), torch.where(self.sched == 2, cosine, linear))
 
-    @torch.no_grad()
     def gradients(self, loss: torch.Tensor) -> list[torch.Tensor | None]:
         """The LoRA tensors' gradients of `loss`, as the backward computes them. Not through
         .grad: autograd makes a gradient that is not laid out as its parameter contiguous first,
         and A's is a transposed view (2 GB copied a step at K=1024); the kernels read any layout."""
         return list(torch.autograd.grad(loss, self.weights, allow_unused=True))
 
+    @torch.no_grad()
     def optimizer_step(self, grads: list[torch.Tensor | None] | None = None, betas: tuple[float, float] = (0.9, 0.999),
                        eps: float = 1e-8) -> None:
         """AdamW (torch's formula, decoupled weight decay) with per-slot lr, step count and
