@@ -31,6 +31,8 @@ from lora_exp.data import IGNORE, Example
 from lora_exp.errors import ConfigError
 
 M32 = 0xFFFFFFFF
+#: the longest row group (batch rows x positions) pack_lora's kernels take (a program holds it)
+MAX_KERNEL_M = 256
 
 
 # --- per-trial randomness, shared with a trial trained alone ----------------------------------
@@ -118,6 +120,15 @@ def fused(fn: Any, enabled: bool) -> Any:
     if fn not in _COMPILED:
         _COMPILED[fn] = compiled(fn)
     return _COMPILED[fn]
+
+
+def lora_path() -> str:
+    """LORA_EXP_PACK_LORA: `kernels` (the default) or `bmm`, how a compiled CUDA step computes the
+    LoRA deltas (bench/sweep_throughput.py times both)."""
+    path = os.environ.get("LORA_EXP_PACK_LORA", "kernels").strip().lower() or "kernels"
+    if path not in ("kernels", "bmm"):
+        raise ConfigError(f"LORA_EXP_PACK_LORA={path}: expected kernels or bmm")
+    return path
 
 
 @contextlib.contextmanager
@@ -222,13 +233,17 @@ class _Groups:
         #: (row keys, dropout rate) per batch row while training; None = no dropout this step
         self.dropout: tuple[torch.Tensor, torch.Tensor] | None = None
         self.compile = False
+        #: the LoRA delta of a whole-pack training forward through pack_lora's kernels, with
+        #: `split` programs per slot
+        self.kernels = False
+        self.split = 1
 
 
 class PackedLoraLayer(nn.Module):
     """A frozen linear (or GPT-2 Conv1D) plus one LoRA delta per slot, computed as two bmm's."""
 
     def __init__(self, base_layer: nn.Module, name: str, groups: _Groups, a: torch.Tensor, b: torch.Tensor,
-                 scale: torch.Tensor, master_a: torch.Tensor, master_b: torch.Tensor):
+                 scale: torch.Tensor, master_a: torch.Tensor, master_b: torch.Tensor, rank: torch.Tensor):
         super().__init__()
         self.base_layer = base_layer
         self.name = name
@@ -240,6 +255,7 @@ class PackedLoraLayer(nn.Module):
         self.lora_B = nn.Parameter(b)  # [K, R, out]
         self.master = (master_a, master_b)
         self.register_buffer("scale", scale, persistent=False)  # [K]
+        self.register_buffer("rank", rank, persistent=False)  # [K] int32: each slot's r here, 0 if untargeted
         self.active = False  # some slot targets this module
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -249,6 +265,8 @@ class PackedLoraLayer(nn.Module):
             return y
         n_groups = x.shape[0] // g.rows
         xs = x.reshape(n_groups, -1, x.shape[-1])
+        if g.kernels and g.slots is None and n_groups == self.rank.shape[0] and xs.shape[1] <= MAX_KERNEL_M:
+            return y + self._kernel_delta(xs, g).reshape(y.shape).to(y.dtype)
         if g.dropout is not None and self.training:
             keys, p = g.dropout
             xr = xs.reshape(x.shape[0], -1)
@@ -265,6 +283,18 @@ class PackedLoraLayer(nn.Module):
         delta = torch.bmm(torch.bmm(xs, a.transpose(1, 2)), b)  # autocast runs both in bf16 when asked
         delta = delta * s.to(delta.dtype).view(-1, 1, 1)
         return y + delta.reshape(y.shape).to(y.dtype)
+
+    def _kernel_delta(self, xs: torch.Tensor, g: _Groups) -> torch.Tensor:
+        """The same delta through pack_lora's kernels: each slot's own rank and modules only,
+        the dropout mask computed where it is used."""
+        from lora_exp import pack_lora
+
+        dropout = None
+        if g.dropout is not None and self.training:
+            keys, p = g.dropout
+            dropout = pack_lora.dropout_args(module_keys(keys, self.key), p, xs.dtype)
+        return pack_lora.lora_delta(xs.to(self.lora_A.dtype), self.lora_A, self.lora_B, self.scale, self.rank,
+                                    dropout, g.rows, g.split)
 
 
 def _layer_shape(module: nn.Module) -> tuple[int, int] | None:
@@ -304,6 +334,13 @@ class PackedModel:
         self.whole_step = self.mode in ("full", "graphs")
         #: the Triton optimizer (pack_kernels) on CUDA; torch ops elsewhere
         self.kernels = self.compile and self.device.type == "cuda"
+        #: the LoRA deltas of its compiled training step through pack_lora's kernels (each slot's
+        #: own rank and modules only), else through bmm's over every slot padded to the pack's rank
+        self.groups.kernels = self.kernels and self.whole_step and lora_path() == "kernels" and max_rank <= 64
+        if self.groups.kernels:
+            from lora_exp import pack_lora
+
+            self.groups.split = pack_lora.split_for(slots, self.device)
         wanted = list(modules)
         found = [(name, mod, _layer_shape(mod)) for name, mod in self.model.named_modules()
                  if matches(name, wanted) and _layer_shape(mod) is not None]
@@ -317,6 +354,7 @@ class PackedModel:
         self.low = self.params.to(torch.bfloat16) if low_precision else None
         compute = self.low if self.low is not None else self.params
         self.scales = torch.zeros(len(found), slots, device=self.device)
+        self.ranks = torch.zeros(len(found), slots, device=self.device, dtype=torch.int32)
         self.layers: dict[str, PackedLoraLayer] = {}
         self._originals: list[tuple[nn.Module, str, nn.Module]] = []
         self.spans: dict[str, tuple[int, int, int, int]] = {}  # name -> (offset, in, out, index)
@@ -328,7 +366,8 @@ class PackedModel:
             shape_a, shape_b = (slots, self.rank, fin), (slots, self.rank, fout)
             layer = PackedLoraLayer(module, name, self.groups, compute[:, cols_a].view(shape_a),
                                     compute[:, cols_b].view(shape_b), self.scales[index],
-                                    self.params[:, cols_a].view(shape_a), self.params[:, cols_b].view(shape_b))
+                                    self.params[:, cols_a].view(shape_a), self.params[:, cols_b].view(shape_b),
+                                    self.ranks[index])
             self.tensors += [(cols_a, fin), (cols_b, fout)]
             parent_name, _, child = name.rpartition(".")
             parent = self.model.get_submodule(parent_name) if parent_name else self.model
@@ -368,11 +407,13 @@ class PackedModel:
         for buf in (self.exp_avg, self.exp_avg_sq):
             buf[slot].zero_()
         scales = torch.zeros(len(self.layers))
+        ranks = torch.zeros(len(self.layers), dtype=torch.int32)
         live = torch.zeros(len(self.tensors), dtype=torch.int32)
         for name, layer in self.layers.items():
             offset, fin, fout, index = self.spans[name]
             if matches(name, spec.targets):
                 scales[index] = spec.scaling
+                ranks[index] = spec.r
                 live[2 * index], live[2 * index + 1] = spec.r * fin, spec.r * fout
                 self.targeting[name] += 1
                 layer.active = True
@@ -382,6 +423,7 @@ class PackedModel:
         if self.low is not None:
             self.low[slot].copy_(self.params[slot])
         self.scales[:, slot] = self.to_device(scales)
+        self.ranks[:, slot] = self.to_device(ranks)
         self.live_len[:, slot] = self.to_device(live)
         self.slot_len[:, slot] = self.live_len[:, slot]
         self.paused.discard(slot)
@@ -446,6 +488,7 @@ class PackedModel:
         self.live[slot] = 0.0
         self.lr[slot] = 0.0
         self.scales[:, slot] = 0.0
+        self.ranks[:, slot] = 0
         self.live_len[:, slot] = 0
         self.slot_len[:, slot] = 0
         self.paused.discard(slot)
