@@ -155,10 +155,11 @@ def cmd_engine(args: argparse.Namespace) -> None:
     used = [c for mix in args.mixes.split(",") for c in mixes[mix]]
     max_rank = max(c.lora.r for c in used)
     modules = sorted({m for c in used for m in c.target_modules})
-    runs = [(mode, int(k), mix) for mode in args.modes.split(",") for k in args.ks.split(",")
-            for mix in args.mixes.split(",")]
-    for mode, k, mix in runs:
+    runs = [(mode, lora, int(k), mix) for mode in args.modes.split(",") for lora in args.lora.split(",")
+            for k in args.ks.split(",") for mix in args.mixes.split(",")]
+    for mode, lora, k, mix in runs:
         os.environ["LORA_EXP_PACK_COMPILE"] = mode
+        os.environ["LORA_EXP_PACK_LORA"] = lora
         try:
             trainer = PackTrainer(base, data, cfgs[0], k, max_rank, modules)
         except Exception as exc:  # a variant that cannot run here is reported, not fatal
@@ -180,6 +181,7 @@ def cmd_engine(args: argparse.Namespace) -> None:
             step_s = (time.perf_counter() - start) / args.steps
             peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0
             print(json.dumps({"what": "packed step", "arch": args.arch, "precision": args.precision, "mode": mode,
+                              "lora": lora if trainer.pm.groups.kernels or lora == "bmm" else "bmm (kernels unused)",
                               "mix": mix, "attn": base.model.config._attn_implementation,
                               "k": k, "warmup_s": round(warm_s, 1),
                               "step_ms": round(step_s * 1e3, 2), "trial_steps_per_s": round(k / step_s, 1),
@@ -189,7 +191,9 @@ def cmd_engine(args: argparse.Namespace) -> None:
                               "useful_gflop_per_trial_step": round(flops / 1e9, 2)}), flush=True)
             if args.kernel_configs and mix == args.mixes.split(",")[0]:
                 time_kernel_configs(trainer, args, k, sync)
-            if args.profile and k == args.profile and mode == args.modes.split(",")[0] and mix == args.mixes.split(",")[0]:
+            if args.lora_configs and trainer.pm.groups.kernels:
+                time_lora_configs(trainer, args, k, mix, sync)
+            if args.profile and k == args.profile and (mode, lora, mix) == runs[0][:2] + runs[0][3:]:
                 profile(trainer)
         except Exception as exc:
             print(json.dumps({"what": "packed step", "mode": mode, "k": k, "error": repr(exc)[:300]}), flush=True)
@@ -223,6 +227,30 @@ def time_kernel_configs(trainer, args: argparse.Namespace, k: int, sync) -> None
                               "trials_per_hour": round(3600 * k / (step_s * SEED_STEPS), 1)}), flush=True)
     finally:
         pack_kernels.BLOCK, pack_kernels.NUM_WARPS = default
+
+
+def time_lora_configs(trainer, args: argparse.Namespace, k: int, mix: str, sync) -> None:
+    """The same pack's step with other tiles of the LoRA kernels (BKxBNxWARPSxMIN_SPLIT)."""
+    from lora_exp import pack_lora
+
+    default = pack_lora.BK, pack_lora.BN, pack_lora.NUM_WARPS, pack_lora.MIN_SPLIT
+    try:
+        for config in args.lora_configs.split(","):
+            bk, bn, warps, split = (int(x) for x in config.split("x"))
+            pack_lora.BK, pack_lora.BN, pack_lora.NUM_WARPS, pack_lora.MIN_SPLIT = bk, bn, warps, split
+            for _ in range(3):
+                trainer.step()
+            sync()
+            start = time.perf_counter()
+            for _ in range(args.steps):
+                trainer.step()
+            sync()
+            step_s = (time.perf_counter() - start) / args.steps
+            print(json.dumps({"what": "packed step, LoRA kernel config", "k": k, "mix": mix, "bk": bk, "bn": bn,
+                              "warps": warps, "min_split": split, "step_ms": round(step_s * 1e3, 2),
+                              "trials_per_hour": round(3600 * k / (step_s * SEED_STEPS), 1)}), flush=True)
+    finally:
+        pack_lora.BK, pack_lora.BN, pack_lora.NUM_WARPS, pack_lora.MIN_SPLIT = default
 
 
 def profile(trainer) -> None:
@@ -426,6 +454,8 @@ def main() -> None:
     e.add_argument("--warmup", type=int, default=5)
     e.add_argument("--profile", type=int, default=0, help="profile the step at this K")
     e.add_argument("--kernel-configs", default="", help="also time the optimizer's kernels at these BLOCKxWARPS, e.g. 4096x4,2048x8")
+    e.add_argument("--lora", default="kernels", help="how the step computes the LoRA deltas: kernels (pack_lora), bmm, or both")
+    e.add_argument("--lora-configs", default="", help="also time the LoRA kernels at these BKxBNxWARPSxMIN_SPLIT, e.g. 128x128x4x2")
     e.add_argument("--mixes", default="uniform", help=f"trial mixes to time: uniform (the sampled space), {', '.join(MIXES)}")
     c = sub.choices["check"]
     c.add_argument("--k", type=int, default=6)
