@@ -157,6 +157,7 @@ def cmd_engine(args: argparse.Namespace) -> None:
     modules = sorted({m for c in used for m in c.target_modules})
     runs = [(mode, lora, int(k), mix) for mode in args.modes.split(",") for lora in args.lora.split(",")
             for k in args.ks.split(",") for mix in args.mixes.split(",")]
+    profiled = False
     for mode, lora, k, mix in runs:
         os.environ["LORA_EXP_PACK_COMPILE"] = mode
         os.environ["LORA_EXP_PACK_LORA"] = lora
@@ -190,11 +191,18 @@ def cmd_engine(args: argparse.Namespace) -> None:
                               "bf16_peak_fraction": round(k * flops / step_s / BF16_PEAK, 4),
                               "useful_gflop_per_trial_step": round(flops / 1e9, 2)}), flush=True)
             if args.kernel_configs and mix == args.mixes.split(",")[0]:
-                time_kernel_configs(trainer, args, k, sync)
+                from lora_exp import pack_kernels
+
+                time_configs(trainer, args, k, sync, pack_kernels, ("BLOCK", "NUM_WARPS"), args.kernel_configs,
+                             "packed step, optimizer launch config")
             if args.lora_configs and trainer.pm.groups.kernels:
-                time_lora_configs(trainer, args, k, mix, sync)
-            if args.profile and k == args.profile and (mode, lora, mix) == runs[0][:2] + runs[0][3:]:
+                from lora_exp import pack_lora
+
+                time_configs(trainer, args, k, sync, pack_lora, ("BK", "BN", "NUM_WARPS", "MIN_SPLIT"),
+                             args.lora_configs, "packed step, LoRA kernel config", mix=mix)
+            if args.profile and k == args.profile and not profiled:  # the first run at that K
                 profile(trainer)
+                profiled = True
         except Exception as exc:
             print(json.dumps({"what": "packed step", "mode": mode, "k": k, "error": repr(exc)[:300]}), flush=True)
         finally:
@@ -205,15 +213,16 @@ def cmd_engine(args: argparse.Namespace) -> None:
                 torch.cuda.reset_peak_memory_stats()
 
 
-def time_kernel_configs(trainer, args: argparse.Namespace, k: int, sync) -> None:
-    """The same pack's step with other launch configs of the Triton optimizer (BLOCKxWARPS)."""
-    from lora_exp import pack_kernels
-
-    default = pack_kernels.BLOCK, pack_kernels.NUM_WARPS
+def time_configs(trainer, args: argparse.Namespace, k: int, sync, module, names: tuple[str, ...], configs: str,
+                 what: str, **extra) -> None:
+    """The same pack's step with other values of `module`'s launch constants `names`, one
+    config per comma-separated item ("AxBx..."), each timed after 3 steps of warm-up."""
+    default = tuple(getattr(module, n) for n in names)
     try:
-        for config in args.kernel_configs.split(","):
-            block, warps = (int(x) for x in config.split("x"))
-            pack_kernels.BLOCK, pack_kernels.NUM_WARPS = block, warps
+        for config in configs.split(","):
+            values = tuple(int(x) for x in config.split("x"))
+            for name, value in zip(names, values, strict=True):
+                setattr(module, name, value)
             for _ in range(3):
                 trainer.step()
             sync()
@@ -222,35 +231,12 @@ def time_kernel_configs(trainer, args: argparse.Namespace, k: int, sync) -> None
                 trainer.step()
             sync()
             step_s = (time.perf_counter() - start) / args.steps
-            print(json.dumps({"what": "packed step, optimizer launch config", "k": k, "block": block, "warps": warps,
+            print(json.dumps({"what": what, "k": k, **extra, **{n.lower(): v for n, v in zip(names, values)},
                               "step_ms": round(step_s * 1e3, 2),
                               "trials_per_hour": round(3600 * k / (step_s * SEED_STEPS), 1)}), flush=True)
     finally:
-        pack_kernels.BLOCK, pack_kernels.NUM_WARPS = default
-
-
-def time_lora_configs(trainer, args: argparse.Namespace, k: int, mix: str, sync) -> None:
-    """The same pack's step with other tiles of the LoRA kernels (BKxBNxWARPSxMIN_SPLIT)."""
-    from lora_exp import pack_lora
-
-    default = pack_lora.BK, pack_lora.BN, pack_lora.NUM_WARPS, pack_lora.MIN_SPLIT
-    try:
-        for config in args.lora_configs.split(","):
-            bk, bn, warps, split = (int(x) for x in config.split("x"))
-            pack_lora.BK, pack_lora.BN, pack_lora.NUM_WARPS, pack_lora.MIN_SPLIT = bk, bn, warps, split
-            for _ in range(3):
-                trainer.step()
-            sync()
-            start = time.perf_counter()
-            for _ in range(args.steps):
-                trainer.step()
-            sync()
-            step_s = (time.perf_counter() - start) / args.steps
-            print(json.dumps({"what": "packed step, LoRA kernel config", "k": k, "mix": mix, "bk": bk, "bn": bn,
-                              "warps": warps, "min_split": split, "step_ms": round(step_s * 1e3, 2),
-                              "trials_per_hour": round(3600 * k / (step_s * SEED_STEPS), 1)}), flush=True)
-    finally:
-        pack_lora.BK, pack_lora.BN, pack_lora.NUM_WARPS, pack_lora.MIN_SPLIT = default
+        for name, value in zip(names, default):
+            setattr(module, name, value)
 
 
 def profile(trainer) -> None:
