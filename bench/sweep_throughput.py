@@ -24,6 +24,7 @@ import argparse
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -264,6 +265,33 @@ def profile(trainer) -> None:
                        max_shapes_column_width=70), flush=True)
 
 
+class _KeepAdapter:
+    """A tracker that records nothing but the adapter a trial alone writes (into `into`)."""
+
+    run_id = "check"
+
+    def __init__(self, into: str):
+        self.into = into
+
+    def log_dir(self, local_dir: str, artifact_path: str) -> None:
+        shutil.copytree(local_dir, self.into)
+
+    def __getattr__(self, name: str):  # every other record: dropped
+        return lambda *args, **kwargs: None
+
+
+def _adapter_diff(alone: str, packed: str) -> float:
+    """How far the adapter exported from a pack's slot is from the one peft saved for the trial
+    trained alone: the largest over their tensors (same names required) of |packed - alone| /
+    |alone| (Frobenius norms). Another slot's weights, or a slot zeroed before its copy, give ~1."""
+    from safetensors.torch import load_file
+
+    a, p = load_file(f"{alone}/adapter_model.safetensors"), load_file(f"{packed}/adapter_model.safetensors")
+    if sorted(a) != sorted(p):
+        raise SystemExit(f"exported adapter's tensors differ in names: {sorted(set(a) ^ set(p))[:4]}")
+    return max(float((a[k] - p[k]).norm() / a[k].norm().clamp_min(1e-30)) for k in a)
+
+
 def cmd_check(args: argparse.Namespace) -> None:
     """Each of K mixed trials trained in one pack vs the same trial trained alone (run_trial)."""
     import torch
@@ -284,10 +312,13 @@ def cmd_check(args: argparse.Namespace) -> None:
     # out to its last slot (where 32-bit offsets overflow first)
     chosen = list(range(args.k)) if args.compare <= 0 or args.compare >= args.k else \
         sorted({round(i * (args.k - 1) / (args.compare - 1)) for i in range(args.compare)})
-    alone = [run_trial(cfgs[i], base, data, NullTracker()) for i in chosen]
+    tmp = tempfile.TemporaryDirectory(prefix="lora-exp-check-")
+    alone = [run_trial(cfgs[i], base, data, _KeepAdapter(f"{tmp.name}/alone-{i}")) for i in chosen]
     start = time.perf_counter()
-    packed_all = train_packed(cfgs, base, data)
+    packed_all = train_packed(cfgs, base, data, adapters_to=[f"{tmp.name}/packed-{i}" for i in range(args.k)])
     packed_s = round(time.perf_counter() - start, 2)
+    adapter_diff = max(_adapter_diff(f"{tmp.name}/alone-{i}", f"{tmp.name}/packed-{i}") for i in chosen)
+    tmp.cleanup()
     packed = [packed_all[i] for i in chosen]
     worst = max(abs(a[1] - b[1]) / abs(a[1]) for x, y in zip(alone, packed) for a, b in zip(x.loss_curve, y.loss_curve))
     # per compared slot: where its largest difference is, and the trial alone again against itself
@@ -319,6 +350,7 @@ def cmd_check(args: argparse.Namespace) -> None:
     print(json.dumps({"what": "pack vs alone", "device": str(device), "precision": args.precision, "k": args.k,
                       "compared_slots": chosen, "steps": cfgs[0].trainer.epochs * 5, "same_logged_steps": same_steps,
                       "max_rel_diff_train_loss": worst, "max_rel_diff_final_eval": evals,
+                      "max_rel_diff_exported_adapter": adapter_diff,
                       "trials_with_identical_generations": f"{same_text}/{len(chosen)}",
                       "packed_s": packed_s, "per_slot": per_slot,
                       "furthest_slot_alone_again": {"slot": chosen[top], "as_is_max_rel_diff": repeat,
