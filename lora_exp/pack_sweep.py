@@ -200,12 +200,7 @@ def run_packed_worker(plan: SweepPlan, worker_index: int, stop: Any, study: Any,
                 break
     except BaseException as exc:
         reason = "interrupted" if isinstance(exc, KeyboardInterrupt) else f"{type(exc).__name__}: {exc}".splitlines()[0]
-        failing = [r for r in [*trainer.runs, *trainer.closing] if r is not None] if trainer is not None else []
-        log.error("pack stopped (%s): failing its %d trial(s) in flight", reason, len(failing))
-        for run in failing:
-            run.error = reason
-            run.result.status = "failed"
-            _finish(plan, run, io)
+        _stop_pack(plan, trainer, io, reason)
         _fail_unstarted(parked, alone, io, reason, sampler)
         if trainer is not None:
             trainer.close()
@@ -240,6 +235,24 @@ def run_packed_worker(plan: SweepPlan, worker_index: int, stop: Any, study: Any,
         if stored_trials(study, (TrialState.WAITING,)):
             return run_packed_worker(plan, worker_index, stop, study, context)
     return True
+
+
+def _stop_pack(plan: SweepPlan, trainer: PackTrainer | None, io: Any, reason: str) -> int:
+    """A pack stopped by an error: trials that finished training and wait only for their adapters
+    are written and close as completed (nothing a trial finished is lost); the trials still in
+    slots fail with `reason`. Returns the trials that failed."""
+    if trainer is None:
+        return 0
+    done = trainer.write_pending()
+    failing = [r for r in [*trainer.runs, *trainer.closing] if r is not None]
+    log.error("pack stopped (%s): failing its %d trial(s) in flight%s", reason, len(failing),
+              f"; {len(done)} finished trial(s) closed with their adapters" if done else "")
+    failures = sum(_finish(plan, run, io) for run in done)
+    for run in failing:
+        run.error = reason
+        run.result.status = "failed"
+        failures += _finish(plan, run, io)
+    return failures
 
 
 def _new_pack(plan: SweepPlan, cfg: RunConfig, study: Any, context: Any, view: Any) -> PackTrainer:

@@ -627,13 +627,12 @@ class PackTrainer:
         out: list[SlotRun] = []
         t0 = time.perf_counter()
         while self.closing and (budget is None or not out or time.perf_counter() - t0 < budget):
-            run = self.closing[0]
+            run = self.closing[0]  # leaves `closing` once written (a write that fails leaves it there)
             if run.row_ready is not None and not run.row_ready.query():
                 if budget is not None:  # its row is still on its way: the next step writes it
                     break
                 run.row_ready.synchronize()
-            self.closing.popleft()
-            row, run.row, run.row_ready = run.row, None, None
+            row = run.row
             if run.tracker.run_id is not None or getattr(run.tracker, "records_artifacts", False):
                 tmp = tempfile.mkdtemp(prefix="lora-exp-adapter-")
                 self.pm.save_adapter(run.slot, build_lora_config(run.cfg), tmp, row, run.spec)
@@ -642,10 +641,27 @@ class PackTrainer:
                 (cleanup or (lambda path: shutil.rmtree(path, ignore_errors=True)))(tmp)
             if run.adapter_dir is not None:
                 self.pm.save_adapter(run.slot, build_lora_config(run.cfg), run.adapter_dir, row, run.spec)
+            self.closing.popleft()
+            run.row, run.row_ready = None, None
             run.tracker.log_metrics(run.result.metrics, step=run.result.steps)
             out.append(run)
         if out:
             self.host_s["adapters"] += time.perf_counter() - t0
+        return out
+
+    def write_pending(self) -> list[SlotRun]:
+        """After an error: write the adapters of the trials that finished training and wait only
+        for them, as far as they can be written, and return those trials (they stay completed).
+        Stops at the first that cannot be (its row unreadable, e.g. the GPU failed, or a second
+        Ctrl-C): it and those after it stay in `closing`."""
+        out: list[SlotRun] = []
+        while self.closing:
+            try:
+                out += self._write_adapters(0.0)  # one at a time: each written one is kept
+            except BaseException as exc:  # noqa: BLE001 -- the caller fails what is left
+                log.warning("pack: %d finished trial(s) could not be written (%s)", len(self.closing),
+                            f"{type(exc).__name__}: {exc}".splitlines()[0])
+                break
         return out
 
     def progress(self, every: float) -> str | None:

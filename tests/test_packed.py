@@ -690,3 +690,60 @@ def test_a_trial_whose_loss_goes_non_finite_fails_alone_and_the_pack_goes_on():
         assert packed[i].status == "completed"
         assert all(_rel(x, y) <= 1e-4 for (_, x), (_, y) in zip(alone.loss_curve, packed[i].loss_curve))
         assert alone.generations["adapter_output"] == packed[i].generations["adapter_output"]
+
+
+def test_a_pack_stopped_by_an_error_closes_its_finished_trials_with_their_adapters(monkeypatch):
+    """Trials that finished training and wait only for their adapters to be written are closed as
+    completed, adapters and all, when the pack stops on an error; the trial still training fails."""
+    from types import SimpleNamespace
+
+    from lora_exp import pack_training
+    from lora_exp.pack_sweep import _stop_pack
+    from lora_exp.pack_training import PackTrainer
+
+    monkeypatch.setattr(pack_training, "ADAPTER_WRITE_S", 0.0)  # one adapter a step: the others wait
+    torch.set_num_threads(2)
+    cfgs = _mixed("tiny_llama")[:4]
+    cfgs[3] = compose([*cfgs[3].overrides, "trainer.max_steps=3000"])  # still training at the error
+
+    class Recorder(NullTracker):
+        run_id = "run"
+
+        def __init__(self):
+            self.adapter_files, self.metrics = [], {}
+
+        def log_dir(self, local_dir, artifact_path):
+            self.adapter_files = sorted(p.name for p in Path(local_dir).iterdir())
+
+        def log_metrics(self, metrics, step):
+            self.metrics.update(metrics)
+
+    base = load_base(cfgs[0].model, torch.device("cpu"))
+    data = tokenize(load_rows(cfgs[0].data), cfgs[0].data, base.tokenizer)
+    trainer = PackTrainer(base, data, cfgs[0], 4, 16, sorted({m for c in cfgs for m in c.target_modules}))
+    trackers = [Recorder() for _ in cfgs]
+    for i, cfg in enumerate(cfgs):
+        trainer.start(i, cfg, trackers[i], handle=(SimpleNamespace(number=i, _trial_id=100 + i), [], time.perf_counter()))
+    closed = []
+    try:
+        for _ in range(200):
+            closed += trainer.step()
+            if len(trainer.closing) >= 2:
+                break
+        waiting = list(trainer.closing)
+        assert len(waiting) >= 2 and trainer.runs[3] is not None, "no finished trial left waiting for its adapter"
+        submitted = []
+        io = SimpleNamespace(submit=lambda kind, number, *args: submitted.append((kind, number, *args)))
+        plan = SimpleNamespace(spec=SimpleNamespace(metrics=["eval_loss"], multi=False))
+        failures = _stop_pack(plan, trainer, io, "RuntimeError: boom")
+    finally:
+        trainer.close()
+    assert failures == 1
+    finished = {number: (status, value, error) for kind, number, _id, status, value, error, *_ in submitted}
+    assert finished[3] == ("failed", None, "RuntimeError: boom")
+    for run in waiting:
+        status, value, error = finished[run.slot]
+        assert status == "completed" and error is None and value == run.result.eval_curve[-1][1]
+        assert "adapter_model.safetensors" in trackers[run.slot].adapter_files
+        assert trackers[run.slot].metrics["final_eval_loss"] == value
+    assert not trainer.closing and len(finished) == len(waiting) + 1
