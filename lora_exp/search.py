@@ -148,16 +148,31 @@ def make_pruner(spec: SweepSpec) -> Any:
     return optuna.pruners.NopPruner()
 
 
+def _retry_stale(max_retry: int) -> dict[str, Any]:
+    """RDBStorage's argument for Optuna's callback that re-queues a trial whose heartbeat went
+    stale, with its parameters: `heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback`
+    from Optuna 4.9, `failed_trial_callback=RetryFailedTrialCallback` before (deprecated since)."""
+    import optuna
+
+    cls = getattr(optuna.storages, "RetryHeartbeatStaleTrialCallback", None)
+    if cls is None:
+        return {"failed_trial_callback": optuna.storages.RetryFailedTrialCallback(max_retry=max_retry)}
+    return {"heartbeat_stale_trial_callback": cls(max_retry=max_retry)}
+
+
 def open_study(plan_or_spec: SweepSpec, storage_url: str, study_name: str, create: bool,
                worker_index: int = 0) -> Any:
+    import warnings
+
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     try:
-        storage = optuna.storages.RDBStorage(
-            storage_url, engine_kwargs=_engine_kwargs(storage_url), heartbeat_interval=int(max(1, HEARTBEAT_S)),
-            grace_period=int(max(2, GRACE_S)),
-            failed_trial_callback=optuna.storages.RetryFailedTrialCallback(max_retry=RETRIES))
+        with warnings.catch_warnings():  # heartbeats and their retry callback are "experimental" in Optuna
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            storage = optuna.storages.RDBStorage(
+                storage_url, engine_kwargs=_engine_kwargs(storage_url), heartbeat_interval=int(max(1, HEARTBEAT_S)),
+                grace_period=int(max(2, GRACE_S)), **_retry_stale(max_retry=RETRIES))
         if storage_url.startswith("sqlite:///"):
             sqlite_wal(storage.engine)
         if create:  # (study, whether this process created it): the creator opens the parent run
