@@ -265,19 +265,17 @@ def profile(trainer) -> None:
                        max_shapes_column_width=70), flush=True)
 
 
-class _KeepAdapter:
+def _keep_adapter(into: str):
     """A tracker that records nothing but the adapter a trial alone writes (into `into`)."""
+    from lora_exp.tracking import NullTracker
 
-    run_id = "check"
+    class KeepAdapter(NullTracker):
+        run_id = "check"
 
-    def __init__(self, into: str):
-        self.into = into
+        def log_dir(self, local_dir: str, artifact_path: str) -> None:
+            shutil.copytree(local_dir, into)
 
-    def log_dir(self, local_dir: str, artifact_path: str) -> None:
-        shutil.copytree(local_dir, self.into)
-
-    def __getattr__(self, name: str):  # every other record: dropped
-        return lambda *args, **kwargs: None
+    return KeepAdapter()
 
 
 def _adapter_diff(alone: str, packed: str) -> float:
@@ -312,13 +310,12 @@ def cmd_check(args: argparse.Namespace) -> None:
     # out to its last slot (where 32-bit offsets overflow first)
     chosen = list(range(args.k)) if args.compare <= 0 or args.compare >= args.k else \
         sorted({round(i * (args.k - 1) / (args.compare - 1)) for i in range(args.compare)})
-    tmp = tempfile.TemporaryDirectory(prefix="lora-exp-check-")
-    alone = [run_trial(cfgs[i], base, data, _KeepAdapter(f"{tmp.name}/alone-{i}")) for i in chosen]
-    start = time.perf_counter()
-    packed_all = train_packed(cfgs, base, data, adapters_to=[f"{tmp.name}/packed-{i}" for i in range(args.k)])
-    packed_s = round(time.perf_counter() - start, 2)
-    adapter_diff = max(_adapter_diff(f"{tmp.name}/alone-{i}", f"{tmp.name}/packed-{i}") for i in chosen)
-    tmp.cleanup()
+    with tempfile.TemporaryDirectory(prefix="lora-exp-check-") as tmp:
+        alone = [run_trial(cfgs[i], base, data, _keep_adapter(f"{tmp}/alone-{i}")) for i in chosen]
+        start = time.perf_counter()
+        packed_all = train_packed(cfgs, base, data, adapters_to=[f"{tmp}/packed-{i}" for i in range(args.k)])
+        packed_s = round(time.perf_counter() - start, 2)
+        adapter_diff = max(_adapter_diff(f"{tmp}/alone-{i}", f"{tmp}/packed-{i}") for i in chosen)
     packed = [packed_all[i] for i in chosen]
     worst = max(abs(a[1] - b[1]) / abs(a[1]) for x, y in zip(alone, packed) for a, b in zip(x.loss_curve, y.loss_curve))
     # per compared slot: where its largest difference is, and the trial alone again against itself

@@ -724,10 +724,9 @@ def test_a_pack_stopped_by_an_error_closes_its_finished_trials_with_their_adapte
     trackers = [Recorder() for _ in cfgs]
     for i, cfg in enumerate(cfgs):
         trainer.start(i, cfg, trackers[i], handle=(SimpleNamespace(number=i, _trial_id=100 + i), [], time.perf_counter()))
-    closed = []
     try:
         for _ in range(200):
-            closed += trainer.step()
+            trainer.step()
             if len(trainer.closing) >= 2:
                 break
         waiting = list(trainer.closing)
@@ -739,7 +738,7 @@ def test_a_pack_stopped_by_an_error_closes_its_finished_trials_with_their_adapte
     finally:
         trainer.close()
     assert failures == 1
-    finished = {number: (status, value, error) for kind, number, _id, status, value, error, *_ in submitted}
+    finished = {number: (status, value, error) for _kind, number, _id, status, value, error, *_ in submitted}
     assert finished[3] == ("failed", None, "RuntimeError: boom")
     for run in waiting:
         status, value, error = finished[run.slot]
