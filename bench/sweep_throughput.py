@@ -191,11 +191,11 @@ def cmd_engine(args: argparse.Namespace) -> None:
                               "peak_gib": round(peak, 2),
                               "bf16_peak_fraction": round(k * flops / step_s / BF16_PEAK, 4),
                               "useful_gflop_per_trial_step": round(flops / 1e9, 2)}), flush=True)
-            if args.kernel_configs and mix == args.mixes.split(",")[0]:
+            if args.kernel_configs:
                 from lora_exp import pack_kernels
 
-                time_configs(trainer, args, k, sync, pack_kernels, ("BLOCK", "NUM_WARPS"), args.kernel_configs,
-                             "packed step, optimizer launch config")
+                time_configs(trainer, args, k, sync, pack_kernels, ("GROUPED", "BLOCK", "NUM_WARPS"),
+                             args.kernel_configs, "packed step, optimizer launch config", mix=mix)
             if args.lora_configs and trainer.pm.groups.kernels:
                 from lora_exp import pack_lora
 
@@ -468,7 +468,8 @@ def main() -> None:
     e.add_argument("--steps", type=int, default=20)
     e.add_argument("--warmup", type=int, default=5)
     e.add_argument("--profile", type=int, default=0, help="profile the step at this K")
-    e.add_argument("--kernel-configs", default="", help="also time the optimizer's kernels at these BLOCKxWARPS, e.g. 4096x4,2048x8")
+    e.add_argument("--kernel-configs", default="", help="also time the optimizer's kernels at these GROUPEDxBLOCKxWARPS (GROUPED 1: one launch over "
+                   "every tensor, 0: one per tensor), e.g. 1x4096x4,0x4096x4,1x2048x8")
     e.add_argument("--lora", default="kernels", help="how the step computes the LoRA deltas: kernels (pack_lora), bmm, or both")
     e.add_argument("--lora-configs", default="", help="also time the LoRA kernels at these BKxBNxWARPSxMIN_SPLIT, e.g. 128x128x4x2")
     e.add_argument("--mixes", default="uniform", help=f"trial mixes to time: uniform (the sampled space), {', '.join(MIXES)}")

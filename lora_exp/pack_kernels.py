@@ -1,5 +1,5 @@
-"""The packed optimizer step on CUDA: two Triton kernels per LoRA tensor that touch only what
-each slot trains.
+"""The packed optimizer step on CUDA: two Triton kernels, each one launch over every LoRA tensor
+of the pack, that touch only what each slot trains.
 
 A pack stores every slot padded to the largest rank and to every module any trial may target;
 in the seed's search about a third of that is live. The padding is exactly zero and stays zero
@@ -12,7 +12,12 @@ one prefix: r * in (or r * out) elements, 0 where the slot does not target the m
 `adamw` applies torch.optim.AdamW's update (its formula and order of operations) to the fp32
 master weights and moments, and writes the bf16 compute copy the forward reads when the pack
 trains in bf16. No gradient is copied: autograd's fresh gradient tensors are read in place,
-whatever their layout (A's comes out of the backward as a transposed view, [K, in, R] in memory).
+whatever their layout (A's comes out of the bmm's backward as a transposed view, [K, in, R] in
+memory), through a small table of their addresses and strides.
+
+Each kernel is one launch: program (slot, block) finds its tensor from the block's index (a
+`Layout` of the pack's columns, made once). A GPT-2 pack has 144 LoRA tensors: per tensor, that
+was 288 launches a step, most of them tiny, each with its own tail.
 """
 from __future__ import annotations
 
@@ -20,47 +25,67 @@ import torch
 import triton
 import triton.language as tl
 
-#: elements a program updates, and its warps (the bench's `engine --kernel-configs` times others)
-BLOCK = 4096
+#: elements a program updates, and its warps (the bench's `engine --kernel-configs` times others:
+#: on the H200, 1024x4 steps a K=1024 GPT-2 pack in 59.9 ms against 63.9 for 4096x4, and its
+#: heaviest mix in 75.2 against 87.0)
+BLOCK = 1024
 NUM_WARPS = 4
+#: most programs along a launch's second axis (CUDA's grid limit); more blocks take more launches
+MAX_BLOCKS = 65535
+#: one launch over all tensors; False: one launch per tensor (the same kernels; the bench's A/B)
+GROUPED = True
+
+_TABLE = 5  # per gradient: address, three strides, width per rank
 
 
 @triton.jit
-def _grad_at(slot, offs, g_s0, g_s1, g_s2, width, DENSE: tl.constexpr):
-    """Where element `offs` of a slot's [R, width] gradient is (rank-major order, as the
-    parameters are stored): the slot's row itself when dense, else through the strides."""
+def _block_of(blk, tensor_ptr, first_ptr, live_ptr, K, slot, BLOCK: tl.constexpr):
+    """The tensor block `blk` of the launch belongs to, the block's start inside the slot's part
+    of it, and the slot's live length there."""
+    t = tl.load(tensor_ptr + blk)
+    start = (blk - tl.load(first_ptr + t)) * BLOCK
+    live = tl.load(live_ptr + t * K + slot)
+    return t, start, live
+
+
+@triton.jit
+def _grad_at(table_ptr, t, slot, offs, GTYPE: tl.constexpr, DENSE: tl.constexpr):
+    """Where element `offs` of a slot's [R, width] gradient of tensor t is (rank-major order, as
+    the parameters are stored): the slot's row itself when dense, else through the strides."""
+    row = table_ptr + t * 5
+    g_ptr = tl.load(row).to(tl.pointer_type(GTYPE))
+    s0 = tl.load(row + 1)
     if DENSE:
-        return slot * g_s0 + offs
-    return slot * g_s0 + (offs // width) * g_s1 + (offs % width) * g_s2
+        return g_ptr + slot * s0 + offs
+    s1, s2, width = tl.load(row + 2), tl.load(row + 3), tl.load(row + 4)
+    return g_ptr + slot * s0 + (offs // width) * s1 + (offs % width) * s2
 
 
 @triton.jit
-def _sq_norm_kernel(g_ptr, live_ptr, out_ptr, g_s0, g_s1, g_s2, width, out_stride, out_offset,
-                    DENSE: tl.constexpr, BLOCK: tl.constexpr):
+def _sq_norm_kernel(table_ptr, tensor_ptr, first_ptr, live_ptr, out_ptr, K, out_stride, blk0,
+                    GTYPE: tl.constexpr, DENSE: tl.constexpr, BLOCK: tl.constexpr):
     slot = tl.program_id(0).to(tl.int64)  # slot * stride passes 2^31 in a large pack
-    blk = tl.program_id(1)
-    live = tl.load(live_ptr + slot)
-    start = blk * BLOCK
+    blk = blk0 + tl.program_id(1)
+    t, start, live = _block_of(blk, tensor_ptr, first_ptr, live_ptr, K, slot, BLOCK)
     if start < live:
         offs = start + tl.arange(0, BLOCK)
-        at = _grad_at(slot, offs, g_s0, g_s1, g_s2, width, DENSE)
-        g = tl.load(g_ptr + at, mask=offs < live, other=0.0).to(tl.float32)
-        tl.store(out_ptr + slot * out_stride + out_offset + blk, tl.sum(g * g, axis=0))
+        g = tl.load(_grad_at(table_ptr, t, slot, offs, GTYPE, DENSE), mask=offs < live, other=0.0).to(tl.float32)
+        tl.store(out_ptr + slot * out_stride + blk, tl.sum(g * g, axis=0))
 
 
 @triton.jit
-def _adamw_kernel(p_ptr, m_ptr, v_ptr, low_ptr, g_ptr, live_ptr, coef_ptr, decay_ptr, step_size_ptr, bc2_ptr,
-                  p_stride, low_stride, g_s0, g_s1, g_s2, width, b1, b2, eps, HAS_LOW: tl.constexpr,
-                  DENSE: tl.constexpr, BLOCK: tl.constexpr):
+def _adamw_kernel(p_ptr, m_ptr, v_ptr, low_ptr, table_ptr, tensor_ptr, first_ptr, col_ptr, live_ptr, coef_ptr,
+                  decay_ptr, step_size_ptr, bc2_ptr, K, p_stride, low_stride, b1, b2, eps, blk0,
+                  GTYPE: tl.constexpr, HAS_LOW: tl.constexpr, DENSE: tl.constexpr, BLOCK: tl.constexpr):
     slot = tl.program_id(0).to(tl.int64)  # slot * stride passes 2^31 in a large pack (K=1024: 2.4e9)
-    blk = tl.program_id(1)
-    live = tl.load(live_ptr + slot)
-    start = blk * BLOCK
+    blk = blk0 + tl.program_id(1)
+    t, start, live = _block_of(blk, tensor_ptr, first_ptr, live_ptr, K, slot, BLOCK)
     if start < live:
         offs = start + tl.arange(0, BLOCK)
         mask = offs < live
-        at = slot * p_stride + offs
-        g = tl.load(g_ptr + _grad_at(slot, offs, g_s0, g_s1, g_s2, width, DENSE), mask=mask, other=0.0).to(tl.float32)
+        col = tl.load(col_ptr + t) + offs
+        at = slot * p_stride + col
+        g = tl.load(_grad_at(table_ptr, t, slot, offs, GTYPE, DENSE), mask=mask, other=0.0).to(tl.float32)
         p = tl.load(p_ptr + at, mask=mask, other=0.0)
         m = tl.load(m_ptr + at, mask=mask, other=0.0)
         v = tl.load(v_ptr + at, mask=mask, other=0.0)
@@ -74,44 +99,91 @@ def _adamw_kernel(p_ptr, m_ptr, v_ptr, low_ptr, g_ptr, live_ptr, coef_ptr, decay
         tl.store(m_ptr + at, m, mask=mask)
         tl.store(v_ptr + at, v, mask=mask)
         if HAS_LOW:
-            tl.store(low_ptr + slot * low_stride + offs, p.to(tl.bfloat16), mask=mask)
+            tl.store(low_ptr + slot * low_stride + col, p.to(tl.bfloat16), mask=mask)
 
 
-def _blocks(width: int) -> int:
-    return triton.cdiv(width, BLOCK)
+class Layout:
+    """The pack's LoRA tensors as columns of its flat [K, P] buffers (`cols`, one slice each),
+    cut into blocks of BLOCK elements: which tensor each block of a launch belongs to, and the
+    first block of each tensor. Made once per pack (and per BLOCK, which the bench varies)."""
+
+    def __init__(self, cols: list[slice], device: torch.device):
+        self.cols, self.device = cols, device
+        self._by_block: dict[tuple[int, tuple[int, ...]], tuple[torch.Tensor, ...]] = {}
+        self._table: tuple[tuple[int, ...], torch.Tensor] | None = None
+
+    def blocks(self, which: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+        """For the tensors `which`: each block's tensor, each tensor's first block, each
+        tensor's first column, and the number of blocks."""
+        key = (BLOCK, which)
+        if key not in self._by_block:
+            first, owner = [0] * len(self.cols), []
+            for t in which:
+                first[t] = len(owner)
+                owner += [t] * triton.cdiv(self.cols[t].stop - self.cols[t].start, BLOCK)
+            as_int = lambda xs: torch.tensor(xs, dtype=torch.int32, device=self.device)  # noqa: E731
+            self._by_block[key] = (as_int(owner), as_int(first),
+                                   torch.tensor([c.start for c in self.cols], dtype=torch.int64, device=self.device),
+                                   len(owner))
+        return self._by_block[key]
+
+    def table(self, grads: list[torch.Tensor]) -> tuple[torch.Tensor, bool]:
+        """The gradients' addresses, strides and widths on the device (uploaded only when they
+        change: the backward's allocations repeat step after step), and whether every slot's part
+        of every gradient is one dense row."""
+        rows: list[int] = []
+        dense = True
+        for g in grads:
+            s0, s1, s2 = g.stride()
+            rows += [g.data_ptr(), s0, s1, s2, g.shape[2]]
+            dense &= s2 == 1 and (s1 == g.shape[2] or g.shape[1] == 1)
+        key = tuple(rows)
+        if self._table is None or self._table[0] != key:
+            host = torch.tensor(rows, dtype=torch.int64, device="cpu")
+            if self.device.type == "cuda":  # no sync: from pinned memory, which torch keeps until copied
+                host = host.pin_memory()
+            self._table = (key, host.to(self.device, non_blocking=True))
+        return self._table[1], dense
 
 
-def _grad_layout(g: torch.Tensor) -> tuple[int, int, int, int, bool]:
-    """A [K, R, width] gradient's strides, width, and whether each slot's part is one dense row."""
-    s0, s1, s2 = g.stride()
-    width = g.shape[2]
-    return s0, s1, s2, width, s2 == 1 and (s1 == width or g.shape[1] == 1)
+def _gtype(grads: list[torch.Tensor]):
+    dtypes = {g.dtype for g in grads}
+    assert len(dtypes) == 1, dtypes
+    return {torch.bfloat16: tl.bfloat16, torch.float32: tl.float32, torch.float16: tl.float16}[dtypes.pop()]
 
 
-def sq_norms(grads: list[torch.Tensor], live: torch.Tensor, k: int) -> torch.Tensor:
+def _groups(n: int) -> list[tuple[int, ...]]:
+    return [tuple(range(n))] if GROUPED else [(t,) for t in range(n)]
+
+
+def sq_norms(layout: Layout, grads: list[torch.Tensor], live: torch.Tensor, k: int) -> torch.Tensor:
     """Each slot's squared gradient norm [K] over `grads` (one [K, R, width] tensor per LoRA
     tensor, any strides; `live[i, slot]` = elements of slot's prefix in tensor i that it trains)."""
-    widths = [g[0].numel() for g in grads]
-    offsets = [0]
-    for w in widths:
-        offsets.append(offsets[-1] + _blocks(w))
-    partial = torch.zeros(k, offsets[-1], device=live.device, dtype=torch.float32)
-    for i, (g, w) in enumerate(zip(grads, widths)):
-        s0, s1, s2, width, dense = _grad_layout(g)
-        _sq_norm_kernel[(k, _blocks(w))](g, live[i], partial, s0, s1, s2, width, partial.stride(0), offsets[i],
-                                         DENSE=dense, BLOCK=BLOCK, num_warps=NUM_WARPS)
-    return partial.sum(dim=1)
+    table, dense = layout.table(grads)
+    launches = [layout.blocks(which) for which in _groups(len(grads))]
+    partial = torch.zeros(len(launches), k, max(n for *_, n in launches), device=live.device, dtype=torch.float32)
+    for i, (owner, first, _, n) in enumerate(launches):
+        for lo in range(0, n, MAX_BLOCKS):
+            _sq_norm_kernel[(k, min(MAX_BLOCKS, n - lo))](table, owner, first, live, partial[i], k, partial.stride(1),
+                                                          lo, GTYPE=_gtype(grads), DENSE=dense, BLOCK=BLOCK,
+                                                          num_warps=NUM_WARPS)
+    return partial.sum(dim=(0, 2))
 
 
-def adamw(masters: list[torch.Tensor], exp_avgs: list[torch.Tensor], exp_avg_sqs: list[torch.Tensor],
-          lows: list[torch.Tensor] | None, grads: list[torch.Tensor], live: torch.Tensor, coef: torch.Tensor,
-          decay: torch.Tensor, step_size: torch.Tensor, bc2_sqrt: torch.Tensor, b1: float, b2: float, eps: float) -> None:
-    """AdamW on each slot's live prefix of each tensor; per-slot [K] coef, decay, step size and
-    bias correction as `packed.adamw_` takes them."""
-    for i, (p, g) in enumerate(zip(masters, grads)):
-        low = lows[i] if lows is not None else p
-        s0, s1, s2, width, dense = _grad_layout(g)
-        _adamw_kernel[(p.shape[0], _blocks(p[0].numel()))](
-            p, exp_avgs[i], exp_avg_sqs[i], low, g, live[i], coef, decay, step_size, bc2_sqrt,
-            p.stride(0), low.stride(0), s0, s1, s2, width, b1, b2, eps, HAS_LOW=lows is not None, DENSE=dense,
-            BLOCK=BLOCK, num_warps=NUM_WARPS)
+def adamw(layout: Layout, params: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor,
+          low: torch.Tensor | None, grads: list[torch.Tensor], live: torch.Tensor, coef: torch.Tensor,
+          decay: torch.Tensor, step_size: torch.Tensor, bc2_sqrt: torch.Tensor, b1: float, b2: float,
+          eps: float) -> None:
+    """AdamW on each slot's live prefix of each tensor of the flat [K, P] master weights and
+    moments (and their bf16 copy `low`); per-slot [K] coef, decay, step size and bias correction
+    as `packed.adamw_` takes them."""
+    table, dense = layout.table(grads)
+    k = params.shape[0]
+    out = low if low is not None else params
+    for which in _groups(len(grads)):
+        owner, first, col, n = layout.blocks(which)
+        for lo in range(0, n, MAX_BLOCKS):
+            _adamw_kernel[(k, min(MAX_BLOCKS, n - lo))](
+                params, exp_avg, exp_avg_sq, out, table, owner, first, col, live, coef, decay, step_size, bc2_sqrt, k,
+                params.stride(0), out.stride(0), b1, b2, eps, lo, GTYPE=_gtype(grads), HAS_LOW=low is not None,
+                DENSE=dense, BLOCK=BLOCK, num_warps=NUM_WARPS)

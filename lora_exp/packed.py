@@ -394,6 +394,7 @@ class PackedModel:
         self.sched = z(torch.int64)  # 0 linear, 1 constant, 2 cosine
         self.p = z()
         self.live = z()  # 1.0 for a slot that holds a trial
+        self._layout: Any = None  # pack_kernels.Layout of self.tensors, made at the first step
 
     # -- slots --
 
@@ -534,7 +535,9 @@ class PackedModel:
         if self.kernels:
             from lora_exp import pack_kernels
 
-            norm = pack_kernels.sq_norms(grads, self.live_len, self.k).sqrt()
+            if self._layout is None:
+                self._layout = pack_kernels.Layout([cols for cols, _ in self.tensors], self.device)
+            norm = pack_kernels.sq_norms(self._layout, grads, self.live_len, self.k).sqrt()
         else:
             flat = torch.cat([g.reshape(self.k, -1).float() for g in grads], dim=1)
             norm = flat.pow(2).sum(dim=1).sqrt()
@@ -548,10 +551,8 @@ class PackedModel:
         bc2_sqrt = torch.sqrt(1 - b2 ** t).to(torch.float32)
         decay = (1 - lr * self.wd).to(torch.float32)
         if self.kernels:
-            views = lambda buf: [buf[:, cols] for cols, _ in self.tensors]  # noqa: E731
-            pack_kernels.adamw(views(self.params), views(self.exp_avg), views(self.exp_avg_sq),
-                               views(self.low) if self.low is not None else None, grads, self.live_len,
-                               coef, decay, step_size, bc2_sqrt, b1, b2, eps)
+            pack_kernels.adamw(self._layout, self.params, self.exp_avg, self.exp_avg_sq, self.low, grads,
+                               self.live_len, coef, decay, step_size, bc2_sqrt, b1, b2, eps)
         else:
             # the torch update runs on every row: a paused slot's zero gradient would decay its
             # moments, so its rows are put back (the kernels above skip it: live_len 0)

@@ -38,34 +38,44 @@ SCRIPT = textwrap.dedent('''
     params = padded(torch.randn(k, offset))
     m, v = padded(torch.randn(k, offset)), padded(torch.rand(k, offset))
     grads_flat = padded(torch.randn(k, offset)).to(torch.bfloat16)
-    grads = [grads_flat[:, c].contiguous().view(k, rank, -1) for c in cols]
-    # A's gradient comes out of the backward transposed ([K, in, R] in memory): read in place
-    grads = [g.transpose(1, 2).contiguous().transpose(1, 2) if i % 2 else g for i, g in enumerate(grads)]
-    assert not grads[1].is_contiguous() and grads[0].is_contiguous()
+    dense = [grads_flat[:, c].contiguous().view(k, rank, -1) for c in cols]
+    # A's gradient comes out of the bmm's backward transposed ([K, in, R] in memory): read in place
+    strided = [g.transpose(1, 2).contiguous().transpose(1, 2) if i % 2 else g for i, g in enumerate(dense)]
+    assert not strided[1].is_contiguous() and strided[0].is_contiguous()
     coef, decay = torch.rand(k) + 0.5, 1 - torch.rand(k) * 1e-2
     step_size, bc2 = torch.rand(k) * 1e-2, torch.rand(k) + 0.1
-
-    norms = pack_kernels.sq_norms(grads, live, k)
-    ref = grads_flat.float().pow(2).sum(dim=1)
-    assert torch.allclose(norms, ref, rtol=1e-5), (norms, ref)
-
     expected = [t.clone() for t in (params, m, v)]
     adamw_(*expected[:1], grads_flat.float(), *expected[1:], coef.view(-1, 1), decay.view(-1, 1),
            step_size.view(-1, 1), bc2.view(-1, 1), 0.9, 0.999, 1e-8)
-    low = torch.full((k, offset), 7.0, dtype=torch.bfloat16)   # poisoned: live parts must be written
-    views = lambda t: [t[:, c] for c in cols]
-    pack_kernels.adamw(views(params), views(m), views(v), views(low), grads, live, coef, decay, step_size, bc2,
-                       0.9, 0.999, 1e-8)
-    for got, want in zip((params, m, v), expected):
-        assert torch.allclose(got, want, rtol=1e-5, atol=1e-7), (got - want).abs().max()
-    # the compute copy is the master in bf16 on every live element, untouched elsewhere (the
-    # interpreter rounds fp32 -> bf16 toward zero where the GPU rounds to nearest: one bf16 step)
-    for i, c in enumerate(cols):
-        for s in range(k):
-            n = int(live[i, s])
-            master = params[s, c][:n]
-            assert bool(((low[s, c][:n].float() - master).abs() <= master.abs() * 2.0 ** -7).all()), (i, s)
-            assert bool((low[s, c][n:] == 7.0).all())
+    ref = grads_flat.float().pow(2).sum(dim=1)
+
+    # one launch over every tensor and one per tensor; dense gradients and strided ones; one
+    # layout for all (its device table follows the gradients' addresses)
+    layout = pack_kernels.Layout(cols, params.device)
+    pack_kernels.MAX_BLOCKS = 3                  # launches cut at the grid limit (here: 3 blocks)
+    for grouped, grads in [(True, dense), (True, strided), (False, strided), (False, dense)]:
+        pack_kernels.GROUPED = grouped
+        norms = pack_kernels.sq_norms(layout, grads, live, k)
+        assert torch.allclose(norms, ref, rtol=1e-5), (grouped, norms, ref)
+
+        p_, m_, v_ = params.clone(), m.clone(), v.clone()
+        low = torch.full((k, offset), 7.0, dtype=torch.bfloat16)   # poisoned: live parts must be written
+        pack_kernels.adamw(layout, p_, m_, v_, low, grads, live, coef, decay, step_size, bc2, 0.9, 0.999, 1e-8)
+        for got, want in zip((p_, m_, v_), expected):
+            assert torch.allclose(got, want, rtol=1e-5, atol=1e-7), (grouped, (got - want).abs().max())
+        # the compute copy is the master in bf16 on every live element, untouched elsewhere (the
+        # interpreter rounds fp32 -> bf16 toward zero where the GPU rounds to nearest: one bf16 step)
+        for i, c in enumerate(cols):
+            for s in range(k):
+                n = int(live[i, s])
+                master = p_[s, c][:n]
+                assert bool(((low[s, c][:n].float() - master).abs() <= master.abs() * 2.0 ** -7).all()), (i, s)
+                assert bool((low[s, c][n:] == 7.0).all())
+                assert bool((p_[s, c][n:] == 0).all())      # the padding stays zero
+        p_ = params.clone()                                   # no compute copy: the masters alone
+        pack_kernels.adamw(layout, p_, m.clone(), v.clone(), None, grads, live, coef, decay, step_size, bc2,
+                           0.9, 0.999, 1e-8)
+        assert torch.allclose(p_, expected[0], rtol=1e-5, atol=1e-7)
     print("kernels ok")
 ''')
 
