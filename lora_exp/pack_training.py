@@ -193,6 +193,17 @@ class PackTrainer:
         ahead = np.minimum(steps, fraction * self.steps_total)
         return int((live & (self.steps_total - self.host_step <= ahead)).sum())
 
+    def evals_within(self, steps: int, fraction: float = 1.0) -> int:
+        """Live trials with an eval before their last step (where a pruner may stop them) within
+        `steps` steps and within `fraction` of their length; one being evaluated now counts."""
+        if not self.eval_steps or self.eval_table is None:
+            return 0
+        live = np.array([run is not None for run in self.runs])
+        e = self.eval_steps
+        upcoming = np.maximum(-(-self.host_step // e), 1) * e  # the eval at or after each slot's step
+        ahead = np.minimum(steps, fraction * self.steps_total)
+        return int((live & (upcoming < self.steps_total) & (upcoming - self.host_step <= ahead)).sum())
+
     def fits(self, cfg: RunConfig) -> str | None:
         """Why `cfg` cannot join this pack (None if it can)."""
         if pack_key(cfg) != self.key:

@@ -746,3 +746,26 @@ def test_a_pack_stopped_by_an_error_closes_its_finished_trials_with_their_adapte
         assert "adapter_model.safetensors" in trackers[run.slot].adapter_files
         assert trackers[run.slot].metrics["final_eval_loss"] == value
     assert not trainer.closing and len(finished) == len(waiting) + 1
+
+
+def test_the_look_ahead_counts_trials_an_eval_may_prune_soon_and_trials_ending_soon():
+    """What the packed sweep samples ahead for: slots that free within a number of steps, by a
+    trial's end, or by a pruner at an eval before it (the eval at the last step is its end)."""
+    from lora_exp.pack_training import PackTrainer
+
+    cfgs = [compose(["model=tiny_gpt2", *COMMON, "trainer.base_dropout=false", f"trainer.seed={s}"]) for s in (1, 2)]
+    base = load_base(cfgs[0].model, torch.device("cpu"))
+    data = tokenize(load_rows(cfgs[0].data), cfgs[0].data, base.tokenizer)
+    trainer = PackTrainer(base, data, cfgs[0], 3, 8, sorted(cfgs[0].target_modules))
+    try:
+        assert trainer.evals_within(10**6) == trainer.ending_within(10**6) == 0  # no trial yet
+        for slot, cfg in enumerate(cfgs):
+            trainer.start(slot, cfg, NullTracker())
+        assert trainer.evals_within(10) == 2 and trainer.evals_within(9) == 0  # evals every 10 of 30 steps
+        for _ in range(7):
+            trainer.step()
+        assert trainer.evals_within(3) == 2 and trainer.evals_within(2) == 0
+        assert trainer.evals_within(10**6, fraction=0.1) == 2 and trainer.evals_within(10**6, fraction=0.09) == 0
+        assert trainer.ending_within(23) == 2 and trainer.ending_within(22) == 0
+    finally:
+        trainer.close()
