@@ -93,7 +93,7 @@ def _wait_for_line(proc, prefix, seen):
 
 @pytest.mark.parametrize("how", ["ctrl-c twice", "sigterm"])
 def test_second_interrupt_or_sigterm_fails_the_trial_in_flight_then_resume(workdir, store, how):
-    args = ["sweep=tiny", "n_trials=4", "trainer.max_steps=3000", "trainer.eval_steps=1000"]
+    args = ["sweep=tiny", "n_trials=4", "trainer.max_steps=800", "trainer.eval_steps=400"]
     proc, seen = _start(workdir, *args), []
     _wait_for_line(proc, "[1/4]", seen)
     time.sleep(1.5)  # inside the second trial
@@ -145,7 +145,7 @@ print(sorted(t.state.name for t in study.get_trials(deepcopy=False)))
 
 def test_sigkill_recovery_retries_the_dead_trial(workdir, store):
     env = {"LORA_EXP_HEARTBEAT_SECONDS": "1"}  # grace: 4 s
-    args = ["sweep=tiny", "n_trials=4", "trainer.max_steps=3000", "trainer.eval_steps=1000"]
+    args = ["sweep=tiny", "n_trials=4", "trainer.max_steps=800", "trainer.eval_steps=400"]
     proc, seen = _start(workdir, *args, env=env), []
     _wait_for_line(proc, "[1/4]", seen)
     time.sleep(2)
