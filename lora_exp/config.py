@@ -6,6 +6,7 @@ is loaded, so a bad value fails with one line naming the key (exit code 2 from t
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import os
 from dataclasses import dataclass, field
@@ -289,18 +290,17 @@ GROUP_NAMES = ("model", "lora", "trainer", "data", "tracking")
 def replace_keys(base: RunConfig, base_dict: dict[str, Any], overrides: list[str],
                  all_overrides: list[str]) -> RunConfig:
     """`section.key=value` overrides on an already composed config, without recomposing with
-    Hydra (~60 ms a trial; a pack starts hundreds at once). Values are YAML, as in Hydra; each
-    changed section is rebuilt through its dataclass, so the same value checks run. Anything
-    else (a group swap, a nested key) goes through the full `from_container` validation."""
-    import yaml
-
+    Hydra (~60 ms a trial; a pack starts hundreds at once). Values are read by Hydra's own
+    override parser (`1e-05` is a float, as compose reads it); each changed section is rebuilt
+    through its dataclass, so the same value checks run. Anything else (a group swap, a nested
+    key) goes through the full `from_container` validation."""
     changes: dict[str, dict[str, Any]] = {}
     for text in overrides:
-        key, sep, value = text.partition("=")
+        key, sep, _ = text.partition("=")
         section, _, name = key.partition(".")
         if not sep or section not in GROUP_NAMES or not name or "." in name:
             return from_container(_with(base_dict, overrides), all_overrides)
-        changes.setdefault(section, {})[name] = yaml.safe_load(value)
+        changes.setdefault(section, {})[name] = _value(text)
     built: dict[str, Any] = {}
     for section, values in changes.items():
         current = getattr(base, section)
@@ -309,16 +309,53 @@ def replace_keys(base: RunConfig, base_dict: dict[str, Any], overrides: list[str
         if unknown:
             raise ConfigError(f"{section}.{unknown[0]}: no such config key")
         for name, value in values.items():
+            if not _fits(str(types[name]), value):  # OmegaConf converts it, or says why not
+                return from_container(_with(base_dict, overrides), all_overrides)
             if "float" in str(types[name]) and isinstance(value, int) and not isinstance(value, bool):
                 values[name] = float(value)
-        built[section] = dataclasses.replace(current, **values)
+        try:
+            built[section] = dataclasses.replace(current, **values)
+        except (TypeError, ValueError):  # a value of the wrong type: the schema's own message
+            return from_container(_with(base_dict, overrides), all_overrides)
     return dataclasses.replace(base, **built, overrides=list(all_overrides))
+
+
+_SCALARS: dict[str, tuple[type, ...]] = {"int": (int,), "float": (float, int), "bool": (bool,), "str": (str,)}
+
+
+def _fits(type_text: str, value: Any) -> bool:
+    """Whether `value` is already what a field of this (annotation text) type holds: else the
+    schema path converts it (`name=123` to a string) or rejects it (`r=1.5`), as compose does."""
+    optional = type_text.startswith("Optional[")
+    inner = type_text[len("Optional["):-1] if optional else type_text
+    if value is None:
+        return optional
+    if inner not in _SCALARS:
+        return True  # lists and dicts: the dataclass checks them
+    return isinstance(value, _SCALARS[inner]) and (inner == "bool" or not isinstance(value, bool))
+
+
+@functools.lru_cache(maxsize=1)
+def _override_parser() -> Any:
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    return OverridesParser.create()
+
+
+def _value(override: str) -> Any:
+    """An override's value as Hydra's compose reads it (`1e-05` a float, `null` None, `[a,b]` a
+    list), so a trial's config is the same whichever way it is built."""
+    try:
+        parsed = _override_parser().parse_override(override)
+    except Exception as exc:  # Hydra's parse errors: one line, as compose gives them
+        raise ConfigError(f"{override}: {str(exc).splitlines()[0]}") from exc
+    if parsed.is_sweep_override():
+        raise ConfigError(f"{override}: a trial's override must be one value")
+    return parsed.value()
 
 
 def _with(base_dict: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     import copy
-
-    import yaml
 
     raw = copy.deepcopy(base_dict)
     for text in overrides:
@@ -329,7 +366,7 @@ def _with(base_dict: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
             if not isinstance(node.get(part), dict):
                 raise ConfigError(f"{key}: no such config key")
             node = node[part]
-        node[parts[-1]] = yaml.safe_load(value)
+        node[parts[-1]] = _value(text)
     raw.pop("overrides", None)
     return raw
 

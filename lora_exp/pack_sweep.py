@@ -17,7 +17,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from lora_exp import sweep_tracking
-from lora_exp.config import GROUP_NAMES, RunConfig, compose, replace_keys
+from lora_exp.config import RunConfig
 from lora_exp.errors import LoraExpError
 
 if TYPE_CHECKING:
@@ -84,14 +84,6 @@ def pack_shape(plan: SweepPlan, cfg: RunConfig) -> tuple[int, list[str]]:
         for choice in space["lora.target_modules"].choices or []:
             modules.update(choice)
     return max(ranks), sorted(modules)
-
-
-def trial_config(plan: SweepPlan, overrides: list[str], base_dict: dict[str, Any]) -> RunConfig:
-    """The trial's config: plain key=value overrides applied to the composed base (fast, with the
-    same validation); a group override (`lora=seed`) goes through Hydra's compose."""
-    if any(o.split("=", 1)[0].lstrip("+~") in GROUP_NAMES for o in overrides):
-        return compose(plan.base_overrides + overrides)
-    return replace_keys(plan.base, base_dict, overrides, plan.base_overrides + overrides)
 
 
 #: a progress line from a pack at most this often
@@ -350,12 +342,14 @@ class PackPruning:
 def _prepare(plan: SweepPlan, trial: Any, io: Any, base_dict: dict[str, Any]) -> tuple[Any, list[str], RunConfig] | None:
     """The sampled trial's config; None if the config rejects it (the trial fails)."""
     io.submit("beat_add", trial.number, trial._trial_id)
+    from lora_exp.search import trial_config
+
     try:
         if trial.error:
             raise ValueError(trial.error)
         overrides = trial.overrides
         io.submit("user_attr", trial.number, trial._trial_id, "overrides", overrides)
-        cfg = trial_config(plan, overrides, base_dict)
+        cfg = trial_config(plan.base, plan.base_overrides, overrides, base_dict)
     except Exception as exc:  # a bad sampled value: this trial fails, the sweep goes on
         reason = trial.error or f"{type(exc).__name__}: {exc}".splitlines()[0][:500]
         log.error("trial %d failed: %s", trial.number, reason)

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from lora_exp import sweep_tracking
-from lora_exp.config import RunConfig, compose
+from lora_exp.config import GROUP_NAMES, RunConfig, compose, replace_keys
 from lora_exp.errors import ConfigError, LoraExpError
 from lora_exp.sweeps import SweepSpec, corner_overrides, load_sweep, suggest
 
@@ -701,6 +701,17 @@ class PruningCallback:
         return bool(self.trial.should_prune())
 
 
+def trial_config(base: RunConfig, base_overrides: list[str], overrides: list[str],
+                 base_dict: dict[str, Any] | None = None) -> RunConfig:
+    """A trial's config: its plain key=value overrides applied to the sweep's composed base
+    (`base`, from `base_overrides`; no Hydra compose per trial, the same validation); a group
+    override (`lora=seed`) goes through Hydra's compose."""
+    if any(o.split("=", 1)[0].lstrip("+~") in GROUP_NAMES for o in overrides):
+        return compose(base_overrides + overrides)
+    return replace_keys(base, base.to_dict() if base_dict is None else base_dict, overrides,
+                        base_overrides + overrides)
+
+
 def run_one_trial(plan: SweepPlan, study: Any, trial: Any, context: _WorkerContext) -> str:
     """Train one trial into its own nested MLflow run; tell Optuna only after the run is closed."""
     from optuna.trial import TrialState
@@ -715,7 +726,7 @@ def run_one_trial(plan: SweepPlan, study: Any, trial: Any, context: _WorkerConte
     try:
         overrides = suggest(trial, plan.spec.space, _base_values(plan))
         trial.set_user_attr("overrides", overrides)
-        cfg = compose(plan.base_overrides + overrides)
+        cfg = trial_config(plan.base, plan.base_overrides, overrides)
         base, data = context.prepare(cfg)
         sweep_tracking.load_base_cache(study, base)
         tags = {"lora_exp.kind": "trial", "lora_exp.study": plan.study_name, "trial_number": trial.number,

@@ -112,3 +112,36 @@ def test_attention_implementation_reaches_the_model():
     assert load_base(cfg.model, torch.device("cpu")).model.config._attn_implementation == "eager"
     default = compose(["model=tiny_gpt2"])
     assert load_base(default.model, torch.device("cpu")).model.config._attn_implementation == "sdpa"
+
+
+TRIAL_OVERRIDES = [["trainer.lr=1e-05"], ["trainer.lr=1e-3", "lora.r=8", "lora.lora_alpha=16"], ["lora.preset=all"],
+                   ["lora.target_modules=[c_attn]"], ["trainer.max_grad_norm=null"], ["lora.lora_dropout=0"],
+                   ["trainer.lr=3"], ["lora=seed", "trainer.lr=1e-4"], ["model.architecture.n_layer=3"],
+                   ["data.name=123"], ["trainer.max_grad_norm=1"], ["trainer.lr=-1"], ["lora.r=abc"], ["lora.r=1.5"],
+                   ["trainer.max_steps=true"], ["lora.r=null"]]
+
+
+@pytest.mark.parametrize("overrides", TRIAL_OVERRIDES, ids=[" ".join(o) for o in TRIAL_OVERRIDES])
+def test_a_trials_config_built_on_the_composed_base_is_what_hydra_composes(overrides):
+    """Sweeps build each trial's config on the base composed once (no Hydra compose per trial):
+    the same config, or the same one-line error, as composing it (`1e-05` is a float there too)."""
+    from lora_exp.search import trial_config
+
+    base_overrides = ["model=tiny_gpt2", "data=seed", "trainer.max_steps=10"]
+    base = compose(base_overrides)
+    try:
+        want = compose(base_overrides + overrides)
+    except ConfigError as exc:
+        with pytest.raises(ConfigError) as got:
+            trial_config(base, base_overrides, overrides)
+        assert str(got.value) == str(exc)
+        return
+    assert trial_config(base, base_overrides, overrides) == want
+
+
+def test_an_unknown_key_in_a_trials_overrides_is_named():
+    from lora_exp.search import trial_config
+
+    base = compose(["model=tiny_gpt2"])
+    with pytest.raises(ConfigError, match=r"^lora\.nope: "):
+        trial_config(base, ["model=tiny_gpt2"], ["lora.nope=1"])
