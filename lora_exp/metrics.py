@@ -70,8 +70,11 @@ def semantic_similarity(predictions: Sequence[str], references: Sequence[Sequenc
     if not predictions or not flat:
         return [0.0 for _ in predictions]
     model = embedding_model()
-    pred_emb = model.encode(list(predictions), normalize_embeddings=True, convert_to_tensor=True)
-    ref_emb = model.encode(flat, normalize_embeddings=True, convert_to_tensor=True)
+    # no "Batches:" bar per call (sentence-transformers shows one whenever logging is at INFO,
+    # as a sweep's is)
+    pred_emb = model.encode(list(predictions), normalize_embeddings=True, convert_to_tensor=True,
+                            show_progress_bar=False)
+    ref_emb = model.encode(flat, normalize_embeddings=True, convert_to_tensor=True, show_progress_bar=False)
     out, start = [], 0
     for i, refs in enumerate(references):
         sims = (ref_emb[start:start + len(refs)] @ pred_emb[i]).tolist() if refs else [0.0]
