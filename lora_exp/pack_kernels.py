@@ -35,8 +35,6 @@ MAX_BLOCKS = 65535
 #: one launch over all tensors; False: one launch per tensor (the same kernels; the bench's A/B)
 GROUPED = True
 
-_TABLE = 5  # per gradient: address, three strides, width per rank
-
 
 @triton.jit
 def _block_of(blk, tensor_ptr, first_ptr, live_ptr, K, slot, BLOCK: tl.constexpr):
@@ -52,7 +50,7 @@ def _block_of(blk, tensor_ptr, first_ptr, live_ptr, K, slot, BLOCK: tl.constexpr
 def _grad_at(table_ptr, t, slot, offs, GTYPE: tl.constexpr, DENSE: tl.constexpr):
     """Where element `offs` of a slot's [R, width] gradient of tensor t is (rank-major order, as
     the parameters are stored): the slot's row itself when dense, else through the strides."""
-    row = table_ptr + t * 5
+    row = table_ptr + t * 5  # Layout.table's row of tensor t
     g_ptr = tl.load(row).to(tl.pointer_type(GTYPE))
     s0 = tl.load(row + 1)
     if DENSE:
@@ -109,12 +107,13 @@ class Layout:
 
     def __init__(self, cols: list[slice], device: torch.device):
         self.cols, self.device = cols, device
-        self._by_block: dict[tuple[int, tuple[int, ...]], tuple[torch.Tensor, ...]] = {}
+        self.col = torch.tensor([c.start for c in cols], dtype=torch.int64, device=device)  # each tensor's first column
+        self._by_block: dict[tuple[int, tuple[int, ...]], tuple[torch.Tensor, torch.Tensor, int]] = {}
         self._table: tuple[tuple[int, ...], torch.Tensor] | None = None
 
-    def blocks(self, which: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
-        """For the tensors `which`: each block's tensor, each tensor's first block, each
-        tensor's first column, and the number of blocks."""
+    def blocks(self, which: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """For the tensors `which`: each block's tensor, each tensor's first block, and the
+        number of blocks."""
         key = (BLOCK, which)
         if key not in self._by_block:
             first, owner = [0] * len(self.cols), []
@@ -122,15 +121,13 @@ class Layout:
                 first[t] = len(owner)
                 owner += [t] * triton.cdiv(self.cols[t].stop - self.cols[t].start, BLOCK)
             as_int = lambda xs: torch.tensor(xs, dtype=torch.int32, device=self.device)  # noqa: E731
-            self._by_block[key] = (as_int(owner), as_int(first),
-                                   torch.tensor([c.start for c in self.cols], dtype=torch.int64, device=self.device),
-                                   len(owner))
+            self._by_block[key] = (as_int(owner), as_int(first), len(owner))
         return self._by_block[key]
 
     def table(self, grads: list[torch.Tensor]) -> tuple[torch.Tensor, bool]:
-        """The gradients' addresses, strides and widths on the device (uploaded only when they
-        change: the backward's allocations repeat step after step), and whether every slot's part
-        of every gradient is one dense row."""
+        """The gradients' table on the device, a row of five per gradient (address, three
+        strides, width per rank; uploaded only when they change: the backward's allocations
+        repeat step after step), and whether every slot's part of every gradient is one dense row."""
         rows: list[int] = []
         dense = True
         for g in grads:
@@ -160,12 +157,13 @@ def sq_norms(layout: Layout, grads: list[torch.Tensor], live: torch.Tensor, k: i
     """Each slot's squared gradient norm [K] over `grads` (one [K, R, width] tensor per LoRA
     tensor, any strides; `live[i, slot]` = elements of slot's prefix in tensor i that it trains)."""
     table, dense = layout.table(grads)
+    gtype = _gtype(grads)
     launches = [layout.blocks(which) for which in _groups(len(grads))]
     partial = torch.zeros(len(launches), k, max(n for *_, n in launches), device=live.device, dtype=torch.float32)
-    for i, (owner, first, _, n) in enumerate(launches):
+    for i, (owner, first, n) in enumerate(launches):
         for lo in range(0, n, MAX_BLOCKS):
             _sq_norm_kernel[(k, min(MAX_BLOCKS, n - lo))](table, owner, first, live, partial[i], k, partial.stride(1),
-                                                          lo, GTYPE=_gtype(grads), DENSE=dense, BLOCK=BLOCK,
+                                                          lo, GTYPE=gtype, DENSE=dense, BLOCK=BLOCK,
                                                           num_warps=NUM_WARPS)
     return partial.sum(dim=(0, 2))
 
@@ -178,12 +176,13 @@ def adamw(layout: Layout, params: torch.Tensor, exp_avg: torch.Tensor, exp_avg_s
     moments (and their bf16 copy `low`); per-slot [K] coef, decay, step size and bias correction
     as `packed.adamw_` takes them."""
     table, dense = layout.table(grads)
+    gtype = _gtype(grads)
     k = params.shape[0]
     out = low if low is not None else params
     for which in _groups(len(grads)):
-        owner, first, col, n = layout.blocks(which)
+        owner, first, n = layout.blocks(which)
         for lo in range(0, n, MAX_BLOCKS):
             _adamw_kernel[(k, min(MAX_BLOCKS, n - lo))](
-                params, exp_avg, exp_avg_sq, out, table, owner, first, col, live, coef, decay, step_size, bc2_sqrt, k,
-                params.stride(0), out.stride(0), b1, b2, eps, lo, GTYPE=_gtype(grads), HAS_LOW=low is not None,
+                params, exp_avg, exp_avg_sq, out, table, owner, first, layout.col, live, coef, decay, step_size,
+                bc2_sqrt, k, params.stride(0), out.stride(0), b1, b2, eps, lo, GTYPE=gtype, HAS_LOW=low is not None,
                 DENSE=dense, BLOCK=BLOCK, num_warps=NUM_WARPS)
