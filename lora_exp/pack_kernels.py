@@ -21,6 +21,9 @@ was 288 launches a step, most of them tiny, each with its own tail.
 """
 from __future__ import annotations
 
+from typing import Any
+
+import numpy as np
 import torch
 import triton
 import triton.language as tl
@@ -32,8 +35,12 @@ BLOCK = 1024
 NUM_WARPS = 4
 #: most programs along a launch's second axis (CUDA's grid limit); more blocks take more launches
 MAX_BLOCKS = 65535
-#: one launch over all tensors; False: one launch per tensor (the same kernels; the bench's A/B)
-GROUPED = True
+#: most programs of a launch over the list of live blocks (its one axis)
+MAX_LIST = 2 ** 31 - 1
+#: how the kernels launch (the bench's A/B): 2, one program per block a slot trains (a list of
+#: them, remade when slots change); 1, one launch over every tensor's padded blocks, where programs
+#: past a slot's live prefix exit at once (~2/3 of them in the seed's search); 0, one launch per tensor
+GROUPED = 2
 
 
 @triton.jit
@@ -44,6 +51,26 @@ def _block_of(blk, tensor_ptr, first_ptr, live_ptr, K, slot, BLOCK: tl.constexpr
     start = (blk - tl.load(first_ptr + t)) * BLOCK
     live = tl.load(live_ptr + t * K + slot)
     return t, start, live
+
+
+@triton.jit
+def _program_block(table_ptr, tensor_ptr, first_ptr, live_ptr, item_ptr, j_ptr, K, NT, blk0,
+                   COMPACT: tl.constexpr, BLOCK: tl.constexpr):
+    """This program's slot, block (its index in the launch's padded blocks; the compact list's
+    index), tensor, the block's start inside the slot's part of the tensor, and the slot's live
+    length there."""
+    if COMPACT:  # 1-D: entry blk of the list of live blocks
+        blk = blk0 + tl.program_id(0)
+        item = tl.load(item_ptr + blk)
+        slot = (item // NT).to(tl.int64)  # slot * stride passes 2^31 in a large pack
+        t = item % NT
+        start = tl.load(j_ptr + blk) * BLOCK
+        live = tl.load(live_ptr + t * K + slot)
+    else:
+        slot = tl.program_id(0).to(tl.int64)
+        blk = blk0 + tl.program_id(1)
+        t, start, live = _block_of(blk, tensor_ptr, first_ptr, live_ptr, K, slot, BLOCK)
+    return slot, blk, t, start, live
 
 
 @triton.jit
@@ -60,24 +87,27 @@ def _grad_at(table_ptr, t, slot, offs, GTYPE: tl.constexpr, DENSE: tl.constexpr)
 
 
 @triton.jit
-def _sq_norm_kernel(table_ptr, tensor_ptr, first_ptr, live_ptr, out_ptr, K, out_stride, blk0,
-                    GTYPE: tl.constexpr, DENSE: tl.constexpr, BLOCK: tl.constexpr):
-    slot = tl.program_id(0).to(tl.int64)  # slot * stride passes 2^31 in a large pack
-    blk = blk0 + tl.program_id(1)
-    t, start, live = _block_of(blk, tensor_ptr, first_ptr, live_ptr, K, slot, BLOCK)
+def _sq_norm_kernel(table_ptr, tensor_ptr, first_ptr, live_ptr, item_ptr, j_ptr, pos_ptr, out_ptr, K, NT,
+                    out_stride, blk0, COMPACT: tl.constexpr, GTYPE: tl.constexpr, DENSE: tl.constexpr,
+                    BLOCK: tl.constexpr):
+    slot, blk, t, start, live = _program_block(table_ptr, tensor_ptr, first_ptr, live_ptr, item_ptr, j_ptr, K, NT,
+                                               blk0, COMPACT, BLOCK)
     if start < live:
         offs = start + tl.arange(0, BLOCK)
         g = tl.load(_grad_at(table_ptr, t, slot, offs, GTYPE, DENSE), mask=offs < live, other=0.0).to(tl.float32)
-        tl.store(out_ptr + slot * out_stride + blk, tl.sum(g * g, axis=0))
+        if COMPACT:  # the block's place among the slot's own
+            tl.store(out_ptr + slot * out_stride + tl.load(pos_ptr + blk), tl.sum(g * g, axis=0))
+        else:
+            tl.store(out_ptr + slot * out_stride + blk, tl.sum(g * g, axis=0))
 
 
 @triton.jit
-def _adamw_kernel(p_ptr, m_ptr, v_ptr, low_ptr, table_ptr, tensor_ptr, first_ptr, col_ptr, live_ptr, coef_ptr,
-                  decay_ptr, step_size_ptr, bc2_ptr, K, p_stride, low_stride, b1, b2, eps, blk0,
-                  GTYPE: tl.constexpr, HAS_LOW: tl.constexpr, DENSE: tl.constexpr, BLOCK: tl.constexpr):
-    slot = tl.program_id(0).to(tl.int64)  # slot * stride passes 2^31 in a large pack (K=1024: 2.4e9)
-    blk = blk0 + tl.program_id(1)
-    t, start, live = _block_of(blk, tensor_ptr, first_ptr, live_ptr, K, slot, BLOCK)
+def _adamw_kernel(p_ptr, m_ptr, v_ptr, low_ptr, table_ptr, tensor_ptr, first_ptr, col_ptr, live_ptr, item_ptr,
+                  j_ptr, coef_ptr, decay_ptr, step_size_ptr, bc2_ptr, K, NT, p_stride, low_stride, b1, b2, eps, blk0,
+                  COMPACT: tl.constexpr, GTYPE: tl.constexpr, HAS_LOW: tl.constexpr, DENSE: tl.constexpr,
+                  BLOCK: tl.constexpr):
+    slot, blk, t, start, live = _program_block(table_ptr, tensor_ptr, first_ptr, live_ptr, item_ptr, j_ptr, K, NT,
+                                               blk0, COMPACT, BLOCK)
     if start < live:
         offs = start + tl.arange(0, BLOCK)
         mask = offs < live
@@ -110,6 +140,7 @@ class Layout:
         self.col = torch.tensor([c.start for c in cols], dtype=torch.int64, device=device)  # each tensor's first column
         self._by_block: dict[tuple[int, tuple[int, ...]], tuple[torch.Tensor, torch.Tensor, int]] = {}
         self._table: tuple[tuple[int, ...], torch.Tensor] | None = None
+        self._live: tuple[Any, ...] | None = None
 
     def blocks(self, which: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor, int]:
         """For the tensors `which`: each block's tensor, each tensor's first block, and the
@@ -123,6 +154,30 @@ class Layout:
             as_int = lambda xs: torch.tensor(xs, dtype=torch.int32, device=self.device)  # noqa: E731
             self._by_block[key] = (as_int(owner), as_int(first), len(owner))
         return self._by_block[key]
+
+    def live_blocks(self, live: torch.Tensor, host: np.ndarray | None = None, version: int | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int, int]:
+        """The blocks the slots train, slot by slot and tensor by tensor: for each, `slot * NT +
+        tensor`, its index in the tensor's part of the slot and its index among the slot's own
+        blocks; their number and the most any slot has. Made on the device from `live` [NT, K];
+        the two counts from its host copy `host` (no sync), and kept until `version` changes."""
+        key = (BLOCK, version)
+        if version is None or self._live is None or self._live[0] != key:
+            if host is None:
+                host = live.cpu().numpy()
+            nt, k = host.shape
+            per_slot = ((host.astype(np.int64) + BLOCK - 1) // BLOCK).sum(axis=0)
+            total, widest = int(per_slot.sum()), int(per_slot.max(initial=0))
+            counts = (live.to(torch.int64) + BLOCK - 1) // BLOCK
+            flat = counts.t().reshape(-1)  # slot-major
+            item = torch.repeat_interleave(torch.arange(k * nt, device=live.device), flat, output_size=total)
+            index = torch.arange(total, device=live.device)
+            in_tensor = index - (torch.cumsum(flat, 0) - flat)[item]
+            per_slot_dev = counts.sum(dim=0)
+            in_slot = index - (torch.cumsum(per_slot_dev, 0) - per_slot_dev)[item // nt]
+            as_int = lambda x: x.to(torch.int32)  # noqa: E731
+            self._live = (key, as_int(item), as_int(in_tensor), as_int(in_slot), total, widest)
+        return self._live[1:]
 
     def table(self, grads: list[torch.Tensor]) -> tuple[torch.Tensor, bool]:
         """The gradients' table on the device, a row of five per gradient (address, three
@@ -153,36 +208,54 @@ def _groups(n: int) -> list[tuple[int, ...]]:
     return [tuple(range(n))] if GROUPED else [(t,) for t in range(n)]
 
 
-def sq_norms(layout: Layout, grads: list[torch.Tensor], live: torch.Tensor, k: int) -> torch.Tensor:
+def sq_norms(layout: Layout, grads: list[torch.Tensor], live: torch.Tensor, k: int, live_host: np.ndarray | None = None,
+             version: int | None = None) -> torch.Tensor:
     """Each slot's squared gradient norm [K] over `grads` (one [K, R, width] tensor per LoRA
-    tensor, any strides; `live[i, slot]` = elements of slot's prefix in tensor i that it trains)."""
+    tensor, any strides; `live[i, slot]` = elements of slot's prefix in tensor i that it trains;
+    `live_host`, its host copy, and `version`, which changes with it: see Layout.live_blocks)."""
     table, dense = layout.table(grads)
     gtype = _gtype(grads)
-    launches = [layout.blocks(which) for which in _groups(len(grads))]
+    nt = len(grads)
+    if GROUPED == 2:
+        item, in_tensor, in_slot, total, widest = layout.live_blocks(live, live_host, version)
+        partial = torch.zeros(k, max(1, widest), device=live.device, dtype=torch.float32)
+        for lo in range(0, total, MAX_LIST):
+            _sq_norm_kernel[(min(MAX_LIST, total - lo),)](table, table, table, live, item, in_tensor, in_slot, partial,
+                                                          k, nt, partial.stride(0), lo, COMPACT=True, GTYPE=gtype,
+                                                          DENSE=dense, BLOCK=BLOCK, num_warps=NUM_WARPS)
+        return partial.sum(dim=1)
+    launches = [layout.blocks(which) for which in _groups(nt)]
     partial = torch.zeros(len(launches), k, max(n for *_, n in launches), device=live.device, dtype=torch.float32)
     for i, (owner, first, n) in enumerate(launches):
         for lo in range(0, n, MAX_BLOCKS):
-            _sq_norm_kernel[(k, min(MAX_BLOCKS, n - lo))](table, owner, first, live, partial[i], k, partial.stride(1),
-                                                          lo, GTYPE=gtype, DENSE=dense, BLOCK=BLOCK,
-                                                          num_warps=NUM_WARPS)
+            _sq_norm_kernel[(k, min(MAX_BLOCKS, n - lo))](table, owner, first, live, owner, owner, owner, partial[i],
+                                                          k, nt, partial.stride(1), lo, COMPACT=False, GTYPE=gtype,
+                                                          DENSE=dense, BLOCK=BLOCK, num_warps=NUM_WARPS)
     return partial.sum(dim=(0, 2))
 
 
 def adamw(layout: Layout, params: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor,
           low: torch.Tensor | None, grads: list[torch.Tensor], live: torch.Tensor, coef: torch.Tensor,
           decay: torch.Tensor, step_size: torch.Tensor, bc2_sqrt: torch.Tensor, b1: float, b2: float,
-          eps: float) -> None:
+          eps: float, live_host: np.ndarray | None = None, version: int | None = None) -> None:
     """AdamW on each slot's live prefix of each tensor of the flat [K, P] master weights and
     moments (and their bf16 copy `low`); per-slot [K] coef, decay, step size and bias correction
     as `packed.adamw_` takes them."""
     table, dense = layout.table(grads)
     gtype = _gtype(grads)
-    k = params.shape[0]
+    k, nt = params.shape[0], len(grads)
     out = low if low is not None else params
-    for which in _groups(len(grads)):
+    common = dict(GTYPE=gtype, HAS_LOW=low is not None, DENSE=dense, BLOCK=BLOCK, num_warps=NUM_WARPS)
+    if GROUPED == 2:
+        item, in_tensor, _, total, _ = layout.live_blocks(live, live_host, version)
+        for lo in range(0, total, MAX_LIST):
+            _adamw_kernel[(min(MAX_LIST, total - lo),)](
+                params, exp_avg, exp_avg_sq, out, table, table, table, layout.col, live, item, in_tensor, coef, decay,
+                step_size, bc2_sqrt, k, nt, params.stride(0), out.stride(0), b1, b2, eps, lo, COMPACT=True, **common)
+        return
+    for which in _groups(nt):
         owner, first, n = layout.blocks(which)
         for lo in range(0, n, MAX_BLOCKS):
             _adamw_kernel[(k, min(MAX_BLOCKS, n - lo))](
-                params, exp_avg, exp_avg_sq, out, table, owner, first, layout.col, live, coef, decay, step_size,
-                bc2_sqrt, k, params.stride(0), out.stride(0), b1, b2, eps, lo, GTYPE=gtype, HAS_LOW=low is not None,
-                DENSE=dense, BLOCK=BLOCK, num_warps=NUM_WARPS)
+                params, exp_avg, exp_avg_sq, out, table, owner, first, layout.col, live, owner, owner, coef, decay,
+                step_size, bc2_sqrt, k, nt, params.stride(0), out.stride(0), b1, b2, eps, lo, COMPACT=False, **common)

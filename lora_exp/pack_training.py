@@ -29,7 +29,8 @@ from lora_exp.data import PreparedData
 from lora_exp.errors import ConfigError
 from lora_exp.evaluation import autocast, eval_loss, generate, generations_table, new_tokens, score_outputs
 from lora_exp.models import BaseModel
-from lora_exp.packed import (OutputHead, PackedModel, SlotSpec, TokenTable, batch_schedule, compile_lock, compile_mode,
+from lora_exp.packed import (OutputHead, PackedModel, SlotSpec, TokenTable, batch_schedule, causal_rows_attention,
+                             compile_lock, compile_mode, padded_attention,
                              compiled, matches, row_keys, slot_losses)
 from lora_exp.tracking import Tracker, flatten
 from lora_exp.training import Callback, TrialResult, _cached, peak_memory_mb, total_steps, warmup_steps
@@ -174,6 +175,9 @@ class PackTrainer:
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         train_mode(self.base.model, self.base_dropout)
+        #: the pack's rows are padded on the right: their attention needs no mask (generation's
+        #: does); the model's own implementation, to restore, where it was switched
+        self.own_attention = causal_rows_attention(self.base.model)
 
     # -- slots --
 
@@ -502,11 +506,13 @@ class PackTrainer:
         if self.weights is not None:
             self.weights.use_fp32()
         try:
-            base_loss = _cached(self.base, ("eval_loss", data.key, self.precision),
-                                lambda: eval_loss(model, data.validation, self.pad, self.device, 16, self.precision))
-            outputs = _cached(self.base, ("generations", data.key, self.max_new_tokens),
-                              lambda: generate(model, self.base.tokenizer, data.prompts, self.device,
-                                               self.max_new_tokens))
+            with padded_attention(model, self.own_attention):
+                base_loss = _cached(self.base, ("eval_loss", data.key, self.precision),
+                                    lambda: eval_loss(model, data.validation, self.pad, self.device, 16,
+                                                      self.precision))
+                outputs = _cached(self.base, ("generations", data.key, self.max_new_tokens),
+                                  lambda: generate(model, self.base.tokenizer, data.prompts, self.device,
+                                                   self.max_new_tokens))
         finally:
             if self.weights is not None:
                 self.weights.use_bf16()
@@ -532,25 +538,26 @@ class PackTrainer:
         if self.weights is not None:
             self.weights.use_fp32()
         try:
-            for start in range(0, len(prompts), 16):
-                texts = [p.text for p in prompts[start:start + 16]]
-                enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(self.device)
-                per = max(1, MAX_EVAL_ROWS // len(texts))
-                for i in range(0, len(slots), per):
-                    chunk = slots[i:i + per]
-                    g.slots, g.rows, g.enabled = torch.tensor(chunk, device=self.device), len(texts), True
-                    # greedy generation runs in fp32, as `generate` runs it for one adapter
-                    out = model.generate(input_ids=enc["input_ids"].repeat(len(chunk), 1),
-                                         attention_mask=enc["attention_mask"].repeat(len(chunk), 1),
-                                         max_new_tokens=self.max_new_tokens, do_sample=False,
-                                         pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
-                    new = out[:, enc["input_ids"].shape[1]:]
-                    counted = new_tokens(new, tok.eos_token_id).view(len(chunk), -1).sum(dim=1)
-                    decoded = [t.strip() for t in tok.batch_decode(new, skip_special_tokens=True)]
-                    for j, slot in enumerate(chunk):
-                        pos = slots.index(slot)
-                        outs[pos] += decoded[j * len(texts):(j + 1) * len(texts)]
-                        n_new[pos] += int(counted[j])
+            with padded_attention(model, self.own_attention):  # left-padded prompts need their masks
+                for start in range(0, len(prompts), 16):
+                    texts = [p.text for p in prompts[start:start + 16]]
+                    enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(self.device)
+                    per = max(1, MAX_EVAL_ROWS // len(texts))
+                    for i in range(0, len(slots), per):
+                        chunk = slots[i:i + per]
+                        g.slots, g.rows, g.enabled = torch.tensor(chunk, device=self.device), len(texts), True
+                        # greedy generation runs in fp32, as `generate` runs it for one adapter
+                        out = model.generate(input_ids=enc["input_ids"].repeat(len(chunk), 1),
+                                             attention_mask=enc["attention_mask"].repeat(len(chunk), 1),
+                                             max_new_tokens=self.max_new_tokens, do_sample=False,
+                                             pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+                        new = out[:, enc["input_ids"].shape[1]:]
+                        counted = new_tokens(new, tok.eos_token_id).view(len(chunk), -1).sum(dim=1)
+                        decoded = [t.strip() for t in tok.batch_decode(new, skip_special_tokens=True)]
+                        for j, slot in enumerate(chunk):
+                            pos = slots.index(slot)
+                            outs[pos] += decoded[j * len(texts):(j + 1) * len(texts)]
+                            n_new[pos] += int(counted[j])
         finally:
             if self.weights is not None:
                 self.weights.use_bf16()
@@ -705,6 +712,8 @@ class PackTrainer:
     def close(self) -> None:
         if self.weights is not None:
             self.weights.use_fp32()
+        if self.own_attention is not None:
+            self.base.model.set_attn_implementation(self.own_attention)
         self.pm.close()
         self.base.model.eval()
 

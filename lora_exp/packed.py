@@ -24,6 +24,7 @@ import zlib
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Iterator
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -381,6 +382,11 @@ class PackedModel:
         #: elements of each tensor's slot prefix the slot trains (r * width, 0 if untargeted)
         self.live_len = torch.zeros(len(self.tensors), slots, dtype=torch.int32, device=self.device)
         self.slot_len = torch.zeros_like(self.live_len)  # the same for every slot that holds a trial
+        #: their host copies, and a count of their changes (the optimizer's list of live blocks
+        #: is remade when it moves, without reading the device)
+        self.live_host = np.zeros((len(self.tensors), slots), dtype=np.int32)
+        self.slot_host = np.zeros_like(self.live_host)
+        self.live_version = 0
         #: slots whose trial holds still (its parameters, moments and step count kept) while it
         #: waits for an eval's answer or its generations
         self.paused: set[int] = set()
@@ -427,6 +433,8 @@ class PackedModel:
         self.ranks[:, slot] = self.to_device(ranks)
         self.live_len[:, slot] = self.to_device(live)
         self.slot_len[:, slot] = self.live_len[:, slot]
+        self.live_host[:, slot] = self.slot_host[:, slot] = live.numpy()
+        self.live_version += 1
         self.paused.discard(slot)
         self.specs[slot] = spec
         sched = {"linear": 0, "constant": 1, "cosine": 2}[spec.scheduler]
@@ -468,6 +476,8 @@ class PackedModel:
             idx = self.to_device(torch.tensor(slots, dtype=torch.long))
             self.live.index_fill_(0, idx, 0.0)
             self.live_len.index_fill_(1, idx, 0)
+            self.live_host[:, slots] = 0
+            self.live_version += 1
             self.paused.update(slots)
 
     def resume(self, slots: list[int]) -> None:
@@ -475,6 +485,8 @@ class PackedModel:
             idx = self.to_device(torch.tensor(slots, dtype=torch.long))
             self.live.index_fill_(0, idx, 1.0)
             self.live_len.index_copy_(1, idx, self.slot_len.index_select(1, idx))
+            self.live_host[:, slots] = self.slot_host[:, slots]
+            self.live_version += 1
             self.paused.difference_update(slots)
 
     def release(self, slot: int) -> None:
@@ -492,6 +504,8 @@ class PackedModel:
         self.ranks[:, slot] = 0
         self.live_len[:, slot] = 0
         self.slot_len[:, slot] = 0
+        self.live_host[:, slot] = self.slot_host[:, slot] = 0
+        self.live_version += 1
         self.paused.discard(slot)
         for buf in (self.params, self.exp_avg, self.exp_avg_sq, self.low):
             if buf is not None:
@@ -537,7 +551,8 @@ class PackedModel:
 
             if self._layout is None:
                 self._layout = pack_kernels.Layout([cols for cols, _ in self.tensors], self.device)
-            norm = pack_kernels.sq_norms(self._layout, grads, self.live_len, self.k).sqrt()
+            norm = pack_kernels.sq_norms(self._layout, grads, self.live_len, self.k, self.live_host,
+                                         self.live_version).sqrt()
         else:
             flat = torch.cat([g.reshape(self.k, -1).float() for g in grads], dim=1)
             norm = flat.pow(2).sum(dim=1).sqrt()
@@ -552,7 +567,8 @@ class PackedModel:
         decay = (1 - lr * self.wd).to(torch.float32)
         if self.kernels:
             pack_kernels.adamw(self._layout, self.params, self.exp_avg, self.exp_avg_sq, self.low, grads,
-                               self.live_len, coef, decay, step_size, bc2_sqrt, b1, b2, eps)
+                               self.live_len, coef, decay, step_size, bc2_sqrt, b1, b2, eps, self.live_host,
+                               self.live_version)
         else:
             # the torch update runs on every row: a paused slot's zero gradient would decay its
             # moments, so its rows are put back (the kernels above skip it: live_len 0)
@@ -597,6 +613,64 @@ class PackedModel:
         lora_config.save_pretrained(directory)
         save_file(self.adapter_state(slot, row, spec), f"{directory}/adapter_model.safetensors",
                   metadata={"format": "pt"})
+
+
+# --- attention over the pack's rows --------------------------------------------------------------
+
+#: the attention implementation a pack trains and evaluates with (transformers' AttentionInterface)
+CAUSAL_ROWS = "lora_exp_causal_rows"
+
+
+def _causal_rows_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                           attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
+                           **kwargs: Any) -> tuple[torch.Tensor, None]:
+    """Causal attention with no mask tensor. A pack's rows (TokenTable) are padded on the right
+    only, so the causal mask alone gives every real position exactly the keys its padding mask
+    gives it (padded positions compute values no loss reads). On CUDA, rows this short go through
+    pack_attention's kernels; elsewhere through sdpa with `is_causal`."""
+    if query.is_cuda:
+        from lora_exp import pack_attention
+
+        if pack_attention.fits(query, key):
+            return pack_attention.causal_attention(query, key, value, dropout, scaling), None
+    groups = query.shape[1] // key.shape[1]
+    if groups > 1:  # grouped-query attention: as transformers' repeat_kv
+        key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
+    out = nn.functional.scaled_dot_product_attention(query, key, value, dropout_p=dropout, scale=scaling,
+                                                     is_causal=True)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def causal_rows_attention(model: Any) -> str | None:
+    """Switch `model` to CAUSAL_ROWS if it attends through sdpa or eager attention with a plain
+    causal mask (no sliding window, no logit soft-capping); returns the implementation it had, to
+    restore, or None (unchanged). `LORA_EXP_PACK_ATTENTION=model` keeps the model's own."""
+    config = model.config
+    own = config._attn_implementation
+    if (os.environ.get("LORA_EXP_PACK_ATTENTION", "rows") == "model" or own not in ("sdpa", "eager") or not getattr(model, "_supports_attention_backend", False)
+            or getattr(config, "sliding_window", None) is not None
+            or getattr(config, "attn_logit_softcapping", None) is not None
+            or getattr(config, "reorder_and_upcast_attn", False) or getattr(config, "add_cross_attention", False)):
+        return None
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(CAUSAL_ROWS, _causal_rows_attention)
+    model.set_attn_implementation(CAUSAL_ROWS)
+    return own
+
+
+@contextlib.contextmanager
+def padded_attention(model: Any, own: str | None) -> Iterator[None]:
+    """The model's own attention (`own`, masks built from the padding) for a while: generation
+    pads on the left. Nothing to do where the model was not switched (`own` None)."""
+    if own is None:
+        yield
+        return
+    model.set_attn_implementation(own)
+    try:
+        yield
+    finally:
+        model.set_attn_implementation(CAUSAL_ROWS)
 
 
 # --- batches --------------------------------------------------------------------------------------
@@ -669,7 +743,8 @@ def slot_losses(model: Any, ids: torch.Tensor, mask: torch.Tensor, labels: torch
                 rows: int, head: Any = None) -> torch.Tensor:
     """Mean next-token loss of each row group (one per slot), as HF's causal-LM loss computes it
     for that group alone. Logits at every position (no data-dependent shapes: no host sync)."""
-    hidden = model.base_model(input_ids=ids, attention_mask=mask).last_hidden_state
+    # no key/value cache: filling one copies every layer's keys and values, and nothing reads it
+    hidden = model.base_model(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
     target = labels[:, 1:]
     logits = (head or model.get_output_embeddings())(hidden[:, :-1])
     token_loss = nn.functional.cross_entropy(logits.float().flatten(0, 1), target.flatten(), ignore_index=IGNORE,

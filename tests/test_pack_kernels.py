@@ -49,11 +49,12 @@ SCRIPT = textwrap.dedent('''
            step_size.view(-1, 1), bc2.view(-1, 1), 0.9, 0.999, 1e-8)
     ref = grads_flat.float().pow(2).sum(dim=1)
 
-    # one launch over every tensor and one per tensor; dense gradients and strided ones; one
-    # layout for all (its device table follows the gradients' addresses)
+    # one launch over the live blocks, over every tensor's blocks, and one per tensor; dense
+    # gradients and strided ones; one layout for all (its device table follows the gradients' addresses)
     layout = pack_kernels.Layout(cols, params.device)
     pack_kernels.MAX_BLOCKS = 3                  # launches cut at the grid limit (here: 3 blocks)
-    for grouped, grads in [(True, dense), (True, strided), (False, strided), (False, dense)]:
+    pack_kernels.MAX_LIST = 3
+    for grouped, grads in [(2, dense), (2, strided), (1, dense), (1, strided), (0, strided), (0, dense)]:
         pack_kernels.GROUPED = grouped
         norms = pack_kernels.sq_norms(layout, grads, live, k)
         assert torch.allclose(norms, ref, rtol=1e-5), (grouped, norms, ref)
@@ -72,6 +73,14 @@ SCRIPT = textwrap.dedent('''
                 assert bool(((low[s, c][:n].float() - master).abs() <= master.abs() * 2.0 ** -7).all()), (i, s)
                 assert bool((low[s, c][n:] == 7.0).all())
                 assert bool((p_[s, c][n:] == 0).all())      # the padding stays zero
+        if grouped == 2:  # the list of live blocks follows `live` as its version changes
+            host = live.cpu().numpy()
+            assert torch.allclose(pack_kernels.sq_norms(layout, grads, live, k, host, 1), ref, rtol=1e-5)
+            held = live.clone()
+            held[:, 2] = 0                            # slot 2 holds still (e.g. waits for an eval)
+            norms = pack_kernels.sq_norms(layout, grads, held, k, held.cpu().numpy(), 2)
+            assert float(norms[2]) == 0 and torch.allclose(norms[[0, 1, 3, 4]], ref[[0, 1, 3, 4]], rtol=1e-5)
+            assert torch.allclose(pack_kernels.sq_norms(layout, grads, live, k, host, 3), ref, rtol=1e-5)
         p_ = params.clone()                                   # no compute copy: the masters alone
         pack_kernels.adamw(layout, p_, m.clone(), v.clone(), None, grads, live, coef, decay, step_size, bc2,
                            0.9, 0.999, 1e-8)
@@ -127,6 +136,122 @@ LORA_SCRIPT = textwrap.dedent('''
 ''')
 
 
+ATTENTION_SCRIPT = textwrap.dedent('''
+    import os
+    import torch
+    from lora_exp import pack_attention  # registers torch.ops.lora_exp.causal_attention
+    from lora_exp.packed import M32, _mix32
+
+    torch.manual_seed(0)
+    torch.set_default_device(os.environ["KERNELS_DEVICE"])
+    b, t, d = 3, 7, 16
+    for dtype in [getattr(torch, n) for n in os.environ["KERNELS_DTYPES"].split(",")]:
+        tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+        for h, hk in ((4, 4), (4, 2)):                       # grouped-query attention too
+            for p in (0.0, 0.3):
+                # q, k, v as the model hands them over: strided views of one projection's output
+                qkv = torch.randn(b, t, (h + 2 * hk) * d, dtype=dtype)
+                q, k, v = qkv.split([h * d, hk * d, hk * d], dim=2)
+                q, k, v = [x.view(b, t, -1, d).transpose(1, 2).detach().requires_grad_() for x in (q, k, v)]
+                seed = torch.tensor([123456789], dtype=torch.int64)
+                scale = 0.3
+                out = torch.ops.lora_exp.causal_attention(q, k, v, seed if p else None, p, scale)
+                # reference: the scores' causal softmax, the same hash's dropout mask, times v
+                qr, kr, vr = [x.detach().float().requires_grad_() for x in (q, k, v)]
+                kx, vx = kr.repeat_interleave(h // hk, dim=1), vr.repeat_interleave(h // hk, dim=1)
+                s = (qr @ kx.transpose(-1, -2)) * scale
+                i = torch.arange(t)
+                s = s.masked_fill(i[None, :] > i[:, None], float("-inf")).softmax(dim=-1)
+                if p:
+                    bh = torch.arange(b * h).view(b, h, 1, 1)
+                    counter = ((bh * t + i.view(1, 1, t, 1)) * t + i.view(1, 1, 1, t)) & M32
+                    keep = _mix32((int(seed) * 0x9E3779B1 + counter) & M32) >= int(p * 2 ** 32)
+                    assert 0.5 < keep.float().mean() < 0.9
+                    s = s * keep / (1 - p)
+                ref = (s @ vx).transpose(1, 2)               # [B, T, H, D]
+                what = (str(dtype), h, hk, p)
+                assert out.shape == (b, t, h, d) and torch.allclose(out.float(), ref, **tol), \
+                    (what, (out.float() - ref).abs().max())
+                g = torch.randn(b, t, h, d, dtype=dtype)
+                got = torch.autograd.grad(out, [q, k, v], g)
+                want = torch.autograd.grad(ref, [qr, kr, vr], g.float())
+                for name, x, y in zip("qkv", got, want):
+                    assert x.shape == y.shape and torch.allclose(x.float(), y, **tol), \
+                        (what, name, (x.float() - y).abs().max())
+    print("attention kernels ok")
+''')
+
+PACK_SCRIPT = textwrap.dedent('''
+    import torch
+    from lora_exp import packed
+    from lora_exp.config import compose
+    from lora_exp.data import load_rows, tokenize
+    from lora_exp.models import load_base
+    from lora_exp.pack_training import train_packed
+
+    init = packed.PackedModel.__init__
+    def with_kernels(self, *args, **kwargs):           # the CUDA optimizer, here under the interpreter
+        init(self, *args, **kwargs)
+        self.kernels = KERNELS
+    packed.PackedModel.__init__ = with_kernels
+    common = ["model=tiny_gpt2", "data=seed", "lora=seed", "trainer=seed", "trainer.max_steps=12",
+              "trainer.eval_steps=4", "trainer.logging_steps=2", "trainer.generation_metrics=[exact_match]",
+              "trainer.max_new_tokens=4", "tracking=none", "trainer.batch_size=2", "trainer.base_dropout=false"]
+    mixed = [["lora.r=4", "lora.lora_alpha=8", "trainer.lr=1e-2"],
+             ["lora.r=8", "lora.preset=all", "trainer.lr=3e-3", "trainer.max_grad_norm=0.05", "trainer.max_steps=6"],
+             ["lora.r=2", "lora.preset=attn_proj", "trainer.lr=5e-3", "trainer.seed=7", "trainer.weight_decay=0.1"],
+             ["lora.r=8", "trainer.lr=2e-2", "trainer.seed=3", "trainer.max_steps=7"],
+             ["lora.r=4", "lora.preset=all", "trainer.lr=1e-2", "trainer.seed=5"]]
+    cfgs = [compose(common + m) for m in mixed]
+    base = load_base(cfgs[0].model, torch.device("cpu"))
+    data = tokenize(load_rows(cfgs[0].data), cfgs[0].data, base.tokenizer)
+    curves = {}
+    for KERNELS in (False, True):
+        results = train_packed(cfgs, base, data, slots=2)   # 5 trials through 2 slots, out of step: held for evals
+        curves[KERNELS] = [(r.loss_curve, r.eval_curve) for r in results]
+    for (a, ea), (b, eb) in zip(curves[False], curves[True]):
+        for x, y in ((a, b), (ea, eb)):
+            assert [s for s, _ in x] == [s for s, _ in y] and len(x) >= 2
+            assert all(abs(u - v) <= 1e-5 * abs(u) for (_, u), (_, v) in zip(x, y)), (x, y)
+    # and step by step: slots start, hold, resume, leave and restart between optimizer steps
+    from lora_exp.packed import PackedModel, SlotSpec
+    every, attn = tuple(cfgs[1].target_modules), tuple(cfgs[0].target_modules)
+    spec = lambda r, targets, lr, seed: SlotSpec(r=r, alpha=2.0 * r, dropout=0.0, targets=targets, use_rslora=False,
+                                                 lr=lr, weight_decay=0.01, max_grad_norm=0.5, seed=seed, steps=50,
+                                                 warmup=0, scheduler="linear")
+    script = ["", "pause 1", "", "", "resume 1", "", "release 2", "assign 2", "", "pause 0 2", "", "resume 0 2", ""]
+    states = []
+    for KERNELS in (False, True):
+        pm = PackedModel(base, 3, 8, every, compile="off")
+        pm.kernels = KERNELS
+        for slot, s in enumerate([spec(4, attn, 1e-2, 1), spec(8, every, 5e-3, 2), spec(2, every, 2e-2, 3)]):
+            pm.assign(slot, s)
+        gen = torch.Generator().manual_seed(0)
+        for line in script:
+            verb, *slots = line.split() or [""]
+            slots = [int(x) for x in slots]
+            if verb == "pause":
+                pm.pause(slots)
+            elif verb == "resume":
+                pm.resume(slots)
+            elif verb == "release":
+                pm.release(slots[0])
+            elif verb == "assign":
+                pm.assign(slots[0], spec(8, attn, 3e-3, 4))
+            grads = []
+            for i, w in enumerate(pm.weights):   # zero outside each slot's prefix, as the backward's are
+                g = torch.randn(w.shape, generator=gen)
+                for slot in range(3):
+                    g[slot].view(-1)[int(pm.slot_host[i, slot]):] = 0
+                grads.append(g)
+            pm.optimizer_step(grads)
+        states.append([t.clone() for t in (pm.params, pm.exp_avg, pm.exp_avg_sq, pm.step)])
+        pm.close()
+    for name, x, y in zip(("params", "exp_avg", "exp_avg_sq", "step"), *states):
+        assert torch.allclose(x.double(), y.double(), rtol=1e-5, atol=1e-7), (name, (x - y).abs().max())
+    print("pack kernels ok")
+''')
+
 def _run(script: str, **env: str) -> None:
     env = {**os.environ, **env}
     if env.get("KERNELS_DEVICE") == "cuda":
@@ -160,3 +285,19 @@ def test_lora_delta_kernels_match_the_bmms_forward_and_backward_skipping_what_a_
 def test_lora_delta_kernels_the_same_on_the_gpu_in_fp32_and_bf16():
     _cuda()
     _run(LORA_SCRIPT, KERNELS_DEVICE="cuda", KERNELS_DTYPES="float32,bfloat16")
+
+
+def test_causal_attention_kernels_match_softmax_attention_with_the_same_dropout_forward_and_backward():
+    """fp32 under the interpreter (its dot does not take bf16; the GPU test below runs both)."""
+    _run(ATTENTION_SCRIPT, TRITON_INTERPRET="1", KERNELS_DEVICE="cpu", KERNELS_DTYPES="float32")
+
+
+def test_causal_attention_kernels_the_same_on_the_gpu_in_fp32_and_bf16():
+    _cuda()
+    _run(ATTENTION_SCRIPT, KERNELS_DEVICE="cuda", KERNELS_DTYPES="float32,bfloat16")
+
+
+def test_a_pack_with_the_kernel_optimizer_trains_as_with_torchs_through_slot_reuse_and_held_slots():
+    """The optimizer's list of live blocks follows the slots as trials start, hold for evals,
+    resume and leave (5 trials through 2 slots), under Triton's interpreter."""
+    _run(PACK_SCRIPT, TRITON_INTERPRET="1")

@@ -18,7 +18,8 @@ from lora_exp.data import load_rows, tokenize
 from lora_exp.models import load_base
 from lora_exp.pack_training import train_packed
 from lora_exp.data import Example, train_batches
-from lora_exp.packed import batch_schedule, dropout_mask, module_keys, row_keys
+from lora_exp.packed import (CAUSAL_ROWS, TokenTable, batch_schedule, causal_rows_attention, dropout_mask, module_keys,
+                             padded_attention, row_keys)
 from lora_exp.tracking import NullTracker
 from lora_exp.training import run_trial
 
@@ -73,6 +74,31 @@ def test_a_trial_in_a_mixed_pack_trains_exactly_as_alone(model):
     assert all(r.loss_curve[-1][1] < r.loss_curve[0][1] for r in packed[1:])
     # the base model is given back untouched
     assert not any("PackedLora" in type(m).__name__ for m in base.model.modules())
+
+
+@pytest.mark.parametrize("model", ["tiny_gpt2", "tiny_llama"])  # llama: grouped-query attention
+@pytest.mark.parametrize("own", ["sdpa", "eager"])
+def test_right_padded_rows_attend_without_a_mask_as_with_it_and_padded_attention_brings_the_masks_back(model, own):
+    cfg = compose([f"model={model}", "data=seed"])
+    base = load_base(cfg.model, torch.device("cpu"))
+    m = base.model.eval()
+    m.set_attn_implementation(own)
+    table = TokenTable.build(tokenize(load_rows(cfg.data), cfg.data, base.tokenizer).train,
+                             base.tokenizer.pad_token_id, torch.device("cpu"))
+    real = table.mask.bool()
+    assert 0 < int(real.sum()) < real.numel()  # rows of several lengths, padded on the right
+    with torch.no_grad():
+        masked = m(input_ids=table.ids, attention_mask=table.mask).logits
+        assert causal_rows_attention(m) == own and m.config._attn_implementation == CAUSAL_ROWS
+        causal = m(input_ids=table.ids, attention_mask=table.mask).logits
+        with padded_attention(m, own):
+            assert m.config._attn_implementation == own
+            again = m(input_ids=table.ids, attention_mask=table.mask).logits
+        assert m.config._attn_implementation == CAUSAL_ROWS
+    torch.testing.assert_close(causal[real], masked[real], rtol=1e-5, atol=1e-5)
+    # the mask really is gone (padded positions now see padded keys), and comes back
+    assert not torch.allclose(causal[~real], masked[~real], atol=1e-3)
+    torch.testing.assert_close(again, masked)
 
 
 def test_slots_are_reused_continuous_batching_gives_the_same_trials():
