@@ -156,12 +156,13 @@ def cmd_engine(args: argparse.Namespace) -> None:
     used = [c for mix in args.mixes.split(",") for c in mixes[mix]]
     max_rank = max(c.lora.r for c in used)
     modules = sorted({m for c in used for m in c.target_modules})
-    runs = [(mode, lora, int(k), mix) for mode in args.modes.split(",") for lora in args.lora.split(",")
-            for k in args.ks.split(",") for mix in args.mixes.split(",")]
+    runs = [(mode, lora, attention, int(k), mix) for mode in args.modes.split(",") for lora in args.lora.split(",")
+            for attention in args.attention.split(",") for k in args.ks.split(",") for mix in args.mixes.split(",")]
     profiled = False
-    for mode, lora, k, mix in runs:
+    for mode, lora, attention, k, mix in runs:
         os.environ["LORA_EXP_PACK_COMPILE"] = mode
         os.environ["LORA_EXP_PACK_LORA"] = lora
+        os.environ["LORA_EXP_PACK_ATTENTION"] = attention
         try:
             trainer = PackTrainer(base, data, cfgs[0], k, max_rank, modules)
         except Exception as exc:  # a variant that cannot run here is reported, not fatal
@@ -184,7 +185,7 @@ def cmd_engine(args: argparse.Namespace) -> None:
             peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0
             print(json.dumps({"what": "packed step", "arch": args.arch, "precision": args.precision, "mode": mode,
                               "lora": lora if trainer.pm.groups.kernels or lora == "bmm" else "bmm (kernels unused)",
-                              "mix": mix, "attn": base.model.config._attn_implementation,
+                              "mix": mix, "attn": base.model.config._attn_implementation, "attention": attention,
                               "k": k, "warmup_s": round(warm_s, 1),
                               "step_ms": round(step_s * 1e3, 2), "trial_steps_per_s": round(k / step_s, 1),
                               "trials_per_hour": round(3600 * k / (step_s * SEED_STEPS), 1),
@@ -202,7 +203,7 @@ def cmd_engine(args: argparse.Namespace) -> None:
                 time_configs(trainer, args, k, sync, pack_lora, ("BK", "BN", "NUM_WARPS", "MIN_SPLIT"),
                              args.lora_configs, "packed step, LoRA kernel config", mix=mix)
             if args.profile and k == args.profile and not profiled:  # the first run at that K
-                profile(trainer)
+                profile(trainer, args.trace)
                 profiled = True
         except Exception as exc:
             print(json.dumps({"what": "packed step", "mode": mode, "k": k, "error": repr(exc)[:300]}), flush=True)
@@ -240,8 +241,9 @@ def time_configs(trainer, args: argparse.Namespace, k: int, sync, module, names:
             setattr(module, name, value)
 
 
-def profile(trainer) -> None:
-    """Where a packed step's time goes: top CUDA kernels over 3 steps, and GPU busy vs wall."""
+def profile(trainer, trace: str = "") -> None:
+    """Where a packed step's time goes: top CUDA kernels over 3 steps, and GPU busy vs wall (and
+    the whole timeline as a Chrome trace, gzipped, where `trace` names a file)."""
     import torch
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
@@ -260,6 +262,14 @@ def profile(trainer) -> None:
     print(events.table(sort_by="self_cuda_time_total", row_limit=30, max_name_column_width=60), flush=True)
     phases = {e.key: e.device_time_total / 3 / 1e3 for e in events if e.key.startswith("pack.")}
     print("profile phases (GPU ms/step): " + json.dumps({k: round(v, 1) for k, v in phases.items()}), flush=True)
+    if trace:
+        import gzip
+
+        raw = trace.removesuffix(".gz")
+        prof.export_chrome_trace(raw)
+        with open(raw, "rb") as src, gzip.open(raw + ".gz", "wb") as dst:
+            shutil.copyfileobj(src, dst)
+        os.remove(raw)
     shaped = prof.key_averages(group_by_input_shape=True)
     print(shaped.table(sort_by="self_cuda_time_total", row_limit=12, max_name_column_width=30,
                        max_shapes_column_width=70), flush=True)
@@ -468,10 +478,13 @@ def main() -> None:
     e.add_argument("--steps", type=int, default=20)
     e.add_argument("--warmup", type=int, default=5)
     e.add_argument("--profile", type=int, default=0, help="profile the step at this K")
-    e.add_argument("--kernel-configs", default="", help="also time the optimizer's kernels at these GROUPEDxBLOCKxWARPS (GROUPED 1: one launch over "
-                   "every tensor, 0: one per tensor), e.g. 1x4096x4,0x4096x4,1x2048x8")
+    e.add_argument("--trace", default="", help="with --profile: write the profiled steps' Chrome trace here (gzipped)")
+    e.add_argument("--kernel-configs", default="", help="also time the optimizer's kernels at these GROUPEDxBLOCKxWARPS (GROUPED 2: one launch over "
+                   "the blocks slots train, 1: over every tensor's blocks, 0: one per tensor), e.g. 2x1024x4,1x1024x4")
     e.add_argument("--lora", default="kernels", help="how the step computes the LoRA deltas: kernels (pack_lora), bmm, or both")
     e.add_argument("--lora-configs", default="", help="also time the LoRA kernels at these BKxBNxWARPSxMIN_SPLIT, e.g. 128x128x4x2")
+    e.add_argument("--attention", default="rows", help="the pack's attention: rows (pack_attention's kernels on CUDA), "
+                   "model (the model's own implementation, --attn), or both")
     e.add_argument("--mixes", default="uniform", help=f"trial mixes to time: uniform (the sampled space), {', '.join(MIXES)}")
     c = sub.choices["check"]
     c.add_argument("--k", type=int, default=6)
