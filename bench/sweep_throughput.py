@@ -7,8 +7,8 @@ speed does not depend on weight values; 2500 steps at batch 1 on the five texts)
 
     python bench/sweep_throughput.py baseline --seed-baseline ../shared/bench/seed_baseline.py
     python bench/sweep_throughput.py engine --ks 1,16,64,256,1024 --precision bf16 --profile 1024
-    python bench/sweep_throughput.py engine --ks 1024 --attn eager --mixes uniform,heavy,light
-    python bench/sweep_throughput.py sweep --k 1024 --trials 1024 --precision bf16 --attn eager
+    python bench/sweep_throughput.py engine --ks 1024 --mixes uniform,heavy,light --attention rows,model
+    python bench/sweep_throughput.py sweep --k 1024 --trials 4096 --timeout 450 --log sweep.log
     python bench/sweep_throughput.py sweep --k 1024 --trials 2048 --workers 2     # two GPUs
     python bench/sweep_throughput.py check --precision fp32 --k 6                 # pack vs alone
     python bench/sweep_throughput.py check --precision fp32 --k 1024 --compare 4 --epochs 4
