@@ -647,7 +647,8 @@ def causal_rows_attention(model: Any) -> str | None:
     restore, or None (unchanged). `LORA_EXP_PACK_ATTENTION=model` keeps the model's own."""
     config = model.config
     own = config._attn_implementation
-    if (os.environ.get("LORA_EXP_PACK_ATTENTION", "rows") == "model" or own not in ("sdpa", "eager") or not getattr(model, "_supports_attention_backend", False)
+    if (os.environ.get("LORA_EXP_PACK_ATTENTION", "rows") == "model" or own not in ("sdpa", "eager")
+            or not getattr(model, "_supports_attention_backend", False)
             or getattr(config, "sliding_window", None) is not None
             or getattr(config, "attn_logit_softcapping", None) is not None
             or getattr(config, "reorder_and_upcast_attn", False) or getattr(config, "add_cross_attention", False)):
