@@ -54,7 +54,7 @@ def _block_of(blk, tensor_ptr, first_ptr, live_ptr, K, slot, BLOCK: tl.constexpr
 
 
 @triton.jit
-def _program_block(table_ptr, tensor_ptr, first_ptr, live_ptr, item_ptr, j_ptr, K, NT, blk0,
+def _program_block(tensor_ptr, first_ptr, live_ptr, item_ptr, j_ptr, K, NT, blk0,
                    COMPACT: tl.constexpr, BLOCK: tl.constexpr):
     """This program's slot, block (its index in the launch's padded blocks; the compact list's
     index), tensor, the block's start inside the slot's part of the tensor, and the slot's live
@@ -90,7 +90,7 @@ def _grad_at(table_ptr, t, slot, offs, GTYPE: tl.constexpr, DENSE: tl.constexpr)
 def _sq_norm_kernel(table_ptr, tensor_ptr, first_ptr, live_ptr, item_ptr, j_ptr, pos_ptr, out_ptr, K, NT,
                     out_stride, blk0, COMPACT: tl.constexpr, GTYPE: tl.constexpr, DENSE: tl.constexpr,
                     BLOCK: tl.constexpr):
-    slot, blk, t, start, live = _program_block(table_ptr, tensor_ptr, first_ptr, live_ptr, item_ptr, j_ptr, K, NT,
+    slot, blk, t, start, live = _program_block(tensor_ptr, first_ptr, live_ptr, item_ptr, j_ptr, K, NT,
                                                blk0, COMPACT, BLOCK)
     if start < live:
         offs = start + tl.arange(0, BLOCK)
@@ -106,7 +106,7 @@ def _adamw_kernel(p_ptr, m_ptr, v_ptr, low_ptr, table_ptr, tensor_ptr, first_ptr
                   j_ptr, coef_ptr, decay_ptr, step_size_ptr, bc2_ptr, K, NT, p_stride, low_stride, b1, b2, eps, blk0,
                   COMPACT: tl.constexpr, GTYPE: tl.constexpr, HAS_LOW: tl.constexpr, DENSE: tl.constexpr,
                   BLOCK: tl.constexpr):
-    slot, blk, t, start, live = _program_block(table_ptr, tensor_ptr, first_ptr, live_ptr, item_ptr, j_ptr, K, NT,
+    slot, blk, t, start, live = _program_block(tensor_ptr, first_ptr, live_ptr, item_ptr, j_ptr, K, NT,
                                                blk0, COMPACT, BLOCK)
     if start < live:
         offs = start + tl.arange(0, BLOCK)
