@@ -26,11 +26,11 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--steps", type=int, default=500)
     args = parser.parse_args()
-    from lora_exp.config import compose
-    from lora_exp.data import load_rows, tokenize
-    from lora_exp.models import load_base, pick_device
-    from lora_exp.tracking import NullTracker
-    from lora_exp.training import run_trial
+    from lora_exp.compose import compose
+    from lora_exp.core.data import load_rows, tokenize
+    from lora_exp.core.models import load_base, pick_device
+    from lora_exp.core.recording import NullTracker
+    from lora_exp.core.training import run_trial
 
     common = ["model=gpt2", "model.source=random", "model.tokenizer=byte", "lora=seed", "trainer=seed", "data=seed",
               f"trainer.max_steps={args.steps}", "trainer.eval_steps=null", "tracking=none", "trainer.max_new_tokens=8"]

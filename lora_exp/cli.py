@@ -1,7 +1,8 @@
 """`lora-exp` entry point: subcommands -> plain functions. Hydra overrides pass straight through.
 
     lora-exp train [overrides...]              train one adapter, tracked in MLflow
-    lora-exp sweep [options] [overrides...]    Optuna search; options: sweep= n_trials= workers= storage= study= timeout= pack=
+    lora-exp sweep [options] [overrides...]    Optuna search
+                                               options: sweep= n_trials= workers= storage= study= timeout= pack=
     lora-exp best [study=NAME] [storage=URL] [--promote RUN_ID]
                                                best trial (or Pareto front): run ids, objectives, the command
     lora-exp rerun RUN_ID [overrides...]       retrain from the config recorded with a run
@@ -65,84 +66,46 @@ def main(argv: Sequence[str] | None = None) -> int:
     for noisy in ("httpx", "urllib3", "alembic", "mlflow", "datasets", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
-        if args.command == "train":
-            return cmd_train(args.overrides)
-        if args.command == "prepare":
-            return cmd_prepare(args.overrides)
-        if args.command == "sweep":
-            from lora_exp.search import cmd_sweep
-
-            return cmd_sweep(args.overrides)
-        from lora_exp import rerun
-
-        if args.command == "best":
-            return rerun.cmd_best(args.options, promote=args.promote)
-        if args.command == "rerun":
-            return rerun.cmd_rerun(args.run_id, args.overrides)
-        if args.command == "export":
-            return rerun.cmd_export(args.run_id, args.out, args.merge, args.force, args.overrides)
-        if args.command == "generate":
-            store = [p for p in args.prompts if p.startswith("tracking.")]  # tracking.uri=... picks the store
-            return rerun.cmd_generate(args.run_id, [p for p in args.prompts if p not in store],
-                                      args.max_new_tokens, store)
+        return dispatch(args)
     except LoraExpError as exc:
         print(f"lora-exp: error: {exc}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         print("lora-exp: interrupted", file=sys.stderr)
         return 130
-    return 0
 
 
-def cmd_train(overrides: list[str]) -> int:
-    from lora_exp.config import compose
+def dispatch(args: argparse.Namespace) -> int:
+    """The subcommand's plain function, imported only when it runs (a bad argument fails fast)."""
+    if args.command == "train":
+        from lora_exp.runs.train import cmd_train
 
-    train_config(compose(overrides), tags={"lora_exp.kind": "train"}, run_name=None)
-    return 0
+        return cmd_train(args.overrides)
+    if args.command == "prepare":
+        from lora_exp.runs.train import cmd_prepare
 
+        return cmd_prepare(args.overrides)
+    if args.command == "sweep":
+        from lora_exp.pack.worker import run_packed_worker
+        from lora_exp.sweep.command import cmd_sweep
 
-def train_config(cfg, tags: dict[str, str], run_name: str | None):  # type: ignore[no-untyped-def]
-    """Validate data and store, load the base, train one adapter into one run; print a summary."""
-    from lora_exp.data import load_rows, tokenize
-    from lora_exp.models import load_base, pick_device
-    from lora_exp.tracking import connect, start_run
-    from lora_exp.training import run_trial
+        return cmd_sweep(args.overrides, packed=run_packed_worker)
+    if args.command == "best":
+        from lora_exp.runs.best import cmd_best
 
-    rows = load_rows(cfg.data)  # bad data fails here, before the model loads
-    if cfg.tracking.enabled:
-        connect(cfg.tracking)  # so does a bad tracking URI
-    device = pick_device(cfg.trainer.device)
-    base = load_base(cfg.model, device)
-    log.info("loaded %s on %s in %.1fs", cfg.model.name, device, base.load_seconds)
-    data = tokenize(rows, cfg.data, base.tokenizer)
-    with start_run(cfg.tracking, run_name=run_name or cfg.tracking.run_name, tags=tags) as tracker:
-        result = run_trial(cfg, base, data, tracker)
-    m = result.metrics
-    print(f"done: {result.steps} steps in {m['train_runtime_s']:.1f}s | "
-          + " | ".join(f"{k} {m[k]:.4g}" for k in ("final_train_loss", "base_eval_loss", "final_eval_loss",
-                                                     "exact_match") if k in m)
-          + (f" | run {tracker.run_id}" if tracker.run_id else ""))
-    if result.generations:
-        g = result.generations
-        for prompt, expected, out in list(zip(g["prompt"], g["expected"], g["adapter_output"]))[:3]:
-            print(f"  {prompt!r} -> {out!r}" + (f"  (expected {expected!r})" if expected else ""))
-    return result, tracker.run_id
+        return cmd_best(args.options, promote=args.promote)
+    if args.command == "rerun":
+        from lora_exp.runs.rerun import cmd_rerun
 
+        return cmd_rerun(args.run_id, args.overrides)
+    if args.command == "export":
+        from lora_exp.runs.export import cmd_export
 
-def cmd_prepare(overrides: list[str]) -> int:
-    from lora_exp.config import compose
-    from lora_exp.models import load_base, prepare_gguf
+        return cmd_export(args.run_id, args.out, args.merge, args.force, args.overrides)
+    from lora_exp.runs.generate import cmd_generate
 
-    cfg = compose(overrides)
-    if cfg.model.source == "gguf_package":
-        path = prepare_gguf(cfg.model)
-        print(f"model {cfg.model.name} ready in {path}")
-    else:
-        import torch
-
-        load_base(cfg.model, torch.device("cpu"))
-        print(f"model {cfg.model.name} loads")
-    return 0
+    store = [p for p in args.prompts if p.startswith("tracking.")]  # tracking.uri=... picks the store
+    return cmd_generate(args.run_id, [p for p in args.prompts if p not in store], args.max_new_tokens, store)
 
 
 if __name__ == "__main__":

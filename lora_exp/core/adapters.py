@@ -1,0 +1,93 @@
+"""RunConfig -> peft.LoraConfig, and attaching / detaching an adapter on a shared frozen base."""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from lora_exp.config import RunConfig
+from lora_exp.core.models import BaseModel
+from lora_exp.core.randomness import CounterDropout, DropoutState, init_lora_a, module_key
+from lora_exp.errors import ConfigError
+
+
+def build_lora_config(cfg: RunConfig) -> Any:
+    """One pure function from our typed config to peft's (names mirror peft's own)."""
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=cfg.lora.r,
+        lora_alpha=cfg.lora.lora_alpha,
+        lora_dropout=cfg.lora.lora_dropout,
+        bias=cfg.lora.bias,
+        target_modules=cfg.target_modules,
+        fan_in_fan_out=cfg.model.fan_in_fan_out,
+        use_rslora=cfg.lora.use_rslora,
+        task_type="CAUSAL_LM",
+    )
+
+
+def attach_adapter(base: BaseModel, cfg: RunConfig) -> Any:
+    """Wrap the shared base with a fresh adapter, initialised from trainer.seed.
+
+    The base is modified in place (LoRA layers injected); `detach_adapter` restores it exactly,
+    so the next trial in the same process starts from the same frozen weights.
+    """
+    from peft import get_peft_model
+
+    missing = [m for m in cfg.target_modules if m not in base.module_names]
+    if missing:
+        raise ConfigError(f"lora.target_modules: model {cfg.model.name} has no module {', '.join(missing)} "
+                          f"(it has: {', '.join(base.module_names)})")
+    torch.manual_seed(cfg.trainer.seed)
+    model = get_peft_model(base.model, build_lora_config(cfg))
+    seed_randomness(model, cfg.trainer.seed)
+    return model.to(base.device)
+
+
+PEFT_PREFIX = "base_model.model."
+
+
+def seed_randomness(model: Any, seed: int) -> None:
+    """Make the adapter's randomness a function of (seed, module) only, as in a pack.
+
+    LoRA A gets peft's default distribution drawn from a generator seeded by (seed, module), and
+    dropout masks come from a counter-based hash of (seed, step, module, row, position): a trial
+    then trains identically alone or packed with any other trials (lora_exp.pack). The
+    training loop sets `model.lora_exp_dropout.step` before each forward.
+    """
+    state = DropoutState(seed=seed)
+    with torch.no_grad():
+        for name, module in model.named_modules():
+            if not (hasattr(module, "lora_A") and hasattr(module, "lora_dropout")):
+                continue
+            key = module_key(name.removeprefix(PEFT_PREFIX))
+            for adapter, lin in module.lora_A.items():
+                lin.weight.copy_(init_lora_a(seed, key, lin.weight.shape[0], lin.weight.shape[1]))
+                drop = module.lora_dropout[adapter]
+                if isinstance(drop, torch.nn.Dropout) and drop.p > 0:
+                    module.lora_dropout[adapter] = CounterDropout(drop.p, key, state)
+    model.lora_exp_dropout = state
+
+
+def detach_adapter(model: Any) -> Any:
+    """Remove the LoRA layers, giving back the untouched base model."""
+    return model.unload()
+
+
+def count_parameters(model: Any) -> tuple[int, int]:
+    """(trainable, total), as peft's print_trainable_parameters counts them."""
+    return model.get_nb_trainable_parameters()
+
+
+def train_mode(model: Any, base_dropout: bool) -> None:
+    """Training mode; with base_dropout=False the frozen base stays in eval mode (its dropout
+    layers off) and only the adapters' dropout is active (modules marked `adapter_module`, and
+    peft's own dropout layers)."""
+    if base_dropout:
+        model.train()
+        return
+    model.eval()
+    for name, module in model.named_modules():
+        if getattr(module, "adapter_module", False) or ".lora_dropout." in f".{name}.":
+            module.train()

@@ -1,0 +1,67 @@
+"""Attention over a pack's rows: they are padded on the right only, so the causal mask alone is
+every real position's mask, and the pack attends without building one (transformers'
+`AttentionInterface`). Generation pads on the left: it gets the model's own attention back."""
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Iterator
+
+import torch
+from torch import nn
+
+#: the attention implementation a pack trains and evaluates with (transformers' AttentionInterface)
+CAUSAL_ROWS = "lora_exp_causal_rows"
+
+
+def _causal_rows_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                           attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
+                           **kwargs: Any) -> tuple[torch.Tensor, None]:
+    """Causal attention with no mask tensor. A pack's rows (TokenTable) are padded on the right
+    only, so the causal mask alone gives every real position exactly the keys its padding mask
+    gives it (padded positions compute values no loss reads). On CUDA, rows this short go through
+    the pack's attention kernels; elsewhere through sdpa with `is_causal`."""
+    if query.is_cuda:
+        from lora_exp.pack.kernels import attention
+
+        if attention.fits(query, key):
+            return attention.causal_attention(query, key, value, dropout, scaling), None
+    groups = query.shape[1] // key.shape[1]
+    if groups > 1:  # grouped-query attention: as transformers' repeat_kv
+        key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
+    out = nn.functional.scaled_dot_product_attention(query, key, value, dropout_p=dropout, scale=scaling,
+                                                     is_causal=True)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def causal_rows_attention(model: Any, setting: str = "rows") -> str | None:
+    """Switch `model` to CAUSAL_ROWS if it attends through sdpa or eager attention with a plain
+    causal mask (no sliding window, no logit soft-capping); returns the implementation it had, to
+    restore, or None (unchanged). `pack.attention=model` keeps the model's own."""
+    config = model.config
+    own = config._attn_implementation
+    if (setting == "model" or own not in ("sdpa", "eager")
+            or not getattr(model, "_supports_attention_backend", False)
+            or getattr(config, "sliding_window", None) is not None
+            or getattr(config, "attn_logit_softcapping", None) is not None
+            or getattr(config, "reorder_and_upcast_attn", False) or getattr(config, "add_cross_attention", False)):
+        return None
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(CAUSAL_ROWS, _causal_rows_attention)
+    model.set_attn_implementation(CAUSAL_ROWS)
+    return own
+
+
+@contextlib.contextmanager
+def padded_attention(model: Any, own: str | None) -> Iterator[None]:
+    """The model's own attention (`own`, masks built from the padding) for a while: generation
+    pads on the left. Nothing to do where the model was not switched (`own` None)."""
+    if own is None:
+        yield
+        return
+    model.set_attn_implementation(own)
+    try:
+        yield
+    finally:
+        model.set_attn_implementation(CAUSAL_ROWS)
+

@@ -1,0 +1,293 @@
+"""The packed LoRA delta on CUDA: one program per slot that does only what the slot trains.
+
+A pack stores every slot padded to the pack's rank and to every module any of its trials may
+target, and torch's bmm's compute all of it: a slot that does not target a module still reads
+its inputs and weights and adds a delta of exactly zero, and a rank-4 slot in a rank-16 pack
+reads four times its weights. In the seed's search that is about half of the LoRA work and the
+memory traffic of a step. These kernels skip it: a slot's program reads its inputs, its r rows of
+A and B and the output's gradient only where the slot targets the module, and computes the
+dropout mask (core.randomness.dropout_mask's hash, bit for bit) in place of a masked copy of the input.
+
+`lora_delta(x, A, B, scale, rank, ...)` is a torch custom op with its own backward, so the pack's
+compiled step (torch.compile) calls the kernels inside its graph:
+
+    forward    h = drop(x) A^T  [M, r];  delta = (h B) * scale                    (per slot)
+    backward   g_s = g * scale;  dh = g_s B^T;  dB = h^T g_s;  dA = dh^T drop(x);  dx = (dh A) * mask
+
+with the roundings torch's own formulation has under bf16 autocast (h, delta, dh rounded to the
+compute dtype; fp32 accumulation). In fp32 the products are exact fp32 (no TF32), so a trial's
+loss curve stays that of the trial trained alone. A's and B's gradients are written only where a
+slot trains (its first r rows of the modules it targets): the rest is left unwritten, which the
+pack's optimizer (kernels.adamw) never reads.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from lora_exp.pack.kernels.hash import mix32
+
+#: the tiles a program steps through the inputs (BK) and outputs (BN) by, its warps, and the
+#: fewest programs per slot (the bench's `engine --lora-configs` times others)
+BK, BN, NUM_WARPS, MIN_SPLIT = 128, 128, 4, 1
+
+
+@triton.jit
+def _masked(x, slot, m, kk, M, T, IN, ROWS, keys_ptr, thr_ptr, kscale_ptr):
+    """x [BM, BK] (rows m of the slot's group, columns kk) times core.randomness.dropout_mask's
+    multipliers: element (t, i) of batch row n is kept when hash(key[n], t * IN + i) >= thr[n].
+    Rows past the group's M (the block's padding) are zero."""
+    m_ok = m < M
+    row = slot * ROWS + m // T
+    key = tl.load(keys_ptr + row, mask=m_ok, other=0).to(tl.uint32)
+    thr = tl.load(thr_ptr + row, mask=m_ok, other=0)
+    kscale = tl.load(kscale_ptr + row, mask=m_ok, other=0.0)
+    idx = ((m % T) * IN)[:, None] + kk[None, :]
+    h = mix32(key[:, None] * 0x9E3779B1 + idx.to(tl.uint32))
+    keep = (h.to(tl.int64) >= thr[:, None]) & m_ok[:, None]
+    return tl.where(keep, x.to(tl.float32) * kscale[:, None], 0.0)
+
+
+@triton.jit
+def _fwd_kernel(x_ptr, a_ptr, b_ptr, out_ptr, h_ptr, scale_ptr, rank_ptr, keys_ptr, thr_ptr, kscale_ptr,
+                M, T, IN, OUT, ROWS, x_s0, a_s0, a_s1, b_s0, b_s1, R,
+                SPLIT: tl.constexpr, DROPOUT: tl.constexpr, BM: tl.constexpr, BR: tl.constexpr,
+                BK: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr):
+    slot = tl.program_id(0).to(tl.int64)
+    part = tl.program_id(1)
+    r = tl.load(rank_ptr + slot)
+    m = tl.arange(0, BM)
+    rk = tl.arange(0, BR)
+    n = tl.arange(0, BN)
+    m_ok = m < M
+    dtype = out_ptr.dtype.element_ty
+    if r > 0:
+        acc = tl.zeros((BM, BR), dtype=tl.float32)
+        for k0 in range(0, IN, BK):
+            kk = k0 + tl.arange(0, BK)
+            k_ok = kk < IN
+            x = tl.load(x_ptr + slot * x_s0 + m[:, None] * IN + kk[None, :], mask=m_ok[:, None] & k_ok[None, :],
+                        other=0.0)
+            if DROPOUT:
+                x = _masked(x, slot, m, kk, M, T, IN, ROWS, keys_ptr, thr_ptr, kscale_ptr)
+            a = tl.load(a_ptr + slot * a_s0 + rk[None, :] * a_s1 + kk[:, None],
+                        mask=(rk < r)[None, :] & k_ok[:, None], other=0.0)
+            acc += tl.dot(x.to(dtype), a, input_precision=PREC)
+        h = acc.to(dtype)
+        if part == 0:
+            tl.store(h_ptr + slot * M * R + m[:, None] * R + rk[None, :], h, mask=m_ok[:, None] & (rk < R)[None, :])
+        s = tl.load(scale_ptr + slot).to(dtype)
+        for j in range(part * BN, OUT, SPLIT * BN):
+            nn = j + n
+            b = tl.load(b_ptr + slot * b_s0 + rk[:, None] * b_s1 + nn[None, :],
+                        mask=(rk < r)[:, None] & (nn < OUT)[None, :], other=0.0)
+            d = tl.dot(h, b, input_precision=PREC).to(dtype) * s
+            tl.store(out_ptr + slot * M * OUT + m[:, None] * OUT + nn[None, :], d.to(dtype),
+                     mask=m_ok[:, None] & (nn < OUT)[None, :])
+    else:  # the slot does not target this module: its delta is zero
+        zero = tl.zeros((BM, BN), dtype=dtype)
+        for j in range(part * BN, OUT, SPLIT * BN):
+            nn = j + n
+            tl.store(out_ptr + slot * M * OUT + m[:, None] * OUT + nn[None, :], zero,
+                     mask=m_ok[:, None] & (nn < OUT)[None, :])
+
+
+@triton.jit
+def _bwd_b_kernel(g_ptr, b_ptr, h_ptr, gb_ptr, dh_ptr, scale_ptr, rank_ptr, M, OUT, b_s0, b_s1, R,
+                  SPLIT: tl.constexpr, BM: tl.constexpr, BR: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr):
+    """B's gradient (h^T g_s) over this program's share of the outputs, and its part of dh."""
+    slot = tl.program_id(0).to(tl.int64)
+    part = tl.program_id(1)
+    r = tl.load(rank_ptr + slot)
+    if r > 0:
+        m = tl.arange(0, BM)
+        rk = tl.arange(0, BR)
+        n = tl.arange(0, BN)
+        m_ok = m < M
+        dtype = gb_ptr.dtype.element_ty
+        h = tl.load(h_ptr + slot * M * R + m[:, None] * R + rk[None, :], mask=m_ok[:, None] & (rk < R)[None, :],
+                    other=0.0)
+        s = tl.load(scale_ptr + slot).to(dtype)
+        dh = tl.zeros((BM, BR), dtype=tl.float32)
+        for j in range(part * BN, OUT, SPLIT * BN):
+            nn = j + n
+            n_ok = nn < OUT
+            g = tl.load(g_ptr + slot * M * OUT + m[:, None] * OUT + nn[None, :], mask=m_ok[:, None] & n_ok[None, :],
+                        other=0.0)
+            gs = (g.to(dtype) * s).to(dtype)
+            b = tl.load(b_ptr + slot * b_s0 + rk[:, None] * b_s1 + nn[None, :],
+                        mask=(rk < r)[:, None] & n_ok[None, :], other=0.0)
+            dh += tl.dot(gs, tl.trans(b), input_precision=PREC)
+            gb = tl.dot(tl.trans(h), gs, input_precision=PREC)
+            tl.store(gb_ptr + slot * R * OUT + rk[:, None] * OUT + nn[None, :], gb.to(dtype),
+                     mask=(rk < r)[:, None] & n_ok[None, :])
+        tl.store(dh_ptr + (slot * SPLIT + part) * BM * BR + m[:, None] * BR + rk[None, :], dh)
+
+
+@triton.jit
+def _bwd_a_kernel(x_ptr, a_ptr, dh_ptr, ga_ptr, dx_ptr, rank_ptr, keys_ptr, thr_ptr, kscale_ptr,
+                  M, T, IN, ROWS, x_s0, a_s0, a_s1, R,
+                  SPLIT: tl.constexpr, DROPOUT: tl.constexpr, NEED_DX: tl.constexpr, BM: tl.constexpr,
+                  BR: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr):
+    """A's gradient (dh^T drop(x)) and the input's (dh A, masked) over this program's share of
+    the inputs; dh is the sum of the other kernel's parts, in a fixed order."""
+    slot = tl.program_id(0).to(tl.int64)
+    part = tl.program_id(1)
+    r = tl.load(rank_ptr + slot)
+    m = tl.arange(0, BM)
+    rk = tl.arange(0, BR)
+    m_ok = m < M
+    dtype = ga_ptr.dtype.element_ty
+    if r > 0:
+        dh = tl.zeros((BM, BR), dtype=tl.float32)
+        for p in range(SPLIT):
+            dh += tl.load(dh_ptr + (slot * SPLIT + p) * BM * BR + m[:, None] * BR + rk[None, :])
+        dh = dh.to(dtype)
+        for k0 in range(part * BK, IN, SPLIT * BK):
+            kk = k0 + tl.arange(0, BK)
+            k_ok = kk < IN
+            x = tl.load(x_ptr + slot * x_s0 + m[:, None] * IN + kk[None, :], mask=m_ok[:, None] & k_ok[None, :],
+                        other=0.0)
+            if DROPOUT:
+                x = _masked(x, slot, m, kk, M, T, IN, ROWS, keys_ptr, thr_ptr, kscale_ptr)
+            ga = tl.dot(tl.trans(dh), x.to(dtype), input_precision=PREC)
+            tl.store(ga_ptr + slot * R * IN + rk[:, None] * IN + kk[None, :], ga.to(dtype),
+                     mask=(rk < r)[:, None] & k_ok[None, :])
+            if NEED_DX:
+                a = tl.load(a_ptr + slot * a_s0 + rk[:, None] * a_s1 + kk[None, :],
+                            mask=(rk < r)[:, None] & k_ok[None, :], other=0.0)
+                dx = tl.dot(dh, a, input_precision=PREC).to(dtype)
+                if DROPOUT:
+                    dx = _masked(dx, slot, m, kk, M, T, IN, ROWS, keys_ptr, thr_ptr, kscale_ptr)
+                tl.store(dx_ptr + slot * M * IN + m[:, None] * IN + kk[None, :], dx.to(dtype),
+                         mask=m_ok[:, None] & k_ok[None, :])
+    elif NEED_DX:  # no delta, no input gradient from this module
+        zero = tl.zeros((BM, BK), dtype=dtype)
+        for k0 in range(part * BK, IN, SPLIT * BK):
+            kk = k0 + tl.arange(0, BK)
+            tl.store(dx_ptr + slot * M * IN + m[:, None] * IN + kk[None, :], zero,
+                     mask=m_ok[:, None] & (kk < IN)[None, :])
+
+
+# --- the custom op --------------------------------------------------------------------------------
+
+
+def _block_m(m: int) -> int:
+    return max(16, triton.next_power_of_2(m))
+
+
+def _block_r(r: int) -> int:
+    return max(16, triton.next_power_of_2(r))
+
+
+def _prec(dtype: torch.dtype) -> str:
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def split_for(k: int, device: torch.device) -> int:
+    """Programs per slot: one at large K (a slot's work is one program's), more at small K so
+    the GPU has ~4 programs per multiprocessor."""
+    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 8
+    return max(1, min(8, -(-4 * sms // max(1, k))))
+
+
+def _check(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    assert x.dim() == 3 and a.dim() == 3 and b.dim() == 3 and a.shape[0] == x.shape[0] == b.shape[0]
+    assert x.stride(2) == 1 and x.stride(1) == x.shape[2], "x: rows of one slot must be dense"
+    assert a.stride(2) == 1 and b.stride(2) == 1, "A and B: dense rows"
+
+
+@torch.library.custom_op("lora_exp::lora_delta", mutates_args=(),
+                         schema="(Tensor x, Tensor a, Tensor b, Tensor scale, Tensor rank, Tensor? keys, Tensor? thr, "
+                                "Tensor? kscale, int rows, int split) -> (Tensor, Tensor)")
+def _delta(x, a, b, scale, rank, keys, thr, kscale, rows, split):
+    x = x.contiguous()
+    _check(x, a, b)
+    split = max(split, MIN_SPLIT)
+    k, m, fin = x.shape
+    fout, rmax = b.shape[2], a.shape[1]
+    out = torch.empty(k, m, fout, device=x.device, dtype=x.dtype)
+    h = torch.empty(k, m, rmax, device=x.device, dtype=x.dtype)  # read back only where a slot trains
+    dropout = keys is not None
+    _fwd_kernel[(k, split)](x, a, b, out, h, scale, rank, keys if dropout else x, thr if dropout else x,
+                            kscale if dropout else x, m, m // rows, fin, fout, rows, x.stride(0), a.stride(0),
+                            a.stride(1), b.stride(0), b.stride(1), rmax, SPLIT=split, DROPOUT=dropout,
+                            BM=_block_m(m), BR=_block_r(rmax), BK=BK, BN=BN, PREC=_prec(x.dtype), num_warps=NUM_WARPS)
+    return out, h
+
+
+@_delta.register_fake
+def _delta_fake(x, a, b, scale, rank, keys, thr, kscale, rows, split):
+    k, m, _ = x.shape
+    return x.new_empty(k, m, b.shape[2]), x.new_empty(k, m, a.shape[1])
+
+
+@torch.library.custom_op("lora_exp::lora_delta_backward", mutates_args=(),
+                         schema="(Tensor g, Tensor x, Tensor a, Tensor b, Tensor h, Tensor scale, Tensor rank, "
+                                "Tensor? keys, Tensor? thr, Tensor? kscale, int rows, int split, bool need_dx) "
+                                "-> (Tensor, Tensor, Tensor)")
+def _delta_backward(g, x, a, b, h, scale, rank, keys, thr, kscale, rows, split, need_dx):
+    g, x = g.contiguous(), x.contiguous()
+    split = max(split, MIN_SPLIT)
+    k, m, fin = x.shape
+    fout, rmax = b.shape[2], a.shape[1]
+    bm, br = _block_m(m), _block_r(rmax)
+    # written only where a slot trains (its first r rows of the modules it targets): the
+    # optimizer reads nothing else
+    ga = torch.empty(k, rmax, fin, device=x.device, dtype=a.dtype)
+    gb = torch.empty(k, rmax, fout, device=x.device, dtype=b.dtype)
+    dx = torch.empty(k, m, fin, device=x.device, dtype=x.dtype) if need_dx else x.new_empty(0)
+    dh = torch.empty(k, split, bm, br, device=x.device, dtype=torch.float32)
+    dropout = keys is not None
+    prec = _prec(x.dtype)
+    _bwd_b_kernel[(k, split)](g, b, h, gb, dh, scale, rank, m, fout, b.stride(0), b.stride(1), rmax,
+                              SPLIT=split, BM=bm, BR=br, BN=BN, PREC=prec, num_warps=NUM_WARPS)
+    _bwd_a_kernel[(k, split)](x, a, dh, ga, dx, rank, keys if dropout else x, thr if dropout else x,
+                              kscale if dropout else x, m, m // rows, fin, rows, x.stride(0), a.stride(0), a.stride(1),
+                              rmax, SPLIT=split, DROPOUT=dropout, NEED_DX=need_dx, BM=bm, BR=br, BK=BK, PREC=prec,
+                              num_warps=NUM_WARPS)
+    return dx, ga, gb
+
+
+@_delta_backward.register_fake
+def _delta_backward_fake(g, x, a, b, h, scale, rank, keys, thr, kscale, rows, split, need_dx):
+    k, m, fin = x.shape
+    dx = x.new_empty(k, m, fin) if need_dx else x.new_empty(0)
+    return dx, a.new_empty(k, a.shape[1], fin), b.new_empty(k, b.shape[1], b.shape[2])
+
+
+def _setup_context(ctx, inputs, output):
+    x, a, b, scale, rank, keys, thr, kscale, rows, split = inputs
+    ctx.save_for_backward(x, a, b, output[1], scale, rank, keys, thr, kscale)
+    ctx.rows, ctx.split = rows, split
+    ctx.mark_non_differentiable(output[1])
+
+
+def _backward(ctx, g, _gh):
+    x, a, b, h, scale, rank, keys, thr, kscale = ctx.saved_tensors
+    need_dx = ctx.needs_input_grad[0]
+    dx, ga, gb = _delta_backward(g, x, a, b, h, scale, rank, keys, thr, kscale, ctx.rows, ctx.split, need_dx)
+    return (dx if need_dx else None, ga, gb) + (None,) * 7
+
+
+_delta.register_autograd(_backward, setup_context=_setup_context)
+
+
+def lora_delta(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor, rank: torch.Tensor,
+               dropout: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None, rows: int, split: int) -> torch.Tensor:
+    """Each slot's LoRA delta, scale * drop(x) A^T B, for x [K, M, in] (M = rows x sequence) in the
+    compute dtype of A [K, R, in] and B [K, R, out]; `rank` [K] (int32) is each slot's r for this
+    module, 0 where it does not target it; `dropout` = (module keys, thresholds, scales) per batch
+    row, from `dropout_args`, or None; `split` programs per slot (`split_for`)."""
+    keys, thr, kscale = dropout if dropout is not None else (None, None, None)
+    return _delta(x, a, b, scale, rank, keys, thr, kscale, rows, split)[0]
+
+
+def dropout_args(keys: torch.Tensor, p: torch.Tensor,
+                 dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """core.randomness.dropout_mask's per-row threshold and scale (rounded to the input's dtype, as it
+    rounds it), for a module's row keys (`module_keys`)."""
+    thr = (p.to(torch.float64) * 2.0 ** 32).to(torch.int64)
+    return keys, thr, (1.0 / (1.0 - p)).to(dtype).to(torch.float32)
+

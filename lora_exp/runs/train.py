@@ -1,0 +1,57 @@
+"""`lora-exp train` and `lora-exp prepare`: one adapter trained into one MLflow run."""
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from lora_exp.compose import compose
+from lora_exp.config import RunConfig
+from lora_exp.core.data import load_rows, tokenize
+from lora_exp.core.models import load_base, pick_device, prepare_gguf
+from lora_exp.core.recording import TrialResult
+from lora_exp.core.training import run_trial
+from lora_exp.tracking.runs import start_run
+from lora_exp.tracking.store import connect
+
+log = logging.getLogger("lora_exp")
+
+
+def cmd_train(overrides: list[str]) -> int:
+    train_config(compose(overrides), tags={"lora_exp.kind": "train"}, run_name=None)
+    return 0
+
+
+def train_config(cfg: RunConfig, tags: dict[str, str], run_name: str | None) -> tuple[TrialResult, str | None]:
+    """Validate data and store, load the base, train one adapter into one run; print a summary."""
+    rows = load_rows(cfg.data)  # bad data fails here, before the model loads
+    if cfg.tracking.enabled:
+        connect(cfg.tracking)  # so does a bad tracking URI
+    device = pick_device(cfg.trainer.device)
+    base = load_base(cfg.model, device)
+    log.info("loaded %s on %s in %.1fs", cfg.model.name, device, base.load_seconds)
+    data = tokenize(rows, cfg.data, base.tokenizer)
+    with start_run(cfg.tracking, run_name=run_name or cfg.tracking.run_name, tags=tags) as tracker:
+        result = run_trial(cfg, base, data, tracker)
+    m = result.metrics
+    print(f"done: {result.steps} steps in {m['train_runtime_s']:.1f}s | "
+          + " | ".join(f"{k} {m[k]:.4g}" for k in ("final_train_loss", "base_eval_loss", "final_eval_loss",
+                                                     "exact_match") if k in m)
+          + (f" | run {tracker.run_id}" if tracker.run_id else ""))
+    if result.generations:
+        g = result.generations
+        for prompt, expected, out in list(zip(g["prompt"], g["expected"], g["adapter_output"]))[:3]:
+            print(f"  {prompt!r} -> {out!r}" + (f"  (expected {expected!r})" if expected else ""))
+    return result, tracker.run_id
+
+
+def cmd_prepare(overrides: list[str]) -> int:
+    cfg = compose(overrides)
+    if cfg.model.source == "gguf_package":
+        path = prepare_gguf(cfg.model)
+        print(f"model {cfg.model.name} ready in {path}")
+    else:
+        load_base(cfg.model, torch.device("cpu"))
+        print(f"model {cfg.model.name} loads")
+    return 0
+

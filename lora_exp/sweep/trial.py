@@ -1,0 +1,142 @@
+"""One trial of a sweep, unpacked: sampled values -> overrides -> config -> `run_trial` on the
+worker's shared base model -> its outcome recorded in MLflow, then in Optuna."""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from lora_exp.compose import compose, replace_keys
+from lora_exp.config import GROUP_NAMES, RunConfig, flatten
+from lora_exp.core.data import load_rows, tokenize
+from lora_exp.core.models import BaseModel, load_base
+from lora_exp.core.recording import NullTracker
+from lora_exp.core.status import TrialStatus
+from lora_exp.core.training import run_trial
+from lora_exp.errors import ConfigError
+from lora_exp.sweep.outcome import TrialOutcome, outcome_of, record_outcome
+from lora_exp.sweep.plan import SweepPlan
+from lora_exp.sweep.report import trial_line, write_line
+from lora_exp.sweep.spec import SweepSpec, suggest
+from lora_exp.sweep.storage import load_base_cache, save_base_cache
+from lora_exp.tracking import parent
+from lora_exp.tracking.runs import open_run
+
+log = logging.getLogger("lora_exp")
+
+
+@dataclass
+class WorkerContext:
+    """Per-process caches: the base model is loaded once per worker, data once per data config."""
+
+    device: Any
+    bases: dict[str, BaseModel] = field(default_factory=dict)
+    datasets: dict[str, Any] = field(default_factory=dict)
+
+    def prepare(self, cfg: RunConfig) -> tuple[BaseModel, Any]:
+        mkey = repr(cfg.model)
+        if mkey not in self.bases:
+            self.bases.clear()  # one base in memory at a time
+            self.bases[mkey] = load_base(cfg.model, self.device)
+        base = self.bases[mkey]
+        dkey = repr((cfg.data, mkey))
+        if dkey not in self.datasets:
+            self.datasets[dkey] = tokenize(load_rows(cfg.data), cfg.data, base.tokenizer)
+        return base, self.datasets[dkey]
+
+
+class PruningCallback:
+    """Reports the objective at each eval; asks Optuna whether to stop."""
+
+    def __init__(self, trial: Any, metric: str):
+        self.trial, self.metric = trial, metric
+
+    def on_eval(self, step: int, metrics: dict[str, float]) -> bool:
+        if self.metric not in metrics:
+            return False
+        self.trial.report(metrics[self.metric], step)
+        return bool(self.trial.should_prune())
+
+
+def trial_config(base: RunConfig, base_overrides: list[str], overrides: list[str],
+                 base_dict: dict[str, Any] | None = None) -> RunConfig:
+    """A trial's config: its plain key=value overrides applied to the sweep's composed base
+    (`base`, from `base_overrides`; no Hydra compose per trial, the same validation); a group
+    override (`lora=seed`) goes through Hydra's compose."""
+    if any(o.split("=", 1)[0].lstrip("+~") in GROUP_NAMES for o in overrides):
+        return compose(base_overrides + overrides)
+    return replace_keys(base, base.to_dict() if base_dict is None else base_dict, overrides,
+                        base_overrides + overrides)
+
+
+def base_values(base: RunConfig) -> dict[str, Any]:
+    """Values of the base config (for `ratio_of` anchors that are not searched)."""
+    return flatten(base.to_dict())
+
+
+def check_ratio_anchors(spec: SweepSpec, base: RunConfig) -> None:
+    """A `ratio_of` anchor must be searched or be a numeric key of the base config."""
+    values = base_values(base)
+    for key, param in spec.space.items():
+        anchor = param.ratio_of
+        if anchor is not None and anchor not in spec.space and not isinstance(values.get(anchor), (int, float)):
+            raise ConfigError(f"sweep {spec.name}: space.{key}.ratio_of: {anchor} is neither searched nor a "
+                              f"numeric config key")
+
+
+def trial_tags(plan: SweepPlan, number: int, overrides: list[str]) -> dict[str, Any]:
+    return {"lora_exp.kind": "trial", "lora_exp.study": plan.study_name, "trial_number": number,
+            "lora_exp.trial_overrides": " ".join(overrides)}
+
+
+def run_one_trial(plan: SweepPlan, study: Any, trial: Any, context: WorkerContext) -> TrialStatus:
+    """Train one trial into its own nested MLflow run; tell Optuna only after the run is closed."""
+    start = time.perf_counter()
+    overrides: list[str] = []
+    tracker: Any = None
+    error: BaseException | None = None
+    try:
+        overrides = suggest(trial, plan.spec.space, base_values(plan.base))
+        trial.set_user_attr("overrides", overrides)
+        cfg = trial_config(plan.base, plan.base_overrides, overrides)
+        base, data = context.prepare(cfg)
+        load_base_cache(study, base)
+        tracker = NullTracker()
+        if cfg.tracking.enabled:
+            tracker = open_run(cfg.tracking, f"{plan.study_name}-trial-{trial.number}",
+                               trial_tags(plan, trial.number, overrides), plan.parent_run_id)
+            trial.set_user_attr("mlflow_run_id", tracker.run_id)  # an orphan's run is found again
+        callbacks = [] if plan.spec.multi else [PruningCallback(trial, plan.spec.metric)]
+        result = run_trial(cfg, base, data, tracker, callbacks=callbacks)
+        save_base_cache(study, base)
+        outcome = outcome_of(trial.number, trial._trial_id, result, plan.spec.metrics, plan.spec.multi, overrides,
+                             time.perf_counter() - start)
+    except KeyboardInterrupt as exc:
+        record_outcome(study, _failed(trial, overrides, "interrupted", start), tracker, exc)
+        raise
+    except Exception as exc:  # a bad sampled value, OOM, a bug: this trial fails, the sweep goes on
+        reason = f"{type(exc).__name__}: {exc}".splitlines()[0][:500]
+        log.error("trial %d failed: %s", trial.number, reason)
+        outcome, error = _failed(trial, overrides, reason, start), exc
+    outcome = record_outcome(study, outcome, tracker, error)
+    parent.refresh(plan.record, study, trial.number)
+    print_trial_line(plan, study, outcome, f"{outcome.wall_s:.1f}s")
+    return outcome.status
+
+
+def _failed(trial: Any, overrides: list[str], reason: str, start: float) -> TrialOutcome:
+    return TrialOutcome(trial.number, trial._trial_id, TrialStatus.FAIL, error=reason, overrides=overrides,
+                        wall_s=time.perf_counter() - start)
+
+
+def print_trial_line(plan: SweepPlan, study: Any, outcome: TrialOutcome, wall: str, done: str | None = None) -> None:
+    """The trial's line, `[finished/n_trials]` counted from the study unless `done` is given."""
+    if done is None:
+        from optuna.trial import TrialState
+
+        done = str(len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED,
+                                                                  TrialState.FAIL))))
+    at_step = outcome.steps if outcome.status is TrialStatus.PRUNED else None
+    write_line(trial_line(plan.spec.metrics, plan.n_trials, done, outcome.number, outcome.status,
+                          outcome.shown_value, outcome.overrides, wall, at_step))

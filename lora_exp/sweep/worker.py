@@ -1,0 +1,204 @@
+"""A sweep worker: claims WAITING trials of the study and runs them on one base model, until none
+is left; many workers (processes, machines) share one study.
+
+Budget: the study holds exactly `n_trials` live trials. The starting process tops the study up
+with WAITING trials (Optuna's own queue); workers claim them (`claims`), so any number of workers
+run exactly `n_trials` trials in all. Running the same command again resumes: only the missing
+trials are added. A packed worker (`pack=K`, `lora_exp.pack`) is passed in by the command: the
+sweep does not depend on the pack."""
+from __future__ import annotations
+
+import contextlib
+import logging
+import multiprocessing
+import os
+import signal
+import threading
+import time
+from typing import Any, Callable
+
+from lora_exp.core.models import pick_device
+from lora_exp.core.status import TrialStatus
+from lora_exp.errors import LoraExpError
+from lora_exp.sweep.claims import claim_waiting_trial
+from lora_exp.sweep.plan import SweepPlan
+from lora_exp.sweep.storage import open_study
+from lora_exp.sweep.trial import WorkerContext, run_one_trial
+from lora_exp.tracking import parent
+from lora_exp.tracking.provenance import redact_uri
+from lora_exp.tracking.store import reachable, wait_until_reachable
+
+log = logging.getLogger("lora_exp")
+
+#: how long a worker waits for an unreachable tracking store before it stops (trials stay queued)
+TRACKING_WAIT_S = float(os.environ.get("LORA_EXP_TRACKING_WAIT_SECONDS", "600"))
+FAILURE_LIMIT_EXIT = 3
+NOISY_LOGGERS = ("httpx", "urllib3", "alembic", "mlflow", "datasets", "filelock")
+
+#: (plan, worker index, stop flag, study, context) -> False if the failure limit stopped it
+PackedWorker = Callable[[SweepPlan, int, "StopFlag", Any, WorkerContext], bool]
+
+
+def quiet_libraries() -> None:
+    """In a sweep the per-trial line is the output: keep per-step logs and library chatter out."""
+    import warnings
+
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    warnings.filterwarnings("ignore", category=UserWarning)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    with contextlib.suppress(ImportError):
+        from optuna.exceptions import ExperimentalWarning
+
+        warnings.filterwarnings("ignore", category=ExperimentalWarning)
+    if not os.environ.get("LORA_EXP_VERBOSE"):
+        logging.getLogger("lora_exp.training").setLevel(logging.WARNING)
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+
+
+class StopFlag:
+    """First Ctrl-C: finish the trial in flight, then stop. Second: stop now."""
+
+    def __init__(self) -> None:
+        self.requested = False
+
+    def __call__(self, signum: int, frame: Any) -> None:
+        if self.requested or signum == signal.SIGTERM:
+            raise KeyboardInterrupt
+        self.requested = True
+        log.warning("stopping after the trial(s) in flight (Ctrl-C again to stop now)")
+
+
+class Heartbeat:
+    """Records the trial's heartbeat in the storage from a thread while the trial runs."""
+
+    def __init__(self, study: Any, trial: Any, interval: float):
+        self.storage, self.trial_id, self.interval = study._storage, trial._trial_id, interval
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._beat, daemon=True, name="lora-exp-heartbeat")
+
+    def _beat(self) -> None:
+        while not self.stop.is_set():
+            try:
+                self.storage.record_heartbeat(self.trial_id)
+            except Exception as exc:  # noqa: BLE001 - a missed beat is retried; the trial goes on
+                log.debug("heartbeat failed: %s", exc)
+            self.stop.wait(self.interval)
+
+    def __enter__(self) -> "Heartbeat":
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop.set()
+        self.thread.join(timeout=5)
+
+
+def in_flight_elsewhere(study: Any, plan: SweepPlan) -> bool:
+    """Fail trials whose worker died (stale heartbeat; Optuna enqueues a retry with the same
+    parameters) and tell whether other trials are still running somewhere."""
+    import optuna
+    from optuna.trial import TrialState
+
+    optuna.storages.fail_stale_trials(study)
+    parent.close_orphan_runs(plan.record, study)
+    return bool(study.get_trials(deepcopy=False, states=(TrialState.RUNNING, TrialState.WAITING)))
+
+
+def run_worker(plan: SweepPlan, worker_index: int, n_workers: int | None = 1,
+               packed: PackedWorker | None = None) -> bool:
+    """Claim WAITING trials and run them on one base model, until none is left (`packed` runs
+    them K at a time when the plan packs). Returns False when the failure limit stopped it."""
+    import torch
+
+    if n_workers is None:  # a worker process: share the CPU cores with the other workers
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // plan.workers))
+    stop = StopFlag()
+    previous = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)} \
+        if multiprocessing.current_process().name == "MainProcess" or n_workers is None else {}
+    study = open_study(plan.spec, plan.options.storage, plan.study_name, create=False, worker_index=worker_index)
+    context = WorkerContext(device=pick_device(plan.base.trainer.device))
+    try:
+        if plan.pack > 1:
+            if packed is None:
+                raise LoraExpError("pack: this worker has no packed engine")
+            return packed(plan, worker_index, stop, study, context)
+        return _run_trials(plan, study, context, stop)
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+def _run_trials(plan: SweepPlan, study: Any, context: WorkerContext, stop: StopFlag) -> bool:
+    tracking = plan.base.tracking
+    failures = 0
+    while not stop.requested:
+        if plan.timeout and time.time() - plan.started > plan.timeout:
+            log.info("timeout reached: no new trials")
+            break
+        if not wait_until_reachable(tracking, TRACKING_WAIT_S):
+            raise LoraExpError(f"tracking store {redact_uri(tracking.uri)} unreachable for {TRACKING_WAIT_S:.0f}s: "
+                               f"sweep stopped; queued trials run on the next start")
+        trial = claim_waiting_trial(study, plan.options.storage)
+        if trial is None:
+            if in_flight_elsewhere(study, plan):
+                time.sleep(max(0.5, plan.spec.heartbeat / 2))  # take over any of them that goes stale
+                continue
+            break
+        with Heartbeat(study, trial, plan.spec.heartbeat):
+            status = run_one_trial(plan, study, trial, context)
+        if status is TrialStatus.FAIL:
+            if not reachable(tracking):  # the store went away: not the trial's fault
+                study.enqueue_trial({})
+                continue
+            failures += 1
+            if plan.spec.max_failures and failures >= plan.spec.max_failures:
+                log.error("%d trials failed (max_failures=%d): stopping the sweep", failures, plan.spec.max_failures)
+                return False
+            study.enqueue_trial({})  # a replacement, so the study still ends with n_trials trials
+    return True
+
+
+def run_worker_processes(plan: SweepPlan, workers: int, packed: PackedWorker | None = None) -> bool:
+    ctx = multiprocessing.get_context("spawn")  # a fresh interpreter each: no forked torch state
+    gpus = worker_gpus()
+    procs = [ctx.Process(target=worker_entry, args=(plan, i, gpus[i % len(gpus)] if gpus else None, packed),
+                         name=f"lora-exp-worker-{i}") for i in range(workers)]
+    for p in procs:
+        p.start()
+    try:
+        for p in procs:
+            p.join()
+    except KeyboardInterrupt:  # the children got the same Ctrl-C and stop after their trial
+        for p in procs:
+            p.join()
+        raise
+    failed = [p.name for p in procs if p.exitcode not in (0, None, FAILURE_LIMIT_EXIT)]
+    if failed:
+        log.warning("worker(s) %s exited with an error", ", ".join(failed))
+    return not any(p.exitcode == FAILURE_LIMIT_EXIT for p in procs)
+
+
+def worker_gpus() -> list[str]:
+    """The GPUs the workers spread over, as CUDA_VISIBLE_DEVICES names them (none without CUDA)."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return []
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES", "").strip()
+    names = [v.strip() for v in visible.split(",") if v.strip()] if visible else []
+    return names[:torch.cuda.device_count()] or [str(i) for i in range(torch.cuda.device_count())]
+
+
+def worker_entry(plan: SweepPlan, index: int, gpu: str | None = None, packed: PackedWorker | None = None) -> None:
+    if gpu is not None:
+        # each worker sees its one GPU as cuda:0: the same compiled graphs on every GPU, so a
+        # worker whose pack starts second reuses the first one's compile cache (lora_exp.pack)
+        os.environ["CUDA_VISIBLE_DEVICES"] = gpu
+    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s [w{index}] %(message)s", datefmt="%H:%M:%S")
+    for noisy in NOISY_LOGGERS:
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    quiet_libraries()
+    if not run_worker(plan, index, n_workers=None, packed=packed):
+        raise SystemExit(FAILURE_LIMIT_EXIT)

@@ -1,0 +1,307 @@
+"""What a sweep records in MLflow: one parent run per study (found again on resume), refreshed
+after every trial with the best trial, a table of all trials, Optuna's plots and a loss-curve
+overlay; the best adapter as a parent artifact and as a registered model with alias `best`."""
+from __future__ import annotations
+
+import json
+import logging
+import tempfile
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from lora_exp.config import TrackingConfig
+from lora_exp.tracking.provenance import provenance, redact_text
+from lora_exp.tracking.runs import write_table
+from lora_exp.tracking.store import connect
+
+log = logging.getLogger("lora_exp")
+
+PARENT_ATTR = "mlflow_parent_run_id"
+BEST_ALIAS = "best"
+PLOT_EVERY_S = 60.0
+TABLES = ("trials.json", "pareto_front.json")
+_last_plots = 0.0
+
+
+@dataclass(frozen=True)
+class SweepRecord:
+    """What the parent run needs to know of a sweep: plain data, sent to every worker process."""
+
+    study_name: str
+    tracking: TrackingConfig
+    #: (metric, direction) pairs
+    objectives: tuple[tuple[str, str], ...]
+    n_trials: int
+    base_overrides: tuple[str, ...]
+    #: how many keys the space searches (parameter importances need two)
+    n_searched: int
+    run_id: str | None = None
+
+    @property
+    def metrics(self) -> list[str]:
+        return [m for m, _ in self.objectives]
+
+    @property
+    def metric(self) -> str:
+        return self.objectives[0][0]
+
+    @property
+    def multi(self) -> bool:
+        return len(self.objectives) > 1
+
+
+def open_parent(cfg: TrackingConfig, study: Any, params: dict[str, Any], sweep_text: str,
+                created: bool = True) -> str | None:
+    """The study's parent run: the one recorded in the study, else found by tag, else created.
+
+    Only the process that created the study creates its parent; another machine starting at the
+    same moment waits for the parent's id to appear in the study (so there is one parent)."""
+    if not cfg.enabled:
+        return None
+    client, experiment_id = connect(cfg)
+    run_id = study.user_attrs.get(PARENT_ATTR)
+    deadline = time.monotonic() + 60
+    while run_id is None and not created and time.monotonic() < deadline:
+        time.sleep(1)
+        run_id = study.user_attrs.get(PARENT_ATTR)
+    if run_id is None:
+        found = client.search_runs([experiment_id], filter_string=(
+            f"tags.`lora_exp.kind` = 'sweep' and tags.`lora_exp.study` = '{study.study_name}'"), max_results=1)
+        run_id = found[0].info.run_id if found else None
+    if run_id is not None:
+        try:
+            client.get_run(run_id)
+        except Exception:  # recorded in another tracking store: start a parent here
+            run_id = None
+    if run_id is None:
+        tags = {**provenance(), "lora_exp.kind": "sweep", "lora_exp.study": study.study_name}
+        run = client.create_run(experiment_id, run_name=f"sweep-{study.study_name}",
+                                tags={k: redact_text(str(v)) for k, v in tags.items()})
+        run_id = run.info.run_id
+        client.log_batch(run_id, params=_params(params))
+        client.log_text(run_id, redact_text(sweep_text), "sweep.yaml")
+        study.set_user_attr(PARENT_ATTR, run_id)
+    else:
+        client.update_run(run_id, status="RUNNING")
+    return run_id
+
+
+def _params(values: dict[str, Any]) -> list[Any]:
+    from mlflow.entities import Param
+
+    return [Param(k, redact_text(str(v))[:6000]) for k, v in values.items()]
+
+
+def close_orphan_runs(record: SweepRecord, study: Any) -> None:
+    """MLflow runs left RUNNING by a worker that died: FAILED, once Optuna has failed their trial."""
+    if record.run_id is None:
+        return
+    try:
+        client, _ = connect(record.tracking)
+    except Exception as exc:  # noqa: BLE001 - retried at the next check
+        log.warning("could not check for orphan runs: %s", exc)
+        return
+    for t in study.get_trials(deepcopy=False):
+        run_id = t.user_attrs.get("mlflow_run_id")
+        if t.state.name != "FAIL" or not run_id:
+            continue
+        try:
+            run = client.get_run(run_id)
+            if run.info.status == "RUNNING":
+                client.set_tag(run_id, "error", "worker died (no heartbeat); trial failed and retried")
+                client.set_tag(run_id, "trial_state", "FAIL")
+                client.set_terminated(run_id, "FAILED")
+        except Exception as exc:  # noqa: BLE001
+            log.warning("could not close orphan run %s: %s", run_id, exc)
+
+
+# --- after each trial ------------------------------------------------------------------------
+
+
+def refresh(record: SweepRecord, study: Any, number: int, final: bool = False) -> None:
+    """Refresh the parent run after trial `number`; if it is the new best, publish its adapter."""
+    global _last_plots
+    if record.run_id is None:
+        return
+    try:
+        client, _ = connect(record.tracking)
+        trials = study.get_trials(deepcopy=False)
+        _log_summary(client, record, study, trials)
+        best = best_trial(study)
+        if best is not None and (best.number == number or final):
+            _publish_best(client, record, best)
+        if final or time.monotonic() - _last_plots >= PLOT_EVERY_S:
+            _log_plots(client, record, study, trials)
+            _last_plots = time.monotonic()
+    except Exception as exc:  # noqa: BLE001 - the parent's refresh must never fail a trial
+        log.warning("could not refresh the sweep's parent run: %s", exc)
+
+
+def best_trial(study: Any) -> Any:
+    """The best trial of a single-objective study (None for multi-objective: see `pareto_front`)."""
+    if len(study.directions) > 1:
+        return None
+    try:
+        return study.best_trial
+    except ValueError:
+        return None
+
+
+def pareto_front(study: Any) -> list[Any]:
+    """Trials on the Pareto front of a multi-objective study (empty for single-objective)."""
+    if len(study.directions) < 2:
+        return []
+    return sorted(study.best_trials, key=lambda t: t.number)
+
+
+def trials_table(trials: list[Any]) -> dict[str, list[Any]]:
+    rows = sorted(trials, key=lambda t: t.number)
+    return {
+        "number": [t.number for t in rows],
+        "state": [t.state.name for t in rows],
+        "value": [t.value if t.values is None or len(t.values) == 1 else t.values for t in rows],
+        "params": [json.dumps(t.params) for t in rows],
+        "overrides": [" ".join(t.user_attrs.get("overrides", [])) for t in rows],
+        "duration_s": [round(t.duration.total_seconds(), 2) if t.duration else None for t in rows],
+        "run_id": [t.user_attrs.get("mlflow_run_id") for t in rows],
+    }
+
+
+def _log_summary(client: Any, record: SweepRecord, study: Any, trials: list[Any]) -> None:
+    from mlflow.entities import Metric, RunTag
+
+    counts = {s: sum(t.state.name == s for t in trials) for s in ("COMPLETE", "PRUNED", "FAIL", "RUNNING", "WAITING")}
+    tags = {"n_trials": record.n_trials, **{f"trials_{k.lower()}": v for k, v in counts.items()}}
+    metrics = []
+    best = best_trial(study)
+    if best is not None:
+        tags.update({"best_trial_number": best.number, "best_value": best.value,
+                     "best_params": json.dumps(best.params), "best_run_id": best.user_attrs.get("mlflow_run_id"),
+                     "best_overrides": " ".join(best.user_attrs.get("overrides", []))})
+        finished = counts["COMPLETE"] + counts["PRUNED"] + counts["FAIL"]
+        now = int(time.time() * 1000)
+        metrics = [Metric("best_value", best.value, now, finished)]
+    client.log_batch(record.run_id, metrics=metrics,
+                     tags=[RunTag(k, redact_text(str(v))) for k, v in tags.items()], synchronous=True)
+    front = pareto_front(study)
+    if front:
+        table = {"number": [t.number for t in front], "run_id": [t.user_attrs.get("mlflow_run_id") for t in front],
+                 **{m: [t.values[i] for t in front] for i, m in enumerate(record.metrics)},
+                 "params": [json.dumps(t.params) for t in front]}
+        write_table(client, record.run_id, table, "pareto_front.json", TABLES)
+        client.set_tag(record.run_id, "pareto_front",
+                       redact_text(json.dumps([[t.number, t.user_attrs.get("mlflow_run_id")] for t in front]))[:8000])
+    write_table(client, record.run_id, trials_table(trials), "trials.json",
+                TABLES if front else ("trials.json",))
+
+
+def _publish_best(client: Any, record: SweepRecord, best: Any) -> None:
+    run_id = best.user_attrs.get("mlflow_run_id")
+    if run_id:
+        publish_adapter(client, record.study_name, record.run_id, run_id, best.number, best.value)
+        log.info("best so far: trial %d (%s=%.4f) -> models:/%s@%s", best.number, record.metric, best.value,
+                 record.study_name, BEST_ALIAS)
+
+
+def publish_adapter(client: Any, name: str, parent_run_id: str | None, run_id: str, number: int, value: Any) -> None:
+    """Copy a trial's adapter to the parent (`best_adapter/`) and point `models:/<name>@best` at it."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        if client.get_model_version_by_alias(name, BEST_ALIAS).run_id == run_id:
+            return
+    except MlflowException:
+        pass
+    if parent_run_id:
+        with tempfile.TemporaryDirectory() as tmp:
+            local = client.download_artifacts(run_id, "adapter", tmp)
+            client.log_artifacts(parent_run_id, local, "best_adapter")
+    try:
+        client.create_registered_model(name, description=f"Best LoRA adapter of the lora-exp study {name!r}")
+    except MlflowException:
+        pass  # exists already
+    source = f"{client.get_run(run_id).info.artifact_uri}/adapter"
+    version = client.create_model_version(name, source=source, run_id=run_id,
+                                          tags={"trial_number": str(number), "value": str(value)})
+    client.set_registered_model_alias(name, BEST_ALIAS, version.version)
+
+
+def _log_plots(client: Any, record: SweepRecord, study: Any, trials: list[Any]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from optuna.visualization import matplotlib as ov
+
+    complete = [t for t in trials if t.state.name == "COMPLETE"]
+    if record.multi:
+        plots = {"pareto_front": lambda: ov.plot_pareto_front(study, target_names=record.metrics)} if complete else {}
+    else:
+        plots = {"optimization_history": lambda: ov.plot_optimization_history(study)}
+        if len(complete) >= 2 and record.n_searched >= 2:
+            plots["param_importances"] = lambda: ov.plot_param_importances(study)
+        if complete:
+            plots["parallel_coordinate"] = lambda: ov.plot_parallel_coordinate(study)
+    for name, make in plots.items():
+        try:
+            ax = make()
+            fig = ax.figure if hasattr(ax, "figure") else ax.flat[0].figure
+            fig.set_size_inches(9, 5)
+            fig.tight_layout()
+            client.log_figure(record.run_id, fig, f"plots/{name}.png")
+            plt.close(fig)
+        except Exception as exc:  # noqa: BLE001 - e.g. importances need variety among trials
+            log.debug("plot %s skipped: %s", name, exc)
+    fig, ax = plt.subplots(figsize=(9, 5))
+    for t in sorted(trials, key=lambda t: t.number):
+        curve = t.user_attrs.get("loss_curve")
+        if curve:
+            steps, values = zip(*curve)
+            ax.plot(steps, values, label=f"{t.number} {t.state.name.lower()}", alpha=0.8,
+                    linestyle="-" if t.state.name == "COMPLETE" else ":")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("train loss")
+    ax.set_title(f"{record.study_name}: train loss of every trial")
+    if len(trials) <= 20:
+        ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    client.log_figure(record.run_id, fig, "plots/loss_curves.png")
+    plt.close(fig)
+
+
+# --- the end ---------------------------------------------------------------------------------
+
+
+def finish_parent(study: Any, record: SweepRecord) -> str:
+    """Final refresh, close the parent (unless trials still run elsewhere), and the summary text."""
+    from optuna.trial import TrialState
+
+    trials = study.get_trials(deepcopy=False)
+    best = best_trial(study)
+    if record.run_id is not None:
+        refresh(record, study, best.number if best else -1, final=True)
+        if not any(t.state in (TrialState.RUNNING, TrialState.WAITING) for t in trials):
+            try:
+                connect(record.tracking)[0].set_terminated(record.run_id, "FINISHED")
+            except Exception as exc:  # noqa: BLE001 - the next start closes it
+                log.warning("could not close the parent run: %s", exc)
+    counts = {s: sum(t.state == s for t in trials) for s in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)}
+    lines = [f"study {record.study_name}: {len(trials)} trials -- {counts[TrialState.COMPLETE]} completed, "
+             f"{counts[TrialState.PRUNED]} pruned, {counts[TrialState.FAIL]} failed"]
+    if best is not None:
+        run_id = best.user_attrs.get("mlflow_run_id") or "-"
+        lines.append(f"best: trial {best.number}  {record.metric}={best.value:.4f}  run {run_id}")
+        command = " ".join(["lora-exp train", *record.base_overrides, *best.user_attrs.get("overrides", [])])
+        lines.append(f"reproduce: {command}")
+        if record.run_id:
+            lines.append(f"parent run {record.run_id}; best adapter: models:/{record.study_name}@{BEST_ALIAS}")
+    front = pareto_front(study)
+    if front:
+        lines.append(f"Pareto front ({', '.join(f'{m} {d}' for m, d in record.objectives)}): {len(front)} trials")
+        for t in front:
+            values = " ".join(f"{m}={v:.4g}" for m, v in zip(record.metrics, t.values))
+            lines.append(f"  trial {t.number:>3}  {values}  run {t.user_attrs.get('mlflow_run_id', '-')}")
+        lines.append("pick one: lora-exp best --promote RUN_ID  (points models:/"
+                     f"{record.study_name}@{BEST_ALIAS} at it)")
+    return "\n".join(lines)

@@ -1,0 +1,81 @@
+"""Connecting to an MLflow store: one client per URI, the experiment found or created, and
+whether the store answers (a sweep waits for a tracking server that went away)."""
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+from lora_exp.config import TrackingConfig
+from lora_exp.errors import ConfigError
+from lora_exp.tracking.provenance import redact_uri
+
+log = logging.getLogger(__name__)
+
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+
+_clients: dict[str, Any] = {}
+
+
+def connect(cfg: TrackingConfig) -> tuple[Any, str]:
+    """An MlflowClient for `cfg.uri` and the id of `cfg.experiment` (created if missing)."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    logging.getLogger("alembic").setLevel(logging.WARNING)
+    uri = cfg.uri
+    if uri.startswith("sqlite:///"):
+        path = Path(uri[len("sqlite:///"):]).expanduser().resolve()  # relative to the cwd, now
+        path.parent.mkdir(parents=True, exist_ok=True)
+        uri = f"sqlite:///{path}"
+    elif "://" not in uri:
+        raise ConfigError(f"tracking.uri: {uri!r} is not a URI (sqlite:///path.db, postgresql://..., "
+                          f"http://host:port); MLflow 3 refuses plain file stores")
+    client = _clients.get(uri)
+    if client is None:
+        client = _clients[uri] = MlflowClient(tracking_uri=uri)
+    try:
+        experiment = client.get_experiment_by_name(cfg.experiment)
+        if experiment is not None:
+            return client, experiment.experiment_id
+        location = None if uri.startswith(("http://", "https://")) else Path(cfg.artifact_root).resolve().as_uri()
+        try:
+            # the UI then opens on the runs table (model training), not on the GenAI overview
+            return client, client.create_experiment(cfg.experiment, artifact_location=location,
+                                                    tags={EXPERIMENT_KIND_TAG: "custom_model_development"})
+        except MlflowException:  # another worker created it first
+            experiment = client.get_experiment_by_name(cfg.experiment)
+            if experiment is None:
+                raise
+            return client, experiment.experiment_id
+    except MlflowException as exc:
+        raise ConfigError(f"tracking.uri: cannot use {redact_uri(uri)}: {str(exc).splitlines()[0]}") from exc
+
+
+def reachable(cfg: TrackingConfig) -> bool:
+    """Whether the tracking store answers now (one cheap request)."""
+    if not cfg.enabled:
+        return True
+    try:
+        client, _ = connect(cfg)
+        client.search_experiments(max_results=1)
+        return True
+    except Exception:  # noqa: BLE001 - any failure means: not now
+        return False
+
+
+def wait_until_reachable(cfg: TrackingConfig, max_wait_s: float) -> bool:
+    """Poll the tracking store with backoff for up to `max_wait_s`; True once it answers."""
+    deadline, delay, warned = time.monotonic() + max_wait_s, 1.0, False
+    while not reachable(cfg):
+        if time.monotonic() >= deadline:
+            return False
+        if not warned:
+            log.warning("tracking store %s unreachable: waiting up to %.0fs for it", redact_uri(cfg.uri), max_wait_s)
+            warned = True
+        time.sleep(min(delay, max(0.0, deadline - time.monotonic())))
+        delay = min(delay * 2, 30.0)
+    if warned:
+        log.warning("tracking store %s is back", redact_uri(cfg.uri))
+    return True

@@ -1,0 +1,30 @@
+"""The pack's Triton kernels compiled for the GPU, fp32 and bf16, against their torch references
+(device-only: skipped without CUDA)."""
+from __future__ import annotations
+
+import pytest
+from kernel_checks import (
+    ATTENTION_SCRIPT,
+    LORA_SCRIPT,
+    SCRIPT,
+    cuda_or_skip,
+    run_checks,
+)
+
+pytest.importorskip("triton")
+
+
+def test_the_same_on_the_gpu_compiled():
+    """The kernels as they run in a pack: compiled by Triton for the GPU (where there is one)."""
+    cuda_or_skip()
+    run_checks(SCRIPT, KERNELS_DEVICE="cuda")
+
+
+def test_lora_delta_kernels_the_same_on_the_gpu_in_fp32_and_bf16():
+    cuda_or_skip()
+    run_checks(LORA_SCRIPT, KERNELS_DEVICE="cuda", KERNELS_DTYPES="float32,bfloat16")
+
+
+def test_causal_attention_kernels_the_same_on_the_gpu_in_fp32_and_bf16():
+    cuda_or_skip()
+    run_checks(ATTENTION_SCRIPT, KERNELS_DEVICE="cuda", KERNELS_DTYPES="float32,bfloat16")

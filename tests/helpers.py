@@ -1,0 +1,41 @@
+"""What tests share besides fixtures: paths, the tiny configuration, the CLI in a subprocess."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+CONF = REPO / "conf"
+
+#: a tiny, fast configuration: random 2-layer GPT-2, the seed's five texts.
+TINY = ["model=tiny_gpt2", "data=seed", "trainer.max_steps=30", "trainer.batch_size=5", "trainer.lr=1e-2",
+        "trainer.eval_steps=10", "trainer.max_new_tokens=8", "trainer.warmup_steps=0",
+        "trainer.generation_metrics=[exact_match,token_f1,rouge_l]"]
+
+
+def run_cli(*args: str, cwd: Path, env: dict[str, str] | None = None, timeout: int = 600):
+    """The installed entry point in a subprocess: real exit codes, real stderr."""
+    exe = Path(sys.executable).parent / "lora-exp"
+    return subprocess.run([str(exe), *args], cwd=cwd, capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, **(env or {})})
+
+
+def load_study(storage: str, name: str = "tiny"):
+    """The Optuna study as the sweep left it."""
+    import optuna
+
+    return optuna.load_study(study_name=name, storage=storage)
+
+
+def sweep_runs(store: str):
+    """(client, parent runs, trial runs) of the default experiment of an MLflow store."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(store)
+    exp = client.get_experiment_by_name("lora-exp")
+    runs = client.search_runs([exp.experiment_id], max_results=5000)
+    parents = [r for r in runs if r.data.tags.get("lora_exp.kind") == "sweep"]
+    children = [r for r in runs if r.data.tags.get("lora_exp.kind") == "trial"]
+    return client, parents, children

@@ -1,0 +1,267 @@
+"""Scripts that check the pack's Triton kernels against torch, run in a subprocess (the interpreter
+must be chosen before triton is imported): on the CPU under TRITON_INTERPRET=1, or on a GPU."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+SCRIPT = textwrap.dedent('''
+    import os
+    import torch
+    from lora_exp.pack.kernels import adamw as pack_kernels
+    from lora_exp.pack.optimizer import adamw_
+
+    torch.manual_seed(0)
+    torch.set_default_device(os.environ["KERNELS_DEVICE"])
+    k, rank = 5, 4
+    widths = [7, 3, 4097, 11]                  # one tensor wider than a block
+    live = torch.tensor([[r * w for r in (4, 0, 2, 1, 3)] for w in widths], dtype=torch.int32)
+    cols, offset = [], 0
+    for w in widths:
+        cols.append(slice(offset, offset + rank * w))
+        offset += rank * w
+    def padded(t):                              # zero outside each slot's live prefix
+        for i, c in enumerate(cols):
+            for s in range(k):
+                t[s, c][int(live[i, s]):] = 0
+        return t
+    params = padded(torch.randn(k, offset))
+    m, v = padded(torch.randn(k, offset)), padded(torch.rand(k, offset))
+    grads_flat = padded(torch.randn(k, offset)).to(torch.bfloat16)
+    dense = [grads_flat[:, c].contiguous().view(k, rank, -1) for c in cols]
+    # A's gradient comes out of the bmm's backward transposed ([K, in, R] in memory): read in place
+    strided = [g.transpose(1, 2).contiguous().transpose(1, 2) if i % 2 else g for i, g in enumerate(dense)]
+    assert not strided[1].is_contiguous() and strided[0].is_contiguous()
+    coef, decay = torch.rand(k) + 0.5, 1 - torch.rand(k) * 1e-2
+    step_size, bc2 = torch.rand(k) * 1e-2, torch.rand(k) + 0.1
+    expected = [t.clone() for t in (params, m, v)]
+    adamw_(*expected[:1], grads_flat.float(), *expected[1:], coef.view(-1, 1), decay.view(-1, 1),
+           step_size.view(-1, 1), bc2.view(-1, 1), 0.9, 0.999, 1e-8)
+    ref = grads_flat.float().pow(2).sum(dim=1)
+
+    # one launch over the live blocks, over every tensor's blocks, and one per tensor; dense
+    # gradients and strided ones; one layout for all (its device table follows the gradients' addresses)
+    layout = pack_kernels.Layout(cols, params.device)
+    pack_kernels.MAX_BLOCKS = 3                  # launches cut at the grid limit (here: 3 blocks)
+    pack_kernels.MAX_LIST = 3
+    for grouped, grads in [(2, dense), (2, strided), (1, dense), (1, strided), (0, strided), (0, dense)]:
+        pack_kernels.GROUPED = grouped
+        norms = pack_kernels.sq_norms(layout, grads, live, k)
+        assert torch.allclose(norms, ref, rtol=1e-5), (grouped, norms, ref)
+
+        p_, m_, v_ = params.clone(), m.clone(), v.clone()
+        low = torch.full((k, offset), 7.0, dtype=torch.bfloat16)   # poisoned: live parts must be written
+        pack_kernels.adamw(layout, p_, m_, v_, low, grads, live, coef, decay, step_size, bc2, 0.9, 0.999, 1e-8)
+        for got, want in zip((p_, m_, v_), expected):
+            assert torch.allclose(got, want, rtol=1e-5, atol=1e-7), (grouped, (got - want).abs().max())
+        # the compute copy is the master in bf16 on every live element, untouched elsewhere (the
+        # interpreter rounds fp32 -> bf16 toward zero where the GPU rounds to nearest: one bf16 step)
+        for i, c in enumerate(cols):
+            for s in range(k):
+                n = int(live[i, s])
+                master = p_[s, c][:n]
+                assert bool(((low[s, c][:n].float() - master).abs() <= master.abs() * 2.0 ** -7).all()), (i, s)
+                assert bool((low[s, c][n:] == 7.0).all())
+                assert bool((p_[s, c][n:] == 0).all())      # the padding stays zero
+        if grouped == 2:  # the list of live blocks follows `live` as its version changes
+            host = live.cpu().numpy()
+            assert torch.allclose(pack_kernels.sq_norms(layout, grads, live, k, host, 1), ref, rtol=1e-5)
+            held = live.clone()
+            held[:, 2] = 0                            # slot 2 holds still (e.g. waits for an eval)
+            norms = pack_kernels.sq_norms(layout, grads, held, k, held.cpu().numpy(), 2)
+            assert float(norms[2]) == 0 and torch.allclose(norms[[0, 1, 3, 4]], ref[[0, 1, 3, 4]], rtol=1e-5)
+            assert torch.allclose(pack_kernels.sq_norms(layout, grads, live, k, host, 3), ref, rtol=1e-5)
+        p_ = params.clone()                                   # no compute copy: the masters alone
+        pack_kernels.adamw(layout, p_, m.clone(), v.clone(), None, grads, live, coef, decay, step_size, bc2,
+                           0.9, 0.999, 1e-8)
+        assert torch.allclose(p_, expected[0], rtol=1e-5, atol=1e-7)
+    print("kernels ok")
+''')
+
+
+LORA_SCRIPT = textwrap.dedent('''
+    import os
+    import torch
+    from lora_exp.pack.kernels import lora as pack_lora
+    from lora_exp.core.randomness import dropout_mask, module_keys, row_keys
+
+    torch.manual_seed(0)
+    torch.set_default_device(os.environ["KERNELS_DEVICE"])
+    k, rows, t, fin, fout, R = 5, 2, 7, 70, 90, 8     # widths not multiples of a block
+    m = rows * t
+    ranks = torch.tensor([8, 0, 3, 5, 1], dtype=torch.int32)   # slot 1 does not target the module
+    scale = torch.tensor([0.5, 0.0, 2.0, 1.5, 4.0])
+    for dtype in [getattr(torch, d) for d in os.environ["KERNELS_DTYPES"].split(",")]:
+        flat = torch.randn(k, R * (fin + fout) + 13, dtype=dtype) * 0.3     # A, B: views of one buffer
+        a, b = flat[:, :R * fin].view(k, R, fin), flat[:, R * fin:R * (fin + fout)].view(k, R, fout)
+        live = torch.arange(R).view(1, R) < ranks.view(k, 1)
+        # the reference (PackedLoraLayer's bmm's) sees the pack's zero padding; the kernels get
+        # random values there and must not read them
+        a_ref, b_ref = [(w * live[:, :, None]).detach().clone().requires_grad_() for w in (a, b)]
+        a_k, b_k = [w.detach().clone().requires_grad_() for w in (a, b)]
+        x = torch.randn(k, m, fin, dtype=dtype)
+        keys = module_keys(row_keys(torch.arange(k * rows) * 7 + 3, torch.full((k * rows,), 11),
+                                    torch.arange(rows).repeat(k)), 12345)
+        p = torch.tensor([0.1, 0.0, 0.3, 0.05, 0.2]).repeat_interleave(rows)
+        g = torch.randn(k, m, fout, dtype=dtype)
+        tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=5e-2)
+        for split in (1, 3):
+            for drop in (True, False):
+                xr, xk = [x.detach().clone().requires_grad_() for _ in range(2)]
+                xs = xr
+                if drop:
+                    xs = (xr.reshape(k * rows, -1) * dropout_mask(x.reshape(k * rows, -1), keys, p)).view_as(xr)
+                ref = torch.bmm(torch.bmm(xs, a_ref.transpose(1, 2)), b_ref) * scale.to(dtype).view(-1, 1, 1)
+                args = pack_lora.dropout_args(keys, p, dtype) if drop else (None,) * 3
+                out, _ = torch.ops.lora_exp.lora_delta(xk, a_k, b_k, scale, ranks, *args, rows, split)
+                what = (str(dtype), split, drop)
+                assert out.dtype == dtype and torch.allclose(out.float(), ref.float(), **tol), \
+                    (what, (out - ref).abs().max())
+                want = torch.autograd.grad(ref, [xr, a_ref, b_ref], g)
+                got = torch.autograd.grad(out, [xk, a_k, b_k], g)
+                assert torch.allclose(got[0].float(), want[0].float(), **tol), (what, (got[0] - want[0]).abs().max())
+                for i, (gw, ww) in enumerate(zip(got[1:], want[1:])):   # where each slot trains
+                    for s in range(k):
+                        r = int(ranks[s])
+                        assert torch.allclose(gw[s, :r].float(), ww[s, :r].float(), **tol), (what, i, s)
+    print("lora kernels ok")
+''')
+
+
+ATTENTION_SCRIPT = textwrap.dedent('''
+    import os
+    import torch
+    from lora_exp.pack.kernels import attention as pack_attention  # registers torch.ops.lora_exp.causal_attention
+    from lora_exp.core.randomness import M32, mix32
+
+    torch.manual_seed(0)
+    torch.set_default_device(os.environ["KERNELS_DEVICE"])
+    b, t, d = 3, 7, 16
+    for dtype in [getattr(torch, n) for n in os.environ["KERNELS_DTYPES"].split(",")]:
+        tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+        for h, hk in ((4, 4), (4, 2)):                       # grouped-query attention too
+            for p in (0.0, 0.3):
+                # q, k, v as the model hands them over: strided views of one projection's output
+                qkv = torch.randn(b, t, (h + 2 * hk) * d, dtype=dtype)
+                q, k, v = qkv.split([h * d, hk * d, hk * d], dim=2)
+                q, k, v = [x.view(b, t, -1, d).transpose(1, 2).detach().requires_grad_() for x in (q, k, v)]
+                seed = torch.tensor([123456789], dtype=torch.int64)
+                scale = 0.3
+                out = torch.ops.lora_exp.causal_attention(q, k, v, seed if p else None, p, scale)
+                # reference: the scores' causal softmax, the same hash's dropout mask, times v
+                qr, kr, vr = [x.detach().float().requires_grad_() for x in (q, k, v)]
+                kx, vx = kr.repeat_interleave(h // hk, dim=1), vr.repeat_interleave(h // hk, dim=1)
+                s = (qr @ kx.transpose(-1, -2)) * scale
+                i = torch.arange(t)
+                s = s.masked_fill(i[None, :] > i[:, None], float("-inf")).softmax(dim=-1)
+                if p:
+                    bh = torch.arange(b * h).view(b, h, 1, 1)
+                    counter = ((bh * t + i.view(1, 1, t, 1)) * t + i.view(1, 1, 1, t)) & M32
+                    keep = mix32((int(seed) * 0x9E3779B1 + counter) & M32) >= int(p * 2 ** 32)
+                    assert 0.5 < keep.float().mean() < 0.9
+                    s = s * keep / (1 - p)
+                ref = (s @ vx).transpose(1, 2)               # [B, T, H, D]
+                what = (str(dtype), h, hk, p)
+                assert out.shape == (b, t, h, d) and torch.allclose(out.float(), ref, **tol), \
+                    (what, (out.float() - ref).abs().max())
+                g = torch.randn(b, t, h, d, dtype=dtype)
+                got = torch.autograd.grad(out, [q, k, v], g)
+                want = torch.autograd.grad(ref, [qr, kr, vr], g.float())
+                for name, x, y in zip("qkv", got, want):
+                    assert x.shape == y.shape and torch.allclose(x.float(), y, **tol), \
+                        (what, name, (x.float() - y).abs().max())
+    print("attention kernels ok")
+''')
+
+
+PACK_SCRIPT = textwrap.dedent('''
+    import torch
+    from lora_exp.pack import model as packed
+    from lora_exp.compose import compose
+    from lora_exp.core.data import load_rows, tokenize
+    from lora_exp.core.models import load_base
+    from lora_exp.pack.trainer import train_packed
+
+    init = packed.PackedModel.__init__
+    def with_kernels(self, *args, **kwargs):           # the CUDA optimizer, here under the interpreter
+        init(self, *args, **kwargs)
+        self.kernels = KERNELS
+    packed.PackedModel.__init__ = with_kernels
+    common = ["model=tiny_gpt2", "data=seed", "lora=seed", "trainer=seed", "trainer.max_steps=12",
+              "trainer.eval_steps=4", "trainer.logging_steps=2", "trainer.generation_metrics=[exact_match]",
+              "trainer.max_new_tokens=4", "tracking=none", "trainer.batch_size=2", "trainer.base_dropout=false"]
+    mixed = [["lora.r=4", "lora.lora_alpha=8", "trainer.lr=1e-2"],
+             ["lora.r=8", "lora.preset=all", "trainer.lr=3e-3", "trainer.max_grad_norm=0.05", "trainer.max_steps=6"],
+             ["lora.r=2", "lora.preset=attn_proj", "trainer.lr=5e-3", "trainer.seed=7", "trainer.weight_decay=0.1"],
+             ["lora.r=8", "trainer.lr=2e-2", "trainer.seed=3", "trainer.max_steps=7"],
+             ["lora.r=4", "lora.preset=all", "trainer.lr=1e-2", "trainer.seed=5"]]
+    cfgs = [compose(common + m) for m in mixed]
+    base = load_base(cfgs[0].model, torch.device("cpu"))
+    data = tokenize(load_rows(cfgs[0].data), cfgs[0].data, base.tokenizer)
+    curves = {}
+    for KERNELS in (False, True):
+        results = train_packed(cfgs, base, data, slots=2)   # 5 trials through 2 slots, out of step: held for evals
+        curves[KERNELS] = [(r.loss_curve, r.eval_curve) for r in results]
+    for (a, ea), (b, eb) in zip(curves[False], curves[True]):
+        for x, y in ((a, b), (ea, eb)):
+            assert [s for s, _ in x] == [s for s, _ in y] and len(x) >= 2
+            assert all(abs(u - v) <= 1e-5 * abs(u) for (_, u), (_, v) in zip(x, y)), (x, y)
+    # and step by step: slots start, hold, resume, leave and restart between optimizer steps
+    from lora_exp.pack.model import PackedModel, SlotSpec
+    from lora_exp.pack.optimizer import optimizer_step
+    every, attn = tuple(cfgs[1].target_modules), tuple(cfgs[0].target_modules)
+    spec = lambda r, targets, lr, seed: SlotSpec(r=r, alpha=2.0 * r, dropout=0.0, targets=targets, use_rslora=False,
+                                                 lr=lr, weight_decay=0.01, max_grad_norm=0.5, seed=seed, steps=50,
+                                                 warmup=0, scheduler="linear")
+    script = ["", "pause 1", "", "", "resume 1", "", "release 2", "assign 2", "", "pause 0 2", "", "resume 0 2", ""]
+    states = []
+    for KERNELS in (False, True):
+        pm = PackedModel(base, 3, 8, every, compile="off")
+        pm.kernels = KERNELS
+        for slot, s in enumerate([spec(4, attn, 1e-2, 1), spec(8, every, 5e-3, 2), spec(2, every, 2e-2, 3)]):
+            pm.assign(slot, s)
+        gen = torch.Generator().manual_seed(0)
+        for line in script:
+            verb, *slots = line.split() or [""]
+            slots = [int(x) for x in slots]
+            if verb == "pause":
+                pm.pause(slots)
+            elif verb == "resume":
+                pm.resume(slots)
+            elif verb == "release":
+                pm.release(slots[0])
+            elif verb == "assign":
+                pm.assign(slots[0], spec(8, attn, 3e-3, 4))
+            grads = []
+            for i, w in enumerate(pm.weights):   # zero outside each slot's prefix, as the backward's are
+                g = torch.randn(w.shape, generator=gen)
+                for slot in range(3):
+                    g[slot].view(-1)[int(pm.slot_host[i, slot]):] = 0
+                grads.append(g)
+            optimizer_step(pm, grads)
+        states.append([t.clone() for t in (pm.params, pm.exp_avg, pm.exp_avg_sq, pm.step)])
+        pm.close()
+    for name, x, y in zip(("params", "exp_avg", "exp_avg_sq", "step"), *states):
+        assert torch.allclose(x.double(), y.double(), rtol=1e-5, atol=1e-7), (name, (x - y).abs().max())
+    print("pack kernels ok")
+''')
+
+
+def run_checks(script: str, **env: str) -> None:
+    """Run a check script; it prints "kernels ok" when every comparison held."""
+    env = {**os.environ, **env}
+    if env.get("KERNELS_DEVICE") == "cuda":
+        env.pop("TRITON_INTERPRET", None)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "kernels ok" in out.stdout
+
+
+def cuda_or_skip() -> None:
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA GPU here")

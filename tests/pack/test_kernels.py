@@ -1,0 +1,29 @@
+"""The pack's Triton kernels against their torch references, run by Triton's interpreter on the
+CPU (TRITON_INTERPRET=1, set before triton is imported). Skipped where triton is not installed:
+CPU builds of torch do not bring it; `make setup` installs it (the test extra)."""
+from __future__ import annotations
+
+import pytest
+from kernel_checks import ATTENTION_SCRIPT, LORA_SCRIPT, PACK_SCRIPT, SCRIPT, run_checks
+
+pytest.importorskip("triton")  # installed by `make setup` on x86-64 Linux (pyproject test extra)
+
+
+def test_triton_adamw_and_norms_match_torch_on_each_slots_live_prefix_whatever_the_gradients_layout():
+    run_checks(SCRIPT, TRITON_INTERPRET="1", KERNELS_DEVICE="cpu")
+
+
+def test_lora_delta_kernels_match_the_bmms_forward_and_backward_skipping_what_a_slot_does_not_train():
+    """fp32 only: the interpreter's dot does not take bf16 (the GPU test below runs both)."""
+    run_checks(LORA_SCRIPT, TRITON_INTERPRET="1", KERNELS_DEVICE="cpu", KERNELS_DTYPES="float32")
+
+
+def test_causal_attention_kernels_match_softmax_attention_with_the_same_dropout_forward_and_backward():
+    """fp32 under the interpreter (its dot does not take bf16; the GPU test below runs both)."""
+    run_checks(ATTENTION_SCRIPT, TRITON_INTERPRET="1", KERNELS_DEVICE="cpu", KERNELS_DTYPES="float32")
+
+
+def test_a_pack_with_the_kernel_optimizer_trains_as_with_torchs_through_slot_reuse_and_held_slots():
+    """The optimizer's list of live blocks follows the slots as trials start, hold for evals,
+    resume and leave (5 trials through 2 slots), under Triton's interpreter."""
+    run_checks(PACK_SCRIPT, TRITON_INTERPRET="1")
