@@ -14,7 +14,7 @@ ARTIFACTS ?= mlruns/served-artifacts
 SERVER_WORKERS ?= 1
 
 .DEFAULT_GOAL := help
-.PHONY: help setup train sweep ui dashboard server test test-quick bench bench-sweep bench-gpu clean rerun best
+.PHONY: help setup train sweep ui dashboard server test test-quick lint bench bench-sweep bench-gpu clean rerun best
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-11s %s\n", $$1, $$2}'
@@ -59,6 +59,9 @@ test: ## all tests, as CI runs them (~16-19 min on 2 cores)
 
 test-quick: ## the fast loop: skips tests marked slow
 	$(BIN)/python -m pytest -q -m "not slow"
+
+lint: ## ruff over the package, tests and benchmarks (CI runs it)
+	$(BIN)/ruff check lora_exp tests bench
 
 bench: ## speed figures (prints them): training overhead vs a plain loop, start-up, default train
 	$(BIN)/python bench/train_overhead.py
