@@ -14,7 +14,7 @@ ARTIFACTS ?= mlruns/served-artifacts
 SERVER_WORKERS ?= 1
 
 .DEFAULT_GOAL := help
-.PHONY: help setup train sweep ui dashboard server test test-quick lint bench bench-sweep bench-gpu clean rerun best
+.PHONY: help setup train sweep ui dashboard server test test-quick lint bench bench-sweep bench-gpu clean clean-runs rerun best
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-11s %s\n", $$1, $$2}'
@@ -44,11 +44,11 @@ train: ## train one adapter: make train ARGS="lora.r=16 trainer.lr=3e-4"
 sweep: ## the default Optuna sweep on the offline model: make sweep ARGS="n_trials=20"
 	$(LORA_EXP) sweep $(ARGS)
 
-ui: ## MLflow UI over ./mlruns on http://$(HOST):$(PORT)
-	$(BIN)/mlflow ui --backend-store-uri sqlite:///mlruns/mlflow.db --host $(HOST) --port $(PORT) --workers 1
+ui: ## MLflow UI over the tracking store (tracking.uri, $MLFLOW_TRACKING_URI) with the latest sweep's link
+	$(LORA_EXP) ui --host $(HOST) --port $(PORT) $(ARGS)
 
-dashboard: ## optuna-dashboard over the study storage on http://$(HOST):8080 (trial notes: run id, overrides, answers)
-	$(BIN)/optuna-dashboard sqlite:///mlruns/optuna.db --host $(HOST) --port 8080
+dashboard: ## optuna-dashboard over the study storage ($OPTUNA_STORAGE or ./mlruns) on port 8080
+	$(BIN)/optuna-dashboard $${OPTUNA_STORAGE:-sqlite:///mlruns/optuna.db} --host $(HOST) --port 8080
 
 server: ## tracking server for many machines: make server BACKEND=postgresql://u:pw@db/mlflow HOST=0.0.0.0
 	$(BIN)/mlflow server --backend-store-uri $(BACKEND) --serve-artifacts --artifacts-destination $(ARTIFACTS) \
@@ -69,10 +69,15 @@ bench: ## speed figures (prints them): training overhead vs a plain loop, start-
 bench-sweep: ## make sweep timed on a fresh store, vs lora=seed at the same budget (~15 min on 2 cores)
 	$(BIN)/python bench/sweep_default.py
 
-clean: ## remove tracking data and caches (keeps the venv)
-	rm -rf mlruns outputs .pytest_cache test-output
+clean: ## remove caches and test output (never tracking data: see clean-runs)
+	rm -rf outputs .pytest_cache test-output build *.egg-info
 
-bench-gpu: ## packed-trial throughput on a GPU vs the blog's Trainer (needs CUDA; see README "Packed trials")
+clean-runs: ## delete ./mlruns (every study, run and registered model), after asking
+	@test -d mlruns || { echo "no ./mlruns here"; exit 0; }; \
+	du -sh mlruns; printf "delete ./mlruns: every study, run and registered model in it? [y/N] "; read answer; \
+	if [ "$$answer" = y ] || [ "$$answer" = yes ]; then rm -rf mlruns && echo "deleted ./mlruns"; else echo "kept"; fi
+
+bench-gpu: ## packed-trial throughput on a GPU vs the Trainer (needs CUDA; docs/benchmarks.md)
 	$(BIN)/python bench/sweep_throughput.py check --precision fp32 --k 1024 --compare 4 --epochs 4
 	$(BIN)/python bench/sweep_throughput.py baseline
 	$(BIN)/python bench/sweep_throughput.py engine --ks 1024,256,64,16,1 --profile 1024

@@ -375,7 +375,7 @@ def cmd_sweep(args: argparse.Namespace) -> None:
     if args.attn:
         overrides.append(f"model.attn_implementation={args.attn}")
     with tempfile.TemporaryDirectory(prefix="lora-exp-bench-") as tmp:
-        command = [sys.executable, "-m", "lora_exp.cli", "sweep", "sweep=seed_gpt2", f"pack={args.k}",
+        command = [sys.executable, "-m", "lora_exp.cli", "sweep", "-v", "sweep=seed_gpt2", f"pack={args.k}",
                    f"n_trials={args.trials}", f"workers={args.workers}", f"storage=sqlite:///{tmp}/optuna.db",
                    f"tracking.uri=sqlite:///{tmp}/mlflow.db", f"tracking.artifact_root={tmp}/artifacts", *overrides]
         env = {**os.environ, "PYTHONPATH": f"{ROOT}:{os.environ.get('PYTHONPATH', '')}"}
@@ -439,7 +439,7 @@ def sustained(stamps: list[float], lines: list[str], closed: list[float], steps:
     start inside it; compile and start-up outside), scaled to 2500-step trials."""
     progress: dict[str, list[tuple[float, int]]] = {}  # by worker
     for t, line in zip(stamps, lines):
-        m = re.search(r"(\[w\d+\] )?pack: step \d+, .*?(\d+) trial-steps", line)
+        m = re.search(r"(\[w\d+\] )?pack: .*?(\d+) trial-steps", line)
         if m:
             progress.setdefault(m.group(1) or "", []).append((t, int(m.group(2))))
     out: dict = {"first_closed_s": round(closed[0], 1) if closed else None}

@@ -179,8 +179,27 @@ def from_container(raw: dict[str, Any], overrides: list[str] | tuple[str, ...] =
     return RunConfig(**built, overrides=list(overrides))
 
 
+#: sweep options: a `train` command line that names one gets told where it belongs
+SWEEP_OPTIONS = ("sweep", "n_trials", "workers", "storage", "study", "timeout", "pack")
+
+
 def _one_line(exc: BaseException) -> str:
-    """Hydra/OmegaConf messages span lines (option lists, search paths): fold them into one."""
+    """Hydra/OmegaConf messages span lines (option lists, search paths, hints): fold them into
+    one, keeping Hydra's own hint."""
+    outer = [ln.strip() for ln in str(exc).strip().splitlines() if ln.strip()]
+    if outer and outer[0].startswith("Could not override"):
+        key = outer[0].split("'")[1]
+        hint = next((ln for ln in outer[1:] if ln.startswith("To append")), "")
+        if key in SWEEP_OPTIONS:
+            return f"{key}: not a config key but a sweep option (lora-exp sweep {key}=...)"
+        near = _near_keys(key)
+        return (f"{key}: no such config key" + (f" (did you mean {' or '.join(near)}?)" if near else "")
+                + (f"; {hint[0].lower()}{hint[1:]}" if hint else ""))
+    if outer and outer[0].startswith("Ambiguous value for argument"):
+        text = outer[0].split("'")[1]
+        key, _, value = text.partition("=")
+        return (f"{text}: one value per key (a list is {key}=[{value}]); to try several values, search them: "
+                f"lora-exp sweep, with {key} in the sweep file's space")
     inner = exc.__cause__ if exc.__cause__ is not None and not isinstance(exc, ConfigError) else exc
     lines = [ln.strip() for ln in str(inner).strip().splitlines() if ln.strip()]
     if not lines:
@@ -196,9 +215,6 @@ def _one_line(exc: BaseException) -> str:
                 options.append(ln)
         return f"unknown {group} option {head.split('/')[-1].rstrip(chr(39))!r}" + (
             f" (available: {', '.join(options)})" if options else "")
-    if head.startswith("Could not override"):
-        key = head.split("'")[1]
-        return f"{key}: no such config key (a typo? to add a new key use +{key}=...)"
     if "no viable alternative" in head or "mismatched input" in head or "extraneous input" in head:
         return f"cannot parse override: {head}"
     key = getattr(inner, "full_key", None)
@@ -206,3 +222,14 @@ def _one_line(exc: BaseException) -> str:
         return f"{key}: {head}"
     return head
 
+
+def _near_keys(key: str) -> list[str]:
+    """Config keys spelled like `key` (its section's fields, or the sections themselves)."""
+    import difflib
+
+    section, _, name = key.partition(".")
+    if name and section in SECTIONS:
+        known = [f"{section}.{f.name}" for f in dataclasses.fields(SECTIONS[section])]
+    else:
+        known = list(SECTIONS)
+    return difflib.get_close_matches(key, known, n=2, cutoff=0.75)

@@ -27,6 +27,8 @@ SOURCES = ("hub", "gguf_package", "random")
 #: transformers' attention implementations (`attn_implementation`); null keeps the model's default
 ATTENTION = ("eager", "sdpa", "flex_attention", "flash_attention_2", "flash_attention_3")
 BIASES = ("none", "all", "lora_only")
+#: a LoRA rank beyond any model's width is a typo (the model's own widths are checked once it loads)
+MAX_RANK = 16384
 #: scores of generated answers against the references (lora_exp.core.metrics)
 GENERATION_METRICS = ("exact_match", "token_f1", "rouge_l", "semantic_similarity")
 #: the packages a metric imports, and the pip name that installs each
@@ -42,15 +44,55 @@ PACK_ENV = {"LORA_EXP_PACK_COMPILE": "compile", "LORA_EXP_PACK_LORA": "lora", "L
             "LORA_EXP_PACK_TRACKERS": "trackers"}
 
 
+def shipped_dir(name: str) -> Path:
+    """A folder the package ships (`conf`, `sweeps`): inside the installed package, or at the top
+    of the checkout (an editable install)."""
+    inside = PACKAGE_DIR / name
+    return inside if inside.is_dir() else PACKAGE_DIR.parent / name
+
+
 def config_dir() -> Path:
-    """The `conf/` folder: $LORA_EXP_CONFIG_DIR, else ./conf, else the one beside the package."""
+    """The `conf/` Hydra composes: $LORA_EXP_CONFIG_DIR if set; else the shipped one, with the
+    files of a `./conf` in the working folder laid over it (a user's own model, data or config.yaml
+    adds to or replaces the shipped file of the same name)."""
     env = os.environ.get("LORA_EXP_CONFIG_DIR")
     if env:
         return Path(env).resolve()
+    shipped = shipped_dir("conf")
     local = Path.cwd() / "conf"
-    if (local / "config.yaml").is_file():
-        return local
-    return PACKAGE_DIR.parent / "conf"
+    if local.is_dir() and local.resolve() != shipped.resolve():
+        return _overlay(shipped, local.resolve())
+    return shipped
+
+
+_OVERLAYS: dict[tuple[Path, Path, float], Path] = {}
+
+
+def _overlay(shipped: Path, local: Path) -> Path:
+    """A temporary copy of `shipped` with `local`'s YAML files copied over it (made once per
+    process and content; removed at exit)."""
+    import atexit
+    import shutil
+    import tempfile
+
+    files = sorted(local.rglob("*.yaml"))
+    key = (shipped, local, max((f.stat().st_mtime for f in files), default=0.0))
+    if key not in _OVERLAYS:
+        target = Path(tempfile.mkdtemp(prefix="lora-exp-conf-"))
+        atexit.register(shutil.rmtree, target, ignore_errors=True)
+        shutil.copytree(shipped, target, dirs_exist_ok=True)
+        for f in files:
+            dest = target / f.relative_to(local)
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(f, dest)
+        _OVERLAYS[key] = target
+    return _OVERLAYS[key]
+
+
+def config_options() -> dict[str, list[str]]:
+    """Each config group and its options, as `config_dir()` holds them (for help texts)."""
+    root = config_dir()
+    return {d.name: sorted(p.stem for p in d.glob("*.yaml")) for d in sorted(root.iterdir()) if d.is_dir()}
 
 
 def resolve_path(path: str) -> Path:
@@ -130,6 +172,7 @@ class LoraSettings:
 
     def __post_init__(self) -> None:
         _check(self.r >= 1, "lora.r", f"must be >= 1, got {self.r}")
+        _check(self.r <= MAX_RANK, "lora.r", f"must be <= {MAX_RANK} (a rank beyond any model's width), got {self.r}")
         _check(self.lora_alpha > 0, "lora.lora_alpha", f"must be > 0, got {self.lora_alpha}")
         _check(0 <= self.lora_dropout < 1, "lora.lora_dropout", f"must be in [0, 1), got {self.lora_dropout}")
         _check(self.bias in BIASES, "lora.bias", f"must be one of {', '.join(BIASES)}, got {self.bias!r}")
@@ -159,6 +202,9 @@ class TrainerConfig:
     #: evaluate every N steps (and always at the end); null = only at the end.
     eval_steps: Optional[int] = None
     seed: int = 42
+    #: torch's CPU threads for this run (null: torch's default, all cores); a sweep's worker
+    #: processes share the cores and record their share here, so a rerun sums in the same order
+    num_threads: Optional[int] = None
     device: str = "auto"
     precision: str = "fp32"
     eval_batch_size: int = 16
@@ -194,6 +240,8 @@ class TrainerConfig:
         _check(self.logging_steps >= 1, "trainer.logging_steps", f"must be >= 1, got {self.logging_steps}")
         if self.eval_steps is not None:
             _check(self.eval_steps >= 1, "trainer.eval_steps", f"must be >= 1, got {self.eval_steps}")
+        if self.num_threads is not None:
+            _check(self.num_threads >= 1, "trainer.num_threads", f"must be >= 1 or null, got {self.num_threads}")
         _check(self.device in DEVICES, "trainer.device", f"must be one of {', '.join(DEVICES)}, got {self.device!r}")
         _check(self.precision in PRECISIONS, "trainer.precision",
                f"must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
@@ -252,7 +300,7 @@ class TrackingConfig:
     #: sqlite:///mlruns/mlflow.db (default, local), postgresql://..., or http://host:port.
     uri: str = "sqlite:///mlruns/mlflow.db"
     #: artifact folder for experiments this tool creates on a database store.
-    artifact_root: str = "mlruns/artifacts"
+    artifact_root: Optional[str] = None
     experiment: str = "lora-exp"
     enabled: bool = True
     run_name: Optional[str] = None

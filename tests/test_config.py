@@ -3,10 +3,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import CONF
 
 from lora_exp.compose import compose
 from lora_exp.errors import ConfigError
+
+from helpers import CONF
 
 GROUPS = ["model", "lora", "trainer", "data", "tracking", "pack"]
 OPTIONS = [(g, p.stem) for g in GROUPS for p in sorted((CONF / g).glob("*.yaml"))]

@@ -35,14 +35,29 @@ def attach_adapter(base: BaseModel, cfg: RunConfig) -> Any:
     """
     from peft import get_peft_model
 
-    missing = [m for m in cfg.target_modules if m not in base.module_names]
-    if missing:
-        raise ConfigError(f"lora.target_modules: model {cfg.model.name} has no module {', '.join(missing)} "
-                          f"(it has: {', '.join(base.module_names)})")
+    check_fits(base, cfg)
     torch.manual_seed(cfg.trainer.seed)
     model = get_peft_model(base.model, build_lora_config(cfg))
     seed_randomness(model, cfg.trainer.seed)
     return model.to(base.device)
+
+
+def check_fits(base: BaseModel, cfg: RunConfig) -> None:
+    """What only the loaded model can tell, before anything is allocated for the adapter: the
+    target modules exist, the rank fits them, the rows fit the model's positions."""
+    missing = [m for m in cfg.target_modules if m not in base.module_names]
+    if missing:
+        raise ConfigError(f"lora.target_modules: model {cfg.model.name} has no module {', '.join(missing)} "
+                          f"(it has: {', '.join(base.module_names)})")
+    widths = [min(shape) for name, shape in base.linear_shapes().items()
+              if any(name == t or name.endswith("." + t) for t in cfg.target_modules)]
+    if widths and cfg.lora.r > min(widths):
+        raise ConfigError(f"lora.r: {cfg.lora.r} is more than the narrowest target module's width ({min(widths)}) "
+                          f"in model {cfg.model.name}")
+    positions = base.max_positions
+    if positions is not None and cfg.data.max_length > positions:
+        raise ConfigError(f"data.max_length: {cfg.data.max_length} tokens, but model {cfg.model.name} takes at most "
+                          f"{positions} positions")
 
 
 PEFT_PREFIX = "base_model.model."

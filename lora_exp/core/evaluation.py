@@ -2,11 +2,14 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 from typing import Any
 
 import torch
 
 from lora_exp.core.data import Example, Prompt, collate
+
+log = logging.getLogger(__name__)
 
 
 def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager[Any]:
@@ -52,10 +55,11 @@ def generate(model: Any, tokenizer: Any, prompts: list[Prompt], device: torch.de
     side = tokenizer.padding_side
     tokenizer.padding_side = "left"
     outputs: list[str] = []
+    budget = prompt_budget(model, max_new_tokens)
     try:
         for start in range(0, len(prompts), batch_size):
             texts = [p.text for p in prompts[start:start + batch_size]]
-            enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+            enc = encode_prompts(tokenizer, texts, budget).to(device)
             out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
                                  pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
             new = out[:, enc["input_ids"].shape[1]:]
@@ -66,6 +70,39 @@ def generate(model: Any, tokenizer: Any, prompts: list[Prompt], device: torch.de
         tokenizer.padding_side = side
         model.train(was_training)
     return outputs
+
+
+def max_positions(model: Any) -> int | None:
+    """The longest sequence the model's position embeddings take (None: no limit it states)."""
+    config = model.config
+    for name in ("max_position_embeddings", "n_positions", "max_sequence_length"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def prompt_budget(model: Any, max_new_tokens: int) -> int | None:
+    """How many prompt tokens leave room for `max_new_tokens` within the model's positions."""
+    limit = max_positions(model)
+    return None if limit is None else max(1, limit - max_new_tokens)
+
+
+def encode_prompts(tokenizer: Any, texts: list[str], budget: int | None) -> Any:
+    """Left-padded prompts, each cut to its last `budget` tokens (the end of a prompt is what the
+    answer continues): a prompt longer than the model's positions would crash generation."""
+    enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+    if budget is not None and enc["input_ids"].shape[1] > budget:
+        log.warning("%d prompt(s) longer than %d tokens: cut to their last %d (the model's positions minus "
+                    "max_new_tokens)", int((enc["attention_mask"].sum(dim=1) > budget).sum()), budget, budget)
+        side = tokenizer.truncation_side
+        tokenizer.truncation_side = "left"
+        try:
+            enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False, truncation=True,
+                            max_length=budget)
+        finally:
+            tokenizer.truncation_side = side
+    return enc
 
 
 def new_tokens(new: torch.Tensor, eos_id: int) -> torch.Tensor:

@@ -34,11 +34,33 @@ class BaseModel:
     #: results that depend only on the base model (eval loss, generations), computed once.
     cache: dict[Any, Any] = field(default_factory=dict)
 
-    def cached(self, key: Any, compute: Callable[[], Any]) -> Any:
-        """`compute()` once per key for this base (results that depend on the base model only)."""
+    def cached(self, key: Any, compute: Callable[[], Any], what: str = "") -> Any:
+        """`compute()` once per key for this base (results that depend on the base model only);
+        `what` says what is being computed, in a progress line, the one time it is."""
         if key not in self.cache:
+            if what:
+                log.info("computing %s", what)
             self.cache[key] = compute()
         return self.cache[key]
+
+    def linear_shapes(self) -> dict[str, tuple[int, int]]:
+        """(in, out) features of every linear layer (GPT-2's Conv1D too), by module path."""
+        shapes = {}
+        for name, module in self.model.named_modules():
+            if isinstance(module, torch.nn.Linear):
+                shapes[name] = (module.in_features, module.out_features)
+            elif type(module).__name__ == "Conv1D":  # weight (in, out)
+                shapes[name] = (int(module.weight.shape[0]), int(module.weight.shape[1]))
+        return shapes
+
+    @property
+    def max_positions(self) -> int | None:
+        """The longest sequence the model's position embeddings take (None: it states no limit)."""
+        for name in ("max_position_embeddings", "n_positions", "max_sequence_length"):
+            value = getattr(self.model.config, name, None)
+            if isinstance(value, int) and value > 0:
+                return value
+        return None
 
     @property
     def module_names(self) -> list[str]:

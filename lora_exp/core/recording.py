@@ -30,6 +30,7 @@ class Tracker(Protocol):
     def log_text(self, text: str, artifact_file: str) -> None: ...
     def log_dir(self, local_dir: str | Path, artifact_path: str) -> None: ...
     def log_table(self, table: dict[str, list[Any]], artifact_file: str) -> None: ...
+    def log_dataset(self, name: str, digest: str, source: str, context: str) -> None: ...
     def flush(self) -> None: ...
 
 
@@ -45,6 +46,7 @@ class NullTracker:
     def log_text(self, text: str, artifact_file: str) -> None: pass
     def log_dir(self, local_dir: str | Path, artifact_path: str) -> None: pass
     def log_table(self, table: dict[str, list[Any]], artifact_file: str) -> None: pass
+    def log_dataset(self, name: str, digest: str, source: str, context: str) -> None: pass
     def flush(self) -> None: pass
 
 
@@ -59,6 +61,32 @@ class TrialResult:
     run_id: str | None = None
 
 
+#: metrics every completed run records, whatever its config
+ALWAYS_RECORDED = ("final_train_loss", "trainable_params", "train_runtime_s", "eval_s", "train_step_s",
+                   "train_steps_per_s", "train_tokens_per_s", "peak_memory_mb")
+
+
+def metric_problem(metric: str, cfg: RunConfig, n_validation: int, n_scored_prompts: int) -> str | None:
+    """Why a run of `cfg` cannot record `metric` (None if it records it): for a sweep's objective,
+    known before any trial trains. `eval_loss` is the final eval loss."""
+    from lora_exp.config import GENERATION_METRICS
+
+    name = metric.removeprefix("final_")
+    if name in ("eval_loss", "base_eval_loss"):
+        return None if n_validation else (f"needs validation data, and data={cfg.data.name} has none (set "
+                                          f"data.validation_files=[...] or data.validation_split)")
+    base = name.removeprefix("base_").removesuffix("_count")
+    if base in GENERATION_METRICS:
+        if base not in cfg.trainer.generation_metrics:
+            return f"is not computed: add {base} to trainer.generation_metrics"
+        return None if n_scored_prompts else (f"needs generation prompts with reference answers, and data="
+                                              f"{cfg.data.name} has none")
+    if metric in ALWAYS_RECORDED or name in ("generation_s", "generation_tokens_per_s"):
+        return None
+    known = sorted({*ALWAYS_RECORDED, "eval_loss", *GENERATION_METRICS})
+    return f"is not a metric a run records (known: {', '.join(known)})"
+
+
 def trainable_line(trainable: int, total: int) -> str:
     """peft's `print_trainable_parameters` line."""
     return f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}"
@@ -69,14 +97,22 @@ def config_yaml(cfg: RunConfig) -> str:
     return yaml.dump(cfg.to_dict(), Dumper=dumper, sort_keys=False)
 
 
-def record_start(tracker: Tracker, cfg: RunConfig, trainable: int, total: int, steps: int,
+def record_start(tracker: Tracker, cfg: RunConfig, trainable: int, total: int, steps: int, data_key: str = "",
                  params: dict[str, Any] | None = None, tags: dict[str, Any] | None = None) -> None:
-    """The run's config (every key a param, and `config.yaml`), its overrides and parameter counts."""
+    """The run's config (every key a param, and `config.yaml`), its overrides, parameter counts,
+    and its datasets as the run's inputs (`data_key` identifies their contents)."""
     tracker.log_params({**flatten(cfg.to_dict()), "target_modules": cfg.target_modules, "trainable_params": trainable,
                         "total_params": total, "total_steps": steps, **(params or {})})
     tracker.set_tags({"trainable_line": trainable_line(trainable, total), "lora_exp.overrides": " ".join(cfg.overrides),
                       **(tags or {})})
     tracker.log_text(config_yaml(cfg), "config.yaml")
+    data = cfg.data
+    splits = [("train", "training", data.train_files, data.train_split)]
+    if data.validation_files or (data.hub_path and data.validation_split):
+        splits.append(("validation", "evaluation", data.validation_files, data.validation_split))
+    for split, context, files, hub_split in splits:
+        source = ",".join(files) if files else f"{data.hub_path}:{hub_split}"
+        tracker.log_dataset(f"{data.name}/{split}", f"{data_key}-{split}" if data_key else split, source, context)
 
 
 def finish_metrics(result: TrialResult, seconds: float, eval_seconds: float, tokens: float, trainable: int,

@@ -62,7 +62,7 @@ class IOClient:
         n = tracking_processes(plan.base.pack.trackers)
         self.results = ctx.SimpleQueue()
         # kept here: a child unpickles it after `start` returns, and it must still exist then
-        self.done = ctx.Value("i", 0)
+        self.done = ctx.Array("i", 2)  # trials this pack closed: [completed or pruned, failed]
         self.tasks = [ctx.SimpleQueue() for _ in range(n)]
         self.pending: list[list[tuple[Any, ...]]] = [[] for _ in range(n)]
         self.processes = [ctx.Process(target=tracking_main, args=(plan, self.tasks[i], self.results, worker_index, i,
@@ -132,6 +132,9 @@ class QueuedTracker:
     def log_dir(self, local_dir: Any, artifact_path: str) -> None: self._call("log_dir", str(local_dir), artifact_path)
     def log_table(self, table: dict[str, list[Any]], artifact_file: str) -> None:
         self._call("log_table", table, artifact_file)
+    def log_dataset(self, name: str, digest: str, source: str, context: str) -> None:
+        self._call("log_dataset", name, digest, source, context)
+
     def flush(self) -> None: self._call("flush")
 
     def remove_after(self, path: str) -> None:
@@ -233,7 +236,7 @@ class TrackingTasks:
         self.plan, self.study, self.results, self.beats = plan, study, results, beats
         self.trackers: dict[int, Any] = {}
         self.errors: dict[int, str] = {}
-        self.done = done  # trials closed by all of this pack's tracking processes (the [n] count)
+        self.done = done  # trials closed by all of this pack's tracking processes: [done, failed]
         self.refreshes = refreshes  # the one process that refreshes the parent run
         self.last_refresh = time.monotonic()
         self.label = ""  # which worker's count, when several run
@@ -298,9 +301,10 @@ class TrackingTasks:
             self.results.put(number)
         self.beats.remove(outcome.trial_id)
         with self.done.get_lock():
-            self.done.value += 1
-            count = self.done.value
-        print_trial_line(self.plan, self.study, outcome, f"{outcome.wall_s:.1f}s, packed", done=f"{self.label}{count}")
+            self.done[int(outcome.status is TrialStatus.FAIL)] += 1
+            counts = (self.plan.done_at_start + self.done[0], self.done[1])
+        # counted here, not read from the study: a wave of a thousand trials closes at once
+        print_trial_line(self.plan, self.study, outcome, f"{outcome.wall_s:.1f}s, packed", self.label, counts)
 
     def refresh(self, final: bool = False) -> None:
         if not self.refreshes:

@@ -14,7 +14,15 @@ import torch
 from lora_exp.config import RunConfig
 from lora_exp.core.adapters import train_mode
 from lora_exp.core.data import PreparedData
-from lora_exp.core.evaluation import autocast, eval_loss, generate, new_tokens, score_outputs
+from lora_exp.core.evaluation import (
+    autocast,
+    encode_prompts,
+    eval_loss,
+    generate,
+    new_tokens,
+    prompt_budget,
+    score_outputs,
+)
 from lora_exp.core.models import BaseModel
 from lora_exp.pack.attention import causal_rows_attention, padded_attention
 from lora_exp.pack.model import PackedModel
@@ -155,7 +163,7 @@ class PackRuntime:
             with self.fp32(), padded_attention(model, self.own_attention):  # left-padded prompts need their masks
                 for start in range(0, len(prompts), PROMPTS_PER_BATCH):
                     texts = [p.text for p in prompts[start:start + PROMPTS_PER_BATCH]]
-                    enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(self.device)
+                    enc = encode_prompts(tok, texts, prompt_budget(model, self.max_new_tokens)).to(self.device)
                     per = max(1, MAX_EVAL_ROWS // len(texts))
                     for i in range(0, len(slots), per):
                         chunk = slots[i:i + per]

@@ -168,7 +168,8 @@ class PackTrainer:
         # a compiled step always masks (p=0 keeps every element, times exactly 1): no recompile
         # when the last trial with dropout leaves
         self.dropout_on = pm.whole_step or any(r is not None and r.spec.dropout > 0 for r in self.runs)
-        record_start(tracker, cfg, trainable, trainable + rt.base_params, spec.steps, params={"pack_slots": self.k},
+        record_start(tracker, cfg, trainable, trainable + rt.base_params, spec.steps, rt.data.key,
+                     params={"pack_slots": self.k},
                      tags={"lora_exp.packed": f"slot {slot} of {self.k}"})
         rt.host_s["start"] += time.perf_counter() - t0
         rt.host_s["starts"] += 1
@@ -297,22 +298,25 @@ class PackTrainer:
 
     # -- what a pack reports --
 
-    def progress(self, every: float) -> str | None:
-        """A progress line at most every `every` seconds: steps, busy slots, recent step time."""
+    def progress(self, every: float, verbose: bool = False) -> str | None:
+        """A progress line at most every `every` seconds: busy slots, steps and the recent step
+        time; `verbose` adds the engine's internals (slots holding, trials started, host seconds
+        by what)."""
         now = time.perf_counter()
         last_time, last_steps = self._progress
         if now - last_time < every:
             return None
         self._progress = (now, self.steps_run)
         ms = 1e3 * (now - last_time) / max(1, self.steps_run - last_steps)
-        held = len(self.pm.paused)
+        line = f"{self.live()}/{self.k} slots busy, step {self.steps_run} at {ms:.1f} ms/step"
         host_s = self.rt.host_s
-        host = ", ".join(f"{what} {v:.1f}" for what, v in sorted(host_s.items()) if what != "starts" and v >= 0.05)
-        starts = host_s["starts"]
+        if verbose:
+            host = ", ".join(f"{what} {v:.1f}" for what, v in sorted(host_s.items()) if what != "starts" and v >= 0.05)
+            line += (f" over the last {now - last_time:.0f}s ({self.trial_steps} trial-steps; {len(self.pm.paused)} "
+                     f"holding for evals or generations; {int(host_s['starts'])} started; host seconds: "
+                     f"{host or 'none over 0.05'})")
         host_s.clear()
-        return (f"step {self.steps_run}, {self.live()}/{self.k} slots busy, {self.trial_steps} trial-steps, "
-                f"{ms:.1f} ms/step over the last {now - last_time:.0f}s ({held} holding for evals or generations; "
-                f"{int(starts)} started; host seconds: {host or 'none over 0.05'})")
+        return line
 
     def summary(self) -> dict[str, Any]:
         """Pack-wide figures: steps, wall time since the first step (evals, generations and

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from typing import Any
 
@@ -26,6 +27,7 @@ from lora_exp.pack.study_view import PackPruning, StudyView
 from lora_exp.pack.trainer import PackTrainer
 from lora_exp.sweep.outcome import outcome_of
 from lora_exp.sweep.plan import SweepPlan
+from lora_exp.sweep.report import progress_text
 from lora_exp.sweep.storage import load_base_cache, stored_trials
 from lora_exp.sweep.trial import WorkerContext, run_one_trial, trial_config, trial_tags
 from lora_exp.sweep.worker import StopFlag, in_flight_elsewhere
@@ -56,7 +58,7 @@ SAMPLE_RESERVE_FRACTION = 0.25
 #: busy until the sampler caught up)
 SAMPLE_PRUNE_FRACTION = 0.5
 #: a progress line from a pack at most this often
-PROGRESS_SECONDS = 30.0
+PROGRESS_SECONDS = 15.0
 
 Prepared = tuple[ClaimedTrial, list[str], RunConfig]
 
@@ -116,6 +118,8 @@ class PackedSweep:
         self.parked: dict[Any, list[Prepared]] = {}  # by shared settings, in claim order
         self.alone: list[ClaimedTrial] = []  # trials no pack can hold (e.g. lora.bias searched): one at a time
         self.failures, self.exhausted, self.timed_out = 0, False, False
+        self.closed, self.failed = 0, 0  # trials this worker's packs ended: done (completed, pruned), failed
+        self.verbose = bool(os.environ.get("LORA_EXP_VERBOSE"))
         self.cfg: RunConfig = plan.base
         self.trainer: PackTrainer | None = None
         self.pace = Pace()
@@ -162,11 +166,17 @@ class PackedSweep:
                 ended = trainer.step()
                 t0 = time.perf_counter()
                 for run in ended:
-                    self.failures += self._finish(run)
+                    failed = self._finish(run)
+                    self.failures += failed
+                    self.failed += failed
+                    self.closed += 1 - failed
                 trainer.host_s["finish"] += time.perf_counter() - t0
-                line = trainer.progress(PROGRESS_SECONDS)
+                line = trainer.progress(PROGRESS_SECONDS, self.verbose)
                 if line:
-                    log.info("pack: %s", line)
+                    done = self.plan.done_at_start + self.closed
+                    log.info("pack: %d/%d trials done [%s]; %s", done, self.plan.n_trials,
+                             progress_text(done, self.plan.done_at_start, self.plan.n_trials, self.plan.started,
+                                           self.failed), line)
             self.failures += len(self.io.poll())
             t0 = time.perf_counter()
             self.io.send()

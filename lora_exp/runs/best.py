@@ -8,7 +8,7 @@ from typing import Any
 
 from lora_exp.errors import ConfigError
 from lora_exp.runs.recorded import tracking_for
-from lora_exp.sweep.plan import DEFAULT_STORAGE
+from lora_exp.sweep.plan import default_storage
 from lora_exp.sweep.storage import engine_kwargs
 from lora_exp.tracking.parent import publish_adapter
 from lora_exp.tracking.provenance import redact_uri
@@ -24,7 +24,7 @@ def cmd_best(options: list[str], promote: str | None = None) -> int:
     unknown = sorted(k for k in set(opts) - {"study", "storage"} if not k.startswith("tracking."))
     if unknown or any("=" not in o for o in options):
         raise ConfigError(f"best: unknown option(s) {', '.join(unknown or options)} (use study=NAME storage=URL)")
-    storage_url = opts.get("storage", DEFAULT_STORAGE)
+    storage_url = opts.get("storage") or default_storage()
     if storage_url.startswith("sqlite:///") and not Path(storage_url[len("sqlite:///"):]).is_file():
         raise ConfigError(f"best: no study storage at {storage_url} (run `lora-exp sweep` first)")
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -43,7 +43,8 @@ def cmd_best(options: list[str], promote: str | None = None) -> int:
     study = optuna.load_study(study_name=name, storage=storage)
     if promote:
         return promote_run(study, promote, opts)
-    print(describe_best(study))
+    store = [f"{k}={v}" for k, v in opts.items() if k.startswith("tracking.")]
+    print(describe_best(study, store))
     return 0
 
 
@@ -61,7 +62,9 @@ def promote_run(study: Any, run_id: str, opts: dict[str, str]) -> int:
     return 0
 
 
-def describe_best(study: Any) -> str:
+def describe_best(study: Any, store: list[str] | None = None) -> str:
+    """The best trial, and the commands that reproduce it (`store`: the tracking.* options `best`
+    was given, else those the sweep ran with: a rerun must read the same store)."""
     if len(study.directions) > 1:
         return describe_front(study)
     try:
@@ -70,13 +73,14 @@ def describe_best(study: Any) -> str:
         return f"study {study.study_name}: no completed trial yet"
     overrides = best.user_attrs.get("overrides", [])
     base = study.user_attrs.get("base_overrides", [])
+    store = store or [o for o in base if o.startswith("tracking.")]
     return "\n".join([
         f"study {study.study_name}: best trial {best.number} of {len(study.trials)}",
         f"run id:     {best.user_attrs.get('mlflow_run_id', '-')}",
         f"objective:  {best.value:.6g}",
         f"params:     {json.dumps(best.params)}",
         f"reproduce:  lora-exp train {' '.join([*base, *overrides])}",
-        f"rerun:      lora-exp rerun {best.user_attrs.get('mlflow_run_id', '-')}",
+        f"rerun:      lora-exp rerun {' '.join([best.user_attrs.get('mlflow_run_id', '-'), *store])}",
     ])
 
 

@@ -16,15 +16,16 @@ from lora_exp.tracking.provenance import redact_uri
 
 
 def cmd_export(ref: str, out: str, merge: bool, force: bool, overrides: list[str]) -> int:
-    target = Path(out)
+    target = Path(out).expanduser()
     if target.exists() and (not target.is_dir() or any(target.iterdir())) and not force:
         raise ConfigError(f"export: {out} exists and is not empty (use --force to overwrite)")
+    writable(target.parent, out)  # before the run is read and the model loaded
     client, recorded = load_recorded(ref, tracking_for(overrides))
     run_id = recorded.run.info.run_id
     with tempfile.TemporaryDirectory() as tmp:
         adapter = download_adapter(client, run_id, tmp)
         base = load_base(recorded.config.model, torch.device("cpu"))
-        staging = Path(tempfile.mkdtemp(prefix=".export-", dir=target.parent if target.parent.exists() else None))
+        staging = Path(tempfile.mkdtemp(prefix=".export-", dir=target.parent))
         try:
             if merge:
                 from peft import PeftModel
@@ -49,3 +50,13 @@ def cmd_export(ref: str, out: str, merge: bool, force: bool, overrides: list[str
     print(f"exported the {kind} of run {run_id} to {target} (load with {how})")
     return 0
 
+
+def writable(folder: Path, out: str) -> None:
+    """`folder` exists (made if need be) and takes a new file: else one line, exit 2."""
+    import os
+
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        os.rmdir(tempfile.mkdtemp(prefix=".export-check-", dir=folder))
+    except OSError as exc:
+        raise ConfigError(f"export: cannot write {out}: {exc.strerror or exc}") from None

@@ -37,10 +37,21 @@ def tracking_for(overrides: list[str]) -> TrackingConfig:
     return from_container(raw).tracking
 
 
+def existing_store(tracking: TrackingConfig) -> None:
+    """Commands that read runs never create a store: a sqlite file that is not there is bad input."""
+    uri = tracking.uri
+    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).expanduser().is_file():
+        raise ConfigError(f"tracking.uri: no MLflow store at {uri} (run lora-exp train or sweep first, from the "
+                          f"folder that holds mlruns/, or set tracking.uri=... or $MLFLOW_TRACKING_URI)")
+
+
 def resolve_run(ref: str, tracking: TrackingConfig) -> tuple[Any, Any, str | None]:
     """(client, run, parent id) for a run id, a sweep parent's id (-> its best trial) or models:/ URI."""
     from mlflow.exceptions import MlflowException
 
+    if not ref.startswith("models:/") and not RUN_ID.match(ref):
+        raise ConfigError(f"run: {ref!r} is not a run id (32 hex characters) nor a models:/NAME@ALIAS URI")
+    existing_store(tracking)
     client, _ = connect(tracking)
     store = redact_uri(tracking.uri)
     run_id = ref

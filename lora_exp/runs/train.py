@@ -10,7 +10,8 @@ from lora_exp.config import RunConfig
 from lora_exp.core.data import load_rows, tokenize
 from lora_exp.core.models import load_base, pick_device, prepare_gguf
 from lora_exp.core.recording import TrialResult
-from lora_exp.core.training import run_trial
+from lora_exp.core.training import run_trial, total_steps
+from lora_exp.tracking.provenance import redact_uri
 from lora_exp.tracking.runs import start_run
 from lora_exp.tracking.store import connect
 
@@ -28,10 +29,15 @@ def train_config(cfg: RunConfig, tags: dict[str, str], run_name: str | None) -> 
     if cfg.tracking.enabled:
         connect(cfg.tracking)  # so does a bad tracking URI
     device = pick_device(cfg.trainer.device)
+    log.info("config and data checked (%d training rows, %d validation); loading model %s (%s) on %s",
+             len(rows.train), len(rows.validation), cfg.model.name, cfg.model.source, device)
     base = load_base(cfg.model, device)
     log.info("loaded %s on %s in %.1fs", cfg.model.name, device, base.load_seconds)
     data = tokenize(rows, cfg.data, base.tokenizer)
     with start_run(cfg.tracking, run_name=run_name or cfg.tracking.run_name, tags=tags) as tracker:
+        if tracker.run_id:
+            log.info("training %d steps into run %s (%s)", total_steps(cfg, len(data.train)), tracker.run_id,
+                     redact_uri(cfg.tracking.uri))
         result = run_trial(cfg, base, data, tracker)
     m = result.metrics
     print(f"done: {result.steps} steps in {m['train_runtime_s']:.1f}s | "
@@ -41,7 +47,8 @@ def train_config(cfg: RunConfig, tags: dict[str, str], run_name: str | None) -> 
     if result.generations:
         g = result.generations
         for prompt, expected, out in list(zip(g["prompt"], g["expected"], g["adapter_output"]))[:3]:
-            print(f"  {prompt!r} -> {out!r}" + (f"  (expected {expected!r})" if expected else ""))
+            shown = prompt if len(prompt) <= 80 else f"...{prompt[-77:]}"
+            print(f"  {shown!r} -> {out!r}" + (f"  (expected {expected!r})" if expected else ""))
     return result, tracker.run_id
 
 
@@ -55,3 +62,13 @@ def cmd_prepare(overrides: list[str]) -> int:
         print(f"model {cfg.model.name} loads")
     return 0
 
+
+
+def cmd_config(overrides: list[str]) -> int:
+    """The composed, validated config as YAML (what `train` with these overrides would run)."""
+    import yaml
+
+    cfg = compose(overrides)
+    data = {k: v for k, v in cfg.to_dict().items() if k != "overrides"}
+    print(yaml.safe_dump(data, sort_keys=False).rstrip())
+    return 0

@@ -5,19 +5,24 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 from typing import Any
 
 from lora_exp.compose import compose
-from lora_exp.config import check_packable
-from lora_exp.core.data import load_rows
-from lora_exp.errors import LoraExpError
+from lora_exp.config import RunConfig, TrackingConfig, check_packable
+from lora_exp.core.data import Rows, load_rows
+from lora_exp.core.recording import metric_problem
+from lora_exp.errors import ConfigError, LoraExpError
 from lora_exp.sweep.plan import SweepOptions, SweepPlan, default_workers, parse_options
-from lora_exp.sweep.spec import SweepSpec, corner_overrides, load_sweep
-from lora_exp.sweep.storage import open_study, top_up
-from lora_exp.sweep.trial import check_ratio_anchors
+from lora_exp.sweep.report import study_counts
+from lora_exp.sweep.spec import SweepSpec, corner_overrides, load_sweep, suggest
+from lora_exp.sweep.storage import make_sampler, open_study, top_up
+from lora_exp.sweep.trial import base_values, check_ratio_anchors
 from lora_exp.sweep.worker import PackedWorker, quiet_libraries, run_worker, run_worker_processes
 from lora_exp.tracking import parent
+from lora_exp.tracking.links import run_link, ui_base
 from lora_exp.tracking.provenance import redact_uri
+from lora_exp.tracking.store import check_server
 
 log = logging.getLogger("lora_exp")
 
@@ -35,8 +40,19 @@ def cmd_sweep(args: list[str], packed: PackedWorker | None = None) -> int:
         compose(base_overrides + corner)
     check_ratio_anchors(spec, base_cfg)
     check_packable(base_cfg)
-    load_rows(base_cfg.data)
+    rows = load_rows(base_cfg.data)
+    check_objectives(spec, base_cfg, rows)
+    if base_cfg.tracking.enabled and base_cfg.tracking.uri.startswith(("http://", "https://")):
+        check_server(base_cfg.tracking.uri)  # before the study is created: nothing written for a wrong URL
+    workers = options.workers or default_workers()
+    if workers > 1 and base_cfg.trainer.num_threads is None and default_workers() == 1:
+        # worker processes share the CPU cores; each trial records its share (a rerun uses it)
+        base_overrides.append(f"trainer.num_threads={max(1, (os.cpu_count() or 1) // workers)}")
+        base_cfg = compose(base_overrides)
     study, created = open_study(spec, options.storage, study_name, create=True)
+    done_at_start = study_counts(study)[0]
+    log.info("study %s: %d trials wanted, %d done; %d training rows, %d validation; storage %s", study_name,
+             n_trials, done_at_start, len(rows.train), len(rows.validation), redact_uri(options.storage))
     study.set_user_attr("base_overrides", base_overrides)  # `lora-exp best` prints the full command
     study.set_user_attr("objectives", spec.metrics)
     if spec.multi and spec.pruner.get("name") != "none":
@@ -46,28 +62,60 @@ def cmd_sweep(args: list[str], packed: PackedWorker | None = None) -> int:
     run_id = parent.open_parent(base_cfg.tracking, study, parent_params(spec, options, study_name),
                                 spec.text or "", created)
     record = dataclasses.replace(record, run_id=run_id)
+    if run_id is not None:
+        log.info("tracking %s; watch it: %s", redact_uri(base_cfg.tracking.uri), watch_hint(base_cfg.tracking, run_id))
     import optuna
 
     optuna.storages.fail_stale_trials(study)  # trials left RUNNING by a killed worker: failed, retried
-    added = top_up(study, n_trials)
-    workers = options.workers or default_workers()
+    added = top_up(study, n_trials, options.storage)
     plan = SweepPlan(spec, options, study_name, n_trials, record, base_overrides, options.timeout or spec.timeout,
-                     base_cfg, workers)
+                     base_cfg, workers, done_at_start=done_at_start)
     parent.close_orphan_runs(record, study)
-    log.info("study %s: %d trials wanted, %d to run now, %d worker(s); storage %s", study_name, n_trials, added,
-             workers, redact_uri(options.storage))
+    monitor = parent.monitor_system(record)
+    log.info("%d trials to run now, %d worker(s)%s", added, workers,
+             f", {plan.pack} trials at once each" if plan.pack > 1 else "")
+    stopped: str | None = "an error"
+    finished = False
     try:
         if workers == 1:
             finished = run_worker(plan, worker_index=0, packed=packed)
         else:
             finished = run_worker_processes(plan, workers, packed)
+        stopped = None if finished else f"max_failures ({spec.max_failures} trials failed)"
+    except KeyboardInterrupt:
+        stopped = "interrupted"
+        raise
+    except BaseException as exc:
+        stopped = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
+        raise
     finally:
+        if monitor is not None:
+            monitor.finish()
         final = open_study(spec, options.storage, study_name, create=False)
-        print(parent.finish_parent(final, record))
+        print(parent.finish_parent(final, record, stopped))
+        if run_id is not None:
+            print(f"watch it: {watch_hint(base_cfg.tracking, run_id)}")
     if not finished:
         raise LoraExpError(f"sweep stopped: {spec.max_failures} trials failed (max_failures); the trials' "
                            f"`failure` attribute and their runs' `error` tags say why")
     return 0
+
+
+def check_objectives(spec: SweepSpec, cfg: RunConfig, rows: Rows) -> None:
+    """Every objective is a metric the trials will record: refused now, not after training."""
+    scored = sum(bool(q.answers) for q in rows.generate)
+    for metric in spec.metrics:
+        problem = metric_problem(metric, cfg, len(rows.validation), scored)
+        if problem:
+            raise ConfigError(f"sweep {spec.name}: objective {metric} {problem}")
+
+
+def watch_hint(tracking: TrackingConfig, run_id: str) -> str:
+    """The parent run's page in the UI (Model-training view), and how to serve it."""
+    from lora_exp.tracking.store import connect
+
+    link = run_link(ui_base(tracking), connect(tracking)[1], run_id)
+    return link if tracking.uri.startswith(("http://", "https://")) else f"lora-exp ui, then {link}"
 
 
 def parent_params(spec: SweepSpec, options: SweepOptions, study_name: str) -> dict[str, Any]:
@@ -76,3 +124,33 @@ def parent_params(spec: SweepSpec, options: SweepOptions, study_name: str) -> di
             "sampler": json.dumps(spec.sampler), "pruner": json.dumps(spec.pruner), "objective": spec.metric,
             "direction": spec.direction, "base_overrides": " ".join(spec.base + list(options.overrides)),
             "search_space": json.dumps({k: v.__dict__ for k, v in spec.space.items()})}
+
+
+def dry_run(args: list[str], limit: int = 20) -> int:
+    """What `lora-exp sweep` with these arguments would run, without training or writing: the
+    checks it makes first, then the first trials' overrides as its sampler draws them for a new
+    study (an in-memory study; the trials of an existing study are not read)."""
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    options = parse_options(args)
+    spec = load_sweep(options.sweep)
+    base_overrides = list(spec.base) + list(options.overrides)
+    base_cfg = compose(base_overrides)
+    for corner in corner_overrides(spec.space):
+        compose(base_overrides + corner)
+    check_ratio_anchors(spec, base_cfg)
+    check_packable(base_cfg)
+    check_objectives(spec, base_cfg, load_rows(base_cfg.data))
+    n_trials = options.n_trials or spec.n_trials
+    study = optuna.create_study(directions=spec.directions, sampler=make_sampler(spec))
+    values = base_values(base_cfg)
+    print(f"study {options.study or spec.study} ({spec.name}): {n_trials} trials, sampler {spec.sampler['name']}, "
+          f"pruner {spec.pruner['name']}; base: {' '.join(base_overrides) or '-'}")
+    for _ in range(min(n_trials, limit)):
+        trial = study.ask()
+        print(f"trial {trial.number:>3}  {' '.join(suggest(trial, spec.space, values))}")
+        study.tell(trial, state=optuna.trial.TrialState.FAIL)  # nothing trained: no value to tell
+    if n_trials > limit:
+        print(f"... and {n_trials - limit} more")
+    return 0

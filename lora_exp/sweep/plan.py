@@ -1,13 +1,14 @@
 """A sweep's command line -> options, and the plan every worker process gets (plain data)."""
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
 from lora_exp.config import RunConfig
 from lora_exp.errors import ConfigError
-from lora_exp.sweep.spec import SweepSpec
+from lora_exp.sweep.spec import SweepSpec, check_study_name
 from lora_exp.tracking.parent import SweepRecord
 
 DEFAULT_STORAGE = "sqlite:///mlruns/optuna.db"
@@ -42,6 +43,8 @@ class SweepPlan:
     base: RunConfig
     workers: int = 1
     started: float = field(default_factory=time.time)
+    #: trials of the budget (completed, pruned) already done when this command started (for its ETA)
+    done_at_start: int = 0
 
     @property
     def parent_run_id(self) -> str | None:
@@ -51,6 +54,11 @@ class SweepPlan:
     def pack(self) -> int:
         """Trials trained at once per worker (`pack=K`); 1 trains them one at a time."""
         return self.base.pack.slots
+
+
+def default_storage() -> str:
+    """$OPTUNA_STORAGE when set, else the sqlite file beside the MLflow store's default."""
+    return os.environ.get("OPTUNA_STORAGE") or DEFAULT_STORAGE
 
 
 def parse_options(args: list[str]) -> SweepOptions:
@@ -73,12 +81,14 @@ def parse_options(args: list[str]) -> SweepOptions:
         raise ConfigError(f"workers: must be >= 1, got {workers}")
     if timeout is not None and timeout <= 0:
         raise ConfigError(f"timeout: must be > 0 seconds, got {timeout}")
+    if opts.get("study"):
+        check_study_name(opts["study"])
     if pack is not None:
         if pack <= 0:
             raise ConfigError(f"pack: must be >= 1 (trials trained at once), got {pack}")
         overrides.insert(0, f"pack.slots={pack}")
     return SweepOptions(sweep=opts.get("sweep", "default"), n_trials=n_trials, workers=workers,
-                        storage=opts.get("storage", DEFAULT_STORAGE), study=opts.get("study") or None,
+                        storage=opts.get("storage") or default_storage(), study=opts.get("study") or None,
                         timeout=timeout, overrides=tuple(overrides))
 
 

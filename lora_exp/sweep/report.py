@@ -1,7 +1,9 @@
-"""What a sweep prints: one line per finished trial, written whole (several processes print)."""
+"""What a sweep prints: one line per finished trial, written whole (several processes print),
+with the sweep's progress: trials done of the study's budget, elapsed time, ETA, trials/hour."""
 from __future__ import annotations
 
 import sys
+import time
 from typing import Any
 
 from lora_exp.core.status import TrialStatus
@@ -15,8 +17,40 @@ def write_line(text: str) -> None:
     sys.stdout.flush()
 
 
+def study_counts(study: Any) -> tuple[int, int]:
+    """(trials that count toward the budget: COMPLETE and PRUNED, FAIL): a failed trial is
+    replaced, so it is not one of the study's n_trials."""
+    from optuna.trial import TrialState
+
+    trials = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL))
+    failed = sum(t.state == TrialState.FAIL for t in trials)
+    return len(trials) - failed, failed
+
+
+def duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f}s"
+    if seconds < 5400:
+        return f"{seconds / 60:.1f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+def progress_text(done: int, done_at_start: int, n_trials: int, started: float, failed: int = 0) -> str:
+    """Elapsed time since this command started, the ETA of the study's last trial at this
+    command's rate so far, and that rate in trials an hour."""
+    elapsed = max(1e-6, time.time() - started)
+    finished = done - done_at_start
+    parts = [f"elapsed {duration(elapsed)}"]
+    if finished > 0:
+        rate = finished / elapsed
+        parts += [f"ETA {duration(max(0, n_trials - done) / rate)}", f"{3600 * rate:.1f} trials/h"]
+    if failed:
+        parts.append(f"{failed} failed")
+    return ", ".join(parts)
+
+
 def trial_line(metrics: list[str], n_trials: int, done: str, number: int, status: TrialStatus, value: Any,
-               overrides: list[str], wall: str, at_step: int | None = None) -> str:
+               overrides: list[str], wall: str, at_step: int | None = None, progress: str = "") -> str:
     """The one line a sweep prints per finished trial (packed or not)."""
     if isinstance(value, list):
         shown = " ".join(f"{m}={v:.4g}" for m, v in zip(metrics, value))
@@ -24,4 +58,5 @@ def trial_line(metrics: list[str], n_trials: int, done: str, number: int, status
         shown = f"{metrics[0]}={value:.4f}" if value is not None else metrics[0] + "=-"
     if at_step is not None:
         shown += f"@{at_step}"
-    return f"[{done}/{n_trials}] trial {number:>3} {status.value:<8} {shown}  {' '.join(overrides)}  ({wall})"
+    tail = f"  [{progress}]" if progress else ""
+    return f"[{done}/{n_trials}] trial {number:>3} {status.value:<8} {shown}  {' '.join(overrides)}  ({wall}){tail}"

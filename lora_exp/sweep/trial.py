@@ -15,9 +15,10 @@ from lora_exp.core.recording import NullTracker
 from lora_exp.core.status import TrialStatus
 from lora_exp.core.training import run_trial
 from lora_exp.errors import ConfigError
+from lora_exp.sweep.checkpoints import RunCheckpoint, retried_run
 from lora_exp.sweep.outcome import TrialOutcome, outcome_of, record_outcome
 from lora_exp.sweep.plan import SweepPlan
-from lora_exp.sweep.report import trial_line, write_line
+from lora_exp.sweep.report import progress_text, study_counts, trial_line, write_line
 from lora_exp.sweep.spec import SweepSpec, suggest
 from lora_exp.sweep.storage import load_base_cache, save_base_cache
 from lora_exp.tracking import parent
@@ -31,6 +32,8 @@ class WorkerContext:
     """Per-process caches: the base model is loaded once per worker, data once per data config."""
 
     device: Any
+    #: this worker's line for its progress bar on a terminal (one bar per worker)
+    position: int | None = None
     bases: dict[str, BaseModel] = field(default_factory=dict)
     datasets: dict[str, Any] = field(default_factory=dict)
 
@@ -38,7 +41,9 @@ class WorkerContext:
         mkey = repr(cfg.model)
         if mkey not in self.bases:
             self.bases.clear()  # one base in memory at a time
+            log.info("loading model %s (%s) on %s", cfg.model.name, cfg.model.source, self.device)
             self.bases[mkey] = load_base(cfg.model, self.device)
+            log.info("model %s loaded in %.1fs", cfg.model.name, self.bases[mkey].load_seconds)
         base = self.bases[mkey]
         dkey = repr((cfg.data, mkey))
         if dkey not in self.datasets:
@@ -103,12 +108,18 @@ def run_one_trial(plan: SweepPlan, study: Any, trial: Any, context: WorkerContex
         base, data = context.prepare(cfg)
         load_base_cache(study, base)
         tracker = NullTracker()
+        checkpoint = None
         if cfg.tracking.enabled:
+            resume_from = retried_run(study, trial)
             tracker = open_run(cfg.tracking, f"{plan.study_name}-trial-{trial.number}",
                                trial_tags(plan, trial.number, overrides), plan.parent_run_id)
             trial.set_user_attr("mlflow_run_id", tracker.run_id)  # an orphan's run is found again
+            checkpoint = RunCheckpoint(tracker, resume_from)
         callbacks = [] if plan.spec.multi else [PruningCallback(trial, plan.spec.metric)]
-        result = run_trial(cfg, base, data, tracker, callbacks=callbacks)
+        result = run_trial(cfg, base, data, tracker, callbacks=callbacks, label=f"trial {trial.number}",
+                           position=context.position, checkpoint=checkpoint)
+        if checkpoint is not None:
+            checkpoint.drop()
         save_base_cache(study, base)
         outcome = outcome_of(trial.number, trial._trial_id, result, plan.spec.metrics, plan.spec.multi, overrides,
                              time.perf_counter() - start)
@@ -130,13 +141,13 @@ def _failed(trial: Any, overrides: list[str], reason: str, start: float) -> Tria
                         wall_s=time.perf_counter() - start)
 
 
-def print_trial_line(plan: SweepPlan, study: Any, outcome: TrialOutcome, wall: str, done: str | None = None) -> None:
-    """The trial's line, `[finished/n_trials]` counted from the study unless `done` is given."""
-    if done is None:
-        from optuna.trial import TrialState
-
-        done = str(len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED,
-                                                                  TrialState.FAIL))))
+def print_trial_line(plan: SweepPlan, study: Any, outcome: TrialOutcome, wall: str, label: str = "",
+                     counts: tuple[int, int] | None = None) -> None:
+    """The trial's line: `[done/n_trials]` (completed and pruned trials: failed ones are replaced)
+    counted from the study unless `counts` (done, failed) are given, and the sweep's elapsed time,
+    ETA and rate so far."""
+    done, failed = counts if counts is not None else study_counts(study)
     at_step = outcome.steps if outcome.status is TrialStatus.PRUNED else None
-    write_line(trial_line(plan.spec.metrics, plan.n_trials, done, outcome.number, outcome.status,
-                          outcome.shown_value, outcome.overrides, wall, at_step))
+    progress = progress_text(done, plan.done_at_start, plan.n_trials, plan.started, failed)
+    write_line(trial_line(plan.spec.metrics, plan.n_trials, f"{label}{done}", outcome.number, outcome.status,
+                          outcome.shown_value, outcome.overrides, wall, at_step, progress))

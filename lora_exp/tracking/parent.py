@@ -12,6 +12,7 @@ from typing import Any
 
 from lora_exp.config import TrackingConfig
 from lora_exp.tracking.provenance import provenance, redact_text
+from lora_exp.tracking.pyfunc import log_adapter_model
 from lora_exp.tracking.runs import write_table
 from lora_exp.tracking.store import connect
 
@@ -91,6 +92,24 @@ def _params(values: dict[str, Any]) -> list[Any]:
     from mlflow.entities import Param
 
     return [Param(k, redact_text(str(v))[:6000]) for k, v in values.items()]
+
+
+def monitor_system(record: SweepRecord) -> Any:
+    """CPU, memory, disk, network (and GPU, with nvidia-ml-py) of this machine as the parent run's
+    `system/*` metrics, every 10 s until `.finish()`; None where nothing is tracked. Each machine of
+    a shared study logs under its host name."""
+    if record.run_id is None:
+        return None
+    import socket
+
+    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+    uri = connect(record.tracking)[0].tracking_uri
+    shared = not record.tracking.uri.startswith("sqlite:")
+    monitor = SystemMetricsMonitor(record.run_id, sampling_interval=10, resume_logging=True, tracking_uri=uri,
+                                   node_id=socket.gethostname() if shared else None)
+    monitor.start()
+    return monitor
 
 
 def close_orphan_runs(record: SweepRecord, study: Any) -> None:
@@ -205,7 +224,9 @@ def _publish_best(client: Any, record: SweepRecord, best: Any) -> None:
 
 
 def publish_adapter(client: Any, name: str, parent_run_id: str | None, run_id: str, number: int, value: Any) -> None:
-    """Copy a trial's adapter to the parent (`best_adapter/`) and point `models:/<name>@best` at it."""
+    """A new best trial: its adapter copied to the parent (`best_adapter/`, a plain peft folder),
+    logged as an MLflow model (a LoggedModel of the sweep's parent run that loads with
+    `mlflow.pyfunc.load_model` and generates), and `models:/<name>@best` pointed at it."""
     from mlflow.exceptions import MlflowException
 
     try:
@@ -221,8 +242,14 @@ def publish_adapter(client: Any, name: str, parent_run_id: str | None, run_id: s
         client.create_registered_model(name, description=f"Best LoRA adapter of the lora-exp study {name!r}")
     except MlflowException:
         pass  # exists already
-    source = f"{client.get_run(run_id).info.artifact_uri}/adapter"
-    version = client.create_model_version(name, source=source, run_id=run_id,
+    run = client.get_run(run_id)
+    params = {k: run.data.params[k] for k in ("lora.r", "lora.lora_alpha", "lora.lora_dropout", "target_modules",
+                                              "trainer.lr", "model.name") if k in run.data.params}
+    tags = {"lora_exp.study": name, "trial_number": str(number), "trial_run_id": run_id, "value": str(value)}
+    model = log_adapter_model(client, run_id, parent_run_id or run_id, run.info.experiment_id, f"{name}-best",
+                              params, tags)
+    version = client.create_model_version(name, source=model.artifact_location, run_id=run_id,
+                                          model_id=model.model_id,
                                           tags={"trial_number": str(number), "value": str(value)})
     client.set_registered_model_alias(name, BEST_ALIAS, version.version)
 
@@ -273,17 +300,35 @@ def _log_plots(client: Any, record: SweepRecord, study: Any, trials: list[Any]) 
 # --- the end ---------------------------------------------------------------------------------
 
 
-def finish_parent(study: Any, record: SweepRecord) -> str:
-    """Final refresh, close the parent (unless trials still run elsewhere), and the summary text."""
+def finish_parent(study: Any, record: SweepRecord, stopped: str | None = None) -> str:
+    """Final refresh, close the parent, and the summary text. The parent closes FINISHED when the
+    study holds its n_trials; KILLED (tag `sweep_state`: stopped, and why) when this command stopped
+    before (`stopped`: Ctrl-C, max_failures, an error, the timeout) and no trial runs elsewhere; it
+    stays RUNNING only while another process or machine still trains the study's trials (the last
+    of them closes it). The next start sets it RUNNING again."""
+    import optuna
     from optuna.trial import TrialState
 
+    optuna.storages.fail_stale_trials(study)  # a killed worker's trials are not "running elsewhere"
     trials = study.get_trials(deepcopy=False)
     best = best_trial(study)
     if record.run_id is not None:
         refresh(record, study, best.number if best else -1, final=True)
-        if not any(t.state in (TrialState.RUNNING, TrialState.WAITING) for t in trials):
+        done = sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in trials)
+        elsewhere = any(t.state == TrialState.RUNNING for t in trials)
+        waiting = any(t.state == TrialState.WAITING for t in trials)
+        if done >= record.n_trials and not elsewhere:
+            status, tags = "FINISHED", {"sweep_state": "finished"}
+        elif not elsewhere and (stopped or waiting or done < record.n_trials):
+            status, tags = "KILLED", {"sweep_state": "stopped", "sweep_stop_reason": stopped or "stopped early"}
+        else:
+            status, tags = None, {}
+        if status is not None:
             try:
-                connect(record.tracking)[0].set_terminated(record.run_id, "FINISHED")
+                client = connect(record.tracking)[0]
+                for key, value in tags.items():
+                    client.set_tag(record.run_id, key, redact_text(value)[:5000])
+                client.set_terminated(record.run_id, status)
             except Exception as exc:  # noqa: BLE001 - the next start closes it
                 log.warning("could not close the parent run: %s", exc)
     counts = {s: sum(t.state == s for t in trials) for s in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)}

@@ -12,7 +12,7 @@ import traceback
 from pathlib import Path
 from typing import Any, Iterator
 
-from lora_exp.config import TrackingConfig
+from lora_exp.config import TrackingConfig, resolve_path
 from lora_exp.core.recording import NullTracker, Tracker
 from lora_exp.tracking.provenance import provenance, redact_text
 from lora_exp.tracking.store import connect
@@ -69,6 +69,27 @@ class MlflowTracker:
 
     def log_table(self, table: dict[str, list[Any]], artifact_file: str) -> None:
         self.client.log_table(self.run_id, data=table, artifact_file=artifact_file)
+
+    def log_dataset(self, name: str, digest: str, source: str, context: str) -> None:
+        """A dataset the run used, as an MLflow input (the run page's Datasets): files by path
+        (`pkg:` ones where the package holds them), hub datasets by their page."""
+        import warnings
+
+        from mlflow.data.dataset_source_registry import resolve_dataset_source
+        from mlflow.data.http_dataset_source import HTTPDatasetSource
+        from mlflow.data.meta_dataset import MetaDataset
+        from mlflow.entities import DatasetInput, InputTag
+
+        head = source.split(",", 1)[0]
+        if ":" in head and not head.startswith("pkg:") and "/" in head.split(":", 1)[0]:  # a hub dataset, path:split
+            origin: Any = HTTPDatasetSource(f"https://huggingface.co/datasets/{head.split(':', 1)[0]}")
+        else:
+            with warnings.catch_warnings():  # "can be interpreted in multiple ways": a local file either way
+                warnings.simplefilter("ignore")
+                origin = resolve_dataset_source(str(resolve_path(head).resolve()))
+        entity = MetaDataset(source=origin, name=name, digest=digest[:36])._to_mlflow_entity()
+        tags = [InputTag("mlflow.data.context", context)]
+        self.client.log_inputs(self.run_id, datasets=[DatasetInput(entity, tags=tags)])
 
 
 def param_value(value: Any) -> str:

@@ -5,7 +5,6 @@ import json
 
 import pytest
 import torch
-from helpers import TINY
 
 from lora_exp.compose import compose
 from lora_exp.core.adapters import attach_adapter, count_parameters, detach_adapter
@@ -16,6 +15,8 @@ from lora_exp.core.recording import NullTracker, trainable_line
 from lora_exp.core.status import TrialStatus
 from lora_exp.core.training import NonFiniteLoss, run_trial
 from lora_exp.tracking.runs import start_run
+
+from helpers import TINY
 
 
 def setup_trial(overrides):

@@ -1,28 +1,8 @@
-"""The installed `lora-exp` entry point, as a user runs it: exit codes, one-line errors."""
+"""The installed `lora-exp` entry point, as a user runs it (the bad-input table of every command is
+tests/e2e/test_bad_input.py)."""
 from __future__ import annotations
 
-import pytest
 from helpers import TINY, run_cli
-
-BAD_INPUT = [
-    (["lora.r=0"], "lora.r: must be >= 1, got 0"),
-    (["model=nope"], "unknown model option 'nope'"),
-    (["lora.lora_dropout=1.0"], "lora.lora_dropout"),
-    (["lora.target_modules=[c_attn]"], "has no module c_attn"),
-    (["data.train_files=[nope.jsonl]"], "file not found: nope.jsonl"),
-    (["lora.rr=3"], "lora.rr"),
-    (["tracking.uri=mlruns"], "tracking.uri: 'mlruns' is not a URI"),
-]
-
-
-@pytest.mark.parametrize("overrides,message", BAD_INPUT, ids=[o[0] for o, _ in BAD_INPUT])
-def test_bad_input_one_line_exit_2_nothing_written(workdir, overrides, message):
-    proc = run_cli("train", *overrides, cwd=workdir)
-    assert proc.returncode == 2, proc.stderr
-    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
-    assert len(lines) == 1, proc.stderr
-    assert message in lines[0] and lines[0].startswith("lora-exp: error: ")
-    assert not (workdir / "mlruns").exists(), "bad input writes nothing"
 
 
 def test_empty_dataset_fails_before_the_model_loads(workdir):

@@ -7,9 +7,10 @@ import re
 
 import pytest
 import torch
-from helpers import REPO, run_cli
 
 from lora_exp.sweep.command import cmd_sweep
+
+from helpers import REPO, run_cli
 
 os.environ["LORA_EXP_SWEEPS_DIR"] = str(REPO / "sweeps")
 

@@ -4,10 +4,11 @@ from __future__ import annotations
 import subprocess
 
 import pytest
-from helpers import CONF, REPO, run_cli
 
 from lora_exp.compose import compose, from_container
 from lora_exp.errors import ConfigError
+
+from helpers import CONF, REPO, run_cli
 
 
 @pytest.mark.parametrize("target", ["ui", "server", "dashboard"])

@@ -9,14 +9,15 @@ import sys
 from pathlib import Path
 
 import pytest
-from helpers import REPO, load_study, run_cli, sweep_runs
 
 from lora_exp.sweep.command import cmd_sweep
+
+from helpers import REPO, load_study, run_cli, sweep_runs
 
 os.environ["LORA_EXP_SWEEPS_DIR"] = str(REPO / "sweeps")
 
 
-def test_tiny_sweep_prunes_and_mlflow_matches_optuna(workdir, store, capsys):
+def test_tiny_sweep_prunes_and_mlflow_matches_optuna(workdir, store, capsys, monkeypatch):
     assert cmd_sweep(["sweep=tiny", "n_trials=6"]) == 0
     out = capsys.readouterr().out
     study = load_study(f"sqlite:///{workdir}/mlruns/optuna.db")
@@ -58,12 +59,14 @@ def test_tiny_sweep_prunes_and_mlflow_matches_optuna(workdir, store, capsys):
     reproduce = next(line for line in out.splitlines() if line.startswith("reproduce: "))
     assert reproduce.endswith(" ".join(best.user_attrs["overrides"]))
 
-    # The best adapter loads through the registry alias in one call.
+    # The best adapter comes through the registry alias in one call: an MLflow model holding the
+    # peft folder.
     import mlflow
 
-    mlflow.set_tracking_uri(store)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", store)
     path = mlflow.artifacts.download_artifacts("models:/tiny@best")
-    assert (Path(path) / "adapter_config.json").is_file()
+    assert (Path(path) / "MLmodel").is_file()
+    assert (Path(path) / "artifacts" / "adapter" / "adapter_config.json").is_file()
 
     # Running the same command again adds nothing and keeps one parent.
     assert cmd_sweep(["sweep=tiny", "n_trials=6"]) == 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from kernel_checks import (
     ATTENTION_SCRIPT,
     LORA_SCRIPT,

@@ -4,6 +4,7 @@ CPU builds of torch do not bring it; `make setup` installs it (the test extra)."
 from __future__ import annotations
 
 import pytest
+
 from kernel_checks import ATTENTION_SCRIPT, LORA_SCRIPT, PACK_SCRIPT, SCRIPT, run_checks
 
 pytest.importorskip("triton")  # installed by `make setup` on x86-64 Linux (pyproject test extra)

@@ -5,13 +5,14 @@ from __future__ import annotations
 import os
 
 import pytest
-from helpers import REPO
 
 from lora_exp.compose import compose
 from lora_exp.errors import ConfigError
 from lora_exp.sweep.command import cmd_sweep
 from lora_exp.sweep.plan import parse_options
 from lora_exp.sweep.spec import corner_overrides, load_sweep, parse_sweep
+
+from helpers import REPO
 
 os.environ["LORA_EXP_SWEEPS_DIR"] = str(REPO / "sweeps")
 
