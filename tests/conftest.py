@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 
 import pytest
+
 from helpers import CONF
 
 os.environ["LORA_EXP_CONFIG_DIR"] = str(CONF)
@@ -26,8 +27,9 @@ def store(workdir):
 
 
 @pytest.fixture
-def postgres_url():
-    """A fresh database on the PostgreSQL server that .ci/run starts (LORA_EXP_TEST_POSTGRES_URL)."""
+def postgres_db():
+    """Makes fresh databases on the PostgreSQL server that .ci/run starts (LORA_EXP_TEST_POSTGRES_URL);
+    drops them after the test."""
     import uuid
 
     import sqlalchemy
@@ -37,12 +39,30 @@ def postgres_url():
         if os.environ.get("CI"):
             pytest.fail("CI must provide LORA_EXP_TEST_POSTGRES_URL (.ci/run starts PostgreSQL)")
         pytest.skip("no PostgreSQL server: set LORA_EXP_TEST_POSTGRES_URL (as .ci/run does)")
-    name = f"loraexp_{uuid.uuid4().hex[:10]}"
     engine = sqlalchemy.create_engine(admin_url, isolation_level="AUTOCOMMIT")
+    made = []
+
+    def make() -> str:
+        name = f"loraexp_{uuid.uuid4().hex[:10]}"
+        with engine.connect() as conn:
+            conn.execute(sqlalchemy.text(f'CREATE DATABASE "{name}"'))
+        made.append(name)
+        return admin_url.rsplit("/", 1)[0] + "/" + name
+
+    yield make
     with engine.connect() as conn:
-        conn.execute(sqlalchemy.text(f'CREATE DATABASE "{name}"'))
-    url = admin_url.rsplit("/", 1)[0] + "/" + name
-    yield url
-    with engine.connect() as conn:
-        conn.execute(sqlalchemy.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        for name in made:
+            conn.execute(sqlalchemy.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
     engine.dispose()
+
+
+@pytest.fixture
+def postgres_url(postgres_db):
+    """A fresh database on the test PostgreSQL server."""
+    return postgres_db()
+
+
+@pytest.fixture
+def postgres_url_2(postgres_db):
+    """Another one (MLflow and Optuna each need a database of their own: both keep alembic_version)."""
+    return postgres_db()

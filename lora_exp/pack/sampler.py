@@ -125,7 +125,7 @@ def sampler_main(plan: SweepPlan, worker_index: int, requests: Any, answers: Any
     name_process("lora-exp-sample")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     quiet_libraries()
-    study = open_study(plan.spec, plan.options.storage, plan.study_name, create=False, worker_index=worker_index)
+    study = open_study(plan.spec, plan.options.storage, plan.study_name, create=False)
     values = base_values(plan.base)
     reader = TrialReader(study)  # each batch reads only the trials finished since and those live
     parent = multiprocessing.parent_process()

@@ -19,16 +19,19 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
 import yaml
 
-from lora_exp.config import PACKAGE_DIR
+from lora_exp.config import shipped_dir
 from lora_exp.errors import ConfigError
 
 SAMPLERS = ("tpe", "random", "grid", "gp", "nsga2")
+#: a study's name names its MLflow parent run and registered model too: letters, digits, . _ -
+STUDY_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
 PRUNERS = ("median", "hyperband", "none")
 TYPES = ("categorical", "int", "float")
 DIRECTIONS = ("minimize", "maximize")
@@ -97,12 +100,19 @@ class SweepSpec:
         return [d for _, d in self.objectives]
 
 
-def sweeps_dir() -> Path:
+def sweep_dirs() -> list[Path]:
+    """Where sweep files are looked up, first match wins: $LORA_EXP_SWEEPS_DIR if set; else
+    `./sweeps` in the working folder, then the shipped ones."""
     env = os.environ.get("LORA_EXP_SWEEPS_DIR")
     if env:
-        return Path(env)
-    local = Path.cwd() / "sweeps"
-    return local if local.is_dir() else PACKAGE_DIR.parent / "sweeps"
+        return [Path(env)]
+    local, shipped = Path.cwd() / "sweeps", shipped_dir("sweeps")
+    return [local, shipped] if local.is_dir() and local.resolve() != shipped.resolve() else [shipped]
+
+
+def sweep_names() -> list[str]:
+    """The sweep files `sweep=NAME` can name."""
+    return sorted({p.stem for d in sweep_dirs() for p in d.glob("*.yaml")})
 
 
 def find_sweep_file(name: str) -> Path:
@@ -112,11 +122,10 @@ def find_sweep_file(name: str) -> Path:
         if not path.is_file():
             raise ConfigError(f"sweep: file not found: {name}")
         return path
-    path = sweeps_dir() / f"{name}.yaml"
-    if not path.is_file():
-        known = sorted(p.stem for p in sweeps_dir().glob("*.yaml"))
-        raise ConfigError(f"sweep: unknown sweep {name!r} (available: {', '.join(known)})")
-    return path
+    for folder in sweep_dirs():
+        if (folder / f"{name}.yaml").is_file():
+            return folder / f"{name}.yaml"
+    raise ConfigError(f"sweep: unknown sweep {name!r} (available: {', '.join(sweep_names())})")
 
 
 def load_sweep(name: str) -> SweepSpec:
@@ -141,6 +150,7 @@ def parse_sweep(raw: Any, name: str, text: str = "") -> SweepSpec:
     _need(not unknown, where, f"unknown key(s) {', '.join(map(str, unknown))} (known: {', '.join(sorted(known))})")
     study = raw.get("study", name)
     _need(isinstance(study, str) and bool(study.strip()), f"{where}: study", "must be a non-empty name")
+    check_study_name(study.strip(), f"{where}: study")
     objective = raw.get("objective", {}) or {}
     entries = objective if isinstance(objective, list) else [objective]
     _need(len(entries) >= 1, f"{where}: objective", "must name at least one metric")
@@ -187,6 +197,13 @@ def parse_sweep(raw: Any, name: str, text: str = "") -> SweepSpec:
     return SweepSpec(name=name, study=study.strip(), objectives=tuple(objectives), n_trials=n_trials,
                      timeout=timeout, sampler=sampler, pruner=pruner, base=list(base), space=space,
                      max_failures=max_failures, heartbeat_seconds=float(heartbeat), text=text)
+
+
+def check_study_name(name: str, where: str = "study") -> None:
+    """A study name that MLflow's registry and run names take as it is (no path, no spaces)."""
+    _need(bool(STUDY_NAME.match(name)) and ".." not in name, where,
+          f"{name!r} is not a study name (letters, digits, '.', '_' and '-', at most 100, starting with a letter "
+          f"or digit)")
 
 
 def _named(value: Any, allowed: tuple[str, ...], where: str) -> dict[str, Any]:

@@ -10,6 +10,7 @@ from typing import Any
 
 from lora_exp.errors import ConfigError, LoraExpError
 from lora_exp.sweep.spec import SweepSpec
+from lora_exp.tracking.locks import store_lock
 from lora_exp.tracking.provenance import redact_uri
 
 log = logging.getLogger("lora_exp")
@@ -26,28 +27,54 @@ FINISHED_STATES = ("COMPLETE", "PRUNED", "FAIL")
 FULL_READ_ABOVE = 5000
 
 
-def make_sampler(spec: SweepSpec, worker_index: int = 0) -> Any:
-    """The sampler; each worker offsets the seed, or parallel workers would draw the same values."""
+def make_sampler(spec: SweepSpec) -> Any:
+    """The sweep file's sampler, its random draws seeded per trial (`seed_per_trial`)."""
     import optuna
 
     opts = {k: v for k, v in spec.sampler.items() if k != "name"}
-    if opts.get("seed") is not None:
-        opts["seed"] = int(opts["seed"]) + worker_index
     name = spec.sampler["name"]
     if name == "tpe":
         opts.setdefault("seed", 42)
         opts.setdefault("constant_liar", True)  # trials in flight count as pending for other workers
         opts.setdefault("multivariate", True)
-        return optuna.samplers.TPESampler(**opts)
-    if name == "random":
-        return optuna.samplers.RandomSampler(**opts)
-    if name == "gp":
-        return optuna.samplers.GPSampler(**opts)
-    if name == "nsga2":
-        return optuna.samplers.NSGAIISampler(**opts)
-    grid = {k: (p.choices if p.type == "categorical" else list(range(int(p.low), int(p.high) + 1, int(p.step or 1))))
-            for k, p in spec.space.items()}
-    return optuna.samplers.GridSampler(grid, **opts)
+        sampler = optuna.samplers.TPESampler(**opts)
+    elif name == "random":
+        sampler = optuna.samplers.RandomSampler(**opts)
+    elif name == "gp":
+        sampler = optuna.samplers.GPSampler(**opts)
+    elif name == "nsga2":
+        sampler = optuna.samplers.NSGAIISampler(**opts)
+    else:
+        grid = {k: (p.choices if p.type == "categorical" else list(range(int(p.low), int(p.high) + 1,
+                                                                          int(p.step or 1))))
+                for k, p in spec.space.items()}
+        sampler = optuna.samplers.GridSampler(grid, **opts)
+    if opts.get("seed") is not None:
+        seed_per_trial(sampler, int(opts["seed"]))
+    return sampler
+
+
+def seed_per_trial(sampler: Any, seed: int) -> None:
+    """Reseed the sampler's random draws for each trial from (seed, trial number).
+
+    A seeded sampler otherwise restarts its draws in every process: a resumed sweep's first new
+    trial drew trial 0's values again, and processes started together on one study drew the same
+    values as each other. Seeded by trial number, each trial draws its own values, the same ones
+    whichever process or worker samples it, and a fresh study stays reproducible. (Optuna keeps the
+    generators in `_rng` attributes of the sampler and of the random sampler it falls back to.)"""
+    from lora_exp.core.randomness import mix_int
+
+    rngs = [getattr(obj, "_rng", None) for obj in (sampler, getattr(sampler, "_random_sampler", None),
+                                                    getattr(sampler, "_independent_sampler", None))]
+    rngs = [r for r in rngs if r is not None and hasattr(r, "rng")]
+    original = sampler.before_trial
+
+    def before_trial(study: Any, trial: Any) -> None:
+        for i, state in enumerate(rngs):
+            state.rng.seed(mix_int(mix_int(seed) ^ (trial.number + 0x9E3779B1 * i)))
+        original(study, trial)
+
+    sampler.before_trial = before_trial
 
 
 def make_pruner(spec: SweepSpec) -> Any:
@@ -72,13 +99,14 @@ def retry_stale(max_retry: int) -> dict[str, Any]:
     import optuna
 
     cls = getattr(optuna.storages, "RetryHeartbeatStaleTrialCallback", None)
+    # the retry carries its predecessor's reports: it resumes at the last eval (sweep.checkpoints)
     if cls is None:
-        return {"failed_trial_callback": optuna.storages.RetryFailedTrialCallback(max_retry=max_retry)}
-    return {"heartbeat_stale_trial_callback": cls(max_retry=max_retry)}
+        return {"failed_trial_callback": optuna.storages.RetryFailedTrialCallback(
+            max_retry=max_retry, inherit_intermediate_values=True)}
+    return {"heartbeat_stale_trial_callback": cls(max_retry=max_retry, inherit_intermediate_values=True)}
 
 
-def open_study(plan_or_spec: SweepSpec, storage_url: str, study_name: str, create: bool,
-               worker_index: int = 0) -> Any:
+def open_study(plan_or_spec: SweepSpec, storage_url: str, study_name: str, create: bool) -> Any:
     """The study, through a storage that records heartbeats. With `create`: (study, whether this
     process created it); the creator opens the sweep's parent run."""
     import warnings
@@ -86,26 +114,28 @@ def open_study(plan_or_spec: SweepSpec, storage_url: str, study_name: str, creat
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    spec = plan_or_spec
     try:
-        with warnings.catch_warnings():  # heartbeats and their retry callback are "experimental" in Optuna
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        # processes that start together take turns: the first creates the tables (the storage's
+        # migrations) and the study, the others find them
+        with store_lock(storage_url, "optuna-init"), warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # heartbeats, retries
             storage = optuna.storages.RDBStorage(
                 storage_url, engine_kwargs=engine_kwargs(storage_url),
-                heartbeat_interval=int(max(1, plan_or_spec.heartbeat)), grace_period=int(max(2, plan_or_spec.grace)),
+                heartbeat_interval=int(max(1, spec.heartbeat)), grace_period=int(max(2, spec.grace)),
                 **retry_stale(max_retry=RETRIES))
-        if storage_url.startswith("sqlite:///"):
-            sqlite_wal(storage.engine)
-        if create:
-            try:
-                return optuna.create_study(study_name=study_name, storage=storage, load_if_exists=False,
-                                           directions=plan_or_spec.directions, sampler=make_sampler(plan_or_spec),
-                                           pruner=make_pruner(plan_or_spec)), True
-            except optuna.exceptions.DuplicatedStudyError:
-                return optuna.load_study(study_name=study_name, storage=storage,
-                                         sampler=make_sampler(plan_or_spec), pruner=make_pruner(plan_or_spec)), False
-        return optuna.load_study(study_name=study_name, storage=storage,
-                                 sampler=make_sampler(plan_or_spec, worker_index),
-                                 pruner=make_pruner(plan_or_spec))
+            if storage_url.startswith("sqlite:///"):
+                sqlite_wal(storage.engine)
+            if create:
+                try:
+                    return optuna.create_study(study_name=study_name, storage=storage, load_if_exists=False,
+                                               directions=spec.directions, sampler=make_sampler(spec),
+                                               pruner=make_pruner(spec)), True
+                except optuna.exceptions.DuplicatedStudyError:
+                    return optuna.load_study(study_name=study_name, storage=storage, sampler=make_sampler(spec),
+                                             pruner=make_pruner(spec)), False
+            return optuna.load_study(study_name=study_name, storage=storage, sampler=make_sampler(spec),
+                                     pruner=make_pruner(spec))
     except LoraExpError:
         raise
     except Exception as exc:  # SQLAlchemy / driver errors: unreachable or wrong URL
@@ -222,13 +252,16 @@ class TrialReader:
         return [self._finished[i] for i in ids]
 
 
-def top_up(study: Any, n_trials: int) -> int:
-    """Enqueue WAITING trials until the study holds n_trials live ones; returns how many were added."""
+def top_up(study: Any, n_trials: int, storage_url: str) -> int:
+    """Enqueue WAITING trials until the study holds n_trials live ones; returns how many were added.
+    Under the study's lock: processes starting together count and add in turn, so the study ends
+    with n_trials, not n_trials per process."""
     from optuna.trial import TrialState
 
-    live = len(study.get_trials(deepcopy=False, states=tuple(TrialState[s] for s in LIVE)))
-    for _ in range(max(0, n_trials - live)):
-        study.enqueue_trial({}, skip_if_exists=False)
+    with store_lock(storage_url, f"top-up:{study.study_name}"):
+        live = len(stored_trials(study, tuple(TrialState[s] for s in LIVE)))  # as the database holds them now
+        for _ in range(max(0, n_trials - live)):
+            study.enqueue_trial({}, skip_if_exists=False)
     return max(0, n_trials - live)
 
 

@@ -33,7 +33,7 @@ log = logging.getLogger("lora_exp")
 #: how long a worker waits for an unreachable tracking store before it stops (trials stay queued)
 TRACKING_WAIT_S = float(os.environ.get("LORA_EXP_TRACKING_WAIT_SECONDS", "600"))
 FAILURE_LIMIT_EXIT = 3
-NOISY_LOGGERS = ("httpx", "urllib3", "alembic", "mlflow", "datasets", "filelock")
+NOISY_LOGGERS = ("httpx", "urllib3", "alembic", "mlflow", "datasets", "filelock", "absl", "sentence_transformers")
 
 #: (plan, worker index, stop flag, study, context) -> False if the failure limit stopped it
 PackedWorker = Callable[[SweepPlan, int, "StopFlag", Any, WorkerContext], bool]
@@ -51,7 +51,7 @@ def quiet_libraries() -> None:
 
         warnings.filterwarnings("ignore", category=ExperimentalWarning)
     if not os.environ.get("LORA_EXP_VERBOSE"):
-        logging.getLogger("lora_exp.training").setLevel(logging.WARNING)
+        logging.getLogger("lora_exp.core.training").setLevel(logging.WARNING)  # a parameter count per trial
         from transformers.utils import logging as hf_logging
 
         hf_logging.set_verbosity_error()
@@ -112,13 +112,14 @@ def run_worker(plan: SweepPlan, worker_index: int, n_workers: int | None = 1,
     them K at a time when the plan packs). Returns False when the failure limit stopped it."""
     import torch
 
-    if n_workers is None:  # a worker process: share the CPU cores with the other workers
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // plan.workers))
+    if n_workers is None:  # a worker process: share the CPU cores with the other workers (as its trials record)
+        torch.set_num_threads(plan.base.trainer.num_threads or max(1, (os.cpu_count() or 1) // plan.workers))
     stop = StopFlag()
     previous = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)} \
         if multiprocessing.current_process().name == "MainProcess" or n_workers is None else {}
-    study = open_study(plan.spec, plan.options.storage, plan.study_name, create=False, worker_index=worker_index)
-    context = WorkerContext(device=pick_device(plan.base.trainer.device))
+    study = open_study(plan.spec, plan.options.storage, plan.study_name, create=False)
+    context = WorkerContext(device=pick_device(plan.base.trainer.device),
+                            position=worker_index if plan.workers > 1 else None)
     try:
         if plan.pack > 1:
             if packed is None:

@@ -9,6 +9,7 @@ from typing import Any
 
 from lora_exp.config import TrackingConfig
 from lora_exp.errors import ConfigError
+from lora_exp.tracking.locks import store_lock
 from lora_exp.tracking.provenance import redact_uri
 
 log = logging.getLogger(__name__)
@@ -33,13 +34,19 @@ def connect(cfg: TrackingConfig) -> tuple[Any, str]:
         raise ConfigError(f"tracking.uri: {uri!r} is not a URI (sqlite:///path.db, postgresql://..., "
                           f"http://host:port); MLflow 3 refuses plain file stores")
     client = _clients.get(uri)
-    if client is None:
-        client = _clients[uri] = MlflowClient(tracking_uri=uri)
     try:
-        experiment = client.get_experiment_by_name(cfg.experiment)
+        if client is None:
+            if uri.startswith(("http://", "https://")):
+                check_server(uri)  # seconds and one line, not minutes of retries
+            with store_lock(uri, "mlflow-init"):  # one process at a time runs a new store's migrations
+                client = MlflowClient(tracking_uri=uri)
+                experiment = client.get_experiment_by_name(cfg.experiment)
+            _clients[uri] = client
+        else:
+            experiment = client.get_experiment_by_name(cfg.experiment)
         if experiment is not None:
             return client, experiment.experiment_id
-        location = None if uri.startswith(("http://", "https://")) else Path(cfg.artifact_root).resolve().as_uri()
+        location = None if uri.startswith(("http://", "https://")) else artifact_root(cfg, uri).as_uri()
         try:
             # the UI then opens on the runs table (model training), not on the GenAI overview
             return client, client.create_experiment(cfg.experiment, artifact_location=location,
@@ -53,11 +60,40 @@ def connect(cfg: TrackingConfig) -> tuple[Any, str]:
         raise ConfigError(f"tracking.uri: cannot use {redact_uri(uri)}: {str(exc).splitlines()[0]}") from exc
 
 
+def artifact_root(cfg: TrackingConfig, uri: str) -> Path:
+    """Where a new experiment keeps its artifacts: `tracking.artifact_root`, else beside the sqlite
+    file (the store and its artifacts stay together wherever the store is), else ./mlruns/artifacts."""
+    if cfg.artifact_root:
+        return Path(cfg.artifact_root).expanduser().resolve()
+    if uri.startswith("sqlite:///"):
+        return Path(uri[len("sqlite:///"):]).parent / "artifacts"
+    return Path("mlruns/artifacts").resolve()
+
+
+def check_server(uri: str, timeout: float = 5.0) -> None:
+    """A tracking server answers its health check within `timeout` seconds, or this says why not."""
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout) as answer:
+            if answer.status == 200:
+                return
+            reason = f"HTTP {answer.status}"
+    except urllib.error.HTTPError as exc:
+        reason = f"HTTP {exc.code} from /health"
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        reason = str(getattr(exc, "reason", exc)) or type(exc).__name__
+    raise ConfigError(f"tracking.uri: cannot reach the tracking server {redact_uri(uri)} ({reason})")
+
+
 def reachable(cfg: TrackingConfig) -> bool:
     """Whether the tracking store answers now (one cheap request)."""
     if not cfg.enabled:
         return True
     try:
+        if cfg.uri.startswith(("http://", "https://")):
+            check_server(cfg.uri)
         client, _ = connect(cfg)
         client.search_experiments(max_results=1)
         return True

@@ -1,12 +1,12 @@
-"""Bad input to `lora-exp sweep`: one clear line, exit code 2, nothing written. Plus fuzzing of the
+"""Bad input to every command: one clear line, exit code 2, nothing written. Plus fuzzing of the
 sweep-file and override parsers: nothing but the clean error may come out of them."""
 from __future__ import annotations
 
 import os
+import time
 
 import pytest
 import yaml
-from helpers import REPO, run_cli
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -15,50 +15,115 @@ from lora_exp.errors import ConfigError
 from lora_exp.sweep.plan import parse_options
 from lora_exp.sweep.spec import parse_sweep
 
+from helpers import REPO, run_cli
+
 os.environ["LORA_EXP_SWEEPS_DIR"] = str(REPO / "sweeps")
 
 GOOD_SPACE = "space: {lora.r: {type: int, low: 1, high: 4}}\n"
+SWEEP_HEAD = "# lora-exp sweep sweep=bad.yaml\nbase: [model=tiny_gpt2, data=seed]\n"
+RUN = "0123456789abcdef0123456789abcdef"  # a well-formed run id that no store holds
+MISSING = "tracking.uri=sqlite:///missing/mlflow.db"
+#: (name, command line, sweep file text or None, what the one line must say)
 TABLE = [
-    ("unknown group option", ["model=nope"], None, "unknown model option 'nope'"),
-    ("mistyped key", ["lora.rr=4"], None, "lora.rr"),
-    ("wrong type", ["lora.r=four"], None, "lora.r: Value 'four'"),
-    ("r = 0", ["lora.r=0"], None, "lora.r: must be >= 1, got 0"),
-    ("negative alpha", ["lora.lora_alpha=-8"], None, "lora.lora_alpha: must be > 0"),
-    ("dropout 1.0", ["lora.lora_dropout=1.0"], None, "lora.lora_dropout: must be in [0, 1)"),
-    ("module the model lacks", ["lora.target_modules=[q_proj]"], None, "has no module q_proj"),
-    ("missing data file", ["data=custom", "data.train_files=[nope.jsonl]"], None, "file not found: nope.jsonl"),
-    ("empty data file", ["data=custom", "data.train_files=[empty.jsonl]"], None, "empty.jsonl is empty"),
-    ("row without fields", ["data=custom", "data.train_files=[rows.jsonl]"], None, "has no 'answer' text"),
-    ("invalid YAML", [], "study: [oops\n", "not valid YAML"),
-    ("low > high", [], "space: {lora.r: {type: int, low: 9, high: 2}}\n", "low (9) > high (2)"),
-    ("unknown distribution", [], "space: {lora.r: {type: zipf}}\n", "unknown distribution 'zipf'"),
-    ("unknown sampler", [], "sampler: annealing\n" + GOOD_SPACE, "unknown sampler 'annealing'"),
-    ("unknown pruner", [], "pruner: {name: asha}\n" + GOOD_SPACE, "unknown pruner 'asha'"),
-    ("n_trials 0 in file", [], "n_trials: 0\n" + GOOD_SPACE, "n_trials: must be an integer >= 1"),
-    ("n_trials 0 option", ["n_trials=0"], None, "n_trials: must be >= 1"),
-    ("negative workers", ["workers=-1"], None, "workers: must be >= 1"),
-    ("unreachable storage", ["storage=postgresql://nobody:secret@127.0.0.1:1/none"], None,
+    # train: overrides, values, data, stores
+    ("r zero", ["train", "lora.r=0"], None, "lora.r: must be >= 1, got 0"),
+    ("r huge", ["train", "lora.r=1000000000"], None, "lora.r: must be <= 16384"),
+    ("key typo", ["train", "lora.rr=4"], None, "lora.rr: no such config key (did you mean lora.r?)"),
+    ("several values", ["train", "lora.r=4,8"], None, "one value per key"),
+    ("unknown group option", ["train", "model=nope"], None, "unknown model option 'nope'"),
+    ("wrong type", ["train", "lora.r=four"], None, "lora.r: Value 'four'"),
+    ("negative lr", ["train", "trainer.lr=-1"], None, "trainer.lr: must be > 0"),
+    ("dropout 1", ["train", "lora.lora_dropout=1.0"], None, "lora.lora_dropout: must be in [0, 1)"),
+    ("module the model lacks", ["train", "lora.target_modules=[c_attn]"], None, "has no module c_attn"),
+    ("missing data file", ["train", "data=custom", "data.train_files=[nope.jsonl]"], None,
+     "file not found: nope.jsonl"),
+    ("empty data file", ["train", "data=custom", "data.train_files=[empty.jsonl]"], None, "empty.jsonl is empty"),
+    ("row without the field", ["train", "data=custom", "data.train_files=[rows.jsonl]"], None, "has no 'answer' text"),
+    ("unknown metric", ["train", "trainer.generation_metrics=[bleu]"], None, "unknown metric(s) bleu"),
+    ("threads zero", ["train", "trainer.num_threads=0"], None, "trainer.num_threads: must be >= 1"),
+    ("bad pack setting", ["train", "pack.compile=fast"], None, "pack.compile: must be one of"),
+    ("sweep option in train", ["train", "n_trials=3"], None, "n_trials: not a config key but a sweep option"),
+    ("not a URI", ["train", "tracking.uri=mlruns"], None, "tracking.uri: 'mlruns' is not a URI"),
+    ("server down", ["train", "tracking.uri=http://127.0.0.1:1"], None, "cannot reach the tracking server"),
+    # sweep: options, sweep files, objectives, stores
+    ("unknown sweep", ["sweep", "sweep=nonesuch"], None, "unknown sweep 'nonesuch'"),
+    ("n_trials not a number", ["sweep", "n_trials=abc"], None, "n_trials: expected a whole number"),
+    ("n_trials zero", ["sweep", "n_trials=0"], None, "n_trials: must be >= 1"),
+    ("negative workers", ["sweep", "workers=-1"], None, "workers: must be >= 1"),
+    ("timeout zero", ["sweep", "timeout=0"], None, "timeout: must be > 0 seconds"),
+    ("pack zero", ["sweep", "pack=0"], None, "pack: must be >= 1"),
+    ("study name a path", ["sweep", "study=../../etc"], None, "'../../etc' is not a study name"),
+    ("unreachable storage", ["sweep", "storage=postgresql://nobody:secret@127.0.0.1:1/none"], None,
      "storage: cannot open postgresql://nobody:***@127.0.0.1:1/none"),
-    ("unknown sweep", ["sweep=nonesuch"], None, "unknown sweep 'nonesuch'"),
+    ("sweep server down", ["sweep", "tracking.uri=http://127.0.0.1:1"], None, "cannot reach the tracking server"),
+    ("no validation data", ["sweep", "data=custom", "data.train_files=[one.jsonl]"], None,
+     "objective eval_loss needs validation data"),
+    ("invalid YAML", ["sweep"], "study: [oops\n", "not valid YAML"),
+    ("low > high", ["sweep"], "space: {lora.r: {type: int, low: 9, high: 2}}\n", "low (9) > high (2)"),
+    ("unknown distribution", ["sweep"], "space: {lora.r: {type: zipf}}\n", "unknown distribution 'zipf'"),
+    ("unknown sampler", ["sweep"], "sampler: annealing\n" + GOOD_SPACE, "unknown sampler 'annealing'"),
+    ("unknown pruner", ["sweep"], "pruner: {name: asha}\n" + GOOD_SPACE, "unknown pruner 'asha'"),
+    ("n_trials zero in file", ["sweep"], "n_trials: 0\n" + GOOD_SPACE, "n_trials: must be an integer >= 1"),
+    ("study name with a space", ["sweep"], "study: my study\n" + GOOD_SPACE, "'my study' is not a study name"),
+    ("heartbeat zero", ["sweep"], "heartbeat_seconds: 0\n" + GOOD_SPACE, "heartbeat_seconds: must be seconds"),
+    ("objective nobody records", ["sweep"], "objective: {metric: bleu}\n" + GOOD_SPACE,
+     "objective bleu is not a metric a run records"),
+    ("metric not computed", ["sweep"], "objective: {metric: rouge_l, direction: maximize}\nbase: "
+     "[model=tiny_gpt2, data=seed, 'trainer.generation_metrics=[exact_match]']\n" + GOOD_SPACE,
+     "objective rouge_l is not computed: add rouge_l to trainer.generation_metrics"),
+    ("space value the config rejects", ["sweep"], "space: {lora.r: {type: int, low: 0, high: 4}}\n",
+     "lora.r: must be >= 1, got 0"),
+    # rerun, export, generate, best, ui: run ids, paths, stores
+    ("rerun not a run id", ["rerun", "not-a-run"], None, "'not-a-run' is not a run id"),
+    ("rerun missing store", ["rerun", RUN, MISSING], None, "no MLflow store at sqlite:///missing/mlflow.db"),
+    ("rerun unknown run", ["rerun", RUN, "tracking.uri=sqlite:///store/mlflow.db"], None, f"no run {RUN}"),
+    ("export unwritable folder", ["export", RUN, "--out", "/proc/nope/x", MISSING], None, "cannot write /proc/nope/x"),
+    ("export not a run id", ["export", "xyz", "--out", "out"], None, "'xyz' is not a run id"),
+    ("export unknown model", ["export", "models:/nope@best", "--out", "out", "tracking.uri=sqlite:///store/mlflow.db"],
+     None, "no registered model models:/nope@best"),
+    ("generate not a run id", ["generate", "abc", "Q: hi"], None, "'abc' is not a run id"),
+    ("generate missing store", ["generate", RUN, "Q: hi", MISSING], None, "no MLflow store at"),
+    ("best without a study storage", ["best"], None, "no study storage at"),
+    ("best unknown option", ["best", "colour=blue"], None, "unknown option(s) colour"),
+    ("ui missing store", ["ui", MISSING], None, "no MLflow store at sqlite:///missing/mlflow.db"),
 ]
 
 
 @pytest.mark.parametrize("name,args,sweep_text,message", TABLE, ids=[t[0] for t in TABLE])
-def test_sweep_bad_input(workdir, name, args, sweep_text, message):
+def test_bad_input_is_one_line_exit_2_nothing_written_within_20_s(workdir, name, args, sweep_text, message):
+    """Every command, each way of getting it wrong: one line naming the problem, exit 2, no file
+    written (no store created, no run added to an existing one), in seconds."""
+    from mlflow.tracking import MlflowClient
+
     (workdir / "empty.jsonl").write_text("")
     (workdir / "rows.jsonl").write_text('{"question": "Q?", "reply": "A."}\n')
-    base = ["sweep=tiny"]
-    if sweep_text is not None:
-        (workdir / "bad.yaml").write_text("# lora-exp sweep sweep=bad.yaml\nbase: [model=tiny_gpt2, data=seed]\n"
-                                          + sweep_text)
-        base = [f"sweep={workdir}/bad.yaml"]
-    proc = run_cli("sweep", *base, *args, cwd=workdir, timeout=120)
+    (workdir / "one.jsonl").write_text('{"question": "Q?", "answer": "A."}\n')
+    store = MlflowClient(f"sqlite:///{workdir}/store/mlflow.db")
+    store.search_experiments()  # an existing, empty store
+    before = sorted(p.relative_to(workdir) for p in workdir.rglob("*") if p.suffix != ".lock")
+    args = list(args)
+    if args[0] == "sweep":
+        args.insert(1, "sweep=tiny")
+        if sweep_text is not None:
+            (workdir / "bad.yaml").write_text(SWEEP_HEAD + sweep_text)
+            args[1] = f"sweep={workdir}/bad.yaml"
+            before = sorted(p.relative_to(workdir) for p in workdir.rglob("*") if p.suffix != ".lock")
+    start = time.monotonic()
+    proc = run_cli(*args, cwd=workdir, timeout=60)
+    assert time.monotonic() - start < 20
     assert proc.returncode == 2, proc.stdout + proc.stderr
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1, proc.stderr
-    assert lines[0].startswith("lora-exp: error: ") and message in lines[0]
+    lines = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("lora-exp: error: "), proc.stderr
+    assert message in lines[0], lines[0]
     assert "secret" not in proc.stderr
-    assert not (workdir / "mlruns").exists(), "nothing written"
+    after = sorted(p.relative_to(workdir) for p in workdir.rglob("*") if p.suffix != ".lock")
+    assert after == before, "nothing written"
+    assert not store.search_runs([e.experiment_id for e in store.search_experiments()])
+
+
+def test_the_table_is_broad():
+    commands = {args[0] for _, args, _, _ in TABLE}
+    assert len(TABLE) >= 35 and commands >= {"train", "sweep", "rerun", "export", "generate", "best", "ui"}
 
 
 values = st.recursive(

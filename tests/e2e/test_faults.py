@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
+
 from helpers import REPO, load_study, run_cli, sweep_runs
 
 os.environ["LORA_EXP_SWEEPS_DIR"] = str(REPO / "sweeps")
@@ -114,7 +115,7 @@ from lora_exp.sweep.storage import open_study, top_up
 from lora_exp.sweep.spec import load_sweep
 url = "sqlite:///{workdir}/optuna.db"
 study, _ = open_study(load_sweep("tiny"), url, "s", create=True)
-top_up(study, 3)
+top_up(study, 3, url)
 claimed = claim_waiting_trials(study, url, 2)   # and then no beat at all, as if killed here
 time.sleep(5)                                   # past the grace period (4 s)
 optuna.storages.fail_stale_trials(study)

@@ -183,7 +183,7 @@ def test_the_sampler_process_claims_and_samples_while_the_trainer_is_busy(tmp_pa
     options = parse_options(["sweep=tiny", f"storage={url}"])
     plan = SweepPlan(spec, options, "s", 4, None, list(spec.base), None, compose(list(spec.base)))
     study, _ = open_study(spec, url, "s", create=True)
-    top_up(study, 4)
+    top_up(study, 4, url)
     sampler = Sampler(plan, chunk=2, retry_s=0.5)
     try:
         sampler.ask(3)
@@ -202,7 +202,7 @@ def test_the_sampler_process_claims_and_samples_while_the_trainer_is_busy(tmp_pa
             more, seen_empty = sampler.poll(timeout=1.0)
             claimed += more
         assert len(claimed) == 1 and seen_empty and sampler.asked == 2
-        top_up(study, 5)  # another trial appears (a retry, another process's top-up): it is claimed
+        top_up(study, 5, url)  # another trial appears (a retry, another process's top-up): it is claimed
         time.sleep(3)
     finally:
         left = sampler.close()

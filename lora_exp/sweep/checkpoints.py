@@ -1,0 +1,68 @@
+"""A sweep trial's checkpoint, kept with its MLflow run (`checkpoint/state.pt`), so that when a
+killed worker's trial is retried (same parameters, by Optuna's heartbeat callback), the retry
+resumes at its predecessor's last eval on any machine that reaches the tracking store. A trial
+that finishes drops its checkpoint."""
+from __future__ import annotations
+
+import logging
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lora_exp.core.recording import Tracker
+
+log = logging.getLogger("lora_exp")
+
+FOLDER, FILE = "checkpoint", "state.pt"
+
+
+class RunCheckpoint:
+    """Saves into this trial's run; loads from the run of the trial it retries (if any)."""
+
+    def __init__(self, tracker: Tracker, resume_from: str | None):
+        self.tracker, self.resume_from = tracker, resume_from
+        self.saved = False
+
+    def load(self) -> dict[str, Any] | None:
+        if self.resume_from is None or getattr(self.tracker, "client", None) is None:
+            return None
+        from mlflow.exceptions import MlflowException
+
+        client = self.tracker.client  # type: ignore[attr-defined]
+        with tempfile.TemporaryDirectory(prefix="lora-exp-checkpoint-") as tmp:
+            try:
+                path = client.download_artifacts(self.resume_from, f"{FOLDER}/{FILE}", tmp)
+            except (MlflowException, OSError):
+                return None  # it died before its first eval: start from step 0
+            state = torch.load(path, map_location="cpu", weights_only=True)  # data only: no pickled code
+        log.info("resuming run %s's trial at step %d", self.resume_from, state["step"])
+        return state
+
+    def save(self, state: dict[str, Any]) -> None:
+        with tempfile.TemporaryDirectory(prefix="lora-exp-checkpoint-") as tmp:
+            torch.save(state, Path(tmp) / FILE)
+            self.tracker.log_dir(tmp, FOLDER)
+        self.saved = True
+
+    def drop(self) -> None:
+        """The trial finished: its checkpoint is no longer needed (best effort)."""
+        if not self.saved or getattr(self.tracker, "client", None) is None:
+            return
+        try:
+            from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+
+            run = self.tracker.client.get_run(self.tracker.run_id)  # type: ignore[attr-defined]
+            get_artifact_repository(run.info.artifact_uri).delete_artifacts(FOLDER)
+        except Exception as exc:  # noqa: BLE001 - a left-over checkpoint costs disk, not correctness
+            log.debug("checkpoint not removed: %s", exc)
+
+
+def retried_run(study: Any, trial: Any) -> str | None:
+    """The MLflow run of the trial `trial` retries (Optuna's retry copies the user attributes
+    and records the trial it retries), or None for a first try."""
+    frozen = study._storage.get_trial(trial._trial_id)
+    if frozen.system_attrs.get("failed_trial") is None:
+        return None
+    return frozen.user_attrs.get("mlflow_run_id")

@@ -1,0 +1,160 @@
+"""What the README promises, under concurrency, resume and kills: a study holds exactly n_trials
+trials whatever the number of processes started at once, no trial's parameters are drawn twice
+across processes and restarts, no run is left RUNNING, a killed trial resumes at its last eval
+with the loss curve it would have had, and a worker's trial reruns bit for bit."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from helpers import REPO, load_study, run_cli, sweep_runs
+
+os.environ["LORA_EXP_SWEEPS_DIR"] = str(REPO / "sweeps")
+EXE = str(Path(sys.executable).parent / "lora-exp")
+FAST = ["trainer.max_steps=6", "trainer.eval_steps=3", "data.n_generate=1"]
+
+
+def _sweeps_at_once(workdir, n, *args, env=None):
+    procs = [subprocess.Popen([EXE, "sweep", "sweep=tiny", *args], cwd=workdir, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True, env={**os.environ, **(env or {})})
+             for _ in range(n)]
+    return [(p, p.communicate(timeout=600)[0]) for p in procs]
+
+
+def _assert_exact_and_distinct(storage, store, n_trials, outputs):
+    for proc, out in outputs:
+        assert proc.returncode == 0, out[-3000:]
+        assert "Traceback" not in out, out[-3000:]
+    trials = load_study(storage).trials
+    finished = [t for t in trials if t.state.name in ("COMPLETE", "PRUNED")]
+    assert len(finished) == n_trials and len(trials) == n_trials, [t.state.name for t in trials]
+    params = [json.dumps(t.params, sort_keys=True) for t in trials]
+    assert len(set(params)) == len(params), "a parameter set was drawn twice"
+    _, parents, children = sweep_runs(store)
+    assert len(parents) == 1 and len(children) == n_trials
+    assert not [r for r in parents + children if r.info.status == "RUNNING"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["fresh sqlite", "existing sqlite", "postgresql"])
+def test_three_sweeps_started_at_once_end_with_exactly_n_trials_all_distinct(workdir, store, backend, request):
+    storage, tracking = f"sqlite:///{workdir}/mlruns/optuna.db", []
+    if backend == "postgresql":
+        storage = request.getfixturevalue("postgres_url")
+        tracking = [f"tracking.uri={request.getfixturevalue('postgres_url_2')}"]
+        store = tracking[0].split("=", 1)[1]
+    if backend == "existing sqlite":  # 9 finished before the three start: they top up to 18 together
+        proc = run_cli("sweep", "sweep=tiny", "n_trials=9", *FAST, cwd=workdir)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+    n_trials = 18 if backend == "existing sqlite" else 9
+    outputs = _sweeps_at_once(workdir, 3, f"n_trials={n_trials}", f"storage={storage}", *tracking, *FAST)
+    _assert_exact_and_distinct(storage, store, n_trials, outputs)
+
+
+def _start(workdir, *args, env=None):
+    return subprocess.Popen([EXE, "sweep", *args], cwd=workdir, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, env={**os.environ, **(env or {})})
+
+
+def _wait_for(proc, text, seen):
+    for line in proc.stdout:
+        seen.append(line)
+        if text in line:
+            return
+    raise AssertionError("".join(seen))
+
+
+@pytest.mark.parametrize("how", ["ctrl-c once", "ctrl-c twice", "sigterm", "sigkill"])
+def test_a_resumed_sweep_draws_new_parameters_and_leaves_no_run_running(workdir, store, how):
+    """Stopped every way a sweep can be, then the same command: every trial's parameters are its
+    own (a restarted seeded sampler drew trial 0's again), the parent run is closed when the sweep
+    stops (not RUNNING until a resume), and the resumed study ends complete with nothing RUNNING."""
+    storage = f"sqlite:///{workdir}/mlruns/optuna.db"
+    env = {"LORA_EXP_HEARTBEAT_SECONDS": "1"}  # a killed worker's trial goes stale in 4 s
+    args = ["sweep=tiny", "n_trials=5", "trainer.max_steps=400", "trainer.eval_steps=200"]
+    proc, seen = _start(workdir, *args, env=env), []
+    _wait_for(proc, "[1/5]", seen)
+    time.sleep(1.0)  # inside the second trial
+    if how == "sigkill":
+        proc.kill()
+    elif how == "sigterm":
+        proc.send_signal(signal.SIGTERM)
+    else:
+        proc.send_signal(signal.SIGINT)
+        if how == "ctrl-c twice":
+            time.sleep(0.3)
+            proc.send_signal(signal.SIGINT)
+    out = proc.communicate(timeout=180)[0]
+    if how != "sigkill":
+        assert proc.returncode == (0 if how == "ctrl-c once" else 130), "".join(seen) + out
+        _, parents, children = sweep_runs(store)
+        assert parents[0].info.status == "KILLED" and parents[0].data.tags["sweep_state"] == "stopped"
+        assert not [r for r in children if r.info.status == "RUNNING"]
+    time.sleep(5 if how == "sigkill" else 0)  # past the killed trial's grace period
+    proc = run_cli("sweep", "sweep=tiny", "n_trials=5", "trainer.max_steps=10", "trainer.eval_steps=5", cwd=workdir,
+                   env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    trials = load_study(storage).trials
+    assert sum(t.state.name in ("COMPLETE", "PRUNED") for t in trials) == 5
+    firsts = [json.dumps(t.params, sort_keys=True) for t in trials if t.system_attrs.get("failed_trial") is None]
+    assert len(set(firsts)) == len(firsts), "a new trial drew an earlier trial's parameters"
+    _, parents, children = sweep_runs(store)
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    assert not [r for r in children if r.info.status == "RUNNING"]
+
+
+def test_a_killed_trial_resumes_at_its_last_eval_with_the_loss_curve_it_would_have_had(workdir, store, tmp_path):
+    """SIGKILL mid-trial, once its first checkpoint is written: the retry (same parameters)
+    resumes there, and its run's loss curve equals the same trial trained without a stop."""
+    env = {"LORA_EXP_HEARTBEAT_SECONDS": "1"}
+    args = ["sweep=tiny", "n_trials=1", "trainer.max_steps=600", "trainer.eval_steps=100"]
+    proc = _start(workdir, *args, env=env)
+    deadline = time.monotonic() + 120
+    while not list(workdir.glob("mlruns/artifacts/*/artifacts/checkpoint/state.pt")):
+        assert time.monotonic() < deadline and proc.poll() is None, "no checkpoint was written"
+        time.sleep(0.05)
+    proc.kill()
+    proc.communicate()
+    time.sleep(5)  # past the grace period: the next start fails the trial and retries its parameters
+    resumed = run_cli("sweep", *args, cwd=workdir, env=env)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming run" in resumed.stderr, resumed.stderr[-3000:]
+    client, _, children = sweep_runs(store)
+    retry = next(r for r in children if r.info.status == "FINISHED")
+    assert int(retry.data.tags["resumed_at_step"]) % 100 == 0 and int(retry.data.tags["resumed_at_step"]) < 600
+    overrides = retry.data.tags["lora_exp.overrides"].split()
+    alone = tmp_path / "alone"
+    alone.mkdir()
+    proc = run_cli("train", *overrides, cwd=alone)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    from mlflow.tracking import MlflowClient
+
+    other = MlflowClient(f"sqlite:///{alone}/mlruns/mlflow.db")
+    plain = other.search_runs([other.get_experiment_by_name("lora-exp").experiment_id])[0]
+    for metric in ("train_loss", "learning_rate", "eval_loss"):
+        got = {m.step: m.value for m in client.get_metric_history(retry.info.run_id, metric)}
+        want = {m.step: m.value for m in other.get_metric_history(plain.info.run_id, metric)}
+        assert got == want, metric  # bit for bit, every step: the first 100 logged again, the rest trained
+    assert "checkpoint" not in {a.path for a in client.list_artifacts(retry.info.run_id)}, "dropped once done"
+
+
+def test_a_trial_of_a_two_worker_sweep_reruns_bit_for_bit(workdir, store):
+    """Worker processes share the cores: each trial records its thread count, and a rerun uses it
+    (the sums of a step come out in the same order)."""
+    proc = run_cli("sweep", "sweep=tiny", "n_trials=2", "workers=2", "trainer.max_steps=150",
+                   "trainer.eval_steps=150", cwd=workdir)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    client, _, children = sweep_runs(store)
+    trial = next(r for r in children if r.data.tags.get("trial_state") == "COMPLETE")
+    threads = max(1, (os.cpu_count() or 1) // 2)
+    assert trial.data.params["trainer.num_threads"] == str(threads)
+    rerun = run_cli("rerun", trial.info.run_id, cwd=workdir)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert "largest difference 0 " in rerun.stdout, rerun.stdout
