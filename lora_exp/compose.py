@@ -128,7 +128,17 @@ def compose(overrides: list[str] | tuple[str, ...] = (), config_name: str = "con
     """Compose conf/ with Hydra overrides and validate it into a RunConfig. The LORA_EXP_PACK_*
     environment variables come first, so an explicit override wins over them."""
     overrides = [*env_overrides(), *overrides]
-    return from_container(compose_raw(overrides, config_name), overrides)
+    return from_container(compose_raw(_open_mappings(overrides), config_name), overrides)
+
+
+#: config keys that are open mappings (transformers' config kwargs): their keys are set, added
+#: or merged (`model.architecture={...}`, `model.architecture.rope_theta=5e5`), not refused as unknown
+OPEN_MAPPINGS = ("model.architecture",)
+
+
+def _open_mappings(overrides: list[str]) -> list[str]:
+    return [f"++{o}" if o.split("=", 1)[0] in OPEN_MAPPINGS or o.startswith(tuple(f"{m}." for m in OPEN_MAPPINGS))
+            else o for o in overrides]
 
 
 def compose_raw(overrides: list[str] | tuple[str, ...] = (), config_name: str = "config") -> dict[str, Any]:
@@ -232,4 +242,4 @@ def _near_keys(key: str) -> list[str]:
         known = [f"{section}.{f.name}" for f in dataclasses.fields(SECTIONS[section])]
     else:
         known = list(SECTIONS)
-    return difflib.get_close_matches(key, known, n=2, cutoff=0.75)
+    return [k for k in difflib.get_close_matches(key, known, n=2, cutoff=0.75) if k != key]

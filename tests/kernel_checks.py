@@ -128,6 +128,15 @@ LORA_SCRIPT = textwrap.dedent('''
                     for s in range(k):
                         r = int(ranks[s])
                         assert torch.allclose(gw[s, :r].float(), ww[s, :r].float(), **tol), (what, i, s)
+                if dtype != torch.float32:  # the output's gradient in fp32 beside low-precision inputs
+                    _, h = torch.ops.lora_exp.lora_delta(xk, a_k, b_k, scale, ranks, *args, rows, split)
+                    dx, ga, gb = torch.ops.lora_exp.lora_delta_backward(g.float(), xk, a_k, b_k, h, scale, ranks, *args,
+                                                                        rows, split, True)
+                    assert dx.dtype == ga.dtype == gb.dtype == dtype
+                    assert torch.allclose(dx.float(), want[0].float(), **tol), (what, "fp32 gradient")
+                    for s in range(k):
+                        r = int(ranks[s])
+                        assert torch.allclose(gb[s, :r].float(), want[2][s, :r].float(), **tol), (what, s)
     print("lora kernels ok")
 ''')
 
@@ -174,6 +183,45 @@ ATTENTION_SCRIPT = textwrap.dedent('''
                 for name, x, y in zip("qkv", got, want):
                     assert x.shape == y.shape and torch.allclose(x.float(), y, **tol), \
                         (what, name, (x.float() - y).abs().max())
+
+    # The dtype mixes a model under autocast hands over: Llama's rotary embedding gives fp32 q and k
+    # beside a low-precision v, and a gradient can come back in fp32. SmolLM2's heads: 9 query
+    # heads on 3 key/value heads of 64. (The interpreter computes fp16 dots exactly and bf16 ones
+    # wrongly: on the CPU fp16 stands for bf16, and bf16 is only run; the GPU checks bf16.)
+    from lora_exp.pack.attention import attention_inputs
+
+    device = os.environ["KERNELS_DEVICE"]
+    low = getattr(torch, os.environ.get("KERNELS_LOW", "float16"))
+    b, t, h, hk, d, scale = 2, 11, 9, 3, 64, 0.125
+    q32, k32 = torch.randn(b, h, t, d), torch.randn(b, hk, t, d)
+    v = torch.randn(b, hk, t, d, dtype=low)
+    with torch.autocast(device, dtype=low):
+        q, k, v_ = attention_inputs(q32, k32, v)
+    assert q.dtype == k.dtype == v_.dtype == low, (q.dtype, k.dtype, v_.dtype)
+    assert attention_inputs(q32, k32, v)[2].dtype == torch.float32  # no autocast: the widest
+    out = torch.ops.lora_exp.causal_attention(q, k, v_, None, 0.0, scale)
+    qr, kr, vr = [x.detach().float().requires_grad_() for x in (q, k, v_)]
+    kx, vx = kr.repeat_interleave(h // hk, dim=1), vr.repeat_interleave(h // hk, dim=1)
+    i = torch.arange(t)
+    s = ((qr @ kx.transpose(-1, -2)) * scale).masked_fill(i[None, :] > i[:, None], float("-inf")).softmax(-1)
+    ref = (s @ vx).transpose(1, 2)
+    tol = dict(rtol=3e-2, atol=3e-2)
+    assert out.dtype == low and torch.allclose(out.float(), ref, **tol), (out.float() - ref).abs().max()
+    g = torch.randn(b, t, h, d)                        # the output's gradient in fp32, the inputs in `low`
+    got = torch.ops.lora_exp.causal_attention_backward(g, q, k, v_, None, 0.0, scale)
+    want = torch.autograd.grad(ref, [qr, kr, vr], g)
+    for name, x, y in zip("qkv", got, want):
+        assert x.dtype == low and torch.allclose(x.float(), y, **tol), (name, (x.float() - y).abs().max())
+    # the reverse: fp32 inputs (no autocast) with a low-precision gradient
+    q2, k2, v2 = attention_inputs(q32, k32, v.float())
+    got = torch.ops.lora_exp.causal_attention_backward(g.to(low), q2, k2, v2, None, 0.0, scale)
+    assert all(x.dtype == torch.float32 for x in got)
+    if device == "cpu":                                # bf16 through both kernels: no dtype error
+        with torch.autocast(device, dtype=torch.bfloat16):
+            q, k, v_ = attention_inputs(q32, k32, v.to(torch.bfloat16))
+        out = torch.ops.lora_exp.causal_attention(q, k, v_, None, 0.0, scale)
+        got = torch.ops.lora_exp.causal_attention_backward(g, q, k, v_, None, 0.0, scale)
+        assert out.dtype == torch.bfloat16 and all(x.dtype == torch.bfloat16 for x in got)
     print("attention kernels ok")
 ''')
 
@@ -248,6 +296,45 @@ PACK_SCRIPT = textwrap.dedent('''
     for name, x, y in zip(("params", "exp_avg", "exp_avg_sq", "step"), *states):
         assert torch.allclose(x.double(), y.double(), rtol=1e-5, atol=1e-7), (name, (x - y).abs().max())
     print("pack kernels ok")
+''')
+
+
+LLAMA_AUTOCAST_SCRIPT = textwrap.dedent('''
+    # A pack of tiny Llama trials (grouped-query attention) stepping under bf16 autocast through
+    # every kernel (optimizer, LoRA deltas, attention), as a bf16 pack does on a GPU: the dtypes
+    # autocast hands over (fp32 rotary q and k, bf16 v, bf16 LoRA copies) must meet in each one.
+    import torch
+    from lora_exp.compose import compose
+    from lora_exp.core.data import load_rows, tokenize
+    from lora_exp.core.models import load_base
+    from lora_exp.pack.attention import CAUSAL_ROWS, causal_rows_attention
+    from lora_exp.pack.model import PackedModel
+    from lora_exp.pack.optimizer import gradients, optimizer_step
+    from lora_exp.pack.rows import TokenTable, slot_losses
+    from lora_exp.pack.slots import slot_spec
+
+    common = ["model=tiny_llama", "data=seed", "tracking=none", "trainer.max_steps=4", "trainer.batch_size=2",
+              "lora.lora_dropout=0.1"]
+    cfgs = [compose(common + o) for o in (["lora.r=4"], ["lora.r=8", "lora.preset=all_linear", "trainer.seed=3"])]
+    base = load_base(cfgs[0].model, torch.device("cpu"))
+    data = tokenize(load_rows(cfgs[0].data), cfgs[0].data, base.tokenizer)
+    table = TokenTable.build(data.train, base.tokenizer.pad_token_id, torch.device("cpu"))
+    assert causal_rows_attention(base.model) is not None and base.model.config._attn_implementation == CAUSAL_ROWS
+    pm = PackedModel(base, 2, 8, sorted({m for c in cfgs for m in c.target_modules}), compile="off",
+                     low_precision=True)
+    pm.kernels = True                   # the optimizer's kernels
+    pm.groups.kernels, pm.groups.split, pm.groups.rows = True, 1, 2   # the LoRA deltas' kernels, 2 rows a slot
+    for slot, cfg in enumerate(cfgs):
+        pm.assign(slot, slot_spec(cfg, len(data.train)))
+    for step in range(3):
+        idx = torch.tensor([(2 * step + r) % len(data.train) for r in range(4)])
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            losses = slot_losses(base.model, table.ids[idx], table.mask[idx], table.labels[idx], 2, 2)
+        assert losses.dtype == torch.float32 and bool(torch.isfinite(losses).all()), losses
+        optimizer_step(pm, gradients(pm, losses.sum()))
+        assert pm.low.dtype == torch.bfloat16 and bool(torch.isfinite(pm.params).all())
+    pm.close()
+    print("llama autocast kernels ok")
 ''')
 
 

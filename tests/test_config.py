@@ -146,3 +146,23 @@ def test_an_unknown_key_in_a_trials_overrides_is_named():
     base = compose(["model=tiny_gpt2"])
     with pytest.raises(ConfigError, match=r"^lora\.nope: "):
         trial_config(base, ["model=tiny_gpt2"], ["lora.nope=1"])
+
+
+def test_a_full_architecture_mapping_replaces_any_models_architecture():
+    """`model.architecture=` takes a whole mapping, also on a model whose shipped architecture is
+    `{}` (random weights of any real architecture: how benchmarks and users size a model)."""
+    from lora_exp.core.models import load_base
+
+    cfg = compose(["model=smollm2_135m", "model.source=random",
+                   "model.architecture={model_type: llama, num_hidden_layers: 2, hidden_size: 64,"
+                   " intermediate_size: 128, num_attention_heads: 4, num_key_value_heads: 2, vocab_size: 49152}"])
+    assert cfg.model.architecture["num_key_value_heads"] == 2
+    model = load_base(cfg.model, torch.device("cpu")).model
+    config = model.config
+    assert (config.model_type, config.num_hidden_layers, config.num_key_value_heads) == ("llama", 2, 2)
+    one_key = compose(["model=smollm2_135m", "model.source=random", "model.architecture.model_type=llama"])
+    assert one_key.model.architecture == {"model_type": "llama"}
+    extended = compose(["model=tiny_llama", "model.architecture.rope_theta=500000.0"])
+    assert extended.model.architecture["rope_theta"] == 500000.0
+    assert extended.model.architecture["num_key_value_heads"] == compose(["model=tiny_llama"]).model.architecture[
+        "num_key_value_heads"]

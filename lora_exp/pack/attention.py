@@ -4,6 +4,7 @@ every real position's mask, and the pack attends without building one (transform
 from __future__ import annotations
 
 import contextlib
+import os
 from typing import Any, Iterator
 
 import torch
@@ -20,7 +21,8 @@ def _causal_rows_attention(module: nn.Module, query: torch.Tensor, key: torch.Te
     only, so the causal mask alone gives every real position exactly the keys its padding mask
     gives it (padded positions compute values no loss reads). On CUDA, rows this short go through
     the pack's attention kernels; elsewhere through sdpa with `is_causal`."""
-    if query.is_cuda:
+    query, key, value = attention_inputs(query, key, value)
+    if query.is_cuda or os.environ.get("TRITON_INTERPRET") == "1":  # (the interpreter runs them on the CPU)
         from lora_exp.pack.kernels import attention
 
         if attention.fits(query, key):
@@ -31,6 +33,19 @@ def _causal_rows_attention(module: nn.Module, query: torch.Tensor, key: torch.Te
     out = nn.functional.scaled_dot_product_attention(query, key, value, dropout_p=dropout, scale=scaling,
                                                      is_causal=True)
     return out.transpose(1, 2).contiguous(), None
+
+
+def attention_inputs(query: torch.Tensor, key: torch.Tensor,
+                     value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q, k and v in the one dtype attention computes in, as eager and sdpa attention compute under
+    autocast: its dtype where it is on (Llama's rotary embedding hands over fp32 q and k beside a
+    bf16 v), else the widest of the three. The kernels take one dtype."""
+    device = query.device.type
+    if torch.is_autocast_enabled(device):
+        dtype = torch.get_autocast_dtype(device)
+    else:
+        dtype = torch.promote_types(torch.promote_types(query.dtype, key.dtype), value.dtype)
+    return query.to(dtype), key.to(dtype), value.to(dtype)
 
 
 def causal_rows_attention(model: Any, setting: str = "rows") -> str | None:

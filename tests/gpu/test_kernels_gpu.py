@@ -28,4 +28,4 @@ def test_lora_delta_kernels_the_same_on_the_gpu_in_fp32_and_bf16():
 
 def test_causal_attention_kernels_the_same_on_the_gpu_in_fp32_and_bf16():
     cuda_or_skip()
-    run_checks(ATTENTION_SCRIPT, KERNELS_DEVICE="cuda", KERNELS_DTYPES="float32,bfloat16")
+    run_checks(ATTENTION_SCRIPT, KERNELS_DEVICE="cuda", KERNELS_DTYPES="float32,bfloat16", KERNELS_LOW="bfloat16")

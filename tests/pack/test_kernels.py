@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from kernel_checks import ATTENTION_SCRIPT, LORA_SCRIPT, PACK_SCRIPT, SCRIPT, run_checks
+from kernel_checks import ATTENTION_SCRIPT, LLAMA_AUTOCAST_SCRIPT, LORA_SCRIPT, PACK_SCRIPT, SCRIPT, run_checks
 
 pytest.importorskip("triton")  # installed by `make setup` on x86-64 Linux (pyproject test extra)
 
@@ -15,16 +15,26 @@ def test_triton_adamw_and_norms_match_torch_on_each_slots_live_prefix_whatever_t
 
 
 def test_lora_delta_kernels_match_the_bmms_forward_and_backward_skipping_what_a_slot_does_not_train():
-    """fp32 only: the interpreter's dot does not take bf16 (the GPU test below runs both)."""
-    run_checks(LORA_SCRIPT, TRITON_INTERPRET="1", KERNELS_DEVICE="cpu", KERNELS_DTYPES="float32")
+    """fp32, and fp16 with an fp32 output gradient (fp16 stands for bf16: the interpreter's bf16 dots
+    are wrong; tests/gpu runs bf16)."""
+    run_checks(LORA_SCRIPT, TRITON_INTERPRET="1", KERNELS_DEVICE="cpu", KERNELS_DTYPES="float32,float16")
 
 
 def test_causal_attention_kernels_match_softmax_attention_with_the_same_dropout_forward_and_backward():
-    """fp32 under the interpreter (its dot does not take bf16; the GPU test below runs both)."""
-    run_checks(ATTENTION_SCRIPT, TRITON_INTERPRET="1", KERNELS_DEVICE="cpu", KERNELS_DTYPES="float32")
+    """fp32 and fp16 under the interpreter, GQA, and the dtype mixes autocast hands over (its bf16
+    dots are wrong: fp16 stands for bf16 here, and bf16 is run for its dtypes; the GPU test checks
+    bf16)."""
+    run_checks(ATTENTION_SCRIPT, TRITON_INTERPRET="1", KERNELS_DEVICE="cpu", KERNELS_DTYPES="float32,float16")
 
 
 def test_a_pack_with_the_kernel_optimizer_trains_as_with_torchs_through_slot_reuse_and_held_slots():
     """The optimizer's list of live blocks follows the slots as trials start, hold for evals,
     resume and leave (5 trials through 2 slots), under Triton's interpreter."""
     run_checks(PACK_SCRIPT, TRITON_INTERPRET="1")
+
+
+def test_a_llama_pack_steps_under_bf16_autocast_through_every_kernel():
+    """The crash a bf16 SmolLM2-sized pack met on its first backward ("Both operands must be same
+    dtype"), reproduced on the CPU: tiny Llama (GQA), bf16 autocast, the optimizer, LoRA and
+    attention kernels under the interpreter."""
+    run_checks(LLAMA_AUTOCAST_SCRIPT, TRITON_INTERPRET="1")

@@ -19,6 +19,8 @@ pack's TokenTable pads them: the causal mask alone is then each real position's 
 """
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -80,16 +82,18 @@ def _bwd_kernel(q_ptr, k_ptr, v_ptr, do_ptr, dq_ptr, dk_ptr, dv_ptr, seed_ptr, T
     t = tl.arange(0, BT)
     d = tl.arange(0, D)
     rows = (t < T)[:, None]
-    k = tl.load(k_ptr + b * k_s0 + hk * k_s1 + t[:, None] * k_s2 + d[None, :], mask=rows, other=0.0)
     v = tl.load(v_ptr + b * v_s0 + hk * v_s1 + t[:, None] * v_s2 + d[None, :], mask=rows, other=0.0)
     dtype = v.dtype
+    k = tl.load(k_ptr + b * k_s0 + hk * k_s1 + t[:, None] * k_s2 + d[None, :], mask=rows, other=0.0).to(dtype)
     dk = tl.zeros((BT, D), dtype=tl.float32)
     dv = tl.zeros((BT, D), dtype=tl.float32)
     for g in range(G):
         h = hk * G + g
         bh = b * H + h
-        q = tl.load(q_ptr + b * q_s0 + h * q_s1 + t[:, None] * q_s2 + d[None, :], mask=rows, other=0.0)
-        do = tl.load(do_ptr + b * do_s0 + h * do_s1 + t[:, None] * do_s2 + d[None, :], mask=rows, other=0.0)
+        q = tl.load(q_ptr + b * q_s0 + h * q_s1 + t[:, None] * q_s2 + d[None, :], mask=rows, other=0.0).to(dtype)
+        # the output's gradient can come back in another dtype than the inputs (fp32 under autocast)
+        do = tl.load(do_ptr + b * do_s0 + h * do_s1 + t[:, None] * do_s2 + d[None, :], mask=rows,
+                     other=0.0).to(dtype)
         p, mult = _probs(q, k, bh, T, scale, thr, kscale, seed_ptr, DROPOUT, BT, PREC)
         dv += tl.dot(tl.trans((p * mult).to(dtype)), do, input_precision=PREC)
         dp = tl.dot(do, tl.trans(v), input_precision=PREC) * mult  # d loss / d p (before dropout)
@@ -108,7 +112,8 @@ def _bwd_kernel(q_ptr, k_ptr, v_ptr, do_ptr, dq_ptr, dk_ptr, dv_ptr, seed_ptr, T
 def fits(q: torch.Tensor, k: torch.Tensor) -> bool:
     """Whether the kernels take these (q [B, H, T, D], k [B, HK, T, D]) on this device."""
     t, d = q.shape[2], q.shape[3]
-    return (q.is_cuda and t <= MAX_T and 16 <= d <= MAX_D and d & (d - 1) == 0 and q.shape[1] % k.shape[1] == 0
+    on_device = q.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"  # the interpreter runs them on the CPU
+    return (on_device and t <= MAX_T and 16 <= d <= MAX_D and d & (d - 1) == 0 and q.shape[1] % k.shape[1] == 0
             and q.dtype in (torch.float32, torch.bfloat16, torch.float16))
 
 
@@ -129,7 +134,7 @@ def _dropout_consts(p: float) -> tuple[int, float]:
 @torch.library.custom_op("lora_exp::causal_attention", mutates_args=(),
                          schema="(Tensor q, Tensor k, Tensor v, Tensor? seed, float p, float scale) -> Tensor")
 def _attention(q, k, v, seed, p, scale):
-    q, k, v = _rows_dense(q), _rows_dense(k), _rows_dense(v)
+    q, k, v = _rows_dense(q), _rows_dense(k.to(q.dtype)), _rows_dense(v.to(q.dtype))  # one dtype
     b, h, t, d = q.shape
     o = torch.empty(b, t, h, d, device=q.device, dtype=q.dtype)
     thr, kscale = _dropout_consts(p)
@@ -149,7 +154,7 @@ def _attention_fake(q, k, v, seed, p, scale):
                          schema="(Tensor do, Tensor q, Tensor k, Tensor v, Tensor? seed, float p, float scale) "
                                 "-> (Tensor, Tensor, Tensor)")
 def _attention_backward(do, q, k, v, seed, p, scale):
-    q, k, v = _rows_dense(q), _rows_dense(k), _rows_dense(v)
+    q, k, v = _rows_dense(q), _rows_dense(k.to(q.dtype)), _rows_dense(v.to(q.dtype))
     do = _rows_dense(do.transpose(1, 2))  # the output's gradient, [B, T, H, D] -> [B, H, T, D] view
     b, h, t, d = q.shape
     hk = k.shape[1]
@@ -160,7 +165,7 @@ def _attention_backward(do, q, k, v, seed, p, scale):
     _bwd_kernel[(b * hk,)](q, k, v, do, dq, dk, dv, seed if seed is not None else q, t, h, h // hk,
                            *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3], scale, thr, kscale,
                            D=d, **_launch_args(p if seed is not None else 0.0, q.dtype, t))
-    return dq.transpose(1, 2), dk.transpose(1, 2), dv.transpose(1, 2)
+    return dq.transpose(1, 2), dk.transpose(1, 2), dv.transpose(1, 2)  # in q's dtype: autograd casts to k's, v's
 
 
 @_attention_backward.register_fake
