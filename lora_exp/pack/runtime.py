@@ -64,7 +64,7 @@ class PackRuntime:
     """One frozen base, K slots, the pack's data on the device."""
 
     def __init__(self, base: BaseModel, data: PreparedData, cfg: RunConfig, slots: int, max_rank: int,
-                 modules: Sequence[str]):
+                 modules: Sequence[str], compile: str | None = None):
         t = cfg.trainer
         self.base, self.data, self.k = base, data, slots
         self.batch, self.logging_steps, self.eval_steps = t.batch_size, t.logging_steps, t.eval_steps
@@ -74,7 +74,7 @@ class PackRuntime:
         self.pad = base.tokenizer.pad_token_id
         self.base_params = sum(p.numel() for p in base.model.parameters())
         bf16 = self.precision == "bf16" and self.device.type == "cuda"
-        self.pm = PackedModel(base, slots, max_rank, modules, compile=cfg.pack.compile, low_precision=bf16,
+        self.pm = PackedModel(base, slots, max_rank, modules, compile=compile or cfg.pack.compile, low_precision=bf16,
                               lora=cfg.pack.lora)
         self.head = OutputHead(base.model, torch.bfloat16 if bf16 else torch.float32)
         self.weights = FrozenWeights(base.model) if bf16 else None

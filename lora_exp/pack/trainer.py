@@ -12,6 +12,7 @@ write their adapters a few per step (`finish`).
 """
 from __future__ import annotations
 
+import contextlib
 import time
 from typing import Any, Sequence
 
@@ -28,7 +29,7 @@ from lora_exp.core.recording import NullTracker, Tracker, TrialResult, peak_memo
 from lora_exp.core.status import TrialStatus
 from lora_exp.core.training import Callback
 from lora_exp.errors import ConfigError
-from lora_exp.pack.compile import compile_lock, compiled
+from lora_exp.pack.compile import CompiledLayers, compile_lock, compiled
 from lora_exp.pack.drain import HostDrain
 from lora_exp.pack.finish import Finisher
 from lora_exp.pack.model import PackedModel, matches
@@ -54,10 +55,10 @@ FINISH_GATHER_SLOTS = 64
 
 
 def train_loss(model: Any, head: Any, ids: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor, live: torch.Tensor,
-               k: int, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+               k: int, rows: int, compile: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Every slot's mean loss and the sum that backward starts from (compiled as one graph in
     the `full` and `graphs` modes)."""
-    losses = slot_losses(model, ids, mask, labels, k, rows, head)
+    losses = slot_losses(model, ids, mask, labels, k, rows, head, compile)
     return losses, (losses * live).sum()
 
 
@@ -65,11 +66,12 @@ class PackTrainer:
     """K slots on one frozen base; trials start in free slots and leave when they end."""
 
     def __init__(self, base: BaseModel, data: PreparedData, cfg: RunConfig, slots: int, max_rank: int,
-                 modules: Sequence[str]):
+                 modules: Sequence[str], compile: str | None = None):
+        """`compile` overrides `cfg.pack.compile` (a sweep decides `auto` from the steps ahead)."""
         if cfg.lora.bias != "none":
             raise ConfigError(f"pack: lora.bias={cfg.lora.bias} trains the base model's biases, which the trials "
                               f"of a pack share; use lora.bias=none or pack=1")
-        self.rt = PackRuntime(base, data, cfg, slots, max_rank, modules)
+        self.rt = PackRuntime(base, data, cfg, slots, max_rank, modules, compile)
         self.key, self.k = pack_key(cfg), slots
         self.table = SlotTable(slots, cfg.trainer.eval_steps, self.rt.eval_table is not None)
         self.drain = HostDrain(self.rt, self.table)
@@ -78,6 +80,8 @@ class PackTrainer:
         self.train_loss = train_loss
         if pm.whole_step:
             self.train_loss = compiled(train_loss, "reduce-overhead" if pm.mode == "graphs" else None)
+        #: `layers`: each of the model's repeated blocks through one compiled graph while the pack trains
+        self.layers = CompiledLayers(self.rt.base.model) if pm.mode == "layers" else None
         batch, device = self.rt.batch, self.rt.device
         #: each slot's example indices, step by step [K, steps, batch]
         self.schedule = torch.full((slots, 1, batch), self.rt.train_table.empty, dtype=torch.long, device=device)
@@ -86,6 +90,9 @@ class PackTrainer:
         self.held_slot_steps = 0  # slot-steps trials held (eval or generations pending) while others trained
         self.steps_run, self.trial_steps = 0, 0
         self.first_step: float | None = None
+        self.created = time.perf_counter()
+        #: seconds from making the pack to the end of its first step (compiling included)
+        self.startup_s: float | None = None
         self._progress = (time.perf_counter(), 0)
         self.dropout_on = False
 
@@ -167,7 +174,7 @@ class PackTrainer:
                                  trainable)
         # a compiled step always masks (p=0 keeps every element, times exactly 1): no recompile
         # when the last trial with dropout leaves
-        self.dropout_on = pm.whole_step or any(r is not None and r.spec.dropout > 0 for r in self.runs)
+        self.dropout_on = pm.static or any(r is not None and r.spec.dropout > 0 for r in self.runs)
         record_start(tracker, cfg, trainable, trainable + rt.base_params, spec.steps, rt.data.key,
                      params={"pack_slots": self.k},
                      tags={"lora_exp.packed": f"slot {slot} of {self.k}"})
@@ -235,14 +242,16 @@ class PackTrainer:
             return False
         self.held_slot_steps += table.live() - int(training.sum())
         start = time.perf_counter()
-        if self.first_step is None and pm.compile and self.rt.device.type == "cuda":
+        if self.first_step is None and self.rt.device.type == "cuda":
             # the first step compiles: the workers of a multi-GPU sweep take turns, so the later
             # ones load the first one's compiled graphs from the cache instead of compiling again
-            with compile_lock():
+            with compile_lock() if pm.compile else contextlib.nullcontext():
                 self._launch_step()
                 torch.cuda.synchronize(self.rt.device)
         else:
             self._launch_step()
+        if self.first_step is None:
+            self.startup_s = time.perf_counter() - self.created
         table.host_step[training] += 1
         self.steps_run += 1
         self.trial_steps += int(training.sum())
@@ -279,8 +288,10 @@ class PackTrainer:
                          pm.p.repeat_interleave(b))
         else:
             g.dropout = None
-        with autocast(rt.device, rt.precision), record_function("pack.forward"):
-            losses, total = self.train_loss(rt.base.model, rt.head, ids, mask, labels, pm.live, self.k, rt.batch)
+        with autocast(rt.device, rt.precision), record_function("pack.forward"), \
+                self.layers.active() if self.layers is not None else contextlib.nullcontext():
+            losses, total = self.train_loss(rt.base.model, rt.head, ids, mask, labels, pm.live, self.k, rt.batch,
+                                            pm.compile)
         with record_function("pack.backward"):
             grads = gradients(pm, total)
         self.drain.sums += losses.detach().double() * pm.live
@@ -323,7 +334,8 @@ class PackTrainer:
         trial starts included), slot occupancy (slots training), the share of slot-steps held for
         evals or generations, and peak GPU memory."""
         wall = time.perf_counter() - self.first_step if self.first_step is not None else 0.0
-        return {"slots": self.k, "steps": self.steps_run, "trial_steps": self.trial_steps, "wall_s": round(wall, 2),
+        return {"slots": self.k, "compile": self.pm.mode, "startup_s": round(self.startup_s or 0.0, 2),
+                "steps": self.steps_run, "trial_steps": self.trial_steps, "wall_s": round(wall, 2),
                 "ms_per_step": round(1e3 * wall / max(1, self.steps_run), 2),
                 "occupancy": round(self.trial_steps / max(1, self.steps_run * self.k), 4),
                 "held": round(self.held_slot_steps / max(1, self.steps_run * self.k), 4),

@@ -20,8 +20,10 @@ from typing import Any
 
 from lora_exp.config import RunConfig
 from lora_exp.core.status import TrialStatus
+from lora_exp.core.training import total_steps
 from lora_exp.pack.io import IOClient, QueuedTracker
 from lora_exp.pack.sampler import ClaimedTrial, Sampler
+from lora_exp.pack.sizing import choose_compile, choose_slots, use_project_compile_cache
 from lora_exp.pack.slots import SlotRun, pack_key
 from lora_exp.pack.study_view import PackPruning, StudyView
 from lora_exp.pack.trainer import PackTrainer
@@ -163,7 +165,12 @@ class PackedSweep:
                     self._begin(trainer, ready.pop(0))
             if trainer.busy():
                 self.pace.tick()
+                first = trainer.steps_run == 0
                 ended = trainer.step()
+                if first and trainer.startup_s is not None:
+                    log.info("pack: first step done %.1f s after the sweep started (%.1f s to make the pack and run "
+                             "its first step, compile %s)", time.time() - self.plan.started, trainer.startup_s,
+                             trainer.pm.mode)
                 t0 = time.perf_counter()
                 for run in ended:
                     failed = self._finish(run)
@@ -275,10 +282,19 @@ class PackedSweep:
         base, data = self.context.prepare(cfg)
         load_base_cache(self.study, base)
         max_rank, modules = pack_shape(plan, cfg)
-        trainer = PackTrainer(base, data, cfg, plan.pack, max_rank, modules)
+        # this worker's share of the trials still to run
+        trials = max(1, -(-(plan.n_trials - plan.done_at_start - self.closed) // plan.workers))
+        slots = plan.pack
+        if slots == "auto":
+            slots, why = choose_slots(base, data, cfg, max_rank, modules, trials)
+            log.info("%s", why)
+        compile, why = choose_compile(cfg, base.device, int(slots), trials, total_steps(cfg, len(data.train)))
+        if compile != "off":
+            use_project_compile_cache()
+        trainer = PackTrainer(base, data, cfg, int(slots), max_rank, modules, compile=compile)
         trainer.set_eval_batch_hook(self.view.refresh)
-        log.info("packing up to %d trials on %s (rank %d, modules %s)", plan.pack, self.context.device, max_rank,
-                 ", ".join(modules))
+        log.info("packing up to %d trials on %s (rank %d, modules %s); %s", int(slots), self.context.device,
+                 max_rank, ", ".join(modules), why)
         return trainer
 
     def _stop_pack(self, reason: str) -> int:

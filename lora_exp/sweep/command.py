@@ -73,7 +73,8 @@ def cmd_sweep(args: list[str], packed: PackedWorker | None = None) -> int:
     parent.close_orphan_runs(record, study)
     monitor = parent.monitor_system(record)
     log.info("%d trials to run now, %d worker(s)%s", added, workers,
-             f", {plan.pack} trials at once each" if plan.pack > 1 else "")
+             "" if not plan.packed else ", trials packed as many at once as the GPU holds" if plan.pack == "auto"
+             else f", {plan.pack} trials at once each")
     stopped: str | None = "an error"
     finished = False
     try:

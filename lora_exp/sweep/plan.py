@@ -51,9 +51,14 @@ class SweepPlan:
         return self.record.run_id
 
     @property
-    def pack(self) -> int:
-        """Trials trained at once per worker (`pack=K`); 1 trains them one at a time."""
+    def pack(self) -> int | str:
+        """Trials trained at once per worker (`pack=K`): 1 trains them one at a time; `auto`
+        as many as the GPU's memory holds (the pack decides)."""
         return self.base.pack.slots
+
+    @property
+    def packed(self) -> bool:
+        return self.base.pack.packs
 
 
 def default_storage() -> str:
@@ -74,7 +79,8 @@ def parse_options(args: list[str]) -> SweepOptions:
     n_trials = _number(opts, "n_trials", int, "a whole number of trials")
     workers = _number(opts, "workers", int, "a whole number of worker processes")
     timeout = _number(opts, "timeout", float, "seconds")
-    pack = _number(opts, "pack", int, "a whole number of trials trained at once")
+    pack = "auto" if opts.get("pack") == "auto" else _number(opts, "pack", int,
+                                                             "auto or a whole number of trials trained at once")
     if n_trials is not None and n_trials <= 0:
         raise ConfigError(f"n_trials: must be >= 1, got {n_trials}")
     if workers is not None and workers <= 0:
@@ -84,7 +90,7 @@ def parse_options(args: list[str]) -> SweepOptions:
     if opts.get("study"):
         check_study_name(opts["study"])
     if pack is not None:
-        if pack <= 0:
+        if pack != "auto" and pack <= 0:
             raise ConfigError(f"pack: must be >= 1 (trials trained at once), got {pack}")
         overrides.insert(0, f"pack.slots={pack}")
     return SweepOptions(sweep=opts.get("sweep", "default"), n_trials=n_trials, workers=workers,

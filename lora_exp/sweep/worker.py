@@ -121,7 +121,9 @@ def run_worker(plan: SweepPlan, worker_index: int, n_workers: int | None = 1,
     context = WorkerContext(device=pick_device(plan.base.trainer.device),
                             position=worker_index if plan.workers > 1 else None)
     try:
-        if plan.pack > 1:
+        if plan.pack == "auto" and context.device.type != "cuda":
+            log.info("pack=auto: one trial at a time on %s (packing pays on a GPU)", context.device)
+        elif plan.packed:
             if packed is None:
                 raise LoraExpError("pack: this worker has no packed engine")
             return packed(plan, worker_index, stop, study, context)

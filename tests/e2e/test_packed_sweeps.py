@@ -63,7 +63,8 @@ def test_packed_sweep_records_every_trial_and_its_best_reruns_the_same(workdir, 
 
 def test_pack_option_bad_values_fail_in_one_line_before_any_model_loads(workdir):
     for args, message, env in ((["pack=0"], "pack: must be >= 1", {}),
-                               (["pack=two"], "pack: expected a whole number of trials trained at once, got 'two'", {}),
+                               (["pack=two"], "pack: expected auto or a whole number of trials trained at once", {}),
+                               (["pack.slots=many"], "pack.slots: must be auto or a whole number >= 1", {}),
                                (["pack=2", "lora.bias=all"], "pack: lora.bias=all trains the base model's biases", {}),
                                (["pack=2"],
                                 "LORA_EXP_PACK_COMPILE=fast: expected one of auto, off, parts, full, graphs",

@@ -45,9 +45,9 @@ PRESETS = {"tiny_gpt2": {"all": "all", "mid": "attn_proj", "extra": ["trainer.ba
            "tiny_llama": {"all": "all_linear", "mid": "attn", "extra": []}}
 
 
-def _mixed(model: str) -> list:
+def _mixed(model: str, extra: tuple[str, ...] | list[str] = ()) -> list:
     p = PRESETS[model]
-    return [compose([f"model={model}", *COMMON, *p["extra"], *(o.format(**p) for o in v)]) for v in MIXED]
+    return [compose([f"model={model}", *COMMON, *p["extra"], *extra, *(o.format(**p) for o in v)]) for v in MIXED]
 
 
 def _rel(a: float, b: float) -> float:
@@ -169,22 +169,24 @@ def test_trials_that_hold_for_evals_and_generations_while_others_train_train_exa
     assert results[3].status is TrialStatus.PRUNED and results[3].loss_curve[-1][0] == 20
 
 
-def test_the_compiled_step_trains_as_the_eager_one_through_slot_reuse_without_recompiling(monkeypatch):
-    """pack.compile=full (the default on CUDA) compiles the whole training step once:
-    5 trials through 2 slots (slots freed and re-assigned, dropout on and off) give the eager
-    curves and generations, with one graph for the step."""
+@pytest.mark.parametrize("mode, graphs", [("full", 1), ("layers", 3)])
+def test_the_compiled_step_trains_as_the_eager_one_through_slot_reuse_without_recompiling(mode, graphs):
+    """pack.compile=full compiles the whole training step once; `layers` compiles the 4 decoder
+    layers into two graphs (the first layer's input needs no gradient, the others' do) and one
+    for the loss's chunks: 5 trials through 2 slots (slots freed and re-assigned, dropout on and
+    off) give the eager curves and generations, and no graph is compiled again."""
     import torch._dynamo
 
     torch.set_num_threads(2)
-    cfgs = _mixed("tiny_gpt2")
+    cfgs = _mixed("tiny_gpt2", ["model.architecture.n_layer=4"])
     base = load_base(cfgs[0].model, torch.device("cpu"))
     data = tokenize(load_rows(cfgs[0].data), cfgs[0].data, base.tokenizer)
     eager = train_packed([dataclasses.replace(c, pack=PackConfig(compile="off")) for c in cfgs], base, data, slots=2)
-    cfgs = [dataclasses.replace(c, pack=PackConfig(compile="full")) for c in cfgs]
+    cfgs = [dataclasses.replace(c, pack=PackConfig(compile=mode)) for c in cfgs]
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
     compiled = train_packed(cfgs, base, data, slots=2)
-    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs
     for a, b in zip(eager, compiled):
         assert [s for s, _ in a.loss_curve] == [s for s, _ in b.loss_curve]
         assert all(_rel(x, y) <= 1e-4 for (_, x), (_, y) in zip(a.loss_curve, b.loss_curve))
@@ -388,3 +390,28 @@ def test_the_look_ahead_counts_trials_an_eval_may_prune_soon_and_trials_ending_s
         assert trainer.ending_within(23) == 2 and trainer.ending_within(22) == 0
     finally:
         trainer.close()
+
+
+@pytest.mark.parametrize("vocab", [257, 1000])
+def test_the_head_loss_in_chunks_is_cross_entropy_and_its_gradient(monkeypatch, vocab):
+    """The pack's loss through its frozen head, a few rows at a time (never the whole batch's
+    logits), gives what cross_entropy over all the logits gives: each position's loss (0 where
+    the target is ignored) and the hidden states' gradient under any weights of the losses."""
+    from lora_exp.pack import rows
+
+    torch.manual_seed(0)
+    monkeypatch.setattr(rows, "HEAD_CHUNK_BYTES", 4 * vocab * 64)  # 64 rows a chunk: 5 chunks, the last short
+    head = torch.nn.Linear(16, vocab, bias=False)
+    out = rows.OutputHead(type("M", (), {"get_output_embeddings": lambda self: head})(), torch.float32)
+    hidden = torch.randn(300, 16, dtype=torch.float64).float().requires_grad_()
+    target = torch.randint(0, vocab, (300,))
+    target[::7] = -100
+    weights = torch.rand(300)
+    got = rows.head_token_losses(hidden, out, target)
+    (got * weights).sum().backward()
+    got_grad, hidden.grad = hidden.grad.clone(), None
+    want = torch.nn.functional.cross_entropy(head(hidden), target, ignore_index=-100, reduction="none")
+    (want * weights).sum().backward()
+    assert torch.allclose(got, want, rtol=1e-6, atol=1e-6)
+    assert (got[::7] == 0).all()
+    assert torch.allclose(got_grad, hidden.grad, rtol=1e-5, atol=1e-7)

@@ -1,0 +1,136 @@
+"""How big a pack is and how it runs, decided before its first step: `pack=auto` (the slots the
+GPU's memory holds) and `pack.compile=auto` (compile the step only where it pays).
+
+Slots: one slot's memory is measured, not guessed. Two small probe packs (PROBE slots) train two
+eager steps each at the heaviest point of the search (the pack's rank on every module it wraps,
+dropout on), with the pack's real rows; the difference of their peaks is one slot's memory (its
+LoRA weights, gradients and AdamW moments plus its rows' activations), the rest is what the pack
+needs whatever its size. K is what the free memory holds with HEADROOM to spare, never more than
+the trials there are to run (an empty slot still computes: the step's shapes are fixed).
+
+Compile: a compiled step is faster, but compiling costs a fixed time up front (seconds for a
+2-layer model, a minute or two for a 30-layer one) that a short sweep never earns back. `auto`
+compiles the model's layers (`layers`: one graph shared by every decoder layer, compiled once)
+when the pack has at least COMPILE_PAYS_STEPS steps ahead; else only the small parts (`parts`:
+the Triton optimizer, the dropout masks, the loss chunks). Compiled graphs are kept
+in the project's cache folder, so the next sweep of the same shapes loads them in seconds.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from typing import Sequence
+
+import torch
+
+from lora_exp.config import RunConfig
+from lora_exp.core.data import PreparedData
+from lora_exp.core.models import BaseModel, cache_dir
+
+#: slots of the two probe packs (their difference is one slot's memory)
+PROBE = (2, 6)
+#: share of the free GPU memory a pack may plan to use (the allocator's fragmentation, generation)
+HEADROOM = 0.85
+#: never more slots than this, whatever the memory (the step's time grows with K beyond it anyway)
+MAX_SLOTS = 1024
+#: pack steps ahead from which `pack.compile=auto` compiles the whole step
+COMPILE_PAYS_STEPS = 400
+
+
+@dataclasses.dataclass
+class SlotMemory:
+    """A pack's memory: `fixed` + `per_slot` x K bytes (measured), and what was free."""
+
+    per_slot: float
+    fixed: float
+    free: float
+
+    def holds(self) -> int:
+        return max(0, int((self.free * HEADROOM - self.fixed) // max(self.per_slot, 1.0)))
+
+
+def heaviest(cfg: RunConfig, max_rank: int, modules: Sequence[str]) -> RunConfig:
+    """The trial of the search that needs the most memory: the pack's rank on every module, dropout on."""
+    lora = dataclasses.replace(cfg.lora, r=max_rank, lora_alpha=float(max_rank), target_modules=list(modules),
+                               preset=None, lora_dropout=max(cfg.lora.lora_dropout, 0.1))
+    return dataclasses.replace(cfg, lora=lora)
+
+
+def measure_slot_memory(base: BaseModel, data: PreparedData, cfg: RunConfig, max_rank: int,
+                        modules: Sequence[str]) -> SlotMemory:
+    """One slot's memory and the pack's fixed part, from two probe packs' peaks (CUDA only)."""
+    from lora_exp.core.recording import NullTracker
+    from lora_exp.pack.trainer import PackTrainer
+
+    device = base.device
+    heavy = heaviest(cfg, max_rank, modules)
+    peaks = []
+    for k in PROBE:
+        torch.cuda.synchronize(device)
+        torch.cuda.empty_cache()
+        start = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        trainer = PackTrainer(base, data, heavy, k, max_rank, modules, compile="off")
+        try:
+            for slot in range(k):
+                trainer.start(slot, heavy, NullTracker())
+            for _ in range(2):  # the second step has AdamW's moments and every gradient buffer
+                trainer._train_step()
+            torch.cuda.synchronize(device)
+            peaks.append(torch.cuda.max_memory_allocated(device) - start)
+        finally:
+            trainer.close()
+            del trainer
+    torch.cuda.empty_cache()
+    per_slot = max(1.0, (peaks[1] - peaks[0]) / (PROBE[1] - PROBE[0]))
+    fixed = max(0.0, peaks[0] - PROBE[0] * per_slot)
+    return SlotMemory(per_slot=per_slot, fixed=fixed, free=float(torch.cuda.mem_get_info(device)[0]))
+
+
+def choose_slots(base: BaseModel, data: PreparedData, cfg: RunConfig, max_rank: int, modules: Sequence[str],
+                 trials: int) -> tuple[int, str]:
+    """`pack=auto`: the slots for `trials` trials to run, and a line that says why."""
+    if base.device.type != "cuda":
+        return 1, f"pack=auto: one trial at a time on {base.device} (packing pays on a GPU)"
+    memory = measure_slot_memory(base, data, cfg, max_rank, modules)
+    holds = memory.holds()
+    k = max(1, min(trials, holds, MAX_SLOTS))
+    gib = 1024 ** 3
+    limit = ("the trials to run" if k == trials else f"the {MAX_SLOTS}-slot cap" if k == MAX_SLOTS
+             else "GPU memory")
+    why = (f"pack=auto: {k} slots (limited by {limit}): a slot needs {memory.per_slot / gib:.3f} GiB at the "
+           f"heaviest point of the search (rank {max_rank} on {len(modules)} modules, batch "
+           f"{cfg.trainer.batch_size} x {max(len(e.input_ids) for e in data.train)} positions), the pack "
+           f"{memory.fixed / gib:.2f} GiB more; {memory.free / gib:.1f} GiB free holds {holds} at "
+           f"{HEADROOM:.0%}; {trials} trials to run")
+    if k == 0 or holds == 0:
+        raise MemoryError(f"pack=auto: not even one slot fits: {why}")
+    return k, why
+
+
+def choose_compile(cfg: RunConfig, device: torch.device, slots: int, trials: int, steps: int) -> tuple[str, str]:
+    """`pack.compile=auto` on CUDA: `layers` when the pack has COMPILE_PAYS_STEPS steps ahead or
+    more (its trials' steps over its slots), else `parts`. Elsewhere `off`."""
+    setting = cfg.pack.compile
+    if setting != "auto":
+        return setting, f"pack.compile={setting} (as set)"
+    if device.type != "cuda":
+        return "off", "pack.compile=auto: off on the CPU"
+    ahead = math.ceil(trials / max(1, slots)) * steps
+    if ahead >= COMPILE_PAYS_STEPS:
+        return "layers", (f"pack.compile=auto: layers ({ahead} pack steps ahead; compiling the layers pays from "
+                          f"{COMPILE_PAYS_STEPS})")
+    return "parts", (f"pack.compile=auto: parts ({ahead} pack steps ahead: compiling the layers pays from "
+                     f"{COMPILE_PAYS_STEPS}; `pack.compile=layers` compiles them anyway)")
+
+
+def use_project_compile_cache() -> str:
+    """torch.compile's caches (Inductor's graphs and Triton's kernels) in the project's cache
+    folder, kept across runs, unless TORCHINDUCTOR_CACHE_DIR already says where."""
+    folder = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    if not folder:
+        folder = str(cache_dir() / "torch-compile")
+        os.makedirs(folder, exist_ok=True)
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = folder
+    return folder
