@@ -238,8 +238,15 @@ def main() -> None:
             return {"cell": cell, "ok": False, "why": (proc.stderr.strip().splitlines() or ["no output"])[-1][:300]}
         return json.loads(found[-1][len("RESULT "):])
 
+    def kept(cell: str) -> dict:  # each cell's line written as it ends (a cut-off run keeps the ones done)
+        result = child(cell)
+        if args.out:
+            with open(args.out, "a") as fh:
+                fh.write(json.dumps(result) + "\n")
+        return result
+
     with ThreadPoolExecutor(args.parallel) as pool:
-        results = list(pool.map(child, chosen))
+        results = list(pool.map(kept, chosen))
     print(f"{'cell':<28} {'pass':<5} {'largest diff':>12} {'tolerance':>10} {'gens':>6} {'ms/step':>8} "
           f"{'peak GiB':>8} {'sweep s':>7}")
     for r in results:
@@ -252,8 +259,6 @@ def main() -> None:
               f"{r.get('sweep_s', float('nan')):>7}" + ("" if r.get("ok") else f"  {r.get('why', '')}"))
     passed = sum(bool(r.get("ok")) for r in results)
     print(f"{passed}/{len(results)} cells pass in {time.time() - start:.0f} s")
-    if args.out:
-        Path(args.out).write_text("".join(json.dumps(r) + "\n" for r in results))
 
 
 if __name__ == "__main__":

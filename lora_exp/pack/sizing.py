@@ -9,7 +9,7 @@ needs whatever its size. K is what the free memory holds with HEADROOM to spare,
 the trials there are to run (an empty slot still computes: the step's shapes are fixed).
 
 Compile: a compiled step is faster, but compiling costs a fixed time up front (seconds for a
-2-layer model, a minute or two for a 30-layer one) that a short sweep never earns back. `auto`
+2-layer model; for a 30-layer one ~30 s for `layers`, minutes for `full`) that a short sweep never earns back. `auto`
 compiles the model's layers (`layers`: one graph shared by every decoder layer, compiled once)
 when the pack has at least COMPILE_PAYS_STEPS steps ahead; else only the small parts (`parts`:
 the Triton optimizer, the dropout masks, the loss chunks). Compiled graphs are kept
@@ -34,8 +34,10 @@ PROBE = (2, 6)
 HEADROOM = 0.85
 #: never more slots than this, whatever the memory (the step's time grows with K beyond it anyway)
 MAX_SLOTS = 1024
-#: pack steps ahead from which `pack.compile=auto` compiles the whole step
-COMPILE_PAYS_STEPS = 400
+#: pack steps ahead from which `pack.compile=auto` compiles the layers. Measured on the H200
+#: (docs/benchmarks.md): compiling the layers takes ~30 s and saves 0.24-0.6 s a step on
+#: SmolLM2-135M (K=128, batch 8) and Qwen2.5-0.5B (K=64, 512 tokens): it pays from ~60 steps
+COMPILE_PAYS_STEPS = 64
 
 
 @dataclasses.dataclass

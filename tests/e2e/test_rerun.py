@@ -87,7 +87,14 @@ def test_bad_run_references(swept, args, message):
 def test_run_id_from_another_store_and_override_that_does_not_apply(swept, tmp_path):
     work, store, study, client = swept
     run_id = study.best_trial.user_attrs["mlflow_run_id"]
-    proc = run_cli("rerun", run_id, cwd=tmp_path)  # tmp_path has its own (empty) store
+    proc = run_cli("rerun", run_id, cwd=tmp_path)  # no store there: named, none created
+    assert proc.returncode == 2 and "no MLflow store at sqlite:///mlruns/mlflow.db" in proc.stderr
+    assert not (tmp_path / "mlruns").exists()
+    other = tmp_path / "other"
+    other.mkdir()
+    assert run_cli("train", "model=tiny_gpt2", "data=seed", "trainer.max_steps=1", "trainer.max_new_tokens=2",
+                   "trainer.generation_metrics=[exact_match]", cwd=other).returncode == 0
+    proc = run_cli("rerun", run_id, cwd=other)  # a store of its own, without that run
     assert proc.returncode == 2 and "no run" in proc.stderr and "another store?" in proc.stderr
     proc = run_cli("rerun", run_id, "trainer.nope=1", cwd=work)
     assert proc.returncode == 2 and "does not apply to the recorded config: no key trainer.nope" in proc.stderr
