@@ -319,8 +319,9 @@ class PackConfig:
     #: trials per pack (`pack=K` on the sweep command line); 1 trains one trial at a time; auto:
     #: as many as the GPU's memory holds (lora_exp.pack.sizing), one at a time on a CPU.
     slots: Any = 1
-    #: auto (full on CUDA, off elsewhere), off (eager), parts (Triton optimizer), full (the whole
-    #: step one compiled graph), graphs (full, replayed as CUDA graphs).
+    #: auto (on CUDA: layers or parts, from the steps ahead; off elsewhere), off (eager), parts
+    #: (Triton optimizer, compiled masks and loss chunks), layers (also one compiled graph every
+    #: decoder layer shares), full (the whole step one compiled graph), graphs (full, as CUDA graphs).
     compile: str = "auto"
     #: how a compiled CUDA step computes the LoRA deltas: kernels (each slot's own rank and modules
     #: only) or bmm (every slot padded to the pack's rank).
