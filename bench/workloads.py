@@ -213,9 +213,13 @@ def cmd_sweep(args: argparse.Namespace, sweep: str, overrides: list[str], tmp: s
                f"tracking.artifact_root={tmp}/artifacts", *overrides, *args.override]
     env = {**os.environ, "PYTHONPATH": f"{ROOT}:{os.environ.get('PYTHONPATH', '')}"}
     start = time.time()
-    proc = subprocess.run(command, env=env, capture_output=True, text=True, cwd=tmp)
+    proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp)
+    try:
+        log, _ = proc.communicate(timeout=args.timeout)
+    except subprocess.TimeoutExpired:  # cut short: what finished still counts (Optuna's own times)
+        proc.kill()
+        log, _ = proc.communicate()
     wall = time.time() - start
-    log = proc.stdout + proc.stderr
     if args.log:
         Path(args.log).write_text(log)
     summary = re.findall(r"pack summary: (\{.*\})", log)
@@ -224,6 +228,16 @@ def cmd_sweep(args: argparse.Namespace, sweep: str, overrides: list[str], tmp: s
     out = {"what": "lora-exp sweep", "workload": args.workload, "pack": args.pack, "trials": args.trials,
            "rc": proc.returncode, "wall_s": round(wall, 1), "trials_per_hour": round(3600 * args.trials / wall, 1),
            "s_per_trial": round(wall / args.trials, 2)}
+    import optuna
+
+    study = optuna.load_study(study_name=None, storage=f"sqlite:///{tmp}/optuna.db")
+    done = [t for t in study.trials if t.state.name in ("COMPLETE", "PRUNED")]
+    if done:
+        first = min(t.datetime_start for t in study.trials if t.datetime_start)
+        last = max(t.datetime_complete for t in done)
+        seconds = sorted((t.datetime_complete - t.datetime_start).total_seconds() for t in done)
+        out.update(finished=len(done), first_start_to_last_end_s=round((last - first).total_seconds(), 1),
+                   median_trial_s=seconds[len(seconds) // 2])
     if summary:
         out["pack_summary"] = json.loads(summary[-1])
     if states:
@@ -248,6 +262,7 @@ def main() -> None:
     parser.add_argument("--auto", type=int, default=0, help="engine: also run pack=auto's sizing for N trials")
     parser.add_argument("--profile", action="store_true")
     parser.add_argument("--log", default=None)
+    parser.add_argument("--timeout", type=float, default=None, help="sweep: stop it after this many seconds")
     parser.add_argument("--override", action="append", default=[])
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="lora-exp-workload-") as tmp:

@@ -116,11 +116,11 @@ class QueuedTracker:
 
     records_artifacts = True
 
-    def __init__(self, io: IOClient, number: int, run_name: str, tags: dict[str, Any]):
+    def __init__(self, io: IOClient, number: int, run_name: str, tags: dict[str, Any], trial_id: int | None = None):
         self.io, self.number = io, number
         self.run_id: str | None = None
         self.status = "FINISHED"
-        io.submit("open", number, run_name, tags)
+        io.submit("open", number, run_name, tags, trial_id)
 
     def _call(self, name: str, *args: Any) -> None:
         self.io.submit("call", self.number, name, args)
@@ -255,7 +255,7 @@ class TrackingTasks:
                 self.errors[number] = reason
             log.warning("tracking task %s failed: %s", kind, reason)
 
-    def open(self, number: int, run_name: str, tags: dict[str, Any]) -> None:
+    def open(self, number: int, run_name: str, tags: dict[str, Any], trial_id: int | None = None) -> None:
         cfg = self.plan.base.tracking
         if not cfg.enabled:
             self.trackers[number] = NullTracker()
@@ -263,8 +263,11 @@ class TrackingTasks:
         if self.base_tags is None:
             self.base_tags = provenance()
         # metrics go out in batches (1000 points a call) and at the end, not every few seconds
-        self.trackers[number] = open_run(cfg, run_name, tags, self.plan.parent_run_id, base_tags=self.base_tags,
-                                         flush_seconds=max(60.0, cfg.flush_seconds))
+        tracker = open_run(cfg, run_name, tags, self.plan.parent_run_id, base_tags=self.base_tags,
+                           flush_seconds=max(60.0, cfg.flush_seconds))
+        self.trackers[number] = tracker
+        if trial_id is not None and tracker.run_id:  # as unpacked: a trial in flight names its run
+            self.study._storage.set_trial_user_attr(trial_id, "mlflow_run_id", tracker.run_id)
 
     def call(self, number: int, method: str, args: tuple[Any, ...]) -> None:
         if number in self.errors:

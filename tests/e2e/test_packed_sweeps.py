@@ -119,6 +119,24 @@ def _study_states(workdir):
     return study.trials
 
 
+def _wait_training(workdir, n, proc, timeout=180):
+    """Until n trials are RUNNING with their MLflow runs open (the pack trains them), however
+    busy the machine is."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        assert proc.poll() is None, "the sweep ended before its trials trained"
+        try:
+            running = [t for t in _study_states(workdir)
+                       if t.state.name == "RUNNING" and "mlflow_run_id" in t.user_attrs]
+        except Exception:  # noqa: BLE001 - the study is not created yet
+            running = []
+        if len(running) >= n:
+            time.sleep(1)  # a few steps in
+            return
+        time.sleep(0.5)
+    raise AssertionError(f"{n} trials were not training after {timeout} s")
+
+
 def test_packed_sweep_ctrl_c_twice_fails_the_pack_then_resumes(workdir, store):
     import signal
 
@@ -127,7 +145,7 @@ def test_packed_sweep_ctrl_c_twice_fails_the_pack_then_resumes(workdir, store):
     args = ["sweep=tiny", "pack=2", "n_trials=4", "trainer.max_steps=3000", "trainer.eval_steps=1000"]
     proc, seen = _popen(workdir, *args), []
     _wait_for(proc, "packing up to 2 trials", seen)
-    time.sleep(3)
+    _wait_training(workdir, 2, proc)
     proc.send_signal(signal.SIGINT)
     time.sleep(0.3)
     proc.send_signal(signal.SIGINT)
@@ -187,7 +205,7 @@ def test_packed_worker_killed_its_trials_go_stale_and_are_retried(workdir, store
     args = ["sweep=tiny", "pack=2", "n_trials=4", "trainer.max_steps=3000", "trainer.eval_steps=1000"]
     proc, seen = _popen(workdir, *args, env=env), []
     _wait_for(proc, "packing up to 2 trials", seen)
-    time.sleep(3)
+    _wait_training(workdir, 2, proc)
     proc.send_signal(signal.SIGKILL)  # no handler runs; its tracking process must notice and stop beating
     proc.wait(timeout=30)
     assert len([t for t in _study_states(workdir) if t.state.name == "RUNNING"]) == 2
