@@ -14,10 +14,12 @@ first and the last) match the same trial trained alone (`run_trial`, the config 
 its run):
 - fp32: every logged train loss and the final eval loss within 1e-4 relative, and identical
   greedy generations;
-- bf16: the tolerance is measured per trial, from the trial alone: the larger of its run-to-run
-  difference in bf16 and the difference bf16 itself makes to it (bf16 alone vs fp32 alone), both
-  the largest relative difference over its logged losses. The packed trial passes when it is no
-  further from the bf16 trial alone than that; generations are counted (identical / compared).
+- bf16: the tolerance is measured per trial, from the trial alone: twice the difference bf16
+  itself makes to it (bf16 alone vs fp32 alone, the largest relative difference over its logged
+  losses), plus its run-to-run difference in bf16. Two bf16 runs whose roundings differ (the
+  pack's kernels sum in another order) each land about that far from the fp32 curve, so up to
+  twice that from each other; run to run the trial alone is mostly bit-identical on the H200,
+  which makes it no tolerance on its own. Generations are counted (identical / compared).
 
 Cells run in parallel processes (each its own compile cache). One table row per cell, then a
 JSON line per cell in --out.
@@ -199,7 +201,7 @@ def compare(cell: str, client, trials, uri: str) -> list[dict]:
             again = [v for _, v in run_trial(cfg, base, data, NullTracker()).loss_curve]
             fp32_cfg = dataclasses.replace(cfg, trainer=dataclasses.replace(cfg.trainer, precision="fp32"))
             fp32 = [v for _, v in run_trial(fp32_cfg, base, data, NullTracker()).loss_curve]
-            tol = max(max_rel(curve, again), max_rel(fp32, curve))
+            tol = 2 * max_rel(fp32, curve) + max_rel(curve, again)
             entry.update(tolerance=tol, run_to_run=max_rel(curve, again), bf16_vs_fp32=max_rel(fp32, curve),
                          ok=rel <= tol)
         if not entry["ok"]:
