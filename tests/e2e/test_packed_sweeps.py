@@ -67,7 +67,7 @@ def test_pack_option_bad_values_fail_in_one_line_before_any_model_loads(workdir)
                                (["pack.slots=many"], "pack.slots: must be auto or a whole number >= 1", {}),
                                (["pack=2", "lora.bias=all"], "pack: lora.bias=all trains the base model's biases", {}),
                                (["pack=2"],
-                                "LORA_EXP_PACK_COMPILE=fast: expected one of auto, off, parts, full, graphs",
+                                "LORA_EXP_PACK_COMPILE=fast: expected one of auto, off, parts, layers, full, graphs",
                                 {"LORA_EXP_PACK_COMPILE": "fast"}),
                                (["pack=2"], "LORA_EXP_PACK_TRACKERS=0: expected a whole number >= 1",
                                 {"LORA_EXP_PACK_TRACKERS": "0"})):
