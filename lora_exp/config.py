@@ -330,6 +330,9 @@ class PackConfig:
     attention: str = "rows"
     #: tracking processes (MLflow and Optuna writes); null = one per four cores, up to four.
     trackers: Optional[int] = None
+    #: a packed trial keeps its state with its run at an eval at most once per this many seconds
+    #: (a killed sweep's retried trial resumes there); 0 = at every eval, null = never.
+    checkpoint_seconds: Optional[float] = 60.0
 
     @property
     def packs(self) -> bool:
@@ -347,6 +350,9 @@ class PackConfig:
                f"must be one of {', '.join(PACK_ATTENTION)}, got {self.attention!r}")
         if self.trackers is not None:
             _check(self.trackers >= 1, "pack.trackers", f"must be >= 1 or null, got {self.trackers}")
+        if self.checkpoint_seconds is not None:
+            _check(self.checkpoint_seconds >= 0, "pack.checkpoint_seconds",
+                   f"must be >= 0 (0 = at every eval) or null (never), got {self.checkpoint_seconds}")
 
 
 @dataclass(frozen=True)

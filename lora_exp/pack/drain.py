@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from lora_exp.core.status import TrialStatus
+from lora_exp.pack import checkpoints
 from lora_exp.pack.runtime import PackRuntime
 from lora_exp.pack.slots import SlotRun, SlotTable, lr_at
 
@@ -152,6 +153,7 @@ class HostDrain:
                 table.finishing[slot] = steps_run
             else:
                 resumed.append(slot)
+                checkpoints.maybe_save(self.rt.pm, run, step, self.rt.checkpoint_seconds)
         self.rt.pm.resume(resumed)
         self.rt.host_s["eval"] += time.perf_counter() - t_read
         return stopped

@@ -136,6 +136,7 @@ class QueuedTracker:
         self._call("log_dataset", name, digest, source, context)
 
     def flush(self) -> None: self._call("flush")
+    def delete_artifacts(self, path: str) -> None: self._call("delete_artifacts", path)
 
     def remove_after(self, path: str) -> None:
         """Delete a temporary folder once the tasks before this one (its upload) ran."""

@@ -70,6 +70,7 @@ class PackRuntime:
         self.batch, self.logging_steps, self.eval_steps = t.batch_size, t.logging_steps, t.eval_steps
         self.precision, self.base_dropout, self.eval_batch_size = t.precision, t.base_dropout, t.eval_batch_size
         self.max_new_tokens, self.metrics = t.max_new_tokens, tuple(t.generation_metrics)
+        self.checkpoint_seconds = cfg.pack.checkpoint_seconds
         self.device = base.device
         self.pad = base.tokenizer.pad_token_id
         self.base_params = sum(p.numel() for p in base.model.parameters())

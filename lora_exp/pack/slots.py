@@ -65,6 +65,8 @@ class SlotRun:
     prev_sum: float = 0.0
     last_log: int = 0
     eval_seconds: float = 0.0
+    #: when the trial last kept a checkpoint (perf_counter), None if never (pack.checkpoints)
+    checkpoint_at: float | None = None
     error: str | None = None
     #: also write the adapter here when the trial completes
     adapter_dir: str | None = None

@@ -29,6 +29,7 @@ from lora_exp.core.recording import NullTracker, Tracker, TrialResult, peak_memo
 from lora_exp.core.status import TrialStatus
 from lora_exp.core.training import Callback
 from lora_exp.errors import ConfigError
+from lora_exp.pack import checkpoints
 from lora_exp.pack.compile import CompiledLayers, compile_lock, compiled
 from lora_exp.pack.drain import HostDrain
 from lora_exp.pack.finish import Finisher
@@ -36,7 +37,7 @@ from lora_exp.pack.model import PackedModel, matches
 from lora_exp.pack.optimizer import gradients, optimizer_step
 from lora_exp.pack.rows import batch_schedule, slot_losses
 from lora_exp.pack.runtime import PackRuntime
-from lora_exp.pack.slots import SlotRun, SlotTable, pack_key, slot_spec
+from lora_exp.pack.slots import SlotRun, SlotTable, lr_at, pack_key, slot_spec
 
 #: host copies of the accumulated losses at most this many steps apart
 DRAIN_EVERY = 50
@@ -151,8 +152,9 @@ class PackTrainer:
         return None
 
     def start(self, slot: int, cfg: RunConfig, tracker: Tracker, callbacks: Sequence[Callback] = (),
-              handle: Any = None) -> SlotRun:
-        """Give `slot` to the trial `cfg`: fresh adapter, its data order, its run's config recorded."""
+              handle: Any = None, resume: dict[str, Any] | None = None) -> SlotRun:
+        """Give `slot` to the trial `cfg`: fresh adapter, its data order, its run's config recorded;
+        from `resume` (a packed trial's checkpoint, `pack.checkpoints`) on where it was."""
         t0 = time.perf_counter()
         why = self.fits(cfg)
         if why:
@@ -178,6 +180,15 @@ class PackTrainer:
         record_start(tracker, cfg, trainable, trainable + rt.base_params, spec.steps, rt.data.key,
                      params={"pack_slots": self.k},
                      tags={"lora_exp.packed": f"slot {slot} of {self.k}"})
+        if resume is not None and checkpoints.restore(pm, run, resume):
+            step = run.result.steps
+            self.table.host_step[slot] = step
+            for s, value in run.result.loss_curve:  # what it had logged, logged again into this run
+                tracker.log_metrics({"train_loss": value, "learning_rate": lr_at(spec, s)}, s)
+            for s, value in run.result.eval_curve:
+                tracker.log_metrics({"eval_loss": value}, s)
+            tracker.set_tags({"resumed_at_step": str(step)})
+            run.checkpoint_at = time.perf_counter()
         rt.host_s["start"] += time.perf_counter() - t0
         rt.host_s["starts"] += 1
         return run
@@ -300,6 +311,7 @@ class PackTrainer:
         g.dropout = None
 
     def _release(self, run: SlotRun) -> None:
+        checkpoints.drop(run)
         if self.table.remove(run):
             self.pm.release(run.slot)
 

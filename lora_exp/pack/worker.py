@@ -21,12 +21,14 @@ from typing import Any
 from lora_exp.config import RunConfig
 from lora_exp.core.status import TrialStatus
 from lora_exp.core.training import total_steps
+from lora_exp.pack import checkpoints as pack_checkpoints
 from lora_exp.pack.io import IOClient, QueuedTracker
 from lora_exp.pack.sampler import ClaimedTrial, Sampler
 from lora_exp.pack.sizing import choose_compile, choose_slots, use_project_compile_cache
 from lora_exp.pack.slots import SlotRun, pack_key
 from lora_exp.pack.study_view import PackPruning, StudyView
 from lora_exp.pack.trainer import PackTrainer
+from lora_exp.sweep.checkpoints import retried_run
 from lora_exp.sweep.outcome import outcome_of
 from lora_exp.sweep.plan import SweepPlan
 from lora_exp.sweep.report import progress_text
@@ -124,6 +126,7 @@ class PackedSweep:
         self.verbose = bool(os.environ.get("LORA_EXP_VERBOSE"))
         self.cfg: RunConfig = plan.base
         self.trainer: PackTrainer | None = None
+        self.client: Any = None  # an MLflow client, made when a retried trial's checkpoint is read
         self.pace = Pace()
         self.prunes = not isinstance(study.pruner, optuna.pruners.NopPruner)
 
@@ -272,7 +275,25 @@ class PackedSweep:
         tracker = QueuedTracker(self.io, trial.number, f"{plan.study_name}-trial-{trial.number}",
                                 trial_tags(plan, trial.number, overrides), trial._trial_id)
         callbacks = [] if plan.spec.multi else [PackPruning(trial, plan.spec.metric, self.view, self.io)]
-        trainer.start(trainer.free_slots()[0], cfg, tracker, callbacks, handle=(trial, overrides, time.perf_counter()))
+        trainer.start(trainer.free_slots()[0], cfg, tracker, callbacks, handle=(trial, overrides, time.perf_counter()),
+                      resume=self._checkpoint(trial))
+
+    def _checkpoint(self, trial: ClaimedTrial) -> dict[str, Any] | None:
+        """The checkpoint of the trial this one retries (a killed sweep's), if it kept one."""
+        tracking = self.plan.base.tracking
+        if self.plan.base.pack.checkpoint_seconds is None or not tracking.enabled:
+            return None
+        source = retried_run(self.study, trial)
+        if source is None:
+            return None
+        if self.client is None:
+            from lora_exp.tracking.store import connect
+
+            self.client = connect(tracking)[0]
+        state = pack_checkpoints.load(self.client, source)
+        if state is not None:
+            log.info("resuming run %s's trial at step %d", source, state["step"])
+        return state
 
     def _finish(self, run: SlotRun) -> int:
         return finish_run(self.plan, run, self.io)

@@ -28,15 +28,10 @@ class RunCheckpoint:
     def load(self) -> dict[str, Any] | None:
         if self.resume_from is None or getattr(self.tracker, "client", None) is None:
             return None
-        from mlflow.exceptions import MlflowException
 
-        client = self.tracker.client  # type: ignore[attr-defined]
-        with tempfile.TemporaryDirectory(prefix="lora-exp-checkpoint-") as tmp:
-            try:
-                path = client.download_artifacts(self.resume_from, f"{FOLDER}/{FILE}", tmp)
-            except (MlflowException, OSError):
-                return None  # it died before its first eval: start from step 0
-            state = torch.load(path, map_location="cpu", weights_only=True)  # data only: no pickled code
+        state = download_checkpoint(self.tracker.client, self.resume_from)  # type: ignore[attr-defined]
+        if state is None or state.get("format") is not None:  # none yet, or a packed slot's
+            return None
         log.info("resuming run %s's trial at step %d", self.resume_from, state["step"])
         return state
 
@@ -48,15 +43,33 @@ class RunCheckpoint:
 
     def drop(self) -> None:
         """The trial finished: its checkpoint is no longer needed (best effort)."""
-        if not self.saved or getattr(self.tracker, "client", None) is None:
-            return
-        try:
-            from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+        if self.saved:
+            drop_checkpoint(self.tracker)
 
-            run = self.tracker.client.get_run(self.tracker.run_id)  # type: ignore[attr-defined]
-            get_artifact_repository(run.info.artifact_uri).delete_artifacts(FOLDER)
-        except Exception as exc:  # noqa: BLE001 - a left-over checkpoint costs disk, not correctness
-            log.debug("checkpoint not removed: %s", exc)
+
+def drop_checkpoint(tracker: Tracker) -> None:
+    """Remove a finished trial's checkpoint from its run (best effort: a left-over checkpoint
+    costs disk, not correctness)."""
+    delete = getattr(tracker, "delete_artifacts", None)
+    if delete is None:
+        return
+    try:
+        delete(FOLDER)
+    except Exception as exc:  # noqa: BLE001
+        log.debug("checkpoint not removed: %s", exc)
+
+
+def download_checkpoint(client: Any, run_id: str) -> dict[str, Any] | None:
+    """The checkpoint kept with run `run_id`, or None if it has none (it died before its first
+    save). Loaded as data only (`weights_only`): no pickled code runs."""
+    from mlflow.exceptions import MlflowException
+
+    with tempfile.TemporaryDirectory(prefix="lora-exp-checkpoint-") as tmp:
+        try:
+            path = client.download_artifacts(run_id, f"{FOLDER}/{FILE}", tmp)
+        except (MlflowException, OSError):
+            return None
+        return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def retried_run(study: Any, trial: Any) -> str | None:

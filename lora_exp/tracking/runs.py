@@ -70,6 +70,13 @@ class MlflowTracker:
     def log_table(self, table: dict[str, list[Any]], artifact_file: str) -> None:
         self.client.log_table(self.run_id, data=table, artifact_file=artifact_file)
 
+    def delete_artifacts(self, path: str) -> None:
+        """Remove a folder of this run's artifacts (a finished trial's checkpoint)."""
+        from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+
+        run = self.client.get_run(self.run_id)
+        get_artifact_repository(run.info.artifact_uri).delete_artifacts(path)
+
     def log_dataset(self, name: str, digest: str, source: str, context: str) -> None:
         """A dataset the run used, as an MLflow input (the run page's Datasets): files by path
         (`pkg:` ones where the package holds them), hub datasets by their page."""

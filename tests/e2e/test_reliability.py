@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -110,9 +111,10 @@ def test_a_resumed_sweep_draws_new_parameters_and_leaves_no_run_running(workdir,
     assert not [r for r in children if r.info.status == "RUNNING"]
 
 
-def test_a_killed_trial_resumes_at_its_last_eval_with_the_loss_curve_it_would_have_had(workdir, store, tmp_path):
+def test_a_killed_trial_resumes_at_its_last_eval_with_the_loss_curve_it_would_have_had(workdir, store):
     """SIGKILL mid-trial, once its first checkpoint is written: the retry (same parameters)
-    resumes there, and its run's loss curve equals the same trial trained without a stop."""
+    resumes there, and its run's loss curve equals that of the same trial trained without a stop
+    (its rerun: the recorded config, from step 0)."""
     env = {"LORA_EXP_HEARTBEAT_SECONDS": "1"}
     args = ["sweep=tiny", "n_trials=1", "trainer.max_steps=600", "trainer.eval_steps=100"]
     proc = _start(workdir, *args, env=env)
@@ -129,20 +131,56 @@ def test_a_killed_trial_resumes_at_its_last_eval_with_the_loss_curve_it_would_ha
     client, _, children = sweep_runs(store)
     retry = next(r for r in children if r.info.status == "FINISHED")
     assert int(retry.data.tags["resumed_at_step"]) % 100 == 0 and int(retry.data.tags["resumed_at_step"]) < 600
-    overrides = retry.data.tags["lora_exp.overrides"].split()
-    alone = tmp_path / "alone"
-    alone.mkdir()
-    proc = run_cli("train", *overrides, cwd=alone)
+    proc = run_cli("rerun", retry.info.run_id, cwd=workdir)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    from mlflow.tracking import MlflowClient
-
-    other = MlflowClient(f"sqlite:///{alone}/mlruns/mlflow.db")
-    plain = other.search_runs([other.get_experiment_by_name("lora-exp").experiment_id])[0]
+    plain = re.search(r"rerun run ([0-9a-f]{32})", proc.stdout).group(1)
+    assert "resumed_at_step" not in client.get_run(plain).data.tags, "the rerun trained from step 0"
     for metric in ("train_loss", "learning_rate", "eval_loss"):
         got = {m.step: m.value for m in client.get_metric_history(retry.info.run_id, metric)}
-        want = {m.step: m.value for m in other.get_metric_history(plain.info.run_id, metric)}
-        assert got == want, metric  # bit for bit, every step: the first 100 logged again, the rest trained
+        want = {m.step: m.value for m in client.get_metric_history(plain, metric)}
+        assert len(got) > 1 and got == want, metric  # bit for bit: the first steps logged again, the rest trained
     assert "checkpoint" not in {a.path for a in client.list_artifacts(retry.info.run_id)}, "dropped once done"
+
+
+def test_a_killed_packed_trial_resumes_in_a_pack_at_its_last_eval_with_the_curve_it_would_have_had(
+        workdir, store, tmp_path):
+    """The same for a pack: SIGKILL once both slots' checkpoints are written; the retries resume
+    in a pack at their last saved eval, and each retried trial's losses equal, bit for bit, those
+    of the same sweep run without a stop; checkpoints are dropped once done."""
+    from mlflow.tracking import MlflowClient
+
+    env = {"LORA_EXP_HEARTBEAT_SECONDS": "1"}
+    args = ["sweep=tiny", "n_trials=2", "pack=2", "pack.checkpoint_seconds=0", "trainer.max_steps=300",
+            "trainer.eval_steps=100", "trainer.base_dropout=false"]
+    proc = _start(workdir, *args, env=env)
+    deadline = time.monotonic() + 180
+    while len(list(workdir.glob("mlruns/artifacts/*/artifacts/checkpoint/state.pt"))) < 2:
+        assert time.monotonic() < deadline and proc.poll() is None, "no checkpoint was written"
+        time.sleep(0.05)
+    proc.kill()
+    proc.communicate()
+    time.sleep(5)  # past the grace period: the next start fails the trials and retries their parameters
+    resumed = run_cli("sweep", *args, cwd=workdir, env=env)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert resumed.stderr.count("resuming run") == 2, resumed.stderr[-3000:]
+    client, _, children = sweep_runs(store)
+    retries = {r.data.tags["lora_exp.overrides"]: r for r in children if r.info.status == "FINISHED"}
+    assert len(retries) == 2
+    whole = tmp_path / "whole"  # the same sweep, never stopped
+    whole.mkdir()
+    assert run_cli("sweep", *args, cwd=whole, env=env).returncode == 0
+    other = MlflowClient(f"sqlite:///{whole}/mlruns/mlflow.db")
+    plain = {r.data.tags["lora_exp.overrides"]: r for r in other.search_runs(
+        [other.get_experiment_by_name("lora-exp").experiment_id]) if r.data.tags.get("lora_exp.kind") == "trial"}
+    assert sorted(plain) == sorted(retries), "the same trials"
+    for overrides, retry in retries.items():
+        step = int(retry.data.tags["resumed_at_step"])
+        assert step % 100 == 0 and 0 < step < 300
+        for metric in ("train_loss", "learning_rate", "eval_loss"):
+            got = {m.step: m.value for m in client.get_metric_history(retry.info.run_id, metric)}
+            want = {m.step: m.value for m in other.get_metric_history(plain[overrides].info.run_id, metric)}
+            assert got == want, metric  # every step: the first ones logged again, the rest trained
+        assert "checkpoint" not in {a.path for a in client.list_artifacts(retry.info.run_id)}, "dropped once done"
 
 
 def test_a_trial_of_a_two_worker_sweep_reruns_bit_for_bit(workdir, store):
