@@ -8,6 +8,7 @@ from typing import Any
 import torch
 
 from lora_exp.core.data import Example, Prompt, collate
+from lora_exp.core.loss import causal_lm_loss
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +36,7 @@ def eval_loss(model: Any, examples: list[Example], pad_id: int, device: torch.de
         if n == 0:
             continue
         with autocast(device, precision):
-            loss = model(**batch).loss
+            loss = causal_lm_loss(model, batch)
         total += float(loss) * n
         tokens += n
     model.train(was_training)

@@ -19,6 +19,7 @@ from lora_exp.core.adapters import attach_adapter, count_parameters, detach_adap
 from lora_exp.core.checkpoint import Checkpointer, restore, training_state
 from lora_exp.core.data import PreparedData, collate, train_batches
 from lora_exp.core.evaluation import autocast, eval_loss, generate, score_outputs
+from lora_exp.core.loss import causal_lm_loss
 from lora_exp.core.models import BaseModel
 from lora_exp.core.progress import StepProgress
 from lora_exp.core.recording import (
@@ -112,7 +113,7 @@ def _train(cfg: RunConfig, base: BaseModel, model: Any, data: PreparedData, trac
         if dropout is not None:
             dropout.step = step - 1  # the masks depend on (seed, step, module, row, position) only
         with autocast(device, t.precision):
-            loss = model(**batch).loss
+            loss = causal_lm_loss(model, batch)
         loss.backward()
         if t.max_grad_norm:
             torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm)

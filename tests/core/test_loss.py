@@ -1,0 +1,54 @@
+"""The loss that projects only the scored positions onto the vocabulary equals the model's own."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lora_exp.compose import compose
+from lora_exp.core.adapters import attach_adapter, detach_adapter, train_mode
+from lora_exp.core.data import collate, load_rows, tokenize
+from lora_exp.core.loss import causal_lm_loss
+from lora_exp.core.models import load_base
+
+
+def _trial(overrides):
+    cfg = compose(overrides)
+    base = load_base(cfg.model, torch.device("cpu"))
+    data = tokenize(load_rows(cfg.data), cfg.data, base.tokenizer)
+    model = attach_adapter(base, cfg)
+    batch = collate(data.train[:6], base.tokenizer.pad_token_id)
+    return base, model, batch
+
+
+def _loss_and_grads(model, fn, batch):
+    model.zero_grad(set_to_none=True)
+    loss = fn(model, batch)
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("model_name,preset", [("tiny_gpt2", "all"), ("tiny_llama", "all_linear")])
+def test_the_answer_positions_loss_and_its_gradients_equal_the_models_own(model_name, preset):
+    base, model, batch = _trial([f"model={model_name}", "data=qa_demo", f"lora.preset={preset}",
+                                 "lora.lora_dropout=0.0", "data.answer_only_loss=true"])
+    assert (batch["labels"] == -100).float().mean() > 0.2, "prompts and padding carry no label"
+    train_mode(model, False)
+    ours, ours_grads = _loss_and_grads(model, causal_lm_loss, batch)
+    theirs, their_grads = _loss_and_grads(model, lambda m, b: m(**b).loss, batch)
+    assert torch.allclose(ours, theirs, rtol=1e-6, atol=0), (float(ours), float(theirs))
+    assert ours_grads.keys() == their_grads.keys() and ours_grads
+    for name, grad in ours_grads.items():
+        torch.testing.assert_close(grad, their_grads[name], rtol=1e-4, atol=1e-7, msg=name)
+    detach_adapter(model)
+
+
+def test_a_model_whose_head_is_adapted_computes_its_own_loss():
+    """An adapted head's dropout masks depend on each row's positions: only the model's own loss
+    keeps them."""
+    base, model, batch = _trial(["model=tiny_gpt2", "data=qa_demo", "model.modules=[c_attn,c_proj,c_fc,lm_head]",
+                                 "lora.target_modules=[c_attn,lm_head]",
+                                 "lora.lora_dropout=0.1"])
+    train_mode(model, False)
+    with torch.no_grad():
+        assert torch.equal(causal_lm_loss(model, batch), model(**batch).loss)
+    detach_adapter(model)
