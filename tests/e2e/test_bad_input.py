@@ -3,7 +3,12 @@ sweep-file and override parsers: nothing but the clean error may come out of the
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
 import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 import yaml
@@ -89,35 +94,68 @@ TABLE = [
 ]
 
 
-@pytest.mark.parametrize("name,args,sweep_text,message", TABLE, ids=[t[0] for t in TABLE])
-def test_bad_input_is_one_line_exit_2_nothing_written_within_20_s(workdir, name, args, sweep_text, message):
-    """Every command, each way of getting it wrong: one line naming the problem, exit 2, no file
-    written (no store created, no run added to an existing one), in seconds."""
-    from mlflow.tracking import MlflowClient
+@dataclass
+class Outcome:
+    proc: subprocess.CompletedProcess
+    seconds: float
+    before: list[Path]
+    after: list[Path]
+    store: str
 
-    (workdir / "empty.jsonl").write_text("")
-    (workdir / "rows.jsonl").write_text('{"question": "Q?", "reply": "A."}\n')
-    (workdir / "one.jsonl").write_text('{"question": "Q?", "answer": "A."}\n')
-    store = MlflowClient(f"sqlite:///{workdir}/store/mlflow.db")
-    store.search_experiments()  # an existing, empty store
-    before = sorted(p.relative_to(workdir) for p in workdir.rglob("*") if p.suffix != ".lock")
+
+def _files(folder: Path) -> list[Path]:
+    return sorted(p.relative_to(folder) for p in folder.rglob("*") if p.suffix != ".lock")
+
+
+def _try(case: tuple, folder: Path, template: Path) -> Outcome:
+    """One row of the table, in its own folder beside an existing, empty MLflow store."""
+    _, args, sweep_text, _ = case
+    (folder / "empty.jsonl").write_text("")
+    (folder / "rows.jsonl").write_text('{"question": "Q?", "reply": "A."}\n')
+    (folder / "one.jsonl").write_text('{"question": "Q?", "answer": "A."}\n')
+    shutil.copytree(template, folder / "store")
     args = list(args)
     if args[0] == "sweep":
         args.insert(1, "sweep=tiny")
         if sweep_text is not None:
-            (workdir / "bad.yaml").write_text(SWEEP_HEAD + sweep_text)
-            args[1] = f"sweep={workdir}/bad.yaml"
-            before = sorted(p.relative_to(workdir) for p in workdir.rglob("*") if p.suffix != ".lock")
+            (folder / "bad.yaml").write_text(SWEEP_HEAD + sweep_text)
+            args[1] = f"sweep={folder}/bad.yaml"
+    before = _files(folder)
     start = time.monotonic()
-    proc = run_cli(*args, cwd=workdir, timeout=60)
-    assert time.monotonic() - start < 20
+    proc = run_cli(*args, cwd=folder, timeout=60)
+    return Outcome(proc, time.monotonic() - start, before, _files(folder), f"sqlite:///{folder}/store/mlflow.db")
+
+
+@pytest.fixture(scope="module")
+def outcomes(tmp_path_factory) -> dict[str, Outcome]:
+    """Every row run as its own `lora-exp` process, two at a time (each is mostly a process
+    starting: the cores take two)."""
+    from mlflow.tracking import MlflowClient
+
+    template = tmp_path_factory.mktemp("template") / "store"
+    MlflowClient(f"sqlite:///{template}/mlflow.db").search_experiments()  # a real store, made once
+    folders = [tmp_path_factory.mktemp("case") for _ in TABLE]
+    with ThreadPoolExecutor(2) as pool:
+        done = list(pool.map(_try, TABLE, folders, [template] * len(TABLE)))
+    return {case[0]: outcome for case, outcome in zip(TABLE, done)}
+
+
+@pytest.mark.parametrize("name,args,sweep_text,message", TABLE, ids=[t[0] for t in TABLE])
+def test_bad_input_is_one_line_exit_2_nothing_written_within_20_s(outcomes, name, args, sweep_text, message):
+    """Every command, each way of getting it wrong: one line naming the problem, exit 2, no file
+    written (no store created, no run added to an existing one), in seconds."""
+    from mlflow.tracking import MlflowClient
+
+    got = outcomes[name]
+    proc = got.proc
+    assert got.seconds < 20
     assert proc.returncode == 2, proc.stdout + proc.stderr
     lines = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
     assert len(lines) == 1 and lines[0].startswith("lora-exp: error: "), proc.stderr
     assert message in lines[0], lines[0]
     assert "secret" not in proc.stderr
-    after = sorted(p.relative_to(workdir) for p in workdir.rglob("*") if p.suffix != ".lock")
-    assert after == before, "nothing written"
+    assert got.after == got.before, "nothing written"
+    store = MlflowClient(got.store)
     assert not store.search_runs([e.experiment_id for e in store.search_experiments()])
 
 
