@@ -4,8 +4,9 @@
 
 Runs `lora-exp sweep` (the default sweep, fresh store in a temp folder), then trains `lora=seed`
 with the sweep's own per-trial budget, and prints: wall time, trials (completed / pruned / failed),
-best objective vs lora=seed, and the per-trial overhead of the sweep machinery (config compose,
-tracking, Optuna, parent-run refresh) as a share of each trial's wall time.
+best objective vs lora=seed, the per-trial overhead of the sweep machinery (config compose,
+tracking, Optuna, parent-run refresh) as a share of each trial's wall time, and where the trials'
+time went (training steps, evals, generations, the rest of each run, between runs).
 """
 from __future__ import annotations
 
@@ -48,6 +49,8 @@ def main() -> None:
         if compute is not None and cur.number > 0:  # trial 0 also pays the one-off base-model evals
             overheads.append((iteration - compute) / iteration)
 
+    split = _trial_split(work, trials)
+
     spec_base = _sweep_base()
     seed_runs = {}
     for label, extra in (("lora=seed", ["lora=seed"]), ("lora=seed trainer.lr=1e-4", ["lora=seed", "trainer.lr=1e-4"])):
@@ -65,6 +68,7 @@ def main() -> None:
         "overhead_share_median": round(statistics.median(overheads), 4) if overheads else None,
         "overhead_share_max": round(max(overheads), 4) if overheads else None,
         "cores": os.cpu_count(),
+        "trial_split_s": split,
     }
     print(json.dumps(result, indent=1))
     print(f"make sweep: {sweep_wall / 60:.1f} min, {result['trials']} trials ({result['completed']} completed, "
@@ -72,6 +76,34 @@ def main() -> None:
           f"lora=seed {seed_runs}; per-trial machinery overhead median "
           f"{100 * (result['overhead_share_median'] or 0):.1f}%"
           f" (max {100 * (result['overhead_share_max'] or 0):.1f}%)")
+    total = sum(split.values()) or 1.0
+    print("where the trials' time went (all trials, seconds): " + ", ".join(
+        f"{name} {seconds:.0f} ({100 * seconds / total:.0f}%)" for name, seconds in split.items()))
+
+
+def _trial_split(work: Path, trials: list) -> dict[str, float]:
+    """The sweep's trial time, summed over its trials, by what it was spent on: training steps,
+    evals, the adapter's generations, the rest of the run (scores, adapter upload, tracking) and
+    what lies between runs (Optuna, claims, the first trial's base-model evals, the next config)."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{work}/mlruns/mlflow.db")
+    runs = client.search_runs([client.get_experiment_by_name("lora-exp").experiment_id], max_results=1000)
+    by_trial = {int(r.data.tags["trial_number"]): r for r in runs if "trial_number" in r.data.tags}
+    split = dict.fromkeys(("train steps", "evals", "generations", "rest of run", "between runs"), 0.0)
+    for trial in trials:
+        run = by_trial.get(trial.number)
+        if run is None or trial.datetime_complete is None or run.info.end_time is None:
+            continue
+        m = run.data.metrics
+        run_s = (run.info.end_time - run.info.start_time) / 1000
+        train_s, eval_s, gen_s = m.get("train_runtime_s", 0.0), m.get("eval_s", 0.0), m.get("generation_s", 0.0)
+        split["train steps"] += train_s - eval_s
+        split["evals"] += eval_s
+        split["generations"] += gen_s
+        split["rest of run"] += run_s - train_s - gen_s
+        split["between runs"] += (trial.datetime_complete - trial.datetime_start).total_seconds() - run_s
+    return {k: round(v, 1) for k, v in split.items()}
 
 
 def _sweep_base() -> list[str]:
