@@ -217,21 +217,21 @@ def _log_summary(client: Any, record: SweepRecord, study: Any, trials: list[Any]
 
 def _publish_best(client: Any, record: SweepRecord, best: Any) -> None:
     run_id = best.user_attrs.get("mlflow_run_id")
-    if run_id:
-        publish_adapter(client, record.study_name, record.run_id, run_id, best.number, best.value)
+    if run_id and publish_adapter(client, record.study_name, record.run_id, run_id, best.number, best.value):
         log.info("best so far: trial %d (%s=%.4f) -> models:/%s@%s", best.number, record.metric, best.value,
                  record.study_name, BEST_ALIAS)
 
 
-def publish_adapter(client: Any, name: str, parent_run_id: str | None, run_id: str, number: int, value: Any) -> None:
+def publish_adapter(client: Any, name: str, parent_run_id: str | None, run_id: str, number: int, value: Any) -> bool:
     """A new best trial: its adapter copied to the parent (`best_adapter/`, a plain peft folder),
     logged as an MLflow model (a LoggedModel of the sweep's parent run that loads with
-    `mlflow.pyfunc.load_model` and generates), and `models:/<name>@best` pointed at it."""
+    `mlflow.pyfunc.load_model` and generates), and `models:/<name>@best` pointed at it. False if
+    it is published already."""
     from mlflow.exceptions import MlflowException
 
     try:
         if client.get_model_version_by_alias(name, BEST_ALIAS).run_id == run_id:
-            return
+            return False
     except MlflowException:
         pass
     if parent_run_id:
@@ -252,6 +252,7 @@ def publish_adapter(client: Any, name: str, parent_run_id: str | None, run_id: s
                                           model_id=model.model_id,
                                           tags={"trial_number": str(number), "value": str(value)})
     client.set_registered_model_alias(name, BEST_ALIAS, version.version)
+    return True
 
 
 def _log_plots(client: Any, record: SweepRecord, study: Any, trials: list[Any]) -> None:
