@@ -66,7 +66,7 @@ lint: ## ruff over the package, tests and benchmarks (CI runs it)
 bench: ## speed figures (prints them): training overhead vs a plain loop, start-up, default train
 	$(BIN)/python bench/train_overhead.py
 
-bench-sweep: ## make sweep timed on a fresh store, vs lora=seed at the same budget (~15 min on 2 cores)
+bench-sweep: ## make sweep timed on a fresh store, vs lora=seed at the same budget (~11 min on 2 cores)
 	$(BIN)/python bench/sweep_default.py
 
 clean: ## remove caches and test output (never tracking data: see clean-runs)

@@ -1,6 +1,6 @@
 """`make sweep` as a new user runs it, timed on this machine, against the seed's LoRA config.
 
-    python bench/sweep_default.py            # ~20 min on 2 CPU cores
+    python bench/sweep_default.py            # ~11 min on 2 CPU cores
 
 Runs `lora-exp sweep` (the default sweep, fresh store in a temp folder), then trains `lora=seed`
 with the sweep's own per-trial budget, and prints: wall time, trials (completed / pruned / failed),
