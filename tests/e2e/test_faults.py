@@ -76,36 +76,6 @@ def _wait_for_line(proc, prefix, seen):
     raise AssertionError("".join(seen))
 
 
-@pytest.mark.parametrize("how", ["ctrl-c twice", "sigterm"])
-def test_second_interrupt_or_sigterm_fails_the_trial_in_flight_then_resume(workdir, store, how):
-    args = ["sweep=tiny", "n_trials=4", "trainer.max_steps=800", "trainer.eval_steps=400"]
-    proc, seen = _start(workdir, *args), []
-    _wait_for_line(proc, "[1/4]", seen)
-    time.sleep(1.5)  # inside the second trial
-    if how == "sigterm":
-        proc.send_signal(signal.SIGTERM)
-    else:
-        proc.send_signal(signal.SIGINT)
-        time.sleep(0.3)
-        proc.send_signal(signal.SIGINT)
-    out = proc.communicate(timeout=120)[0]
-    assert proc.returncode == 130, "".join(seen) + out
-    storage = f"sqlite:///{workdir}/mlruns/optuna.db"
-    interrupted = [t for t in load_study(storage).trials if t.state.name == "FAIL"]
-    assert len(interrupted) == 1 and interrupted[0].user_attrs["failure"] == "interrupted"
-    client, parents, children = sweep_runs(store)
-    run = client.get_run(interrupted[0].user_attrs["mlflow_run_id"])
-    assert run.info.status == "FAILED" and run.data.tags["error"] == "interrupted"
-    assert not [r for r in children if r.info.status == "RUNNING"]
-
-    proc = run_cli("sweep", "sweep=tiny", "n_trials=4", "trainer.max_steps=20", cwd=workdir)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    states = [t.state.name for t in load_study(storage).trials]
-    assert states.count("COMPLETE") + states.count("PRUNED") == 4
-    _, parents, _ = sweep_runs(store)
-    assert len(parents) == 1
-
-
 def test_a_claimed_trial_goes_stale_even_if_its_worker_dies_before_beating(workdir):
     """Optuna finds stale trials by their heartbeat: a worker killed between claiming trials and
     its heartbeat thread's first beat must not leave RUNNING trials that no one ever retries."""
@@ -127,34 +97,6 @@ print(sorted(t.state.name for t in study.get_trials(deepcopy=False)))
     assert proc.returncode == 0, proc.stderr[-2000:]
     states = proc.stdout.strip().splitlines()[-1]
     assert states.count("FAIL") == 2 and "RUNNING" not in states, states
-
-
-def test_sigkill_recovery_retries_the_dead_trial(workdir, store):
-    env = {"LORA_EXP_HEARTBEAT_SECONDS": "1"}  # grace: 4 s
-    args = ["sweep=tiny", "n_trials=4", "trainer.max_steps=800", "trainer.eval_steps=400"]
-    proc, seen = _start(workdir, *args, env=env), []
-    _wait_for_line(proc, "[1/4]", seen)
-    time.sleep(2)
-    proc.send_signal(signal.SIGKILL)  # power loss: no handler runs
-    proc.wait(timeout=30)
-    storage = f"sqlite:///{workdir}/mlruns/optuna.db"
-    dead = [t for t in load_study(storage).trials if t.state.name == "RUNNING"]
-    assert len(dead) == 1
-    _, _, children = sweep_runs(store)
-    assert any(r.info.status == "RUNNING" for r in children), "the killed trial's run was left RUNNING"
-
-    proc = run_cli("sweep", *args[:2], "trainer.max_steps=20", cwd=workdir, env=env)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    trials = load_study(storage).trials
-    dead_now = next(t for t in trials if t.number == dead[0].number)
-    assert dead_now.state.name == "FAIL"
-    retry = [t for t in trials if t.system_attrs.get("failed_trial") == dead[0].number]
-    assert len(retry) == 1 and retry[0].params == dead[0].params, "its parameters are retried"
-    states = [t.state.name for t in trials]
-    assert states.count("COMPLETE") + states.count("PRUNED") == 4
-    _, parents, children = sweep_runs(store)
-    assert len(parents) == 1 and not [r for r in children if r.info.status == "RUNNING"]
-    assert next(r for r in children if r.data.tags["trial_number"] == str(dead[0].number)).info.status == "FAILED"
 
 
 @pytest.mark.slow
@@ -293,10 +235,10 @@ def test_tracking_server_outage_mid_sweep(workdir):
     _wait_healthy(url)
     env = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
            "MLFLOW_HTTP_REQUEST_TIMEOUT": "5"}
-    proc, seen = _start(workdir, "sweep=tiny", "n_trials=6", f"tracking.uri={url}", "trainer.max_steps=300",
+    proc, seen = _start(workdir, "sweep=tiny", "n_trials=4", f"tracking.uri={url}", "trainer.max_steps=300",
                         "trainer.eval_steps=100", env=env), []
     try:
-        _wait_for_line(proc, "[1/6]", seen)
+        _wait_for_line(proc, "[1/4]", seen)
         os.killpg(server.pid, signal.SIGKILL)  # the server vanishes mid-trial
         server.wait(timeout=30)
         time.sleep(8)
@@ -306,7 +248,7 @@ def test_tracking_server_outage_mid_sweep(workdir):
         assert proc.returncode == 0, "".join(seen) + out
         study = load_study(f"sqlite:///{workdir}/mlruns/optuna.db")
         states = [t.state.name for t in study.trials]
-        assert states.count("COMPLETE") + states.count("PRUNED") == 6
+        assert states.count("COMPLETE") + states.count("PRUNED") == 4
         client, parents, children = sweep_runs(url)
         assert not [r for r in children if r.info.status == "RUNNING"]
         for t in study.trials:

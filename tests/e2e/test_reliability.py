@@ -76,7 +76,8 @@ def _wait_for(proc, text, seen):
 def test_a_resumed_sweep_draws_new_parameters_and_leaves_no_run_running(workdir, store, how):
     """Stopped every way a sweep can be, then the same command: every trial's parameters are its
     own (a restarted seeded sampler drew trial 0's again), the parent run is closed when the sweep
-    stops (not RUNNING until a resume), and the resumed study ends complete with nothing RUNNING."""
+    stops (not RUNNING until a resume), a second Ctrl-C or SIGTERM fails the trial in flight in
+    both stores (`interrupted`), and the resumed study ends complete with nothing RUNNING."""
     storage = f"sqlite:///{workdir}/mlruns/optuna.db"
     env = {"LORA_EXP_HEARTBEAT_SECONDS": "1"}  # a killed worker's trial goes stale in 4 s
     args = ["sweep=tiny", "n_trials=5", "trainer.max_steps=400", "trainer.eval_steps=200"]
@@ -98,7 +99,19 @@ def test_a_resumed_sweep_draws_new_parameters_and_leaves_no_run_running(workdir,
         _, parents, children = sweep_runs(store)
         assert parents[0].info.status == "KILLED" and parents[0].data.tags["sweep_state"] == "stopped"
         assert not [r for r in children if r.info.status == "RUNNING"]
-    time.sleep(5 if how == "sigkill" else 0)  # past the killed trial's grace period
+        failed = [t for t in load_study(storage).trials if t.state.name == "FAIL"]
+        if how == "ctrl-c once":  # the trial in flight finishes and is recorded
+            assert not failed
+        else:
+            assert len(failed) == 1 and failed[0].user_attrs["failure"] == "interrupted"
+            run = next(r for r in children if r.info.run_id == failed[0].user_attrs["mlflow_run_id"])
+            assert run.info.status == "FAILED" and run.data.tags["error"] == "interrupted"
+    else:  # power loss: no handler runs; the trial in flight is left RUNNING in both stores
+        dead = [t for t in load_study(storage).trials if t.state.name == "RUNNING"]
+        assert len(dead) == 1
+        _, _, children = sweep_runs(store)
+        assert [r.info.status for r in children if r.data.tags["trial_number"] == str(dead[0].number)] == ["RUNNING"]
+        time.sleep(5)  # past the killed trial's grace period
     proc = run_cli("sweep", "sweep=tiny", "n_trials=5", "trainer.max_steps=10", "trainer.eval_steps=5", cwd=workdir,
                    env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -109,6 +122,11 @@ def test_a_resumed_sweep_draws_new_parameters_and_leaves_no_run_running(workdir,
     _, parents, children = sweep_runs(store)
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
     assert not [r for r in children if r.info.status == "RUNNING"]
+    if how == "sigkill":  # the next start failed the dead trial and retried its parameters, once
+        assert next(t for t in trials if t.number == dead[0].number).state.name == "FAIL"
+        retry = [t for t in trials if t.system_attrs.get("failed_trial") == dead[0].number]
+        assert len(retry) == 1 and retry[0].params == dead[0].params
+        assert next(r for r in children if r.data.tags["trial_number"] == str(dead[0].number)).info.status == "FAILED"
 
 
 def test_a_killed_trial_resumes_at_its_last_eval_with_the_loss_curve_it_would_have_had(workdir, store):
