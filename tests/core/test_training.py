@@ -127,3 +127,25 @@ def test_llama_architecture_trains():
     cfg, base, data = setup_trial(TINY + ["model=tiny_llama", "lora.preset=all_linear"])
     result = run_trial(cfg, base, data, NullTracker())
     assert result.metrics["final_eval_loss"] < result.metrics["base_eval_loss"]
+
+
+def test_a_prompt_longer_than_the_models_positions_is_cut_and_generates():
+    """A 10k-character question (512 positions on tiny_gpt2): cut to its last tokens, it
+    generates (uncut it crashed in the position embedding with an IndexError)."""
+    from lora_exp.core.data import Prompt
+    from lora_exp.core.evaluation import encode_prompts, max_positions, prompt_budget
+
+    cfg, base, _ = setup_trial(TINY)
+    question = "why? " * 2000
+    prompts = [Prompt(text=f"Q: {question}\nA:", question=question, answers=("x",)), Prompt("Q: hi\nA:", "hi", ("x",))]
+    budget = prompt_budget(base.model, 8)
+    assert budget == max_positions(base.model) - 8 == 504
+    enc = encode_prompts(base.tokenizer, [p.text for p in prompts], budget)
+    assert enc["input_ids"].shape[1] == budget
+    assert base.tokenizer.decode(enc["input_ids"][0][-3:]) == "\nA:", "the end of the prompt is kept"
+    out = generate(base.model, base.tokenizer, prompts, torch.device("cpu"), max_new_tokens=8)
+    assert len(out) == 2
+    with pytest.raises(IndexError):
+        generate_uncut = encode_prompts(base.tokenizer, [prompts[0].text], None)
+        base.model.generate(**generate_uncut, max_new_tokens=8, do_sample=False,
+                            pad_token_id=base.tokenizer.pad_token_id)
