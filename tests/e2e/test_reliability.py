@@ -115,6 +115,8 @@ def test_a_resumed_sweep_draws_new_parameters_and_leaves_no_run_running(workdir,
     proc = run_cli("sweep", "sweep=tiny", "n_trials=5", "trainer.max_steps=10", "trainer.eval_steps=5", cwd=workdir,
                    env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    counts = [int(k) for k in re.findall(r"\[(\d+)/5\] trial", proc.stdout + proc.stderr)]
+    assert counts and max(counts) == 5, "the count ends at n_trials, retries included"
     trials = load_study(storage).trials
     assert sum(t.state.name in ("COMPLETE", "PRUNED") for t in trials) == 5
     firsts = [json.dumps(t.params, sort_keys=True) for t in trials if t.system_attrs.get("failed_trial") is None]
