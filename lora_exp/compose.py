@@ -53,7 +53,7 @@ def replace_keys(base: RunConfig, base_dict: dict[str, Any], overrides: list[str
         section, _, name = key.partition(".")
         if not sep or section not in GROUP_NAMES or not name or "." in name:
             return from_container(_with(base_dict, overrides), all_overrides)
-        changes.setdefault(section, {})[name] = _value(text)
+        changes.setdefault(section, {})[name] = override_value(text)
     built: dict[str, Any] = {}
     for section, values in changes.items():
         current = getattr(base, section)
@@ -95,7 +95,7 @@ def _override_parser() -> Any:
     return OverridesParser.create()
 
 
-def _value(override: str) -> Any:
+def override_value(override: str) -> Any:
     """An override's value as Hydra's compose reads it (`1e-05` a float, `null` None, `[a,b]` a
     list), so a trial's config is the same whichever way it is built."""
     try:
@@ -119,7 +119,7 @@ def _with(base_dict: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
             if not isinstance(node.get(part), dict):
                 raise ConfigError(f"{key}: no such config key")
             node = node[part]
-        node[parts[-1]] = _value(text)
+        node[parts[-1]] = override_value(text)
     raw.pop("overrides", None)
     return raw
 

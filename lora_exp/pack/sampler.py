@@ -16,8 +16,8 @@ from typing import Any
 
 from lora_exp.errors import LoraExpError
 from lora_exp.sweep.claims import claim_waiting_trials
+from lora_exp.sweep.enqueue import ENQUEUED, trial_overrides
 from lora_exp.sweep.plan import SweepPlan
-from lora_exp.sweep.spec import suggest
 from lora_exp.sweep.storage import TrialReader, open_study
 from lora_exp.sweep.trial import base_values
 from lora_exp.sweep.worker import quiet_libraries
@@ -36,6 +36,8 @@ class ClaimedTrial:
     distributions: dict[str, Any]
     overrides: list[str] | None
     error: str | None = None
+    #: where an enqueued trial came from (`sweep.enqueue`)
+    enqueued: str | None = None
 
 
 class Sampler:
@@ -152,11 +154,11 @@ def sampler_main(plan: SweepPlan, worker_index: int, requests: Any, answers: Any
         sampled = []
         for trial in claimed:
             try:
-                overrides, error = suggest(trial, plan.spec.space, values), None
+                overrides, error = trial_overrides(trial, plan.spec.space, values), None
             except Exception as exc:  # a bad sampled value: this trial fails, the sweep goes on
                 overrides, error = None, f"{type(exc).__name__}: {exc}".splitlines()[0][:500]
             sampled.append((trial.number, trial._trial_id, dict(trial.params), dict(trial.distributions),
-                            overrides, error))
+                            overrides, error, trial.user_attrs.get(ENQUEUED)))
         wanted -= len(claimed)
         retry_at = 0.0 if claimed else time.monotonic() + retry_s
         answers.put((sampled, time.perf_counter() - began))

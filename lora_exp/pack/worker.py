@@ -273,7 +273,7 @@ class PackedSweep:
             return
         plan = self.plan
         tracker = QueuedTracker(self.io, trial.number, f"{plan.study_name}-trial-{trial.number}",
-                                trial_tags(plan, trial.number, overrides), trial._trial_id)
+                                trial_tags(plan, trial.number, overrides, trial.enqueued), trial._trial_id)
         callbacks = [] if plan.spec.multi else [PackPruning(trial, plan.spec.metric, self.view, self.io)]
         trainer.start(trainer.free_slots()[0], cfg, tracker, callbacks, handle=(trial, overrides, time.perf_counter()),
                       resume=self._checkpoint(trial))

@@ -8,14 +8,15 @@ import logging
 import os
 from typing import Any
 
-from lora_exp.compose import compose
+from lora_exp.compose import compose, replace_keys
 from lora_exp.config import RunConfig, TrackingConfig, check_packable
 from lora_exp.core.data import Rows, load_rows
 from lora_exp.core.recording import metric_problem
 from lora_exp.errors import ConfigError, LoraExpError
+from lora_exp.sweep.enqueue import Seeded, enqueue_seeded, seeded_trials, trial_overrides
 from lora_exp.sweep.plan import SweepOptions, SweepPlan, default_workers, parse_options
 from lora_exp.sweep.report import study_counts
-from lora_exp.sweep.spec import SweepSpec, corner_overrides, load_sweep, suggest
+from lora_exp.sweep.spec import SweepSpec, corner_overrides, load_sweep
 from lora_exp.sweep.storage import make_sampler, open_study, top_up
 from lora_exp.sweep.trial import base_values, check_ratio_anchors
 from lora_exp.sweep.worker import PackedWorker, quiet_libraries, run_worker, run_worker_processes
@@ -42,6 +43,7 @@ def cmd_sweep(args: list[str], packed: PackedWorker | None = None) -> int:
     check_packable(base_cfg)
     rows = load_rows(base_cfg.data)
     check_objectives(spec, base_cfg, rows)
+    seeded = checked_seeds(options, spec, base_cfg, base_overrides)
     if base_cfg.tracking.enabled and base_cfg.tracking.uri.startswith(("http://", "https://")):
         check_server(base_cfg.tracking.uri)  # before the study is created: nothing written for a wrong URL
     workers = options.workers or default_workers()
@@ -67,6 +69,11 @@ def cmd_sweep(args: list[str], packed: PackedWorker | None = None) -> int:
     import optuna
 
     optuna.storages.fail_stale_trials(study)  # trials left RUNNING by a killed worker: failed, retried
+    enqueued = enqueue_seeded(study, seeded, options.storage)
+    if seeded:
+        log.info("%d trial(s) enqueued to run first (%s)%s", enqueued, ", ".join(sorted({s.source.split("#")[0]
+                                                                                      for s in seeded})),
+                 f"; {len(seeded) - enqueued} enqueued by an earlier run" if enqueued < len(seeded) else "")
     added = top_up(study, n_trials, options.storage)
     plan = SweepPlan(spec, options, study_name, n_trials, record, base_overrides, options.timeout or spec.timeout,
                      base_cfg, workers, done_at_start=done_at_start)
@@ -100,6 +107,19 @@ def cmd_sweep(args: list[str], packed: PackedWorker | None = None) -> int:
         raise LoraExpError(f"sweep stopped: {spec.max_failures} trials failed (max_failures); the trials' "
                            f"`failure` attribute and their runs' `error` tags say why")
     return 0
+
+
+def checked_seeds(options: SweepOptions, spec: SweepSpec, base: RunConfig, base_overrides: list[str]) -> list[Seeded]:
+    """The trials `warm_start=` and `enqueue=` ask for, each config checked now (one line, exit 2)."""
+    seeded = seeded_trials(options.warm_start, options.enqueue, spec, base, options.storage)
+    base_dict = base.to_dict()
+    for s in seeded:
+        overrides = [o for o in s.overrides if o.partition("=")[0] in s.params] + s.extras
+        try:
+            replace_keys(base, base_dict, overrides, base_overrides + overrides)
+        except ConfigError as exc:
+            raise ConfigError(f"enqueued trial {s.source}: {exc}") from None
+    return seeded
 
 
 def check_objectives(spec: SweepSpec, cfg: RunConfig, rows: Rows) -> None:
@@ -143,14 +163,19 @@ def dry_run(args: list[str], limit: int = 20) -> int:
     check_ratio_anchors(spec, base_cfg)
     check_packable(base_cfg)
     check_objectives(spec, base_cfg, load_rows(base_cfg.data))
+    seeded = checked_seeds(options, spec, base_cfg, base_overrides)
     n_trials = options.n_trials or spec.n_trials
     study = optuna.create_study(directions=spec.directions, sampler=make_sampler(spec))
     values = base_values(base_cfg)
     print(f"study {options.study or spec.study} ({spec.name}): {n_trials} trials, sampler {spec.sampler['name']}, "
           f"pruner {spec.pruner['name']}; base: {' '.join(base_overrides) or '-'}")
+    for s in seeded:
+        study.enqueue_trial(s.params, user_attrs={"enqueued": s.source, "enqueued_overrides": s.extras})
     for _ in range(min(n_trials, limit)):
         trial = study.ask()
-        print(f"trial {trial.number:>3}  {' '.join(suggest(trial, spec.space, values))}")
+        source = trial.user_attrs.get("enqueued")
+        print(f"trial {trial.number:>3}  {' '.join(trial_overrides(trial, spec.space, values))}"
+              + (f"  (enqueued: {source})" if source else ""))
         study.tell(trial, state=optuna.trial.TrialState.FAIL)  # nothing trained: no value to tell
     if n_trials > limit:
         print(f"... and {n_trials - limit} more")

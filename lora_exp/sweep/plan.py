@@ -12,7 +12,7 @@ from lora_exp.sweep.spec import SweepSpec, check_study_name
 from lora_exp.tracking.parent import SweepRecord
 
 DEFAULT_STORAGE = "sqlite:///mlruns/optuna.db"
-OPTIONS = ("sweep", "n_trials", "workers", "storage", "study", "timeout", "pack")
+OPTIONS = ("sweep", "n_trials", "workers", "storage", "study", "timeout", "pack", "warm_start", "enqueue")
 
 
 @dataclass(frozen=True)
@@ -23,6 +23,10 @@ class SweepOptions:
     storage: str = DEFAULT_STORAGE
     study: str | None = None
     timeout: float | None = None
+    #: `STUDY[:K]`: the K best finished trials of another study run first
+    warm_start: str | None = None
+    #: a YAML file of override sets run first
+    enqueue: str | None = None
     #: Hydra overrides of the base config (`pack=K` becomes `pack.slots=K` here)
     overrides: tuple[str, ...] = ()
 
@@ -95,7 +99,8 @@ def parse_options(args: list[str]) -> SweepOptions:
         overrides.insert(0, f"pack.slots={pack}")
     return SweepOptions(sweep=opts.get("sweep", "default"), n_trials=n_trials, workers=workers,
                         storage=opts.get("storage") or default_storage(), study=opts.get("study") or None,
-                        timeout=timeout, overrides=tuple(overrides))
+                        timeout=timeout, warm_start=opts.get("warm_start") or None,
+                        enqueue=opts.get("enqueue") or None, overrides=tuple(overrides))
 
 
 def _number(opts: dict[str, Any], key: str, kind: type, what: str) -> Any:

@@ -16,10 +16,11 @@ from lora_exp.core.status import TrialStatus
 from lora_exp.core.training import run_trial
 from lora_exp.errors import ConfigError
 from lora_exp.sweep.checkpoints import RunCheckpoint, retried_run
+from lora_exp.sweep.enqueue import ENQUEUED, trial_overrides
 from lora_exp.sweep.outcome import TrialOutcome, outcome_of, record_outcome
 from lora_exp.sweep.plan import SweepPlan
 from lora_exp.sweep.report import progress_text, study_counts, trial_line, write_line
-from lora_exp.sweep.spec import SweepSpec, suggest
+from lora_exp.sweep.spec import SweepSpec
 from lora_exp.sweep.storage import load_base_cache, save_base_cache
 from lora_exp.tracking import parent
 from lora_exp.tracking.runs import open_run
@@ -90,9 +91,13 @@ def check_ratio_anchors(spec: SweepSpec, base: RunConfig) -> None:
                               f"numeric config key")
 
 
-def trial_tags(plan: SweepPlan, number: int, overrides: list[str]) -> dict[str, Any]:
-    return {"lora_exp.kind": "trial", "lora_exp.study": plan.study_name, "trial_number": number,
+def trial_tags(plan: SweepPlan, number: int, overrides: list[str], enqueued: str | None = None) -> dict[str, Any]:
+    """A trial's run tags; `enqueued` names where an enqueued trial came from (`sweep.enqueue`)."""
+    tags = {"lora_exp.kind": "trial", "lora_exp.study": plan.study_name, "trial_number": number,
             "lora_exp.trial_overrides": " ".join(overrides)}
+    if enqueued:
+        tags["lora_exp.enqueued"] = enqueued
+    return tags
 
 
 def run_one_trial(plan: SweepPlan, study: Any, trial: Any, context: WorkerContext) -> TrialStatus:
@@ -102,7 +107,7 @@ def run_one_trial(plan: SweepPlan, study: Any, trial: Any, context: WorkerContex
     tracker: Any = None
     error: BaseException | None = None
     try:
-        overrides = suggest(trial, plan.spec.space, base_values(plan.base))
+        overrides = trial_overrides(trial, plan.spec.space, base_values(plan.base))
         trial.set_user_attr("overrides", overrides)
         cfg = trial_config(plan.base, plan.base_overrides, overrides)
         base, data = context.prepare(cfg)
@@ -112,7 +117,8 @@ def run_one_trial(plan: SweepPlan, study: Any, trial: Any, context: WorkerContex
         if cfg.tracking.enabled:
             resume_from = retried_run(study, trial)
             tracker = open_run(cfg.tracking, f"{plan.study_name}-trial-{trial.number}",
-                               trial_tags(plan, trial.number, overrides), plan.parent_run_id)
+                               trial_tags(plan, trial.number, overrides, trial.user_attrs.get(ENQUEUED)),
+                               plan.parent_run_id)
             trial.set_user_attr("mlflow_run_id", tracker.run_id)  # an orphan's run is found again
             checkpoint = RunCheckpoint(tracker, resume_from)
         callbacks = [] if plan.spec.multi else [PruningCallback(trial, plan.spec.metric)]

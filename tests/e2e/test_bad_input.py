@@ -76,6 +76,15 @@ TABLE = [
     ("metric not computed", ["sweep"], "objective: {metric: rouge_l, direction: maximize}\nbase: "
      "[model=tiny_gpt2, data=seed, 'trainer.generation_metrics=[exact_match]']\n" + GOOD_SPACE,
      "objective rouge_l is not computed: add rouge_l to trainer.generation_metrics"),
+    ("enqueue file missing", ["sweep", "enqueue=nope.yaml"], None, "enqueue nope.yaml: file not found"),
+    ("enqueue unknown key", ["sweep", "enqueue=typo.yaml"], None,
+     "enqueue typo.yaml: entry 1: lora.rr is not a key of this config"),
+    ("enqueue value outside the space", ["sweep", "enqueue=outside.yaml"], None,
+     "enqueue outside.yaml: entry 2: lora.r=3 is outside this sweep's space for lora.r"),
+    ("warm start without a storage", ["sweep", "warm_start=other:3"], None, "warm_start=other:3: no study storage"),
+    ("warm start unknown study", ["sweep", "warm_start=other", "storage=sqlite:///store/optuna.db"], None,
+     "warm_start=other: no study 'other' in the storage (studies: earlier)"),
+    ("warm start K not a number", ["sweep", "warm_start=other:many"], None, "expected STUDY or STUDY:K"),
     ("space value the config rejects", ["sweep"], "space: {lora.r: {type: int, low: 0, high: 4}}\n",
      "lora.r: must be >= 1, got 0"),
     # rerun, export, generate, best, ui: run ids, paths, stores
@@ -113,6 +122,8 @@ def _try(case: tuple, folder: Path, template: Path) -> Outcome:
     (folder / "empty.jsonl").write_text("")
     (folder / "rows.jsonl").write_text('{"question": "Q?", "reply": "A."}\n')
     (folder / "one.jsonl").write_text('{"question": "Q?", "answer": "A."}\n')
+    (folder / "typo.yaml").write_text("- [lora.rr=4]\n")
+    (folder / "outside.yaml").write_text("- [lora.r=4]\n- lora.r=3 trainer.lr=1e-3\n")
     shutil.copytree(template, folder / "store")
     args = list(args)
     if args[0] == "sweep":
@@ -134,6 +145,9 @@ def outcomes(tmp_path_factory) -> dict[str, Outcome]:
 
     template = tmp_path_factory.mktemp("template") / "store"
     MlflowClient(f"sqlite:///{template}/mlflow.db").search_experiments()  # a real store, made once
+    import optuna
+
+    optuna.create_study(study_name="earlier", storage=f"sqlite:///{template}/optuna.db")  # and a study storage
     folders = [tmp_path_factory.mktemp("case") for _ in TABLE]
     with ThreadPoolExecutor(2) as pool:
         done = list(pool.map(_try, TABLE, folders, [template] * len(TABLE)))
