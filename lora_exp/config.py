@@ -9,6 +9,7 @@ import dataclasses
 import functools
 import math
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -27,6 +28,12 @@ SOURCES = ("hub", "gguf_package", "random")
 #: transformers' attention implementations (`attn_implementation`); null keeps the model's default
 ATTENTION = ("eager", "sdpa", "flex_attention", "flash_attention_2", "flash_attention_3")
 BIASES = ("none", "all", "lora_only")
+#: peft's LoRA inits this project trains (`pissa_niter_N` too): `default` is peft's own (A
+#: kaiming-uniform, B zero); pissa and olora start from the base weights' SVD / QR and move that
+#: part out of the base weights while the adapter trains (the shared base is restored after)
+LORA_INITS = ("default", "gaussian", "pissa", "olora", "orthogonal")
+#: inits a pack trains (the others run alone after the pack)
+PACKED_INITS = ("default", "gaussian")
 #: a LoRA rank beyond any model's width is a typo (the model's own widths are checked once it loads)
 MAX_RANK = 16384
 #: scores of generated answers against the references (lora_exp.core.metrics)
@@ -169,9 +176,18 @@ class LoraSettings:
     #: explicit module names; when set, wins over `preset`.
     target_modules: Optional[list[str]] = None
     use_rslora: bool = False
+    #: DoRA: the update split into magnitude and direction (peft's use_dora)
+    use_dora: bool = False
+    #: how A and B start (peft's init_lora_weights): one of LORA_INITS, or pissa_niter_N
+    init_lora_weights: str = "default"
 
     def __post_init__(self) -> None:
         _check(self.r >= 1, "lora.r", f"must be >= 1, got {self.r}")
+        init = self.init_lora_weights
+        _check(init in LORA_INITS or bool(re.fullmatch(r"pissa_niter_\d+", str(init))), "lora.init_lora_weights",
+               f"must be one of {', '.join(LORA_INITS)} or pissa_niter_N, got {init!r}")
+        _check(init != "orthogonal" or self.r % 2 == 0, "lora.init_lora_weights",
+               f"orthogonal needs an even lora.r, got {self.r}")
         _check(self.r <= MAX_RANK, "lora.r", f"must be <= {MAX_RANK} (a rank beyond any model's width), got {self.r}")
         _check(self.lora_alpha > 0, "lora.lora_alpha", f"must be > 0, got {self.lora_alpha}")
         _check(0 <= self.lora_dropout < 1, "lora.lora_dropout", f"must be in [0, 1), got {self.lora_dropout}")
@@ -369,6 +385,9 @@ class RunConfig:
 
     def __post_init__(self) -> None:
         self.target_modules  # noqa: B018 - resolves and validates the target modules
+        _check(not (self.lora.init_lora_weights == "olora" and self.model.fan_in_fan_out), "lora.init_lora_weights",
+               f"olora: peft's OLoRA init does not handle model {self.model.name}'s transposed (Conv1D) layers; "
+               f"use pissa or another init")
 
     @property
     def target_modules(self) -> list[str]:
@@ -414,6 +433,20 @@ def check_packable(cfg: RunConfig) -> None:
     if cfg.pack.packs and cfg.lora.bias != "none":
         raise ConfigError(f"pack: lora.bias={cfg.lora.bias} trains the base model's biases, which the trials of a "
                           f"pack share; use lora.bias=none or pack=1")
+    why = unpackable_variant(cfg.lora)
+    if cfg.pack.packs and why:
+        raise ConfigError(f"pack: {why} for every trial (the base config): use pack=1, or search it in the sweep's "
+                          f"space (those trials run alone after the pack)")
+
+
+def unpackable_variant(lora: LoraSettings) -> str | None:
+    """Why a pack cannot train this adapter variant (None if it can): the pack trains plain LoRA
+    with peft's default or gaussian init."""
+    if lora.use_dora:
+        return "lora.use_dora=true (DoRA) is not trained in a pack"
+    if lora.init_lora_weights not in PACKED_INITS:
+        return f"lora.init_lora_weights={lora.init_lora_weights} is not trained in a pack"
+    return None
 
 
 @functools.lru_cache(maxsize=None)

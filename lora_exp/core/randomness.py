@@ -95,10 +95,13 @@ def dropout_mask_int32(x: torch.Tensor, keys: torch.Tensor, p: torch.Tensor) -> 
     return torch.where(keep, scale, torch.zeros((), dtype=x.dtype, device=x.device)).view_as(x)
 
 
-def init_lora_a(seed: int, key: int, r: int, in_features: int) -> torch.Tensor:
-    """LoRA A ([r, in], peft's layout) as peft's default init draws it (kaiming-uniform with
-    a=sqrt(5): U(-1/sqrt(in), 1/sqrt(in))), from a generator seeded by (trial seed, module)."""
+def init_lora_a(seed: int, key: int, r: int, in_features: int, init: str = "default") -> torch.Tensor:
+    """LoRA A ([r, in], peft's layout) as peft's init draws it, from a generator seeded by (trial
+    seed, module): `default` kaiming-uniform with a=sqrt(5) (U(-1/sqrt(in), 1/sqrt(in))),
+    `gaussian` N(0, 1/r)."""
     g = torch.Generator().manual_seed(mix_int((seed & M32) ^ key))
+    if init == "gaussian":
+        return torch.randn(r, in_features, generator=g, dtype=torch.float32) / r
     bound = 1.0 / math.sqrt(in_features)
     return (torch.rand(r, in_features, generator=g, dtype=torch.float32) * 2 - 1) * bound
 

@@ -15,7 +15,14 @@ from typing import Any, Protocol, Sequence
 import torch
 
 from lora_exp.config import RunConfig
-from lora_exp.core.adapters import attach_adapter, count_parameters, detach_adapter, train_mode
+from lora_exp.core.adapters import (
+    attach_adapter,
+    count_parameters,
+    detach_adapter,
+    original_base,
+    save_adapter,
+    train_mode,
+)
 from lora_exp.core.checkpoint import Checkpointer, restore, training_state
 from lora_exp.core.data import PreparedData, collate, train_batches
 from lora_exp.core.evaluation import autocast, eval_loss, generate, score_outputs
@@ -210,11 +217,11 @@ def _generate_and_save(cfg: RunConfig, base: BaseModel, model: Any, data: Prepar
                        int(stats.get("new_tokens", 0)))
     if tracker.run_id is not None:
         with tempfile.TemporaryDirectory() as tmp:
-            model.save_pretrained(tmp)
+            save_adapter(model, tmp)
             tracker.log_dir(tmp, "adapter")
 
 
 def _without_adapter(model: Any, fn: Any) -> Any:
     """Run `fn` on the base model: the same weights in memory, LoRA switched off."""
-    with model.disable_adapter():
+    with model.disable_adapter(), original_base(model):
         return fn()

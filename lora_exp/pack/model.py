@@ -40,6 +40,8 @@ class SlotSpec:
     steps: int
     warmup: int
     scheduler: str
+    #: how A starts (config.PACKED_INITS)
+    init: str = "default"
 
     @property
     def scaling(self) -> float:
@@ -225,7 +227,7 @@ class PackedModel:
         #: waits for an eval's answer or its generations
         self.paused: set[int] = set()
         self.specs: list[SlotSpec | None] = [None] * slots
-        self._rows: dict[tuple[Any, ...], torch.Tensor] = {}  # initial parameter rows by (seed, r, targets)
+        self._rows: dict[tuple[Any, ...], torch.Tensor] = {}  # initial parameter rows by (seed, r, targets, init)
         self.targeting = {name: 0 for name in self.layers}  # live slots that target each module
         # per-slot optimizer settings and counters, on the device (no host sync in a step)
         z = lambda dtype=torch.float32: torch.zeros(slots, device=self.device, dtype=dtype)  # noqa: E731
@@ -287,14 +289,14 @@ class PackedModel:
     def _initial_row(self, spec: SlotSpec) -> torch.Tensor:
         """The slot's parameters at the start (A seeded per module, B zero), built on the host;
         the same for every trial with this seed, rank and targets: kept (pinned on CUDA)."""
-        key = (spec.seed, spec.r, tuple(spec.targets))
+        key = (spec.seed, spec.r, tuple(spec.targets), spec.init)
         row = self._rows.pop(key, None)
         if row is None:
             row = torch.zeros(self.params.shape[1])
             for name, layer in self.layers.items():
                 offset, fin, _, _ = self.spans[name]
                 if matches(name, spec.targets):
-                    a = init_lora_a(spec.seed, layer.key, spec.r, fin)  # peft layout [r, in]
+                    a = init_lora_a(spec.seed, layer.key, spec.r, fin, spec.init)  # peft layout [r, in]
                     row[offset:offset + fin * self.rank].view(self.rank, fin)[:spec.r] = a
             if self.device.type == "cuda":
                 row = row.pin_memory()

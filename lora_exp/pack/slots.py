@@ -33,7 +33,8 @@ def slot_spec(cfg: RunConfig, n_train: int) -> SlotSpec:
     return SlotSpec(r=lo.r, alpha=float(lo.lora_alpha), dropout=float(lo.lora_dropout),
                     targets=tuple(cfg.target_modules), use_rslora=lo.use_rslora, lr=t.lr,
                     weight_decay=t.weight_decay, max_grad_norm=float(t.max_grad_norm or 0.0), seed=t.seed,
-                    steps=steps, warmup=warmup_steps(cfg, steps), scheduler=t.lr_scheduler)
+                    steps=steps, warmup=warmup_steps(cfg, steps), scheduler=t.lr_scheduler,
+                    init=lo.init_lora_weights)
 
 
 def lr_at(spec: SlotSpec, step: int) -> float:

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch.profiler import record_function
 
-from lora_exp.config import RunConfig
+from lora_exp.config import RunConfig, unpackable_variant
 from lora_exp.core.data import PreparedData
 from lora_exp.core.evaluation import autocast
 from lora_exp.core.models import BaseModel
@@ -149,7 +149,7 @@ class PackTrainer:
             return f"targets {', '.join(missing)}, which this pack did not wrap"
         if cfg.lora.bias != "none":
             return "lora.bias is not none"
-        return None
+        return unpackable_variant(cfg.lora)
 
     def start(self, slot: int, cfg: RunConfig, tracker: Tracker, callbacks: Sequence[Callback] = (),
               handle: Any = None, resume: dict[str, Any] | None = None) -> SlotRun:

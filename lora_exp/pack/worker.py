@@ -265,8 +265,10 @@ class PackedSweep:
     def _begin(self, trainer: PackTrainer, prepared: Prepared) -> None:
         """Give the trial a slot (its MLflow run opens in the tracking process), or park it."""
         trial, overrides, cfg = prepared
-        if trainer.fits(cfg) is not None:
+        why = trainer.fits(cfg)
+        if why is not None:
             if pack_key(cfg) == trainer.key:
+                log.info("trial %d runs alone after the pack: %s", trial.number, why)
                 self.alone.append(trial)
             else:
                 self.parked.setdefault(pack_key(cfg), []).append(prepared)

@@ -66,6 +66,8 @@ def test_pack_option_bad_values_fail_in_one_line_before_any_model_loads(workdir)
                                (["pack=two"], "pack: expected auto or a whole number of trials trained at once", {}),
                                (["pack.slots=many"], "pack.slots: must be auto or a whole number >= 1", {}),
                                (["pack=2", "lora.bias=all"], "pack: lora.bias=all trains the base model's biases", {}),
+                               (["pack=2", "lora.use_dora=true"],
+                                "pack: lora.use_dora=true (DoRA) is not trained in a pack for every trial", {}),
                                (["pack=2"],
                                 "LORA_EXP_PACK_COMPILE=fast: expected one of auto, off, parts, layers, full, graphs",
                                 {"LORA_EXP_PACK_COMPILE": "fast"}),

@@ -53,7 +53,8 @@ def test_warm_start_and_enqueue_run_first_marked_and_never_twice(workdir, store,
 
     # resumed with the same arguments and a larger budget: nothing enqueued again
     caplog.clear()
-    assert cmd_sweep([a if not a.startswith("n_trials=") else "n_trials=6" for a in args], packed=run_packed_worker) == 0
+    more = [a if not a.startswith("n_trials=") else "n_trials=6" for a in args]
+    assert cmd_sweep(more, packed=run_packed_worker) == 0
     assert "0 trial(s) enqueued to run first (first.yaml, tiny); 4 enqueued by an earlier run" in caplog.text
     again = load_study(storage, "warm").trials
     assert len(again) == 6

@@ -29,7 +29,7 @@ COMMON = ["data=seed", "lora=seed", "trainer=seed", "trainer.max_steps=30", "tra
 
 
 #: trials that differ in everything a pack lets differ: rank, alpha, dropout, targets, lr,
-#: clipping, seed, schedule, warmup, weight decay, length
+#: clipping, seed, schedule, warmup, weight decay, length, A's init
 MIXED = [["lora.r=4", "lora.lora_alpha=8", "lora.lora_dropout=0.1", "trainer.lr=1e-3"],
          ["lora.r=16", "lora.lora_alpha=16", "lora.lora_dropout=0.0", "lora.preset={all}", "trainer.lr=3e-3",
           "trainer.max_grad_norm=0.05"],
@@ -38,7 +38,7 @@ MIXED = [["lora.r=4", "lora.lora_alpha=8", "lora.lora_dropout=0.1", "trainer.lr=
          ["lora.r=2", "lora.lora_alpha=4", "lora.lora_dropout=0.05", "trainer.lr=2e-3", "trainer.seed=3",
           "trainer.max_steps=20", "trainer.weight_decay=0.1", "lora.use_rslora=true"],
          ["lora.r=8", "lora.lora_alpha=8", "lora.lora_dropout=0.3", "trainer.lr=1e-2", "trainer.seed=11",
-          "trainer.lr_scheduler=constant", "trainer.max_grad_norm=null"]]
+          "trainer.lr_scheduler=constant", "trainer.max_grad_norm=null", "lora.init_lora_weights=gaussian"]]
 
 
 PRESETS = {"tiny_gpt2": {"all": "all", "mid": "attn_proj", "extra": ["trainer.base_dropout=false"]},
