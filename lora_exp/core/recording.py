@@ -63,7 +63,7 @@ class TrialResult:
 
 #: metrics every completed run records, whatever its config
 ALWAYS_RECORDED = ("final_train_loss", "trainable_params", "train_runtime_s", "eval_s", "train_step_s",
-                   "train_steps_per_s", "train_tokens_per_s", "peak_memory_mb")
+                   "train_steps_per_s", "train_tokens_per_s", "peak_memory_mb", "train_tokens", "compute_s")
 
 
 def metric_problem(metric: str, cfg: RunConfig, n_validation: int, n_scored_prompts: int) -> str | None:
@@ -123,7 +123,8 @@ def finish_metrics(result: TrialResult, seconds: float, eval_seconds: float, tok
     m = result.metrics
     m.update({"train_runtime_s": seconds, "eval_s": eval_seconds, "train_step_s": train_seconds / max(1, result.steps),
               "train_steps_per_s": result.steps / train_seconds, "train_tokens_per_s": tokens / train_seconds,
-              "trainable_params": trainable, "peak_memory_mb": peak_memory_mb(device)})
+              "trainable_params": trainable, "peak_memory_mb": peak_memory_mb(device), "train_tokens": tokens,
+              "compute_s": seconds})
     if result.loss_curve:
         m["final_train_loss"] = result.loss_curve[-1][1]
     if result.eval_curve:

@@ -169,6 +169,7 @@ def _train(cfg: RunConfig, base: BaseModel, model: Any, data: PreparedData, trac
     finish_metrics(result, seconds, eval_seconds, tokens, trainable, device, base_loss, tracker)
     if result.status is TrialStatus.COMPLETE:
         _generate_and_save(cfg, base, model, data, tracker, result, progress.label)
+        result.metrics["compute_s"] += result.metrics.get("generation_s", 0.0)
     tracker.log_metrics(result.metrics, step=result.steps)
     return result
 

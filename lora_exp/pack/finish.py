@@ -44,6 +44,9 @@ class Finisher:
         finish_metrics(r, time.perf_counter() - run.started, run.eval_seconds, tokens, run.trainable, self.rt.device,
                        base_loss, run.tracker)
         r.metrics["pack_slots"] = self.rt.k
+        # a packed trial's compute: its share of the pack's time by trial-steps and tokens (a trial
+        # alone: its own training, evals and generations)
+        r.metrics["compute_s"] = run.compute_s
 
     def finish_completed(self, runs: list[SlotRun]) -> None:
         """Completed trials: metrics, generations (together), tables; their parameters on their

@@ -66,6 +66,8 @@ class SlotRun:
     prev_sum: float = 0.0
     last_log: int = 0
     eval_seconds: float = 0.0
+    #: its share of the pack's time (`SlotTable.share`), read when it ends
+    compute_s: float = 0.0
     #: when the trial last kept a checkpoint (perf_counter), None if never (pack.checkpoints)
     checkpoint_at: float | None = None
     error: str | None = None
@@ -91,6 +93,9 @@ class SlotTable:
         self.runs: list[SlotRun | None] = [None] * k
         self.host_step = np.zeros(k, dtype=np.int64)
         self.steps_total = np.zeros(k, dtype=np.int64)
+        #: each slot's share of the pack's time so far, and its tokens a step (what the share goes by)
+        self.compute_s = np.zeros(k)
+        self.token_rate = np.zeros(k)
         self.due: dict[int, int] = {}  # slot -> the pack step it began holding for its eval
         self.finishing: dict[int, int] = {}  # slot -> the pack step it began waiting for its generations
 
@@ -98,6 +103,16 @@ class SlotTable:
         self.runs[run.slot] = run
         self.host_step[run.slot] = 0
         self.steps_total[run.slot] = run.spec.steps
+        self.compute_s[run.slot] = 0.0
+        self.token_rate[run.slot] = run.tokens / max(1, run.spec.steps)
+
+    def share(self, seconds: float, training: np.ndarray) -> None:
+        """The pack's `seconds` since the last step (the step, and the evals, generations and
+        adapter writes between steps) shared among the slots that trained in it, by their tokens."""
+        weights = training * self.token_rate
+        total = weights.sum()
+        if total > 0:
+            self.compute_s += seconds * weights / total
 
     def remove(self, run: SlotRun) -> bool:
         """Free the trial's slot (False if the slot already went to another trial)."""

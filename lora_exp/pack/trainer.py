@@ -96,6 +96,8 @@ class PackTrainer:
         self.startup_s: float | None = None
         self._progress = (time.perf_counter(), 0)
         self.dropout_on = False
+        #: the slots that trained in the last step, and when it started (for each trial's share of the time)
+        self._last_step: tuple[np.ndarray, float] | None = None
 
     @property
     def pm(self) -> PackedModel:
@@ -226,6 +228,8 @@ class PackTrainer:
             runs = [run for run in (self.runs[s] for s in sorted(table.finishing))
                     if run is not None and run.error is None]
             table.finishing.clear()
+            for run in runs:
+                run.compute_s = float(table.compute_s[run.slot])
             self.finisher.finish_completed(runs)
             for run in runs:  # their slots are free now; their adapters are written step by step
                 self._release(run)
@@ -238,6 +242,7 @@ class PackTrainer:
         ended = self.drain.collect(self.steps_run, wait)
         for run in ended:
             if run.result.status is TrialStatus.PRUNED:
+                run.compute_s = float(self.table.compute_s[run.slot])
                 self.finisher.close_metrics(run)
         return ended
 
@@ -253,6 +258,9 @@ class PackTrainer:
             return False
         self.held_slot_steps += table.live() - int(training.sum())
         start = time.perf_counter()
+        if self._last_step is not None:
+            table.share(start - self._last_step[1], self._last_step[0])
+        self._last_step = (training, start)
         if self.first_step is None and self.rt.device.type == "cuda":
             # the first step compiles: the workers of a multi-GPU sweep take turns, so the later
             # ones load the first one's compiled graphs from the cache instead of compiling again

@@ -62,7 +62,7 @@ def outcome_of(number: int, trial_id: int, result: TrialResult, metrics: list[st
             value = values if multi else values[0]
         except LoraExpError as exc:
             status, error = TrialStatus.FAIL, str(exc)
-    compute = result.metrics.get("train_runtime_s", 0.0) + result.metrics.get("generation_s", 0.0)
+    compute = result.metrics.get("compute_s", result.metrics.get("train_runtime_s", 0.0))
     return TrialOutcome(number, trial_id, status, value, error, list(overrides), list(result.loss_curve),
                         list(result.eval_curve), result.steps, compute, wall_s, result.generations)
 
@@ -83,13 +83,13 @@ def record_outcome(study: Any, outcome: TrialOutcome, tracker: Any = None,
                 outcome.status = TrialStatus.FAIL
                 outcome.error = f"{type(store_error).__name__}: {store_error}".splitlines()[0][:500]
     storage = study._storage
-    attrs: dict[str, Any] = {"wall_s": round(outcome.wall_s, 3)}
+    attrs: dict[str, Any] = {"wall_s": round(outcome.wall_s, 3), "compute_s": round(outcome.compute_s, 3)}
     if run_id is not None:
         attrs["mlflow_run_id"] = run_id
     if outcome.status is TrialStatus.FAIL:
         attrs["failure"] = outcome.error or "failed"
     else:
-        attrs.update({"loss_curve": outcome.loss_curve, "compute_s": round(outcome.compute_s, 3)})
+        attrs["loss_curve"] = outcome.loss_curve
     for key, value in attrs.items():
         storage.set_trial_user_attr(outcome.trial_id, key, value)
     if outcome.status is not TrialStatus.FAIL:

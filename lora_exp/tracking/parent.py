@@ -183,8 +183,25 @@ def trials_table(trials: list[Any]) -> dict[str, list[Any]]:
         "params": [json.dumps(t.params) for t in rows],
         "overrides": [" ".join(t.user_attrs.get("overrides", [])) for t in rows],
         "duration_s": [round(t.duration.total_seconds(), 2) if t.duration else None for t in rows],
+        "compute_s": [t.user_attrs.get("compute_s") for t in rows],
         "run_id": [t.user_attrs.get("mlflow_run_id") for t in rows],
     }
+
+
+def cost_curve(trials: list[Any], minimize: bool = True) -> list[tuple[float, float | None]]:
+    """What the search bought for its compute: after each finished trial (in the order they
+    finished), the compute hours spent so far (every trial's `compute_s`, pruned and failed ones
+    too) and the best objective so far (None before the first completed trial)."""
+    finished = sorted((t for t in trials if t.state.name in ("COMPLETE", "PRUNED", "FAIL") and t.datetime_complete),
+                      key=lambda t: (t.datetime_complete, t.number))
+    spent, best, out = 0.0, None, []
+    for t in finished:
+        spent += float(t.user_attrs.get("compute_s") or 0.0)
+        if t.state.name == "COMPLETE" and t.values is not None:
+            value = t.values[0]
+            best = value if best is None or (value < best if minimize else value > best) else best
+        out.append((spent / 3600, best))
+    return out
 
 
 def _log_summary(client: Any, record: SweepRecord, study: Any, trials: list[Any]) -> None:
@@ -192,15 +209,16 @@ def _log_summary(client: Any, record: SweepRecord, study: Any, trials: list[Any]
 
     counts = {s: sum(t.state.name == s for t in trials) for s in ("COMPLETE", "PRUNED", "FAIL", "RUNNING", "WAITING")}
     tags = {"n_trials": record.n_trials, **{f"trials_{k.lower()}": v for k, v in counts.items()}}
-    metrics = []
+    now = int(time.time() * 1000)
+    compute_s = sum(float(t.user_attrs.get("compute_s") or 0.0) for t in trials)
+    metrics = [Metric("compute_s_total", compute_s, now, 0)]
     best = best_trial(study)
     if best is not None:
         tags.update({"best_trial_number": best.number, "best_value": best.value,
                      "best_params": json.dumps(best.params), "best_run_id": best.user_attrs.get("mlflow_run_id"),
                      "best_overrides": " ".join(best.user_attrs.get("overrides", []))})
         finished = counts["COMPLETE"] + counts["PRUNED"] + counts["FAIL"]
-        now = int(time.time() * 1000)
-        metrics = [Metric("best_value", best.value, now, finished)]
+        metrics.append(Metric("best_value", best.value, now, finished))
     client.log_batch(record.run_id, metrics=metrics,
                      tags=[RunTag(k, redact_text(str(v))) for k, v in tags.items()], synchronous=True)
     front = pareto_front(study)
@@ -281,6 +299,7 @@ def _log_plots(client: Any, record: SweepRecord, study: Any, trials: list[Any]) 
             plt.close(fig)
         except Exception as exc:  # noqa: BLE001 - e.g. importances need variety among trials
             log.debug("plot %s skipped: %s", name, exc)
+    _plot_cost(client, record, study, trials, plt)
     fig, ax = plt.subplots(figsize=(9, 5))
     for t in sorted(trials, key=lambda t: t.number):
         curve = t.user_attrs.get("loss_curve")
@@ -295,6 +314,23 @@ def _log_plots(client: Any, record: SweepRecord, study: Any, trials: list[Any]) 
         ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
     client.log_figure(record.run_id, fig, "plots/loss_curves.png")
+    plt.close(fig)
+
+
+def _plot_cost(client: Any, record: SweepRecord, study: Any, trials: list[Any], plt: Any) -> None:
+    """The best objective against the compute hours spent (GPU hours on a GPU): where the curve
+    flattens, more trials of this search buy little."""
+    curve = [(h, b) for h, b in cost_curve(trials, study.directions[0].name == "MINIMIZE") if b is not None]
+    if record.multi or not curve:
+        return
+    hours, best = zip(*curve)
+    fig, ax = plt.subplots(figsize=(9, 5))
+    ax.step(hours, best, where="post", marker="o", markersize=3)
+    ax.set_xlabel("compute hours spent (every trial's compute_s: GPU hours on a GPU)")
+    ax.set_ylabel(f"best {record.metric} so far")
+    ax.set_title(f"{record.study_name}: best {record.metric} by compute spent ({hours[-1] * 3600:.0f} s so far)")
+    fig.tight_layout()
+    client.log_figure(record.run_id, fig, "plots/best_per_compute_hour.png")
     plt.close(fig)
 
 

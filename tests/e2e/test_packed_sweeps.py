@@ -3,6 +3,7 @@ sweep records it, bad pack options refused up front, Ctrl-C, timeouts, killed wo
 helper processes that die."""
 from __future__ import annotations
 
+import json
 import re
 import time
 from pathlib import Path
@@ -50,6 +51,13 @@ def test_packed_sweep_records_every_trial_and_its_best_reruns_the_same(workdir, 
             assert run.data.metrics["final_eval_loss"] == pytest.approx(t.value)
             files = {a.path for a in client.list_artifacts(run.info.run_id)}
             assert {"adapter", "generations.json", "config.yaml"} <= files
+        # its cost: a share of the pack's time, less than the time it spent in the pack
+        assert run.data.metrics["compute_s"] == pytest.approx(t.user_attrs["compute_s"], abs=1e-3)
+        assert 0 < t.user_attrs["compute_s"] < run.data.metrics["train_runtime_s"]
+        assert run.data.metrics["train_tokens"] > 0 and run.data.metrics["peak_memory_mb"] > 0
+    shares = sum(t.user_attrs["compute_s"] for t in study.trials)
+    pack_wall = json.loads(re.findall(r"pack summary: (\{.*\})", proc.stderr)[-1])["wall_s"]
+    assert shares <= pack_wall * 1.05, "the trials' shares add up to at most the pack's time"
     best = study.best_trial
     assert client.get_model_version_by_alias("tiny", "best").run_id == best.user_attrs["mlflow_run_id"]
 

@@ -38,6 +38,10 @@ def test_tiny_sweep_prunes_and_mlflow_matches_optuna(workdir, store, capsys, mon
         assert run.data.tags["lora_exp.trial_overrides"] == " ".join(t.user_attrs["overrides"])
         if t.state.name == "COMPLETE":
             assert run.data.metrics["final_eval_loss"] == pytest.approx(t.value)
+        # what the trial cost: its training, evals and generations, alone on this machine
+        assert run.data.metrics["compute_s"] == pytest.approx(t.user_attrs["compute_s"], abs=1e-3)
+        assert run.data.metrics["compute_s"] >= run.data.metrics["train_runtime_s"] > 0
+        assert run.data.metrics["train_tokens"] > 0
 
     best = study.best_trial
     assert parent.info.status == "FINISHED"
@@ -49,7 +53,15 @@ def test_tiny_sweep_prunes_and_mlflow_matches_optuna(workdir, store, capsys, mon
     assert sorted(row[0] for row in table["data"]) == list(range(6)), "one row per trial, refreshed not appended"
     assert table["columns"][:3] == ["number", "state", "value"]
     plots = {a.path for a in client.list_artifacts(parent.info.run_id, "plots")}
-    assert {"plots/optimization_history.png", "plots/loss_curves.png", "plots/parallel_coordinate.png"} <= plots
+    assert {"plots/optimization_history.png", "plots/loss_curves.png", "plots/parallel_coordinate.png",
+            "plots/best_per_compute_hour.png"} <= plots
+    total = sum(t.user_attrs["compute_s"] for t in study.trials)
+    assert client.get_run(parent.info.run_id).data.metrics["compute_s_total"] == pytest.approx(total, rel=1e-6)
+    from lora_exp.tracking.parent import cost_curve
+
+    curve = cost_curve(study.trials)
+    assert len(curve) == 6 and curve[-1][0] == pytest.approx(total / 3600) and curve[-1][1] == best_value(study)
+    assert all(b1 is None or b0 is None or b1 <= b0 for (_, b0), (_, b1) in zip(curve, curve[1:]))
     version = client.get_model_version_by_alias("tiny", "best")
     assert version.run_id == best.user_attrs["mlflow_run_id"]
 
@@ -73,6 +85,10 @@ def test_tiny_sweep_prunes_and_mlflow_matches_optuna(workdir, store, capsys, mon
     assert len(load_study(f"sqlite:///{workdir}/mlruns/optuna.db").trials) == 6
     _, parents, children = sweep_runs(store)
     assert len(parents) == 1 and len(children) == 6
+
+
+def best_value(study):
+    return min(t.value for t in study.trials if t.state.name == "COMPLETE")
 
 
 def test_sweep_stopped_midway_resumes_to_exactly_n_trials(workdir, store):
