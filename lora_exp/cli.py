@@ -89,7 +89,9 @@ def build_parser() -> argparse.ArgumentParser:
                 f"  storage=URL            Optuna storage ($OPTUNA_STORAGE, else sqlite:///mlruns/optuna.db)\n"
                 f"  study=NAME             the study (= parent run, registered model) name\n"
                 f"  timeout=SECONDS        no trial starts after it\n"
-                f"  pack=K                 on a GPU: K trials at once on one base model (pack.slots)\n\n"
+                f"  pack=K                 on a GPU: K trials at once on one base model (pack.slots)\n"
+                f"  warm_start=STUDY[:K]   run the K best trials of another study first (K=5)\n"
+                f"  enqueue=FILE.yaml      run the listed override sets first\n\n"
                 f"examples:\n  lora-exp sweep\n  lora-exp sweep sweep=tiny n_trials=20 workers=2\n"
                 f"  lora-exp sweep --dry-run        the first trials' overrides, nothing trained\n\n{groups_help()}")
     p.add_argument("overrides", nargs="*", help="sweep options and config overrides")
@@ -120,6 +122,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_id")
     p.add_argument("prompts", nargs="+", help='prompts ("\\n" is a newline); tracking.uri=... picks the store')
     p.add_argument("--max-new-tokens", type=int, default=None)
+    p = command("compare", "runs' answers to the eval prompts side by side with the base model's, with scores "
+                           "(printed, and logged as answers.json in a run of its own)",
+                "example:\n  lora-exp compare RUN_A RUN_B RUN_C\n" + RUN_ID_HELP)
+    p.add_argument("run_ids", nargs="+", help="runs to compare (and tracking.uri=... to pick the store)")
+    p.add_argument("--no-log", action="store_true", help="print only; log nothing")
     p = command("prepare", "prepare the model once (convert the offline GGUF default into the cache; make setup)")
     p.add_argument("overrides", nargs="*")
     return parser
@@ -180,6 +187,12 @@ def dispatch(args: argparse.Namespace) -> int:
         from lora_exp.runs.export import cmd_export
 
         return cmd_export(args.run_id, args.out, args.merge, args.force, args.overrides)
+    if args.command == "compare":
+        from lora_exp.runs.compare import cmd_compare
+
+        refs = [r for r in args.run_ids if not r.startswith("tracking.")]
+        store = [r for r in args.run_ids if r.startswith("tracking.")] + list(getattr(args, "overrides", []))
+        return cmd_compare(refs, store, log=not args.no_log)
     if args.command == "prepare":
         from lora_exp.runs.train import cmd_prepare
 

@@ -11,9 +11,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from lora_exp.config import TrackingConfig
+from lora_exp.core.evaluation import answers_side_by_side
 from lora_exp.tracking.provenance import provenance, redact_text
 from lora_exp.tracking.pyfunc import log_adapter_model
-from lora_exp.tracking.runs import write_table
+from lora_exp.tracking.runs import read_table, write_table
 from lora_exp.tracking.store import connect
 
 log = logging.getLogger("lora_exp")
@@ -21,8 +22,12 @@ log = logging.getLogger("lora_exp")
 PARENT_ATTR = "mlflow_parent_run_id"
 BEST_ALIAS = "best"
 PLOT_EVERY_S = 60.0
-TABLES = ("trials.json", "pareto_front.json")
+TABLES = ("trials.json", "pareto_front.json", "answers.json")
+#: the best trials whose answers the parent's `answers.json` shows beside the base model's
+ANSWERS_TOP_K = 5
 _last_plots = 0.0
+#: the trials `answers.json` showed when last written, by parent run (written again when they change)
+_last_answers: dict[str, tuple[int, ...]] = {}
 
 
 @dataclass(frozen=True)
@@ -226,11 +231,48 @@ def _log_summary(client: Any, record: SweepRecord, study: Any, trials: list[Any]
         table = {"number": [t.number for t in front], "run_id": [t.user_attrs.get("mlflow_run_id") for t in front],
                  **{m: [t.values[i] for t in front] for i, m in enumerate(record.metrics)},
                  "params": [json.dumps(t.params) for t in front]}
-        write_table(client, record.run_id, table, "pareto_front.json", TABLES)
+        write_table(client, record.run_id, table, "pareto_front.json", tables(front, trials))
         client.set_tag(record.run_id, "pareto_front",
                        redact_text(json.dumps([[t.number, t.user_attrs.get("mlflow_run_id")] for t in front]))[:8000])
-    write_table(client, record.run_id, trials_table(trials), "trials.json",
-                TABLES if front else ("trials.json",))
+    _log_answers(client, record, study, front)
+    write_table(client, record.run_id, trials_table(trials), "trials.json", tables(front, trials))
+
+
+def tables(front: list[Any], trials: list[Any]) -> tuple[str, ...]:
+    """The parent's table artifacts (the tag MLflow's UI reads to show them as tables)."""
+    return tuple(t for t in TABLES if t == "trials.json" or (t == "pareto_front.json" and front)
+                 or (t == "answers.json" and any(x.state.name == "COMPLETE" for x in trials)))
+
+
+def top_trials(study: Any, front: list[Any], k: int = ANSWERS_TOP_K) -> list[Any]:
+    """The k best completed trials (the Pareto front's first k, by its first objective, with several)."""
+    from optuna.trial import TrialState
+
+    sign = 1 if study.directions[0].name == "MINIMIZE" else -1
+    pool = front or study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    return sorted((t for t in pool if t.values), key=lambda t: (sign * t.values[0], t.number))[:k]
+
+
+def answer_label(trial: Any, metric: str) -> str:
+    return f"trial {trial.number} ({metric} {trial.values[0]:.4g})"
+
+
+def _log_answers(client: Any, record: SweepRecord, study: Any, front: list[Any]) -> None:
+    """`answers.json`: every eval prompt, the base model's answer and the best trials' answers
+    with their scores side by side; written again whenever the best trials change."""
+    top = top_trials(study, front)
+    key = tuple(t.number for t in top)
+    if not top or _last_answers.get(record.run_id) == key:
+        return
+    sources = []
+    for t in top:
+        run_id = t.user_attrs.get("mlflow_run_id")
+        table = read_table(client, run_id, "generations.json") if run_id else None
+        if table:
+            sources.append((answer_label(t, record.metric), table))
+    if sources:
+        write_table(client, record.run_id, answers_side_by_side(sources), "answers.json", tables(front, [top[0]]))
+        _last_answers[record.run_id] = key
 
 
 def _publish_best(client: Any, record: SweepRecord, best: Any) -> None:

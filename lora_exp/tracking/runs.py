@@ -184,3 +184,20 @@ def _safe(fn: Any, *args: Any) -> None:
         fn(*args)
     except Exception as exc:  # noqa: BLE001
         log.warning("mlflow: %s failed: %s", getattr(fn, "__name__", fn), exc)
+
+
+def read_table(client: Any, run_id: str, artifact_file: str) -> dict[str, list[Any]] | None:
+    """A table artifact of a run (MLflow's table format) as columns, or None if it has none."""
+    import json
+    import tempfile
+    from pathlib import Path
+
+    from mlflow.exceptions import MlflowException
+
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            raw = json.loads(Path(client.download_artifacts(run_id, artifact_file, tmp)).read_text())
+        except (MlflowException, OSError, ValueError):
+            return None
+    columns, data = raw.get("columns", []), raw.get("data", [])
+    return {c: [row[i] for row in data] for i, c in enumerate(columns)}

@@ -120,6 +120,20 @@ def test_sweep_in_the_mlflow_ui(workdir, store, browser):
             assert column in body
         assert "Q: How do transformers work?" in body
         page.screenshot(path=str(SHOTS / "ui_generations.png"))
+
+        # The parent's answers table: every prompt, the base model and the best trials side by side.
+        best = client.get_run(parent.info.run_id).data.tags["best_trial_number"]
+        page = browser.new_page(viewport={"width": 1600, "height": 1000})  # the view as the parent's link opens it
+        page.goto(f"{base}/runs/{parent.info.run_id}/artifacts/answers.json?workflowType=machine_learning")
+        page.get_by_text(f"trial {best} (eval_loss").first.wait_for(timeout=30000)
+        if page.locator("button[aria-label='Close']").count():  # the assistant side panel
+            page.locator("button[aria-label='Close']").first.click()
+        body = page.inner_text("body")
+        for column in ("prompt", "expected", "base"):
+            assert column in body
+        assert body.count("(eval_loss ") >= 3, "three completed trials, side by side"
+        assert "Q: How do transformers work?" in body
+        page.screenshot(path=str(SHOTS / "ui_answers.png"))
     finally:
         os.killpg(ui.pid, signal.SIGTERM)
         assert ui.wait(timeout=30) is not None
