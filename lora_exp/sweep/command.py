@@ -13,7 +13,14 @@ from lora_exp.config import RunConfig, TrackingConfig, check_packable
 from lora_exp.core.data import Rows, load_rows
 from lora_exp.core.recording import metric_problem
 from lora_exp.errors import ConfigError, LoraExpError
-from lora_exp.sweep.enqueue import Seeded, enqueue_seeded, seeded_trials, trial_overrides
+from lora_exp.sweep.enqueue import (
+    ENQUEUED,
+    EXTRA_OVERRIDES,
+    Seeded,
+    enqueue_seeded,
+    seeded_trials,
+    trial_overrides,
+)
 from lora_exp.sweep.plan import SweepOptions, SweepPlan, default_workers, parse_options
 from lora_exp.sweep.report import study_counts
 from lora_exp.sweep.spec import SweepSpec, corner_overrides, load_sweep
@@ -111,6 +118,9 @@ def cmd_sweep(args: list[str], packed: PackedWorker | None = None) -> int:
 
 def checked_seeds(options: SweepOptions, spec: SweepSpec, base: RunConfig, base_overrides: list[str]) -> list[Seeded]:
     """The trials `warm_start=` and `enqueue=` ask for, each config checked now (one line, exit 2)."""
+    if options.warm_start and options.warm_start.partition(":")[0] == (options.study or spec.study):
+        raise ConfigError(f"warm_start={options.warm_start}: that is this study; name another study (study=NEW "
+                          f"starts a new one from it)")
     seeded = seeded_trials(options.warm_start, options.enqueue, spec, base, options.storage)
     base_dict = base.to_dict()
     for s in seeded:
@@ -170,10 +180,10 @@ def dry_run(args: list[str], limit: int = 20) -> int:
     print(f"study {options.study or spec.study} ({spec.name}): {n_trials} trials, sampler {spec.sampler['name']}, "
           f"pruner {spec.pruner['name']}; base: {' '.join(base_overrides) or '-'}")
     for s in seeded:
-        study.enqueue_trial(s.params, user_attrs={"enqueued": s.source, "enqueued_overrides": s.extras})
+        study.enqueue_trial(s.params, user_attrs={ENQUEUED: s.source, EXTRA_OVERRIDES: s.extras})
     for _ in range(min(n_trials, limit)):
         trial = study.ask()
-        source = trial.user_attrs.get("enqueued")
+        source = trial.user_attrs.get(ENQUEUED)
         print(f"trial {trial.number:>3}  {' '.join(trial_overrides(trial, spec.space, values))}"
               + (f"  (enqueued: {source})" if source else ""))
         study.tell(trial, state=optuna.trial.TrialState.FAIL)  # nothing trained: no value to tell

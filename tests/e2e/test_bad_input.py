@@ -84,6 +84,7 @@ TABLE = [
     ("warm start without a storage", ["sweep", "warm_start=other:3"], None, "warm_start=other:3: no study storage"),
     ("warm start unknown study", ["sweep", "warm_start=other", "storage=sqlite:///store/optuna.db"], None,
      "warm_start=other: no study 'other' in the storage (studies: earlier)"),
+    ("warm start from itself", ["sweep", "warm_start=tiny"], None, "warm_start=tiny: that is this study"),
     ("warm start K not a number", ["sweep", "warm_start=other:many"], None, "expected STUDY or STUDY:K"),
     ("space value the config rejects", ["sweep"], "space: {lora.r: {type: int, low: 0, high: 4}}\n",
      "lora.r: must be >= 1, got 0"),

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 
 from lora_exp.pack.worker import run_packed_worker
-from lora_exp.sweep.command import cmd_sweep
+from lora_exp.sweep.command import cmd_sweep, dry_run
 
 from helpers import REPO, load_study, sweep_runs
 
@@ -14,7 +14,7 @@ os.environ["LORA_EXP_SWEEPS_DIR"] = str(REPO / "sweeps")
 SHORT = ["trainer.max_steps=10", "trainer.eval_steps=5"]
 
 
-def test_warm_start_and_enqueue_run_first_marked_and_never_twice(workdir, store, caplog):
+def test_warm_start_and_enqueue_run_first_marked_and_never_twice(workdir, store, caplog, capsys):
     caplog.set_level("INFO", logger="lora_exp")
     storage = f"sqlite:///{workdir}/mlruns/optuna.db"
     assert cmd_sweep(["sweep=tiny", "n_trials=4", *SHORT]) == 0
@@ -27,6 +27,11 @@ def test_warm_start_and_enqueue_run_first_marked_and_never_twice(workdir, store,
     (workdir / "first.yaml").write_text("- [lora.r=8, lora.lora_alpha=16, trainer.lr=0.003, lora.lora_dropout=0.0]\n"
                                         "- {lora.r: 2, lora.preset: attn}\n")
     args = ["sweep=tiny", "study=warm", "n_trials=5", "pack=2", "enqueue=first.yaml", "warm_start=tiny:2", *SHORT]
+    assert dry_run(args) == 0  # lists them first, writes nothing
+    shown = [line for line in capsys.readouterr().out.splitlines() if line.startswith("trial ")]
+    assert shown[0].startswith("trial   0  lora.r=8 lora.lora_alpha=16")
+    assert shown[0].endswith("(enqueued: first.yaml#1)")
+    assert shown[3].endswith(f"(enqueued: tiny#{best[1].number})") and "enqueued" not in shown[4]
     assert cmd_sweep(args, packed=run_packed_worker) == 0
     warm = load_study(storage, "warm")
     trials = sorted(warm.trials, key=lambda t: t.number)
