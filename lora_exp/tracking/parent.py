@@ -11,11 +11,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from lora_exp.config import TrackingConfig
-from lora_exp.core.evaluation import answers_side_by_side
+from lora_exp.tracking.answers import log_answers, top_trials
 from lora_exp.tracking.provenance import provenance, redact_text
 from lora_exp.tracking.pyfunc import log_adapter_model
-from lora_exp.tracking.runs import read_table, write_table
+from lora_exp.tracking.runs import write_table
 from lora_exp.tracking.store import connect
+from lora_exp.tracking.sweep_plots import log_plots
 
 log = logging.getLogger("lora_exp")
 
@@ -23,11 +24,8 @@ PARENT_ATTR = "mlflow_parent_run_id"
 BEST_ALIAS = "best"
 PLOT_EVERY_S = 60.0
 TABLES = ("trials.json", "pareto_front.json", "answers.json")
-#: the best trials whose answers the parent's `answers.json` shows beside the base model's
-ANSWERS_TOP_K = 5
 _last_plots = 0.0
-#: the trials `answers.json` showed when last written, by parent run (written again when they change)
-_last_answers: dict[str, tuple[int, ...]] = {}
+
 
 
 @dataclass(frozen=True)
@@ -156,7 +154,7 @@ def refresh(record: SweepRecord, study: Any, number: int, final: bool = False) -
         if best is not None and (best.number == number or final):
             _publish_best(client, record, best)
         if final or time.monotonic() - _last_plots >= PLOT_EVERY_S:
-            _log_plots(client, record, study, trials)
+            log_plots(client, record, study, trials)
             _last_plots = time.monotonic()
     except Exception as exc:  # noqa: BLE001 - the parent's refresh must never fail a trial
         log.warning("could not refresh the sweep's parent run: %s", exc)
@@ -193,22 +191,6 @@ def trials_table(trials: list[Any]) -> dict[str, list[Any]]:
     }
 
 
-def cost_curve(trials: list[Any], minimize: bool = True) -> list[tuple[float, float | None]]:
-    """What the search bought for its compute: after each finished trial (in the order they
-    finished), the compute hours spent so far (every trial's `compute_s`, pruned and failed ones
-    too) and the best objective so far (None before the first completed trial)."""
-    finished = sorted((t for t in trials if t.state.name in ("COMPLETE", "PRUNED", "FAIL") and t.datetime_complete),
-                      key=lambda t: (t.datetime_complete, t.number))
-    spent, best, out = 0.0, None, []
-    for t in finished:
-        spent += float(t.user_attrs.get("compute_s") or 0.0)
-        if t.state.name == "COMPLETE" and t.values is not None:
-            value = t.values[0]
-            best = value if best is None or (value < best if minimize else value > best) else best
-        out.append((spent / 3600, best))
-    return out
-
-
 def _log_summary(client: Any, record: SweepRecord, study: Any, trials: list[Any]) -> None:
     from mlflow.entities import Metric, RunTag
 
@@ -234,7 +216,9 @@ def _log_summary(client: Any, record: SweepRecord, study: Any, trials: list[Any]
         write_table(client, record.run_id, table, "pareto_front.json", tables(front, trials))
         client.set_tag(record.run_id, "pareto_front",
                        redact_text(json.dumps([[t.number, t.user_attrs.get("mlflow_run_id")] for t in front]))[:8000])
-    _log_answers(client, record, study, front)
+    top = top_trials(study, front)
+    if top:
+        log_answers(client, record.run_id, record.metric, study, front, tables(front, top))
     write_table(client, record.run_id, trials_table(trials), "trials.json", tables(front, trials))
 
 
@@ -242,37 +226,6 @@ def tables(front: list[Any], trials: list[Any]) -> tuple[str, ...]:
     """The parent's table artifacts (the tag MLflow's UI reads to show them as tables)."""
     return tuple(t for t in TABLES if t == "trials.json" or (t == "pareto_front.json" and front)
                  or (t == "answers.json" and any(x.state.name == "COMPLETE" for x in trials)))
-
-
-def top_trials(study: Any, front: list[Any], k: int = ANSWERS_TOP_K) -> list[Any]:
-    """The k best completed trials (the Pareto front's first k, by its first objective, with several)."""
-    from optuna.trial import TrialState
-
-    sign = 1 if study.directions[0].name == "MINIMIZE" else -1
-    pool = front or study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-    return sorted((t for t in pool if t.values), key=lambda t: (sign * t.values[0], t.number))[:k]
-
-
-def answer_label(trial: Any, metric: str) -> str:
-    return f"trial {trial.number} ({metric} {trial.values[0]:.4g})"
-
-
-def _log_answers(client: Any, record: SweepRecord, study: Any, front: list[Any]) -> None:
-    """`answers.json`: every eval prompt, the base model's answer and the best trials' answers
-    with their scores side by side; written again whenever the best trials change."""
-    top = top_trials(study, front)
-    key = tuple(t.number for t in top)
-    if not top or _last_answers.get(record.run_id) == key:
-        return
-    sources = []
-    for t in top:
-        run_id = t.user_attrs.get("mlflow_run_id")
-        table = read_table(client, run_id, "generations.json") if run_id else None
-        if table:
-            sources.append((answer_label(t, record.metric), table))
-    if sources:
-        write_table(client, record.run_id, answers_side_by_side(sources), "answers.json", tables(front, [top[0]]))
-        _last_answers[record.run_id] = key
 
 
 def _publish_best(client: Any, record: SweepRecord, best: Any) -> None:
@@ -313,67 +266,6 @@ def publish_adapter(client: Any, name: str, parent_run_id: str | None, run_id: s
                                           tags={"trial_number": str(number), "value": str(value)})
     client.set_registered_model_alias(name, BEST_ALIAS, version.version)
     return True
-
-
-def _log_plots(client: Any, record: SweepRecord, study: Any, trials: list[Any]) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from optuna.visualization import matplotlib as ov
-
-    complete = [t for t in trials if t.state.name == "COMPLETE"]
-    if record.multi:
-        plots = {"pareto_front": lambda: ov.plot_pareto_front(study, target_names=record.metrics)} if complete else {}
-    else:
-        plots = {"optimization_history": lambda: ov.plot_optimization_history(study)}
-        if len(complete) >= 2 and record.n_searched >= 2:
-            plots["param_importances"] = lambda: ov.plot_param_importances(study)
-        if complete:
-            plots["parallel_coordinate"] = lambda: ov.plot_parallel_coordinate(study)
-    for name, make in plots.items():
-        try:
-            ax = make()
-            fig = ax.figure if hasattr(ax, "figure") else ax.flat[0].figure
-            fig.set_size_inches(9, 5)
-            fig.tight_layout()
-            client.log_figure(record.run_id, fig, f"plots/{name}.png")
-            plt.close(fig)
-        except Exception as exc:  # noqa: BLE001 - e.g. importances need variety among trials
-            log.debug("plot %s skipped: %s", name, exc)
-    _plot_cost(client, record, study, trials, plt)
-    fig, ax = plt.subplots(figsize=(9, 5))
-    for t in sorted(trials, key=lambda t: t.number):
-        curve = t.user_attrs.get("loss_curve")
-        if curve:
-            steps, values = zip(*curve)
-            ax.plot(steps, values, label=f"{t.number} {t.state.name.lower()}", alpha=0.8,
-                    linestyle="-" if t.state.name == "COMPLETE" else ":")
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("train loss")
-    ax.set_title(f"{record.study_name}: train loss of every trial")
-    if len(trials) <= 20:
-        ax.legend(fontsize=7, ncol=2)
-    fig.tight_layout()
-    client.log_figure(record.run_id, fig, "plots/loss_curves.png")
-    plt.close(fig)
-
-
-def _plot_cost(client: Any, record: SweepRecord, study: Any, trials: list[Any], plt: Any) -> None:
-    """The best objective against the compute hours spent (GPU hours on a GPU): where the curve
-    flattens, more trials of this search buy little."""
-    curve = [(h, b) for h, b in cost_curve(trials, study.directions[0].name == "MINIMIZE") if b is not None]
-    if record.multi or not curve:
-        return
-    hours, best = zip(*curve)
-    fig, ax = plt.subplots(figsize=(9, 5))
-    ax.step(hours, best, where="post", marker="o", markersize=3)
-    ax.set_xlabel("compute hours spent (every trial's compute_s: GPU hours on a GPU)")
-    ax.set_ylabel(f"best {record.metric} so far")
-    ax.set_title(f"{record.study_name}: best {record.metric} by compute spent ({hours[-1] * 3600:.0f} s so far)")
-    fig.tight_layout()
-    client.log_figure(record.run_id, fig, "plots/best_per_compute_hour.png")
-    plt.close(fig)
 
 
 # --- the end ---------------------------------------------------------------------------------

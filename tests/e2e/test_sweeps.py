@@ -57,7 +57,7 @@ def test_tiny_sweep_prunes_and_mlflow_matches_optuna(workdir, store, capsys, mon
             "plots/best_per_compute_hour.png"} <= plots
     total = sum(t.user_attrs["compute_s"] for t in study.trials)
     assert client.get_run(parent.info.run_id).data.metrics["compute_s_total"] == pytest.approx(total, rel=1e-6)
-    from lora_exp.tracking.parent import cost_curve
+    from lora_exp.tracking.sweep_plots import cost_curve
 
     curve = cost_curve(study.trials)
     assert len(curve) == 6 and curve[-1][0] == pytest.approx(total / 3600) and curve[-1][1] == best_value(study)
