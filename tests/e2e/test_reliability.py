@@ -165,8 +165,12 @@ def test_a_killed_trial_resumes_at_its_last_eval_with_the_loss_curve_it_would_ha
 def test_a_killed_packed_trial_resumes_in_a_pack_at_its_last_eval_with_the_curve_it_would_have_had(
         workdir, store, tmp_path):
     """The same for a pack: SIGKILL once both slots' checkpoints are written; the retries resume
-    in a pack at their last saved eval, and each retried trial's losses equal, bit for bit, those
-    of the same sweep run without a stop; checkpoints are dropped once done."""
+    in a pack at their last saved eval, and each retried trial's curve is that of the same sweep
+    run without a stop: the same steps, the same learning rates, losses within 1e-5 relative.
+    (Not bit for bit: two fresh packed runs of the same two trials, on this project's 2-core
+    machine under load, once differed from their first steps on by 3e-7 to 9e-7 relative, the
+    last bits of fp32 sums; not seen on an idle machine. A pack's guarantee against the trial alone
+    is 1e-4: docs/packed-trials.md.)"""
     from mlflow.tracking import MlflowClient
 
     env = {"LORA_EXP_HEARTBEAT_SECONDS": "1"}
@@ -199,7 +203,9 @@ def test_a_killed_packed_trial_resumes_in_a_pack_at_its_last_eval_with_the_curve
         for metric in ("train_loss", "learning_rate", "eval_loss"):
             got = {m.step: m.value for m in client.get_metric_history(retry.info.run_id, metric)}
             want = {m.step: m.value for m in other.get_metric_history(plain[overrides].info.run_id, metric)}
-            assert got == want, metric  # every step: the first ones logged again, the rest trained
+            assert sorted(got) == sorted(want), metric  # every step: the first ones logged again, the rest trained
+            for at, value in want.items():
+                assert got[at] == (value if metric == "learning_rate" else pytest.approx(value, rel=1e-5)), (metric, at)
         assert "checkpoint" not in {a.path for a in client.list_artifacts(retry.info.run_id)}, "dropped once done"
 
 
