@@ -80,7 +80,7 @@ def test_a_resumed_sweep_draws_new_parameters_and_leaves_no_run_running(workdir,
     both stores (`interrupted`), and the resumed study ends complete with nothing RUNNING."""
     storage = f"sqlite:///{workdir}/mlruns/optuna.db"
     env = {"LORA_EXP_HEARTBEAT_SECONDS": "1"}  # a killed worker's trial goes stale in 4 s
-    args = ["sweep=tiny", "n_trials=5", "trainer.max_steps=400", "trainer.eval_steps=200"]
+    args = ["sweep=tiny", "n_trials=5", "trainer.max_steps=160", "trainer.eval_steps=80"]  # a trial: ~5 s
     proc, seen = _start(workdir, *args, env=env), []
     _wait_for(proc, "[1/5]", seen)
     time.sleep(1.0)  # inside the second trial
