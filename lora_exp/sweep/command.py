@@ -25,7 +25,7 @@ from lora_exp.sweep.plan import SweepOptions, SweepPlan, default_workers, parse_
 from lora_exp.sweep.report import study_counts
 from lora_exp.sweep.spec import SweepSpec, corner_overrides, load_sweep
 from lora_exp.sweep.storage import make_sampler, open_study, top_up
-from lora_exp.sweep.trial import base_values, check_ratio_anchors
+from lora_exp.sweep.trial import base_values, check_ratio_anchors, trial_config
 from lora_exp.sweep.worker import PackedWorker, quiet_libraries, run_worker, run_worker_processes
 from lora_exp.tracking import parent
 from lora_exp.tracking.links import run_link, ui_base
@@ -44,8 +44,7 @@ def cmd_sweep(args: list[str], packed: PackedWorker | None = None) -> int:
     n_trials = options.n_trials or spec.n_trials
     base_overrides = list(spec.base) + list(options.overrides)
     base_cfg = compose(base_overrides)  # a bad base override fails here, before anything runs
-    for corner in corner_overrides(spec.space):  # and so does a search space the config rejects
-        compose(base_overrides + corner)
+    check_space(spec, base_cfg, base_overrides)  # and so does a search space the config rejects
     check_ratio_anchors(spec, base_cfg)
     check_packable(base_cfg)
     rows = load_rows(base_cfg.data)
@@ -116,6 +115,14 @@ def cmd_sweep(args: list[str], packed: PackedWorker | None = None) -> int:
     return 0
 
 
+def check_space(spec: SweepSpec, base: RunConfig, base_overrides: list[str]) -> None:
+    """Every extreme value of the space, applied to the base config as a trial's would be (the
+    same validation; a group override composes through Hydra): refused now, not at a trial."""
+    base_dict = base.to_dict()
+    for corner in corner_overrides(spec.space):
+        trial_config(base, base_overrides, corner, base_dict)
+
+
 def checked_seeds(options: SweepOptions, spec: SweepSpec, base: RunConfig, base_overrides: list[str]) -> list[Seeded]:
     """The trials `warm_start=` and `enqueue=` ask for, each config checked now (one line, exit 2)."""
     if options.warm_start and options.warm_start.partition(":")[0] == (options.study or spec.study):
@@ -168,8 +175,7 @@ def dry_run(args: list[str], limit: int = 20) -> int:
     spec = load_sweep(options.sweep)
     base_overrides = list(spec.base) + list(options.overrides)
     base_cfg = compose(base_overrides)
-    for corner in corner_overrides(spec.space):
-        compose(base_overrides + corner)
+    check_space(spec, base_cfg, base_overrides)
     check_ratio_anchors(spec, base_cfg)
     check_packable(base_cfg)
     check_objectives(spec, base_cfg, load_rows(base_cfg.data))

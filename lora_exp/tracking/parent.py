@@ -24,8 +24,8 @@ PARENT_ATTR = "mlflow_parent_run_id"
 BEST_ALIAS = "best"
 PLOT_EVERY_S = 60.0
 TABLES = ("trials.json", "pareto_front.json", "answers.json")
-_last_plots = 0.0
-
+#: plots are drawn (~1 s) at most every PLOT_EVERY_S, the first a minute into the process, and at the end
+_last_plots = time.monotonic()
 
 
 @dataclass(frozen=True)
