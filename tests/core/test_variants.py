@@ -32,7 +32,8 @@ def test_a_variant_trains_restores_the_base_and_saves_an_adapter_peft_loads_on_t
         tmp_path, model, variant):
     from peft import PeftModel
 
-    cfg = compose([f"model={model}", "lora.r=4", "lora.lora_dropout=0.0", "tracking=none", *variant])
+    cfg = compose([f"model={model}", "lora.r=4", "lora.lora_dropout=0.0", "tracking=none",
+                   "trainer.generation_metrics=[exact_match]", *variant])
     base = load_base(cfg.model, torch.device("cpu"))
     before = {k: v.clone() for k, v in base.model.state_dict().items()}
     batch = _batch(base.model.config.vocab_size)
@@ -68,10 +69,11 @@ def test_a_variant_trains_restores_the_base_and_saves_an_adapter_peft_loads_on_t
 
 
 def test_variant_values_are_checked():
+    plain = ["trainer.generation_metrics=[exact_match]"]  # no optional package needed
     with pytest.raises(ConfigError, match="lora.init_lora_weights: must be one of default, gaussian"):
-        compose(["lora.init_lora_weights=loftq"])
+        compose([*plain, "lora.init_lora_weights=loftq"])
     with pytest.raises(ConfigError, match="orthogonal needs an even lora.r"):
-        compose(["lora.init_lora_weights=orthogonal", "lora.r=3"])
-    assert compose(["lora.init_lora_weights=pissa_niter_4"]).lora.init_lora_weights == "pissa_niter_4"
+        compose([*plain, "lora.init_lora_weights=orthogonal", "lora.r=3"])
+    assert compose([*plain, "lora.init_lora_weights=pissa_niter_4"]).lora.init_lora_weights == "pissa_niter_4"
     with pytest.raises(ConfigError, match="olora: peft's OLoRA init does not handle model tiny_gpt2"):
-        compose(["model=tiny_gpt2", "lora.init_lora_weights=olora"])
+        compose([*plain, "model=tiny_gpt2", "lora.init_lora_weights=olora"])
