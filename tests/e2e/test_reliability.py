@@ -133,8 +133,12 @@ def test_a_resumed_sweep_draws_new_parameters_and_leaves_no_run_running(workdir,
 
 def test_a_killed_trial_resumes_at_its_last_eval_with_the_loss_curve_it_would_have_had(workdir, store):
     """SIGKILL mid-trial, once its first checkpoint is written: the retry (same parameters)
-    resumes there, and its run's loss curve equals that of the same trial trained without a stop
-    (its rerun: the recorded config, from step 0)."""
+    resumes there, and its run's loss curve is that of the same trial trained without a stop (its
+    rerun: the recorded config, from step 0): the same steps and learning rates, losses within 1e-5
+    relative. (Not bit for bit: on the 2-core CI machine a resumed trial once differed from its
+    rerun by 1e-7 relative from the first step it trained, the last bits of fp32 sums, which MKL
+    does not promise across processes; a resume that drops the optimizer's state moves the loss
+    by 6e-5 relative at the first step it trains, one that drops the random-number state by 1e-2.)"""
     env = {"LORA_EXP_HEARTBEAT_SECONDS": "1"}
     args = ["sweep=tiny", "n_trials=1", "trainer.max_steps=600", "trainer.eval_steps=100"]
     proc = _start(workdir, *args, env=env)
@@ -158,7 +162,9 @@ def test_a_killed_trial_resumes_at_its_last_eval_with_the_loss_curve_it_would_ha
     for metric in ("train_loss", "learning_rate", "eval_loss"):
         got = {m.step: m.value for m in client.get_metric_history(retry.info.run_id, metric)}
         want = {m.step: m.value for m in client.get_metric_history(plain, metric)}
-        assert len(got) > 1 and got == want, metric  # bit for bit: the first steps logged again, the rest trained
+        assert len(want) > 1 and sorted(got) == sorted(want), metric  # the first steps logged again, the rest trained
+        for at, value in want.items():
+            assert got[at] == (value if metric == "learning_rate" else pytest.approx(value, rel=1e-5)), (metric, at)
     assert "checkpoint" not in {a.path for a in client.list_artifacts(retry.info.run_id)}, "dropped once done"
 
 
