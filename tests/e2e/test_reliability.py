@@ -72,6 +72,17 @@ def _wait_for(proc, text, seen):
     raise AssertionError("".join(seen))
 
 
+def _assert_same_curve(got_client, got_run, want_client, want_run):
+    """A resumed run's curve against the same trial's uninterrupted one: every step (the first
+    ones logged again, the rest trained), the learning rates exactly, losses within 1e-5 relative."""
+    for metric in ("train_loss", "learning_rate", "eval_loss"):
+        got = {m.step: m.value for m in got_client.get_metric_history(got_run, metric)}
+        want = {m.step: m.value for m in want_client.get_metric_history(want_run, metric)}
+        assert len(want) > 1 and sorted(got) == sorted(want), metric
+        for at, value in want.items():
+            assert got[at] == (value if metric == "learning_rate" else pytest.approx(value, rel=1e-5)), (metric, at)
+
+
 @pytest.mark.parametrize("how", ["ctrl-c once", "ctrl-c twice", "sigterm", "sigkill"])
 def test_a_resumed_sweep_draws_new_parameters_and_leaves_no_run_running(workdir, store, how):
     """Stopped every way a sweep can be, then the same command: every trial's parameters are its
@@ -159,12 +170,7 @@ def test_a_killed_trial_resumes_at_its_last_eval_with_the_loss_curve_it_would_ha
     assert proc.returncode == 0, proc.stderr[-2000:]
     plain = re.search(r"rerun run ([0-9a-f]{32})", proc.stdout).group(1)
     assert "resumed_at_step" not in client.get_run(plain).data.tags, "the rerun trained from step 0"
-    for metric in ("train_loss", "learning_rate", "eval_loss"):
-        got = {m.step: m.value for m in client.get_metric_history(retry.info.run_id, metric)}
-        want = {m.step: m.value for m in client.get_metric_history(plain, metric)}
-        assert len(want) > 1 and sorted(got) == sorted(want), metric  # the first steps logged again, the rest trained
-        for at, value in want.items():
-            assert got[at] == (value if metric == "learning_rate" else pytest.approx(value, rel=1e-5)), (metric, at)
+    _assert_same_curve(client, retry.info.run_id, client, plain)
     assert "checkpoint" not in {a.path for a in client.list_artifacts(retry.info.run_id)}, "dropped once done"
 
 
@@ -206,12 +212,7 @@ def test_a_killed_packed_trial_resumes_in_a_pack_at_its_last_eval_with_the_curve
     for overrides, retry in retries.items():
         step = int(retry.data.tags["resumed_at_step"])
         assert step % 100 == 0 and 0 < step < 300
-        for metric in ("train_loss", "learning_rate", "eval_loss"):
-            got = {m.step: m.value for m in client.get_metric_history(retry.info.run_id, metric)}
-            want = {m.step: m.value for m in other.get_metric_history(plain[overrides].info.run_id, metric)}
-            assert sorted(got) == sorted(want), metric  # every step: the first ones logged again, the rest trained
-            for at, value in want.items():
-                assert got[at] == (value if metric == "learning_rate" else pytest.approx(value, rel=1e-5)), (metric, at)
+        _assert_same_curve(client, retry.info.run_id, other, plain[overrides].info.run_id)
         assert "checkpoint" not in {a.path for a in client.list_artifacts(retry.info.run_id)}, "dropped once done"
 
 
