@@ -160,49 +160,79 @@ def cmd_engine(args: argparse.Namespace, sweep: str, overrides: list[str]) -> No
         print(json.dumps({"what": "pack=auto", "k": k, "why": why, "seconds": round(time.perf_counter() - start, 1)}),
               flush=True)
     use_project_compile_cache()
-    for mode in args.compile.split(","):
-        for k in (int(x) for x in args.k.split(",")):
-            trials = [dataclasses.replace(c, pack=dataclasses.replace(c.pack, compile=mode)) for c in cfgs[:k]]
-            if cuda:
-                torch.cuda.empty_cache()
-                torch.cuda.reset_peak_memory_stats()
-            made = time.perf_counter()
-            trainer = PackTrainer(base, data, trials[0], k, max_rank, modules, compile=mode)
-            try:
-                for slot in range(k):
-                    trainer.start(slot, trials[slot], NullTracker())
+    for mode, lora, k in [(m, lo, int(k)) for m in args.compile.split(",") for lo in args.lora.split(",")
+                          for k in args.k.split(",")]:
+        trials = [dataclasses.replace(c, pack=dataclasses.replace(c.pack, compile=mode, lora=lora))
+                  for c in cfgs[:k]]
+        if cuda:
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+        made = time.perf_counter()
+        trainer = PackTrainer(base, data, trials[0], k, max_rank, modules, compile=mode)
+        try:
+            for slot in range(k):
+                trainer.start(slot, trials[slot], NullTracker())
+            trainer._train_step()
+            sync()
+            startup = time.perf_counter() - made
+            for _ in range(2):
                 trainer._train_step()
-                sync()
-                startup = time.perf_counter() - made
-                for _ in range(2):
-                    trainer._train_step()
-                sync()
-                start = time.perf_counter()
-                steps = 0
-                while steps < args.steps:
-                    if not trainer._train_step():
-                        break
-                    steps += 1
-                sync()
-                step_s = (time.perf_counter() - start) / max(1, steps)
-                flops = sum(counted_flops(base, data, c) for c in trials)
-                print(json.dumps({"what": "packed step", "workload": args.workload, "compile": mode, "k": k,
-                                  "batch": cfgs[0].trainer.batch_size, "startup_s": round(startup, 1),
-                                  "step_ms": round(step_s * 1e3, 1), "trial_steps_per_s": round(k / step_s, 1),
-                                  "tflops": round(flops / step_s / 1e12, 1),
-                                  "bf16_peak_fraction": round(flops / step_s / BF16_PEAK, 3),
-                                  "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0, 1)}),
-                      flush=True)
-                if args.profile:
-                    from sweep_throughput import profile
+            sync()
+            start = time.perf_counter()
+            steps = 0
+            while steps < args.steps:
+                if not trainer._train_step():
+                    break
+                steps += 1
+            sync()
+            step_s = (time.perf_counter() - start) / max(1, steps)
+            flops = sum(counted_flops(base, data, c) for c in trials)
+            print(json.dumps({"what": "packed step", "workload": args.workload, "compile": mode, "lora": lora, "k": k,
+                              "batch": cfgs[0].trainer.batch_size, "startup_s": round(startup, 1),
+                              "step_ms": round(step_s * 1e3, 1), "trial_steps_per_s": round(k / step_s, 1),
+                              "tflops": round(flops / step_s / 1e12, 1),
+                              "bf16_peak_fraction": round(flops / step_s / BF16_PEAK, 3),
+                              "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0, 1)}),
+                  flush=True)
+            if args.lora_configs and trainer.pm.groups.kernels:
+                time_lora_configs(trainer, args, sync)
+            if args.profile:
+                from sweep_throughput import profile
 
-                    profile(trainer)
-            except Exception as exc:  # noqa: BLE001 - a variant that cannot run here is reported, not fatal
-                print(json.dumps({"what": "packed step", "compile": mode, "k": k, "error": repr(exc)[:400]}),
-                      flush=True)
-            finally:
-                trainer.close()
-                del trainer
+                profile(trainer)
+        except Exception as exc:  # noqa: BLE001 - a variant that cannot run here is reported, not fatal
+            print(json.dumps({"what": "packed step", "compile": mode, "k": k, "error": repr(exc)[:400]}),
+                  flush=True)
+        finally:
+            trainer.close()
+            del trainer
+
+
+def time_lora_configs(trainer, args: argparse.Namespace, sync) -> None:
+    """The packed step under other settings of the LoRA kernels' module constants (`BM=128,BK=64;...`);
+    the kernels read them at each launch, so no recompile."""
+    from lora_exp.pack.kernels import lora as pack_lora
+
+    saved = {name: getattr(pack_lora, name) for name in ("BM", "BK", "BN", "NUM_WARPS")}
+    for config in args.lora_configs.split(";"):
+        values = dict(item.split("=") for item in config.split(","))
+        for name, value in values.items():
+            setattr(pack_lora, name, int(value))
+        try:
+            for _ in range(2):
+                trainer._train_step()
+            sync()
+            start = time.perf_counter()
+            for _ in range(args.steps):
+                trainer._train_step()
+            sync()
+            print(json.dumps({"what": "packed step, LoRA kernel config", "config": config,
+                              "step_ms": round((time.perf_counter() - start) / args.steps * 1e3, 1)}), flush=True)
+        except Exception as exc:  # noqa: BLE001 - a config the GPU cannot run is reported
+            print(json.dumps({"what": "LoRA kernel config", "config": config, "error": repr(exc)[:300]}), flush=True)
+        finally:
+            for name, value in saved.items():
+                setattr(pack_lora, name, value)
 
 
 def cmd_sweep(args: argparse.Namespace, sweep: str, overrides: list[str], tmp: str) -> None:
@@ -260,6 +290,9 @@ def main() -> None:
     parser.add_argument("--compile", default="full")
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--auto", type=int, default=0, help="engine: also run pack=auto's sizing for N trials")
+    parser.add_argument("--lora", default="kernels", help="engine: pack.lora values to time (kernels,bmm)")
+    parser.add_argument("--lora-configs", default="",
+                        help="engine: LoRA kernel constants to time, e.g. 'BM=64;BM=128,BK=64'")
     parser.add_argument("--profile", action="store_true")
     parser.add_argument("--log", default=None)
     parser.add_argument("--timeout", type=float, default=None, help="sweep: stop it after this many seconds")
