@@ -20,9 +20,6 @@ from torch import nn
 from lora_exp.core.randomness import dropout_mask, init_lora_a, module_key, module_keys
 from lora_exp.pack.compile import COMPILE_MODES, compile_mode, fused
 
-#: the longest row group (batch rows x positions) the LoRA kernels take (a program holds it)
-MAX_KERNEL_M = 256
-
 
 @dataclass
 class SlotSpec:
@@ -98,8 +95,8 @@ class PackedLoraLayer(nn.Module):
             return y
         n_groups = x.shape[0] // g.rows
         xs = x.reshape(n_groups, -1, x.shape[-1])
-        if g.kernels and g.slots is None and n_groups == self.rank.shape[0] and xs.shape[1] <= MAX_KERNEL_M:
-            return y + self._kernel_delta(xs, g).reshape(y.shape).to(y.dtype)
+        if g.kernels and g.slots is None and n_groups == self.rank.shape[0]:
+            return self._kernel_delta(xs, y, g)
         if g.dropout is not None and self.training:
             keys, p = g.dropout
             xr = xs.reshape(x.shape[0], -1)
@@ -117,17 +114,21 @@ class PackedLoraLayer(nn.Module):
         delta = delta * s.to(delta.dtype).view(-1, 1, 1)
         return y + delta.reshape(y.shape).to(y.dtype)
 
-    def _kernel_delta(self, xs: torch.Tensor, g: Groups) -> torch.Tensor:
-        """The same delta through the LoRA kernels: each slot's own rank and modules only, the
-        dropout mask computed where it is used."""
+    def _kernel_delta(self, xs: torch.Tensor, y: torch.Tensor, g: Groups) -> torch.Tensor:
+        """y plus the same delta through the LoRA kernels: each slot's own rank and modules only,
+        the dropout mask computed where it is used, the sum written in the same pass (when y is in
+        the compute dtype, as under autocast or in fp32)."""
         from lora_exp.pack.kernels import lora
 
         dropout = None
         if g.dropout is not None and self.training:
             keys, p = g.dropout
             dropout = lora.dropout_args(module_keys(keys, self.key_t), p, xs.dtype)
-        return lora.lora_delta(xs.to(self.lora_A.dtype), self.lora_A, self.lora_B, self.scale, self.rank,
-                                    dropout, g.rows, g.split)
+        dtype = self.lora_A.dtype
+        args = (xs.to(dtype), self.lora_A, self.lora_B, self.scale, self.rank, dropout, g.rows, g.split)
+        if y.dtype == dtype:
+            return lora.lora_delta(*args, y=y.reshape(xs.shape[0], xs.shape[1], -1)).reshape(y.shape)
+        return y + lora.lora_delta(*args).reshape(y.shape).to(y.dtype)
 
 
 def _layer_shape(module: nn.Module) -> tuple[int, int] | None:

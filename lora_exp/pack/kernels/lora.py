@@ -19,6 +19,12 @@ compute dtype; fp32 accumulation). In fp32 the products are exact fp32 (no TF32)
 loss curve stays that of the trial trained alone. A's and B's gradients are written only where a
 slot trains (its first r rows of the modules it targets): the rest is left unwritten, which the
 pack's optimizer (kernels.adamw) never reads.
+
+A slot's row group of at most `MAX_M` positions (the seed's short rows, batch 1-8) is one
+program's: it holds the whole group, so a backward program sums B's and A's gradients over it in
+one product. Longer groups (rows of up to 1024 tokens, batch > 1) go through the tiled kernels:
+the forward and the input gradient one program per `BM` positions, the weight gradients one per
+block of B's outputs or A's inputs walking the group tile by tile (a fixed order: deterministic).
 """
 from __future__ import annotations
 
@@ -31,13 +37,15 @@ from lora_exp.pack.kernels.hash import mix32
 #: the tiles a program steps through the inputs (BK) and outputs (BN) by, its warps, and the
 #: fewest programs per slot (the bench's `engine --lora-configs` times others)
 BK, BN, NUM_WARPS, MIN_SPLIT = 128, 128, 4, 1
+#: the longest row group one program holds (the short kernels); longer ones are tiled by BM positions
+MAX_M, BM = 256, 64
 
 
 @triton.jit
-def _masked(x, slot, m, kk, M, T, IN, ROWS, keys_ptr, thr_ptr, kscale_ptr):
-    """x [BM, BK] (rows m of the slot's group, columns kk) times core.randomness.dropout_mask's
-    multipliers: element (t, i) of batch row n is kept when hash(key[n], t * IN + i) >= thr[n].
-    Rows past the group's M (the block's padding) are zero."""
+def _keep(slot, m, kk, M, T, IN, ROWS, keys_ptr, thr_ptr, kscale_ptr):
+    """core.randomness.dropout_mask for the block (rows m of the slot's group, columns kk): element
+    (t, i) of batch row n is kept when hash(key[n], t * IN + i) >= thr[n]; (kept [BM, BK], the
+    rows' scales [BM]). Rows past the group's M (the block's padding) are dropped."""
     m_ok = m < M
     row = slot * ROWS + m // T
     key = tl.load(keys_ptr + row, mask=m_ok, other=0).to(tl.uint32)
@@ -45,19 +53,33 @@ def _masked(x, slot, m, kk, M, T, IN, ROWS, keys_ptr, thr_ptr, kscale_ptr):
     kscale = tl.load(kscale_ptr + row, mask=m_ok, other=0.0)
     idx = ((m % T) * IN)[:, None] + kk[None, :]
     h = mix32(key[:, None] * 0x9E3779B1 + idx.to(tl.uint32))
-    keep = (h.to(tl.int64) >= thr[:, None]) & m_ok[:, None]
+    return (h.to(tl.int64) >= thr[:, None]) & m_ok[:, None], kscale
+
+
+@triton.jit
+def _apply(x, keep, kscale):
+    """x times the mask's multipliers (fp32)."""
     return tl.where(keep, x.to(tl.float32) * kscale[:, None], 0.0)
 
 
 @triton.jit
-def _fwd_kernel(x_ptr, a_ptr, b_ptr, out_ptr, h_ptr, scale_ptr, rank_ptr, keys_ptr, thr_ptr, kscale_ptr,
+def _masked(x, slot, m, kk, M, T, IN, ROWS, keys_ptr, thr_ptr, kscale_ptr):
+    keep, kscale = _keep(slot, m, kk, M, T, IN, ROWS, keys_ptr, thr_ptr, kscale_ptr)
+    return _apply(x, keep, kscale)
+
+
+@triton.jit
+def _fwd_kernel(x_ptr, a_ptr, b_ptr, y_ptr, out_ptr, h_ptr, scale_ptr, rank_ptr, keys_ptr, thr_ptr, kscale_ptr,
                 M, T, IN, OUT, ROWS, x_s0, a_s0, a_s1, b_s0, b_s1, R,
-                SPLIT: tl.constexpr, DROPOUT: tl.constexpr, BM: tl.constexpr, BR: tl.constexpr,
+                SPLIT: tl.constexpr, DROPOUT: tl.constexpr, ADD: tl.constexpr, BM: tl.constexpr, BR: tl.constexpr,
                 BK: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr):
+    """The delta of this program's positions (and its share of the outputs); with ADD, the base
+    layer's output y plus the delta (rounded as torch rounds y + delta), y itself where the slot
+    does not target the module."""
     slot = tl.program_id(0).to(tl.int64)
     part = tl.program_id(1)
     r = tl.load(rank_ptr + slot)
-    m = tl.arange(0, BM)
+    m = tl.program_id(2) * BM + tl.arange(0, BM)  # this program's positions (all of them, short rows)
     rk = tl.arange(0, BR)
     n = tl.arange(0, BN)
     m_ok = m < M
@@ -82,15 +104,22 @@ def _fwd_kernel(x_ptr, a_ptr, b_ptr, out_ptr, h_ptr, scale_ptr, rank_ptr, keys_p
             nn = j + n
             b = tl.load(b_ptr + slot * b_s0 + rk[:, None] * b_s1 + nn[None, :],
                         mask=(rk < r)[:, None] & (nn < OUT)[None, :], other=0.0)
-            d = tl.dot(h, b, input_precision=PREC).to(dtype) * s
-            tl.store(out_ptr + slot * M * OUT + m[:, None] * OUT + nn[None, :], d.to(dtype),
-                     mask=m_ok[:, None] & (nn < OUT)[None, :])
+            d = (tl.dot(h, b, input_precision=PREC).to(dtype) * s).to(dtype)
+            at = slot * M * OUT + m[:, None] * OUT + nn[None, :]
+            ok = m_ok[:, None] & (nn < OUT)[None, :]
+            if ADD:
+                d = (tl.load(y_ptr + at, mask=ok, other=0.0).to(tl.float32) + d.to(tl.float32)).to(dtype)
+            tl.store(out_ptr + at, d, mask=ok)
     else:  # the slot does not target this module: its delta is zero
         zero = tl.zeros((BM, BN), dtype=dtype)
         for j in range(part * BN, OUT, SPLIT * BN):
             nn = j + n
-            tl.store(out_ptr + slot * M * OUT + m[:, None] * OUT + nn[None, :], zero,
-                     mask=m_ok[:, None] & (nn < OUT)[None, :])
+            at = slot * M * OUT + m[:, None] * OUT + nn[None, :]
+            ok = m_ok[:, None] & (nn < OUT)[None, :]
+            if ADD:
+                tl.store(out_ptr + at, tl.load(y_ptr + at, mask=ok, other=0.0), mask=ok)
+            else:
+                tl.store(out_ptr + at, zero, mask=ok)
 
 
 @triton.jit
@@ -149,8 +178,9 @@ def _bwd_a_kernel(x_ptr, a_ptr, dh_ptr, ga_ptr, dx_ptr, rank_ptr, keys_ptr, thr_
             k_ok = kk < IN
             x = tl.load(x_ptr + slot * x_s0 + m[:, None] * IN + kk[None, :], mask=m_ok[:, None] & k_ok[None, :],
                         other=0.0)
-            if DROPOUT:
-                x = _masked(x, slot, m, kk, M, T, IN, ROWS, keys_ptr, thr_ptr, kscale_ptr)
+            if DROPOUT:  # one hash for the input and its gradient
+                keep, kscale = _keep(slot, m, kk, M, T, IN, ROWS, keys_ptr, thr_ptr, kscale_ptr)
+                x = _apply(x, keep, kscale)
             ga = tl.dot(tl.trans(dh), x.to(dtype), input_precision=PREC)
             tl.store(ga_ptr + slot * R * IN + rk[:, None] * IN + kk[None, :], ga.to(dtype),
                      mask=(rk < r)[:, None] & k_ok[None, :])
@@ -159,7 +189,7 @@ def _bwd_a_kernel(x_ptr, a_ptr, dh_ptr, ga_ptr, dx_ptr, rank_ptr, keys_ptr, thr_
                             mask=(rk < r)[:, None] & k_ok[None, :], other=0.0)
                 dx = tl.dot(dh, a, input_precision=PREC).to(dtype)
                 if DROPOUT:
-                    dx = _masked(dx, slot, m, kk, M, T, IN, ROWS, keys_ptr, thr_ptr, kscale_ptr)
+                    dx = _apply(dx, keep, kscale)
                 tl.store(dx_ptr + slot * M * IN + m[:, None] * IN + kk[None, :], dx.to(dtype),
                          mask=m_ok[:, None] & k_ok[None, :])
     elif NEED_DX:  # no delta, no input gradient from this module
@@ -168,6 +198,102 @@ def _bwd_a_kernel(x_ptr, a_ptr, dh_ptr, ga_ptr, dx_ptr, rank_ptr, keys_ptr, thr_
             kk = k0 + tl.arange(0, BK)
             tl.store(dx_ptr + slot * M * IN + m[:, None] * IN + kk[None, :], zero,
                      mask=m_ok[:, None] & (kk < IN)[None, :])
+
+
+@triton.jit
+def _bwd_dh_tiled(g_ptr, b_ptr, dh_ptr, scale_ptr, rank_ptr, M, OUT, b_s0, b_s1, R,
+                  BM: tl.constexpr, BR: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr):
+    """Long rows: dh = g_s B^T for this program's BM positions (fp32, summed over every output)."""
+    slot = tl.program_id(0).to(tl.int64)
+    r = tl.load(rank_ptr + slot)
+    if r > 0:
+        m = tl.program_id(1) * BM + tl.arange(0, BM)
+        rk = tl.arange(0, BR)
+        n = tl.arange(0, BN)
+        m_ok = m < M
+        dtype = b_ptr.dtype.element_ty
+        s = tl.load(scale_ptr + slot).to(dtype)
+        dh = tl.zeros((BM, BR), dtype=tl.float32)
+        for j in range(0, OUT, BN):
+            nn = j + n
+            n_ok = nn < OUT
+            g = tl.load(g_ptr + slot * M * OUT + m[:, None] * OUT + nn[None, :], mask=m_ok[:, None] & n_ok[None, :],
+                        other=0.0)
+            gs = (g.to(dtype) * s).to(dtype)
+            b = tl.load(b_ptr + slot * b_s0 + rk[:, None] * b_s1 + nn[None, :],
+                        mask=(rk < r)[:, None] & n_ok[None, :], other=0.0)
+            dh += tl.dot(gs, tl.trans(b), input_precision=PREC)
+        tl.store(dh_ptr + slot * M * BR + m[:, None] * BR + rk[None, :], dh, mask=m_ok[:, None])
+
+
+@triton.jit
+def _bwd_b_tiled(g_ptr, h_ptr, gb_ptr, scale_ptr, rank_ptr, M, OUT, R,
+                 BM: tl.constexpr, BR: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr):
+    """Long rows: B's gradient h^T g_s for this program's BN outputs, over the group's positions."""
+    slot = tl.program_id(0).to(tl.int64)
+    r = tl.load(rank_ptr + slot)
+    if r > 0:
+        nn = tl.program_id(1) * BN + tl.arange(0, BN)
+        n_ok = nn < OUT
+        rk = tl.arange(0, BR)
+        dtype = gb_ptr.dtype.element_ty
+        s = tl.load(scale_ptr + slot).to(dtype)
+        gb = tl.zeros((BR, BN), dtype=tl.float32)
+        for m0 in range(0, M, BM):
+            m = m0 + tl.arange(0, BM)
+            m_ok = m < M
+            h = tl.load(h_ptr + slot * M * R + m[:, None] * R + rk[None, :], mask=m_ok[:, None] & (rk < R)[None, :],
+                        other=0.0)
+            g = tl.load(g_ptr + slot * M * OUT + m[:, None] * OUT + nn[None, :], mask=m_ok[:, None] & n_ok[None, :],
+                        other=0.0)
+            gs = (g.to(dtype) * s).to(dtype)
+            gb += tl.dot(tl.trans(h), gs, input_precision=PREC)
+        tl.store(gb_ptr + slot * R * OUT + rk[:, None] * OUT + nn[None, :], gb.to(dtype),
+                 mask=(rk < r)[:, None] & n_ok[None, :])
+
+
+@triton.jit
+def _bwd_a_tiled(x_ptr, a_ptr, dh_ptr, ga_ptr, dx_ptr, rank_ptr, keys_ptr, thr_ptr, kscale_ptr,
+                 M, T, IN, ROWS, x_s0, a_s0, a_s1, R,
+                 DROPOUT: tl.constexpr, NEED_DX: tl.constexpr, BM: tl.constexpr, BR: tl.constexpr,
+                 BK: tl.constexpr, PREC: tl.constexpr):
+    """Long rows: A's gradient dh^T drop(x) for this program's BK inputs over the group's
+    positions, and the input's gradient (dh A, masked) on those inputs, tile by tile."""
+    slot = tl.program_id(0).to(tl.int64)
+    r = tl.load(rank_ptr + slot)
+    kk = tl.program_id(1) * BK + tl.arange(0, BK)
+    k_ok = kk < IN
+    rk = tl.arange(0, BR)
+    dtype = ga_ptr.dtype.element_ty
+    if r > 0:
+        a = tl.load(a_ptr + slot * a_s0 + rk[:, None] * a_s1 + kk[None, :], mask=(rk < r)[:, None] & k_ok[None, :],
+                    other=0.0)
+        ga = tl.zeros((BR, BK), dtype=tl.float32)
+        for m0 in range(0, M, BM):
+            m = m0 + tl.arange(0, BM)
+            m_ok = m < M
+            dh = tl.load(dh_ptr + slot * M * BR + m[:, None] * BR + rk[None, :], mask=m_ok[:, None],
+                         other=0.0).to(dtype)
+            x = tl.load(x_ptr + slot * x_s0 + m[:, None] * IN + kk[None, :], mask=m_ok[:, None] & k_ok[None, :],
+                        other=0.0)
+            if DROPOUT:  # one hash for the input and its gradient
+                keep, kscale = _keep(slot, m, kk, M, T, IN, ROWS, keys_ptr, thr_ptr, kscale_ptr)
+                x = _apply(x, keep, kscale)
+            ga += tl.dot(tl.trans(dh), x.to(dtype), input_precision=PREC)
+            if NEED_DX:
+                dx = tl.dot(dh, a, input_precision=PREC).to(dtype)
+                if DROPOUT:
+                    dx = _apply(dx, keep, kscale)
+                tl.store(dx_ptr + slot * M * IN + m[:, None] * IN + kk[None, :], dx.to(dtype),
+                         mask=m_ok[:, None] & k_ok[None, :])
+        tl.store(ga_ptr + slot * R * IN + rk[:, None] * IN + kk[None, :], ga.to(dtype),
+                 mask=(rk < r)[:, None] & k_ok[None, :])
+    elif NEED_DX:  # no delta, no input gradient from this module
+        zero = tl.zeros((BM, BK), dtype=dx_ptr.dtype.element_ty)
+        for m0 in range(0, M, BM):
+            m = m0 + tl.arange(0, BM)
+            tl.store(dx_ptr + slot * M * IN + m[:, None] * IN + kk[None, :], zero,
+                     mask=(m < M)[:, None] & k_ok[None, :])
 
 
 # --- the custom op --------------------------------------------------------------------------------
@@ -200,9 +326,12 @@ def _check(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
 
 @torch.library.custom_op("lora_exp::lora_delta", mutates_args=(),
                          schema="(Tensor x, Tensor a, Tensor b, Tensor scale, Tensor rank, Tensor? keys, Tensor? thr, "
-                                "Tensor? kscale, int rows, int split) -> (Tensor, Tensor)")
-def _delta(x, a, b, scale, rank, keys, thr, kscale, rows, split):
+                                "Tensor? kscale, int rows, int split, Tensor? y=None) -> (Tensor, Tensor)")
+def _delta(x, a, b, scale, rank, keys, thr, kscale, rows, split, y=None):
     x = x.contiguous()
+    if y is not None:
+        y = y.contiguous()
+        assert y.shape == (x.shape[0], x.shape[1], b.shape[2]) and y.dtype == x.dtype, (y.shape, y.dtype)
     _check(x, a, b)
     split = max(split, MIN_SPLIT)
     k, m, fin = x.shape
@@ -210,15 +339,18 @@ def _delta(x, a, b, scale, rank, keys, thr, kscale, rows, split):
     out = torch.empty(k, m, fout, device=x.device, dtype=x.dtype)
     h = torch.empty(k, m, rmax, device=x.device, dtype=x.dtype)  # read back only where a slot trains
     dropout = keys is not None
-    _fwd_kernel[(k, split)](x, a, b, out, h, scale, rank, keys if dropout else x, thr if dropout else x,
-                            kscale if dropout else x, m, m // rows, fin, fout, rows, x.stride(0), a.stride(0),
-                            a.stride(1), b.stride(0), b.stride(1), rmax, SPLIT=split, DROPOUT=dropout,
-                            BM=_block_m(m), BR=_block_r(rmax), BK=BK, BN=BN, PREC=_prec(x.dtype), num_warps=NUM_WARPS)
+    # short rows: a program holds a slot's group; long ones: a program per BM positions
+    bm, split, tiles = (_block_m(m), split, 1) if m <= MAX_M else (BM, 1, triton.cdiv(m, BM))
+    _fwd_kernel[(k, split, tiles)](x, a, b, y if y is not None else x, out, h, scale, rank, keys if dropout else x,
+                                   thr if dropout else x, kscale if dropout else x, m, m // rows, fin, fout, rows,
+                                   x.stride(0), a.stride(0), a.stride(1), b.stride(0), b.stride(1), rmax, SPLIT=split,
+                                   DROPOUT=dropout, ADD=y is not None, BM=bm, BR=_block_r(rmax), BK=BK, BN=BN,
+                                   PREC=_prec(x.dtype), num_warps=NUM_WARPS)
     return out, h
 
 
 @_delta.register_fake
-def _delta_fake(x, a, b, scale, rank, keys, thr, kscale, rows, split):
+def _delta_fake(x, a, b, scale, rank, keys, thr, kscale, rows, split, y=None):
     k, m, _ = x.shape
     return x.new_empty(k, m, b.shape[2]), x.new_empty(k, m, a.shape[1])
 
@@ -232,6 +364,8 @@ def _delta_backward(g, x, a, b, h, scale, rank, keys, thr, kscale, rows, split, 
     split = max(split, MIN_SPLIT)
     k, m, fin = x.shape
     fout, rmax = b.shape[2], a.shape[1]
+    if m > MAX_M:
+        return _backward_tiled(g, x, a, b, h, scale, rank, keys, thr, kscale, rows, need_dx)
     bm, br = _block_m(m), _block_r(rmax)
     # written only where a slot trains (its first r rows of the modules it targets): the
     # optimizer reads nothing else
@@ -250,6 +384,28 @@ def _delta_backward(g, x, a, b, h, scale, rank, keys, thr, kscale, rows, split, 
     return dx, ga, gb
 
 
+def _backward_tiled(g, x, a, b, h, scale, rank, keys, thr, kscale, rows, need_dx):
+    """The backward of a long row group: dh per position tile, then B's gradient per output
+    block and A's (with the input's gradient) per input block, each over the whole group."""
+    k, m, fin = x.shape
+    fout, rmax = b.shape[2], a.shape[1]
+    br, prec = _block_r(rmax), _prec(x.dtype)
+    ga = torch.empty(k, rmax, fin, device=x.device, dtype=a.dtype)
+    gb = torch.empty(k, rmax, fout, device=x.device, dtype=b.dtype)
+    dx = torch.empty(k, m, fin, device=x.device, dtype=x.dtype) if need_dx else x.new_empty(0)
+    dh = torch.empty(k, m, br, device=x.device, dtype=torch.float32)
+    dropout = keys is not None
+    _bwd_dh_tiled[(k, triton.cdiv(m, BM))](g, b, dh, scale, rank, m, fout, b.stride(0), b.stride(1), rmax,
+                                           BM=BM, BR=br, BN=BN, PREC=prec, num_warps=NUM_WARPS)
+    _bwd_b_tiled[(k, triton.cdiv(fout, BN))](g, h, gb, scale, rank, m, fout, rmax, BM=BM, BR=br, BN=BN, PREC=prec,
+                                             num_warps=NUM_WARPS)
+    _bwd_a_tiled[(k, triton.cdiv(fin, BK))](x, a, dh, ga, dx, rank, keys if dropout else x, thr if dropout else x,
+                                            kscale if dropout else x, m, m // rows, fin, rows, x.stride(0),
+                                            a.stride(0), a.stride(1), rmax, DROPOUT=dropout, NEED_DX=need_dx, BM=BM,
+                                            BR=br, BK=BK, PREC=prec, num_warps=NUM_WARPS)
+    return dx, ga, gb
+
+
 @_delta_backward.register_fake
 def _delta_backward_fake(g, x, a, b, h, scale, rank, keys, thr, kscale, rows, split, need_dx):
     k, m, fin = x.shape
@@ -258,7 +414,7 @@ def _delta_backward_fake(g, x, a, b, h, scale, rank, keys, thr, kscale, rows, sp
 
 
 def _setup_context(ctx, inputs, output):
-    x, a, b, scale, rank, keys, thr, kscale, rows, split = inputs
+    x, a, b, scale, rank, keys, thr, kscale, rows, split, y = inputs
     ctx.save_for_backward(x, a, b, output[1], scale, rank, keys, thr, kscale)
     ctx.rows, ctx.split = rows, split
     ctx.mark_non_differentiable(output[1])
@@ -268,20 +424,25 @@ def _backward(ctx, g, _gh):
     x, a, b, h, scale, rank, keys, thr, kscale = ctx.saved_tensors
     need_dx = ctx.needs_input_grad[0]
     dx, ga, gb = _delta_backward(g, x, a, b, h, scale, rank, keys, thr, kscale, ctx.rows, ctx.split, need_dx)
-    return (dx if need_dx else None, ga, gb) + (None,) * 7
+    grads = (dx if need_dx else None, ga, gb) + (None,) * 7
+    if len(ctx.needs_input_grad) > 10:  # out = y + delta: y's gradient is the output's
+        grads += (g if ctx.needs_input_grad[10] else None,)
+    return grads
 
 
 _delta.register_autograd(_backward, setup_context=_setup_context)
 
 
 def lora_delta(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor, rank: torch.Tensor,
-               dropout: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None, rows: int, split: int) -> torch.Tensor:
+               dropout: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None, rows: int, split: int,
+               y: torch.Tensor | None = None) -> torch.Tensor:
     """Each slot's LoRA delta, scale * drop(x) A^T B, for x [K, M, in] (M = rows x sequence) in the
     compute dtype of A [K, R, in] and B [K, R, out]; `rank` [K] (int32) is each slot's r for this
     module, 0 where it does not target it; `dropout` = (module keys, thresholds, scales) per batch
-    row, from `dropout_args`, or None; `split` programs per slot (`split_for`)."""
+    row, from `dropout_args`, or None; `split` programs per slot (`split_for`). With `y` (the base
+    layer's output [K, M, out], in the compute dtype): y + the delta, in one pass."""
     keys, thr, kscale = dropout if dropout is not None else (None, None, None)
-    return _delta(x, a, b, scale, rank, keys, thr, kscale, rows, split)[0]
+    return _delta(x, a, b, scale, rank, keys, thr, kscale, rows, split, y)[0]
 
 
 def dropout_args(keys: torch.Tensor, p: torch.Tensor,
