@@ -242,6 +242,55 @@ ATTENTION_SCRIPT = textwrap.dedent('''
 ''')
 
 
+HEAD_SCRIPT = textwrap.dedent('''
+    import os
+    import torch
+    from lora_exp.pack import rows as pack_rows
+    from lora_exp.pack.kernels import head
+
+    torch.manual_seed(0)
+    device = os.environ["KERNELS_DEVICE"]
+    torch.set_default_device(device)
+    n, width, vocab = 37, 24, 5000                       # a vocabulary wider than a block, not a multiple
+    head.BLOCK = 1024
+    target = torch.randint(0, vocab, (n,))
+    target[[0, 5, 36]] = -100                            # positions without a label
+    for dtype in [getattr(torch, d) for d in os.environ["KERNELS_DTYPES"].split(",")]:
+        hidden = torch.randn(n, width, dtype=dtype)
+        weight = torch.randn(vocab + 120, width, dtype=dtype) * 0.5   # padded vocabulary: -inf bias
+        bias = torch.zeros(vocab + 120, dtype=dtype)
+        bias[vocab:] = float("-inf")
+        want_loss, want_grad = pack_rows.chunk_loss_and_grad(hidden, weight, bias, target)
+        got_loss, got_grad = pack_rows._kernel_chunk(hidden, weight, bias, target, need_grad=True)
+        # (each side makes its own logits: on the CPU two fp32 GEMMs of the same inputs can differ in
+        # the last bits; the kernel alone is checked on shared logits below)
+        tol = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+        assert got_loss.dtype == torch.float32 and torch.allclose(got_loss, want_loss, **tol), \
+            (dtype, (got_loss - want_loss).abs().max())
+        assert bool((got_loss[[0, 5, 36]] == 0).all()) and bool((got_loss[1:5] > 0).all())
+        assert got_grad.dtype == dtype and torch.allclose(got_grad.float(), want_grad.float(), **tol), \
+            (dtype, (got_grad.float() - want_grad.float()).abs().max())
+        loss_only = pack_rows._kernel_chunk(hidden, weight, bias, target, need_grad=False)
+        assert torch.equal(loss_only, got_loss)
+        # the logits' gradient itself: softmax minus one-hot, zero on unlabelled rows
+        logits = torch.nn.functional.linear(hidden, weight, bias)
+        loss, g = head.head_loss(logits, target, True)
+        valid = target != -100
+        lse = torch.logsumexp(logits.float(), dim=1)
+        want = torch.where(valid, lse - logits.float().gather(1, target.clamp(min=0)[:, None])[:, 0], 0.0)
+        assert torch.allclose(loss, want, rtol=1e-6 if dtype == torch.float32 else 1e-3, atol=1e-6), \
+            (dtype, (loss - want).abs().max())
+        p = (logits.float() - lse[:, None]).exp()
+        p[torch.arange(n)[valid], target[valid]] -= 1
+        p = (p * valid[:, None]).to(dtype)
+        assert torch.allclose(g.float(), p.float(), rtol=1e-5, atol=1e-7 if dtype == torch.float32 else 1e-3), \
+            (dtype, (g.float() - p.float()).abs().max())
+        assert bool((g[[0, 5, 36]] == 0).all()) and bool((g[:, vocab:] == 0).all())
+        assert torch.allclose(g.float().sum(dim=1)[1:5], torch.zeros(4), atol=1e-2)
+    print("head kernels ok")
+''')
+
+
 PACK_SCRIPT = textwrap.dedent('''
     import torch
     from lora_exp.pack import model as packed

@@ -107,6 +107,18 @@ def chunk_loss_and_grad(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.
     return loss, torch.mm(p.to(weight.dtype), weight).to(hidden.dtype)
 
 
+def _kernel_chunk(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, target: torch.Tensor,
+                  need_grad: bool) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """`chunk_loss_and_grad` (or `chunk_loss`) with the loss and the logits' gradient from the head
+    loss kernel: the same roundings, the logits read twice instead of three times."""
+    from lora_exp.pack.kernels.head import head_loss
+
+    loss, grad = head_loss(nn.functional.linear(hidden, weight, bias), target, need_grad)
+    if grad is None:
+        return loss
+    return loss, torch.mm(grad, weight).to(hidden.dtype)
+
+
 class _HeadLoss(torch.autograd.Function):
     """Next-token losses through a frozen LM head, chunk by chunk: each chunk's logits, their
     log-sum-exp and the hidden states' gradient (softmax minus one-hot, times the head) in one
@@ -122,7 +134,10 @@ class _HeadLoss(torch.autograd.Function):
         n = hidden.shape[0]
         losses = hidden.new_empty(n, dtype=torch.float32)
         grad = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
-        step = fused(chunk_loss_and_grad if grad is not None else chunk_loss, compile)
+        if compile and hidden.is_cuda:  # the softmax in two passes over the logits (kernels.head)
+            step = functools.partial(_kernel_chunk, need_grad=grad is not None)
+        else:
+            step = fused(chunk_loss_and_grad if grad is not None else chunk_loss, compile)
         for i in range(0, n, chunk):
             out = step(hidden[i:i + chunk], weight, bias, target[i:i + chunk])
             if grad is not None:

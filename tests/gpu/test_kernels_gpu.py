@@ -6,6 +6,7 @@ import pytest
 
 from kernel_checks import (
     ATTENTION_SCRIPT,
+    HEAD_SCRIPT,
     LORA_SCRIPT,
     SCRIPT,
     cuda_or_skip,
@@ -29,3 +30,8 @@ def test_lora_delta_kernels_the_same_on_the_gpu_in_fp32_and_bf16():
 def test_causal_attention_kernels_the_same_on_the_gpu_in_fp32_and_bf16():
     cuda_or_skip()
     run_checks(ATTENTION_SCRIPT, KERNELS_DEVICE="cuda", KERNELS_DTYPES="float32,bfloat16", KERNELS_LOW="bfloat16")
+
+
+def test_head_loss_kernel_the_same_on_the_gpu_in_fp32_and_bf16():
+    cuda_or_skip()
+    run_checks(HEAD_SCRIPT, KERNELS_DEVICE="cuda", KERNELS_DTYPES="float32,bfloat16")

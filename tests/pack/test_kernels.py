@@ -5,7 +5,15 @@ from __future__ import annotations
 
 import pytest
 
-from kernel_checks import ATTENTION_SCRIPT, LLAMA_AUTOCAST_SCRIPT, LORA_SCRIPT, PACK_SCRIPT, SCRIPT, run_checks
+from kernel_checks import (
+    ATTENTION_SCRIPT,
+    HEAD_SCRIPT,
+    LLAMA_AUTOCAST_SCRIPT,
+    LORA_SCRIPT,
+    PACK_SCRIPT,
+    SCRIPT,
+    run_checks,
+)
 
 pytest.importorskip("triton")  # installed by `make setup` on x86-64 Linux (pyproject test extra)
 
@@ -18,6 +26,12 @@ def test_lora_delta_kernels_match_the_bmms_forward_and_backward_skipping_what_a_
     """fp32, and fp16 with an fp32 output gradient (fp16 stands for bf16: the interpreter's bf16 dots
     are wrong; tests/gpu runs bf16)."""
     run_checks(LORA_SCRIPT, TRITON_INTERPRET="1", KERNELS_DEVICE="cpu", KERNELS_DTYPES="float32,float16")
+
+
+def test_head_loss_kernel_matches_the_compiled_chunk_loss_and_its_gradient():
+    """Each position's loss and the logits' gradient (softmax minus one-hot) over a padded
+    vocabulary wider than a block, unlabelled positions zero; fp32 and fp16 (for bf16)."""
+    run_checks(HEAD_SCRIPT, TRITON_INTERPRET="1", KERNELS_DEVICE="cpu", KERNELS_DTYPES="float32,float16")
 
 
 def test_causal_attention_kernels_match_softmax_attention_with_the_same_dropout_forward_and_backward():
