@@ -95,8 +95,8 @@ LORA_SCRIPT = textwrap.dedent('''
     ranks = torch.tensor([8, 0, 3, 5, 1], dtype=torch.int32)   # slot 1 does not target the module
     scale = torch.tensor([0.5, 0.0, 2.0, 1.5, 4.0])
     # a short row group (one program holds it) and a long one (tiled: more than MAX_M positions, not
-    # a multiple of the tile)
-    groups = [(7, (1, 3)), (pack_lora.MAX_M // 2 + 9, (1,))]
+    # a multiple of the tile; its weight gradients in one part or summed from 3)
+    groups = [(7, (1, 3)), (pack_lora.MAX_M // 2 + 9, (1, 3))]
     def close(got, want, tol):   # a weight gradient sums over the group: its error scales with its largest entry
         scale = max(1.0, float(want.abs().max())) if want.numel() else 1.0
         return torch.allclose(got.float(), want.float(), rtol=tol["rtol"], atol=tol["atol"] * scale)

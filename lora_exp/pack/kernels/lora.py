@@ -28,6 +28,8 @@ block of B's outputs or A's inputs walking the group tile by tile (a fixed order
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -227,10 +229,12 @@ def _bwd_dh_tiled(g_ptr, b_ptr, dh_ptr, scale_ptr, rank_ptr, M, OUT, b_s0, b_s1,
 
 
 @triton.jit
-def _bwd_b_tiled(g_ptr, h_ptr, gb_ptr, scale_ptr, rank_ptr, M, OUT, R,
-                 BM: tl.constexpr, BR: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr):
-    """Long rows: B's gradient h^T g_s for this program's BN outputs, over the group's positions."""
+def _bwd_b_tiled(g_ptr, h_ptr, gb_ptr, part_ptr, scale_ptr, rank_ptr, M, OUT, R,
+                 PARTS: tl.constexpr, BM: tl.constexpr, BR: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr):
+    """Long rows: B's gradient h^T g_s for this program's BN outputs, over the group's positions
+    (with PARTS > 1, over every PARTS-th tile from this program's part: an fp32 partial sum)."""
     slot = tl.program_id(0).to(tl.int64)
+    part = tl.program_id(2)
     r = tl.load(rank_ptr + slot)
     if r > 0:
         nn = tl.program_id(1) * BN + tl.arange(0, BN)
@@ -239,7 +243,7 @@ def _bwd_b_tiled(g_ptr, h_ptr, gb_ptr, scale_ptr, rank_ptr, M, OUT, R,
         dtype = gb_ptr.dtype.element_ty
         s = tl.load(scale_ptr + slot).to(dtype)
         gb = tl.zeros((BR, BN), dtype=tl.float32)
-        for m0 in range(0, M, BM):
+        for m0 in range(part * BM, M, PARTS * BM):
             m = m0 + tl.arange(0, BM)
             m_ok = m < M
             h = tl.load(h_ptr + slot * M * R + m[:, None] * R + rk[None, :], mask=m_ok[:, None] & (rk < R)[None, :],
@@ -248,18 +252,24 @@ def _bwd_b_tiled(g_ptr, h_ptr, gb_ptr, scale_ptr, rank_ptr, M, OUT, R,
                         other=0.0)
             gs = (g.to(dtype) * s).to(dtype)
             gb += tl.dot(tl.trans(h), gs, input_precision=PREC)
-        tl.store(gb_ptr + slot * R * OUT + rk[:, None] * OUT + nn[None, :], gb.to(dtype),
-                 mask=(rk < r)[:, None] & n_ok[None, :])
+        if PARTS == 1:
+            tl.store(gb_ptr + slot * R * OUT + rk[:, None] * OUT + nn[None, :], gb.to(dtype),
+                     mask=(rk < r)[:, None] & n_ok[None, :])
+        else:
+            tl.store(part_ptr + ((slot * PARTS + part) * BR + rk[:, None]) * OUT + nn[None, :], gb,
+                     mask=(rk < r)[:, None] & n_ok[None, :])
 
 
 @triton.jit
-def _bwd_a_tiled(x_ptr, a_ptr, dh_ptr, ga_ptr, dx_ptr, rank_ptr, keys_ptr, thr_ptr, kscale_ptr,
+def _bwd_a_tiled(x_ptr, a_ptr, dh_ptr, ga_ptr, part_ptr, dx_ptr, rank_ptr, keys_ptr, thr_ptr, kscale_ptr,
                  M, T, IN, ROWS, x_s0, a_s0, a_s1, R,
-                 DROPOUT: tl.constexpr, NEED_DX: tl.constexpr, BM: tl.constexpr, BR: tl.constexpr,
-                 BK: tl.constexpr, PREC: tl.constexpr):
+                 PARTS: tl.constexpr, DROPOUT: tl.constexpr, NEED_DX: tl.constexpr, BM: tl.constexpr,
+                 BR: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr):
     """Long rows: A's gradient dh^T drop(x) for this program's BK inputs over the group's
-    positions, and the input's gradient (dh A, masked) on those inputs, tile by tile."""
+    positions (a partial sum over every PARTS-th tile, as for B), and the input's gradient (dh A,
+    masked) on those inputs, tile by tile."""
     slot = tl.program_id(0).to(tl.int64)
+    part = tl.program_id(2)
     r = tl.load(rank_ptr + slot)
     kk = tl.program_id(1) * BK + tl.arange(0, BK)
     k_ok = kk < IN
@@ -269,7 +279,7 @@ def _bwd_a_tiled(x_ptr, a_ptr, dh_ptr, ga_ptr, dx_ptr, rank_ptr, keys_ptr, thr_p
         a = tl.load(a_ptr + slot * a_s0 + rk[:, None] * a_s1 + kk[None, :], mask=(rk < r)[:, None] & k_ok[None, :],
                     other=0.0)
         ga = tl.zeros((BR, BK), dtype=tl.float32)
-        for m0 in range(0, M, BM):
+        for m0 in range(part * BM, M, PARTS * BM):
             m = m0 + tl.arange(0, BM)
             m_ok = m < M
             dh = tl.load(dh_ptr + slot * M * BR + m[:, None] * BR + rk[None, :], mask=m_ok[:, None],
@@ -286,11 +296,15 @@ def _bwd_a_tiled(x_ptr, a_ptr, dh_ptr, ga_ptr, dx_ptr, rank_ptr, keys_ptr, thr_p
                     dx = _apply(dx, keep, kscale)
                 tl.store(dx_ptr + slot * M * IN + m[:, None] * IN + kk[None, :], dx.to(dtype),
                          mask=m_ok[:, None] & k_ok[None, :])
-        tl.store(ga_ptr + slot * R * IN + rk[:, None] * IN + kk[None, :], ga.to(dtype),
-                 mask=(rk < r)[:, None] & k_ok[None, :])
+        if PARTS == 1:
+            tl.store(ga_ptr + slot * R * IN + rk[:, None] * IN + kk[None, :], ga.to(dtype),
+                     mask=(rk < r)[:, None] & k_ok[None, :])
+        else:
+            tl.store(part_ptr + ((slot * PARTS + part) * BR + rk[:, None]) * IN + kk[None, :], ga,
+                     mask=(rk < r)[:, None] & k_ok[None, :])
     elif NEED_DX:  # no delta, no input gradient from this module
         zero = tl.zeros((BM, BK), dtype=dx_ptr.dtype.element_ty)
-        for m0 in range(0, M, BM):
+        for m0 in range(part * BM, M, PARTS * BM):
             m = m0 + tl.arange(0, BM)
             tl.store(dx_ptr + slot * M * IN + m[:, None] * IN + kk[None, :], zero,
                      mask=(m < M)[:, None] & k_ok[None, :])
@@ -311,11 +325,15 @@ def _prec(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
+@functools.lru_cache(maxsize=None)
+def _sms(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 8
+
+
 def split_for(k: int, device: torch.device) -> int:
     """Programs per slot: one at large K (a slot's work is one program's), more at small K so
     the GPU has ~4 programs per multiprocessor."""
-    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 8
-    return max(1, min(8, -(-4 * sms // max(1, k))))
+    return max(1, min(8, -(-4 * _sms(device) // max(1, k))))
 
 
 def _check(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
@@ -365,7 +383,7 @@ def _delta_backward(g, x, a, b, h, scale, rank, keys, thr, kscale, rows, split, 
     k, m, fin = x.shape
     fout, rmax = b.shape[2], a.shape[1]
     if m > MAX_M:
-        return _backward_tiled(g, x, a, b, h, scale, rank, keys, thr, kscale, rows, need_dx)
+        return _backward_tiled(g, x, a, b, h, scale, rank, keys, thr, kscale, rows, split, need_dx)
     bm, br = _block_m(m), _block_r(rmax)
     # written only where a slot trains (its first r rows of the modules it targets): the
     # optimizer reads nothing else
@@ -384,25 +402,37 @@ def _delta_backward(g, x, a, b, h, scale, rank, keys, thr, kscale, rows, split, 
     return dx, ga, gb
 
 
-def _backward_tiled(g, x, a, b, h, scale, rank, keys, thr, kscale, rows, need_dx):
+def _backward_tiled(g, x, a, b, h, scale, rank, keys, thr, kscale, rows, split, need_dx):
     """The backward of a long row group: dh per position tile, then B's gradient per output
-    block and A's (with the input's gradient) per input block, each over the whole group."""
+    block and A's (with the input's gradient) per input block, each over the group's positions.
+    Where slots x blocks are too few programs for the GPU, each block's positions are split in
+    up to `split` parts whose fp32 partial sums are added in a fixed order (deterministic)."""
     k, m, fin = x.shape
     fout, rmax = b.shape[2], a.shape[1]
     br, prec = _block_r(rmax), _prec(x.dtype)
-    ga = torch.empty(k, rmax, fin, device=x.device, dtype=a.dtype)
-    gb = torch.empty(k, rmax, fout, device=x.device, dtype=b.dtype)
+    tiles = triton.cdiv(m, BM)
     dx = torch.empty(k, m, fin, device=x.device, dtype=x.dtype) if need_dx else x.new_empty(0)
     dh = torch.empty(k, m, br, device=x.device, dtype=torch.float32)
     dropout = keys is not None
-    _bwd_dh_tiled[(k, triton.cdiv(m, BM))](g, b, dh, scale, rank, m, fout, b.stride(0), b.stride(1), rmax,
-                                           BM=BM, BR=br, BN=BN, PREC=prec, num_warps=NUM_WARPS)
-    _bwd_b_tiled[(k, triton.cdiv(fout, BN))](g, h, gb, scale, rank, m, fout, rmax, BM=BM, BR=br, BN=BN, PREC=prec,
-                                             num_warps=NUM_WARPS)
-    _bwd_a_tiled[(k, triton.cdiv(fin, BK))](x, a, dh, ga, dx, rank, keys if dropout else x, thr if dropout else x,
-                                            kscale if dropout else x, m, m // rows, fin, rows, x.stride(0),
-                                            a.stride(0), a.stride(1), rmax, DROPOUT=dropout, NEED_DX=need_dx, BM=BM,
-                                            BR=br, BK=BK, PREC=prec, num_warps=NUM_WARPS)
+    _bwd_dh_tiled[(k, tiles)](g, b, dh, scale, rank, m, fout, b.stride(0), b.stride(1), rmax,
+                              BM=BM, BR=br, BN=BN, PREC=prec, num_warps=NUM_WARPS)
+    grads = []
+    for width, block, w in ((fout, BN, b), (fin, BK, a)):
+        blocks = triton.cdiv(width, block)
+        parts = max(1, min(split, tiles, triton.cdiv(4 * _sms(x.device), k * blocks)))
+        grad = torch.empty(k, rmax, width, device=x.device, dtype=w.dtype)
+        partial = torch.empty(k, parts, br, width, device=x.device, dtype=torch.float32) if parts > 1 else grad
+        grads.append((grad, partial, blocks, parts))
+    (gb, part_b, blocks_b, parts_b), (ga, part_a, blocks_a, parts_a) = grads
+    _bwd_b_tiled[(k, blocks_b, parts_b)](g, h, gb, part_b, scale, rank, m, fout, rmax, PARTS=parts_b, BM=BM, BR=br,
+                                         BN=BN, PREC=prec, num_warps=NUM_WARPS)
+    _bwd_a_tiled[(k, blocks_a, parts_a)](x, a, dh, ga, part_a, dx, rank, keys if dropout else x,
+                                         thr if dropout else x, kscale if dropout else x, m, m // rows, fin, rows,
+                                         x.stride(0), a.stride(0), a.stride(1), rmax, PARTS=parts_a, DROPOUT=dropout,
+                                         NEED_DX=need_dx, BM=BM, BR=br, BK=BK, PREC=prec, num_warps=NUM_WARPS)
+    for grad, partial, _, parts in grads:
+        if parts > 1:  # unwritten rows (past a slot's rank) sum to anything: never read
+            grad.copy_(partial[:, :, :rmax].sum(dim=1))
     return dx, ga, gb
 
 
