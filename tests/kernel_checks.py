@@ -364,6 +364,56 @@ PACK_SCRIPT = textwrap.dedent('''
 ''')
 
 
+PACK_LORA_SCRIPT = textwrap.dedent('''
+    # Packed trials whose LoRA deltas go through the kernels (the base output added in the same
+    # pass) train as through the bmm's: fp32, dropout on, tiny Llama (GQA), a slot at rank 4 on
+    # attention beside one at rank 8 on every linear module; row groups of 2 rows (one program
+    # each) and of 12 (more than MAX_M positions: the tiled kernels, weight gradients in parts).
+    import torch
+    from lora_exp.pack import model as packed
+    from lora_exp.compose import compose
+    from lora_exp.core.data import load_rows, tokenize
+    from lora_exp.core.models import load_base
+    from lora_exp.pack.kernels.lora import MAX_M
+    from lora_exp.pack.trainer import train_packed
+
+    init = packed.PackedModel.__init__
+    def with_lora_kernels(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        self.kernels = LORA                       # with the optimizer's kernels, as on CUDA
+        self.groups.kernels, self.groups.split = LORA, 3
+    packed.PackedModel.__init__ = with_lora_kernels
+    calls = []
+    from lora_exp.pack.kernels import lora as pack_lora
+    real = pack_lora.lora_delta
+    def counted(x, *args, **kwargs):
+        calls.append((x.shape[1], "y" in kwargs))
+        return real(x, *args, **kwargs)
+    pack_lora.lora_delta = counted
+    for batch in (2, 12):
+        common = ["model=tiny_llama", "data=seed", "lora=seed", "trainer.max_steps=3", "trainer.eval_steps=3",
+                  "trainer.logging_steps=1", "trainer.generation_metrics=[exact_match]", "trainer.max_new_tokens=2",
+                  "tracking=none", f"trainer.batch_size={batch}", "trainer.base_dropout=false", "lora.lora_dropout=0.2"]
+        slots = (["lora.r=4", "trainer.lr=1e-2"],
+                 ["lora.r=8", "lora.preset=all_linear", "trainer.lr=5e-3", "trainer.seed=3"])
+        cfgs = [compose(common + m) for m in slots]
+        base = load_base(cfgs[0].model, torch.device("cpu"))
+        data = tokenize(load_rows(cfgs[0].data), cfgs[0].data, base.tokenizer)
+        curves = {}
+        for LORA in (False, True):
+            calls.clear()
+            curves[LORA] = [(r.loss_curve, r.eval_curve) for r in train_packed(cfgs, base, data)]
+            if LORA:
+                longest = max(m for m, _ in calls)
+                assert calls and all(y for _, y in calls) and (longest > MAX_M) == (batch == 12), (batch, longest)
+        for (a, ea), (b, eb) in zip(curves[False], curves[True]):
+            for x, y in ((a, b), (ea, eb)):
+                assert [s for s, _ in x] == [s for s, _ in y] and len(x) >= 1
+                assert all(abs(u - v) <= 1e-5 * abs(u) for (_, u), (_, v) in zip(x, y)), (batch, x, y)
+    print("pack lora kernels ok")
+''')
+
+
 LLAMA_AUTOCAST_SCRIPT = textwrap.dedent('''
     # A pack of tiny Llama trials (grouped-query attention) stepping under bf16 autocast through
     # every kernel (optimizer, LoRA deltas, attention), as a bf16 pack does on a GPU: the dtypes

@@ -10,6 +10,7 @@ from kernel_checks import (
     HEAD_SCRIPT,
     LLAMA_AUTOCAST_SCRIPT,
     LORA_SCRIPT,
+    PACK_LORA_SCRIPT,
     PACK_SCRIPT,
     SCRIPT,
     run_checks,
@@ -45,6 +46,13 @@ def test_a_pack_with_the_kernel_optimizer_trains_as_with_torchs_through_slot_reu
     """The optimizer's list of live blocks follows the slots as trials start, hold for evals,
     resume and leave (5 trials through 2 slots), under Triton's interpreter."""
     run_checks(PACK_SCRIPT, TRITON_INTERPRET="1")
+
+
+def test_packed_trials_train_the_same_through_the_lora_kernels_as_through_the_bmms_short_and_long_row_groups():
+    """fp32 with dropout: the kernels' deltas (the base output added in the same pass, each
+    slot's own rank and modules) against the bmm's, in a pack that trains and evaluates, for
+    row groups one program holds and for tiled ones (12 rows, more than MAX_M positions)."""
+    run_checks(PACK_LORA_SCRIPT, TRITON_INTERPRET="1")
 
 
 def test_a_llama_pack_steps_under_bf16_autocast_through_every_kernel():
