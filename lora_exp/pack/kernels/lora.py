@@ -22,9 +22,8 @@ pack's optimizer (kernels.adamw) never reads.
 
 A slot's row group of at most `MAX_M` positions (the seed's short rows, batch 1-8) is one
 program's: it holds the whole group, so a backward program sums B's and A's gradients over it in
-one product. Longer groups (rows of up to 1024 tokens, batch > 1) go through the tiled kernels:
-the forward and the input gradient one program per `BM` positions, the weight gradients one per
-block of B's outputs or A's inputs walking the group tile by tile (a fixed order: deterministic).
+one product. Longer groups (rows of up to 1024 tokens, batch > 1): the forward runs one program
+per `BM` positions, the backward is `kernels.lora_tiled`'s.
 """
 from __future__ import annotations
 
@@ -34,7 +33,8 @@ import torch
 import triton
 import triton.language as tl
 
-from lora_exp.pack.kernels.hash import mix32
+from lora_exp.pack.kernels import lora_tiled
+from lora_exp.pack.kernels.hash import apply_keep, dropout_keep
 
 #: the tiles a program steps through the inputs (BK) and outputs (BN) by, its warps, and the
 #: fewest programs per slot (the bench's `engine --lora-configs` times others)
@@ -44,30 +44,10 @@ MAX_M, BM = 256, 64
 
 
 @triton.jit
-def _keep(slot, m, kk, M, T, IN, ROWS, keys_ptr, thr_ptr, kscale_ptr):
-    """core.randomness.dropout_mask for the block (rows m of the slot's group, columns kk): element
-    (t, i) of batch row n is kept when hash(key[n], t * IN + i) >= thr[n]; (kept [BM, BK], the
-    rows' scales [BM]). Rows past the group's M (the block's padding) are dropped."""
-    m_ok = m < M
-    row = slot * ROWS + m // T
-    key = tl.load(keys_ptr + row, mask=m_ok, other=0).to(tl.uint32)
-    thr = tl.load(thr_ptr + row, mask=m_ok, other=0)
-    kscale = tl.load(kscale_ptr + row, mask=m_ok, other=0.0)
-    idx = ((m % T) * IN)[:, None] + kk[None, :]
-    h = mix32(key[:, None] * 0x9E3779B1 + idx.to(tl.uint32))
-    return (h.to(tl.int64) >= thr[:, None]) & m_ok[:, None], kscale
-
-
-@triton.jit
-def _apply(x, keep, kscale):
-    """x times the mask's multipliers (fp32)."""
-    return tl.where(keep, x.to(tl.float32) * kscale[:, None], 0.0)
-
-
-@triton.jit
 def _masked(x, slot, m, kk, M, T, IN, ROWS, keys_ptr, thr_ptr, kscale_ptr):
-    keep, kscale = _keep(slot, m, kk, M, T, IN, ROWS, keys_ptr, thr_ptr, kscale_ptr)
-    return _apply(x, keep, kscale)
+    """x times core.randomness.dropout_mask's multipliers on the block (hash.dropout_keep)."""
+    keep, kscale = dropout_keep(slot, m, kk, M, T, IN, ROWS, keys_ptr, thr_ptr, kscale_ptr)
+    return apply_keep(x, keep, kscale)
 
 
 @triton.jit
@@ -181,8 +161,8 @@ def _bwd_a_kernel(x_ptr, a_ptr, dh_ptr, ga_ptr, dx_ptr, rank_ptr, keys_ptr, thr_
             x = tl.load(x_ptr + slot * x_s0 + m[:, None] * IN + kk[None, :], mask=m_ok[:, None] & k_ok[None, :],
                         other=0.0)
             if DROPOUT:  # one hash for the input and its gradient
-                keep, kscale = _keep(slot, m, kk, M, T, IN, ROWS, keys_ptr, thr_ptr, kscale_ptr)
-                x = _apply(x, keep, kscale)
+                keep, kscale = dropout_keep(slot, m, kk, M, T, IN, ROWS, keys_ptr, thr_ptr, kscale_ptr)
+                x = apply_keep(x, keep, kscale)
             ga = tl.dot(tl.trans(dh), x.to(dtype), input_precision=PREC)
             tl.store(ga_ptr + slot * R * IN + rk[:, None] * IN + kk[None, :], ga.to(dtype),
                      mask=(rk < r)[:, None] & k_ok[None, :])
@@ -191,7 +171,7 @@ def _bwd_a_kernel(x_ptr, a_ptr, dh_ptr, ga_ptr, dx_ptr, rank_ptr, keys_ptr, thr_
                             mask=(rk < r)[:, None] & k_ok[None, :], other=0.0)
                 dx = tl.dot(dh, a, input_precision=PREC).to(dtype)
                 if DROPOUT:
-                    dx = _apply(dx, keep, kscale)
+                    dx = apply_keep(dx, keep, kscale)
                 tl.store(dx_ptr + slot * M * IN + m[:, None] * IN + kk[None, :], dx.to(dtype),
                          mask=m_ok[:, None] & k_ok[None, :])
     elif NEED_DX:  # no delta, no input gradient from this module
@@ -200,114 +180,6 @@ def _bwd_a_kernel(x_ptr, a_ptr, dh_ptr, ga_ptr, dx_ptr, rank_ptr, keys_ptr, thr_
             kk = k0 + tl.arange(0, BK)
             tl.store(dx_ptr + slot * M * IN + m[:, None] * IN + kk[None, :], zero,
                      mask=m_ok[:, None] & (kk < IN)[None, :])
-
-
-@triton.jit
-def _bwd_dh_tiled(g_ptr, b_ptr, dh_ptr, scale_ptr, rank_ptr, M, OUT, b_s0, b_s1, R,
-                  BM: tl.constexpr, BR: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr):
-    """Long rows: dh = g_s B^T for this program's BM positions (fp32, summed over every output)."""
-    slot = tl.program_id(0).to(tl.int64)
-    r = tl.load(rank_ptr + slot)
-    if r > 0:
-        m = tl.program_id(1) * BM + tl.arange(0, BM)
-        rk = tl.arange(0, BR)
-        n = tl.arange(0, BN)
-        m_ok = m < M
-        dtype = b_ptr.dtype.element_ty
-        s = tl.load(scale_ptr + slot).to(dtype)
-        dh = tl.zeros((BM, BR), dtype=tl.float32)
-        for j in range(0, OUT, BN):
-            nn = j + n
-            n_ok = nn < OUT
-            g = tl.load(g_ptr + slot * M * OUT + m[:, None] * OUT + nn[None, :], mask=m_ok[:, None] & n_ok[None, :],
-                        other=0.0)
-            gs = (g.to(dtype) * s).to(dtype)
-            b = tl.load(b_ptr + slot * b_s0 + rk[:, None] * b_s1 + nn[None, :],
-                        mask=(rk < r)[:, None] & n_ok[None, :], other=0.0)
-            dh += tl.dot(gs, tl.trans(b), input_precision=PREC)
-        tl.store(dh_ptr + slot * M * BR + m[:, None] * BR + rk[None, :], dh, mask=m_ok[:, None])
-
-
-@triton.jit
-def _bwd_b_tiled(g_ptr, h_ptr, gb_ptr, part_ptr, scale_ptr, rank_ptr, M, OUT, R,
-                 PARTS: tl.constexpr, BM: tl.constexpr, BR: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr):
-    """Long rows: B's gradient h^T g_s for this program's BN outputs, over the group's positions
-    (with PARTS > 1, over every PARTS-th tile from this program's part: an fp32 partial sum)."""
-    slot = tl.program_id(0).to(tl.int64)
-    part = tl.program_id(2)
-    r = tl.load(rank_ptr + slot)
-    if r > 0:
-        nn = tl.program_id(1) * BN + tl.arange(0, BN)
-        n_ok = nn < OUT
-        rk = tl.arange(0, BR)
-        dtype = gb_ptr.dtype.element_ty
-        s = tl.load(scale_ptr + slot).to(dtype)
-        gb = tl.zeros((BR, BN), dtype=tl.float32)
-        for m0 in range(part * BM, M, PARTS * BM):
-            m = m0 + tl.arange(0, BM)
-            m_ok = m < M
-            h = tl.load(h_ptr + slot * M * R + m[:, None] * R + rk[None, :], mask=m_ok[:, None] & (rk < R)[None, :],
-                        other=0.0)
-            g = tl.load(g_ptr + slot * M * OUT + m[:, None] * OUT + nn[None, :], mask=m_ok[:, None] & n_ok[None, :],
-                        other=0.0)
-            gs = (g.to(dtype) * s).to(dtype)
-            gb += tl.dot(tl.trans(h), gs, input_precision=PREC)
-        if PARTS == 1:
-            tl.store(gb_ptr + slot * R * OUT + rk[:, None] * OUT + nn[None, :], gb.to(dtype),
-                     mask=(rk < r)[:, None] & n_ok[None, :])
-        else:
-            tl.store(part_ptr + ((slot * PARTS + part) * BR + rk[:, None]) * OUT + nn[None, :], gb,
-                     mask=(rk < r)[:, None] & n_ok[None, :])
-
-
-@triton.jit
-def _bwd_a_tiled(x_ptr, a_ptr, dh_ptr, ga_ptr, part_ptr, dx_ptr, rank_ptr, keys_ptr, thr_ptr, kscale_ptr,
-                 M, T, IN, ROWS, x_s0, a_s0, a_s1, R,
-                 PARTS: tl.constexpr, DROPOUT: tl.constexpr, NEED_DX: tl.constexpr, BM: tl.constexpr,
-                 BR: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr):
-    """Long rows: A's gradient dh^T drop(x) for this program's BK inputs over the group's
-    positions (a partial sum over every PARTS-th tile, as for B), and the input's gradient (dh A,
-    masked) on those inputs, tile by tile."""
-    slot = tl.program_id(0).to(tl.int64)
-    part = tl.program_id(2)
-    r = tl.load(rank_ptr + slot)
-    kk = tl.program_id(1) * BK + tl.arange(0, BK)
-    k_ok = kk < IN
-    rk = tl.arange(0, BR)
-    dtype = ga_ptr.dtype.element_ty
-    if r > 0:
-        a = tl.load(a_ptr + slot * a_s0 + rk[:, None] * a_s1 + kk[None, :], mask=(rk < r)[:, None] & k_ok[None, :],
-                    other=0.0)
-        ga = tl.zeros((BR, BK), dtype=tl.float32)
-        for m0 in range(part * BM, M, PARTS * BM):
-            m = m0 + tl.arange(0, BM)
-            m_ok = m < M
-            dh = tl.load(dh_ptr + slot * M * BR + m[:, None] * BR + rk[None, :], mask=m_ok[:, None],
-                         other=0.0).to(dtype)
-            x = tl.load(x_ptr + slot * x_s0 + m[:, None] * IN + kk[None, :], mask=m_ok[:, None] & k_ok[None, :],
-                        other=0.0)
-            if DROPOUT:  # one hash for the input and its gradient
-                keep, kscale = _keep(slot, m, kk, M, T, IN, ROWS, keys_ptr, thr_ptr, kscale_ptr)
-                x = _apply(x, keep, kscale)
-            ga += tl.dot(tl.trans(dh), x.to(dtype), input_precision=PREC)
-            if NEED_DX:
-                dx = tl.dot(dh, a, input_precision=PREC).to(dtype)
-                if DROPOUT:
-                    dx = _apply(dx, keep, kscale)
-                tl.store(dx_ptr + slot * M * IN + m[:, None] * IN + kk[None, :], dx.to(dtype),
-                         mask=m_ok[:, None] & k_ok[None, :])
-        if PARTS == 1:
-            tl.store(ga_ptr + slot * R * IN + rk[:, None] * IN + kk[None, :], ga.to(dtype),
-                     mask=(rk < r)[:, None] & k_ok[None, :])
-        else:
-            tl.store(part_ptr + ((slot * PARTS + part) * BR + rk[:, None]) * IN + kk[None, :], ga,
-                     mask=(rk < r)[:, None] & k_ok[None, :])
-    elif NEED_DX:  # no delta, no input gradient from this module
-        zero = tl.zeros((BM, BK), dtype=dx_ptr.dtype.element_ty)
-        for m0 in range(part * BM, M, PARTS * BM):
-            m = m0 + tl.arange(0, BM)
-            tl.store(dx_ptr + slot * M * IN + m[:, None] * IN + kk[None, :], zero,
-                     mask=(m < M)[:, None] & k_ok[None, :])
 
 
 # --- the custom op --------------------------------------------------------------------------------
@@ -383,7 +255,9 @@ def _delta_backward(g, x, a, b, h, scale, rank, keys, thr, kscale, rows, split, 
     k, m, fin = x.shape
     fout, rmax = b.shape[2], a.shape[1]
     if m > MAX_M:
-        return _backward_tiled(g, x, a, b, h, scale, rank, keys, thr, kscale, rows, split, need_dx)
+        return lora_tiled.backward(g, x, a, b, h, scale, rank, keys, thr, kscale, rows, split, need_dx, bm=BM, bk=BK,
+                                   bn=BN, br=_block_r(rmax), prec=_prec(x.dtype), programs=4 * _sms(x.device),
+                                   num_warps=NUM_WARPS)
     bm, br = _block_m(m), _block_r(rmax)
     # written only where a slot trains (its first r rows of the modules it targets): the
     # optimizer reads nothing else
@@ -399,40 +273,6 @@ def _delta_backward(g, x, a, b, h, scale, rank, keys, thr, kscale, rows, split, 
                               kscale if dropout else x, m, m // rows, fin, rows, x.stride(0), a.stride(0), a.stride(1),
                               rmax, SPLIT=split, DROPOUT=dropout, NEED_DX=need_dx, BM=bm, BR=br, BK=BK, PREC=prec,
                               num_warps=NUM_WARPS)
-    return dx, ga, gb
-
-
-def _backward_tiled(g, x, a, b, h, scale, rank, keys, thr, kscale, rows, split, need_dx):
-    """The backward of a long row group: dh per position tile, then B's gradient per output
-    block and A's (with the input's gradient) per input block, each over the group's positions.
-    Where slots x blocks are too few programs for the GPU, each block's positions are split in
-    up to `split` parts whose fp32 partial sums are added in a fixed order (deterministic)."""
-    k, m, fin = x.shape
-    fout, rmax = b.shape[2], a.shape[1]
-    br, prec = _block_r(rmax), _prec(x.dtype)
-    tiles = triton.cdiv(m, BM)
-    dx = torch.empty(k, m, fin, device=x.device, dtype=x.dtype) if need_dx else x.new_empty(0)
-    dh = torch.empty(k, m, br, device=x.device, dtype=torch.float32)
-    dropout = keys is not None
-    _bwd_dh_tiled[(k, tiles)](g, b, dh, scale, rank, m, fout, b.stride(0), b.stride(1), rmax,
-                              BM=BM, BR=br, BN=BN, PREC=prec, num_warps=NUM_WARPS)
-    grads = []
-    for width, block, w in ((fout, BN, b), (fin, BK, a)):
-        blocks = triton.cdiv(width, block)
-        parts = max(1, min(split, tiles, triton.cdiv(4 * _sms(x.device), k * blocks)))
-        grad = torch.empty(k, rmax, width, device=x.device, dtype=w.dtype)
-        partial = torch.empty(k, parts, br, width, device=x.device, dtype=torch.float32) if parts > 1 else grad
-        grads.append((grad, partial, blocks, parts))
-    (gb, part_b, blocks_b, parts_b), (ga, part_a, blocks_a, parts_a) = grads
-    _bwd_b_tiled[(k, blocks_b, parts_b)](g, h, gb, part_b, scale, rank, m, fout, rmax, PARTS=parts_b, BM=BM, BR=br,
-                                         BN=BN, PREC=prec, num_warps=NUM_WARPS)
-    _bwd_a_tiled[(k, blocks_a, parts_a)](x, a, dh, ga, part_a, dx, rank, keys if dropout else x,
-                                         thr if dropout else x, kscale if dropout else x, m, m // rows, fin, rows,
-                                         x.stride(0), a.stride(0), a.stride(1), rmax, PARTS=parts_a, DROPOUT=dropout,
-                                         NEED_DX=need_dx, BM=BM, BR=br, BK=BK, PREC=prec, num_warps=NUM_WARPS)
-    for grad, partial, _, parts in grads:
-        if parts > 1:  # unwritten rows (past a slot's rank) sum to anything: never read
-            grad.copy_(partial[:, :, :rmax].sum(dim=1))
     return dx, ga, gb
 
 

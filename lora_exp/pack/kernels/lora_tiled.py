@@ -1,0 +1,155 @@
+"""The LoRA kernels' backward for long row groups (`kernels.lora`: more than MAX_M positions a
+slot, rows up to 1024 tokens, batch > 1): dh one program per BM positions, then B's gradient per
+block of outputs and A's (with the input's gradient) per block of inputs, each walking the
+group's tiles in order. Where slots x blocks are too few programs for the GPU, a block's tiles
+are split in parts whose fp32 partial sums are added in a fixed order (no atomics: the same
+result run to run). The roundings are those of the short kernels' backward."""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from lora_exp.pack.kernels.hash import apply_keep, dropout_keep
+
+
+@triton.jit
+def _bwd_dh_tiled(g_ptr, b_ptr, dh_ptr, scale_ptr, rank_ptr, M, OUT, b_s0, b_s1, R,
+                  BM: tl.constexpr, BR: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr):
+    """Long rows: dh = g_s B^T for this program's BM positions (fp32, summed over every output)."""
+    slot = tl.program_id(0).to(tl.int64)
+    r = tl.load(rank_ptr + slot)
+    if r > 0:
+        m = tl.program_id(1) * BM + tl.arange(0, BM)
+        rk = tl.arange(0, BR)
+        n = tl.arange(0, BN)
+        m_ok = m < M
+        dtype = b_ptr.dtype.element_ty
+        s = tl.load(scale_ptr + slot).to(dtype)
+        dh = tl.zeros((BM, BR), dtype=tl.float32)
+        for j in range(0, OUT, BN):
+            nn = j + n
+            n_ok = nn < OUT
+            g = tl.load(g_ptr + slot * M * OUT + m[:, None] * OUT + nn[None, :], mask=m_ok[:, None] & n_ok[None, :],
+                        other=0.0)
+            gs = (g.to(dtype) * s).to(dtype)
+            b = tl.load(b_ptr + slot * b_s0 + rk[:, None] * b_s1 + nn[None, :],
+                        mask=(rk < r)[:, None] & n_ok[None, :], other=0.0)
+            dh += tl.dot(gs, tl.trans(b), input_precision=PREC)
+        tl.store(dh_ptr + slot * M * BR + m[:, None] * BR + rk[None, :], dh, mask=m_ok[:, None])
+
+
+@triton.jit
+def _bwd_b_tiled(g_ptr, h_ptr, gb_ptr, part_ptr, scale_ptr, rank_ptr, M, OUT, R,
+                 PARTS: tl.constexpr, BM: tl.constexpr, BR: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr):
+    """Long rows: B's gradient h^T g_s for this program's BN outputs, over the group's positions
+    (with PARTS > 1, over every PARTS-th tile from this program's part: an fp32 partial sum)."""
+    slot = tl.program_id(0).to(tl.int64)
+    part = tl.program_id(2)
+    r = tl.load(rank_ptr + slot)
+    if r > 0:
+        nn = tl.program_id(1) * BN + tl.arange(0, BN)
+        n_ok = nn < OUT
+        rk = tl.arange(0, BR)
+        dtype = gb_ptr.dtype.element_ty
+        s = tl.load(scale_ptr + slot).to(dtype)
+        gb = tl.zeros((BR, BN), dtype=tl.float32)
+        for m0 in range(part * BM, M, PARTS * BM):
+            m = m0 + tl.arange(0, BM)
+            m_ok = m < M
+            h = tl.load(h_ptr + slot * M * R + m[:, None] * R + rk[None, :], mask=m_ok[:, None] & (rk < R)[None, :],
+                        other=0.0)
+            g = tl.load(g_ptr + slot * M * OUT + m[:, None] * OUT + nn[None, :], mask=m_ok[:, None] & n_ok[None, :],
+                        other=0.0)
+            gs = (g.to(dtype) * s).to(dtype)
+            gb += tl.dot(tl.trans(h), gs, input_precision=PREC)
+        if PARTS == 1:
+            tl.store(gb_ptr + slot * R * OUT + rk[:, None] * OUT + nn[None, :], gb.to(dtype),
+                     mask=(rk < r)[:, None] & n_ok[None, :])
+        else:
+            tl.store(part_ptr + ((slot * PARTS + part) * BR + rk[:, None]) * OUT + nn[None, :], gb,
+                     mask=(rk < r)[:, None] & n_ok[None, :])
+
+
+@triton.jit
+def _bwd_a_tiled(x_ptr, a_ptr, dh_ptr, ga_ptr, part_ptr, dx_ptr, rank_ptr, keys_ptr, thr_ptr, kscale_ptr,
+                 M, T, IN, ROWS, x_s0, a_s0, a_s1, R,
+                 PARTS: tl.constexpr, DROPOUT: tl.constexpr, NEED_DX: tl.constexpr, BM: tl.constexpr,
+                 BR: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr):
+    """Long rows: A's gradient dh^T drop(x) for this program's BK inputs over the group's
+    positions (a partial sum over every PARTS-th tile, as for B), and the input's gradient (dh A,
+    masked) on those inputs, tile by tile."""
+    slot = tl.program_id(0).to(tl.int64)
+    part = tl.program_id(2)
+    r = tl.load(rank_ptr + slot)
+    kk = tl.program_id(1) * BK + tl.arange(0, BK)
+    k_ok = kk < IN
+    rk = tl.arange(0, BR)
+    dtype = ga_ptr.dtype.element_ty
+    if r > 0:
+        a = tl.load(a_ptr + slot * a_s0 + rk[:, None] * a_s1 + kk[None, :], mask=(rk < r)[:, None] & k_ok[None, :],
+                    other=0.0)
+        ga = tl.zeros((BR, BK), dtype=tl.float32)
+        for m0 in range(part * BM, M, PARTS * BM):
+            m = m0 + tl.arange(0, BM)
+            m_ok = m < M
+            dh = tl.load(dh_ptr + slot * M * BR + m[:, None] * BR + rk[None, :], mask=m_ok[:, None],
+                         other=0.0).to(dtype)
+            x = tl.load(x_ptr + slot * x_s0 + m[:, None] * IN + kk[None, :], mask=m_ok[:, None] & k_ok[None, :],
+                        other=0.0)
+            if DROPOUT:  # one hash for the input and its gradient
+                keep, kscale = dropout_keep(slot, m, kk, M, T, IN, ROWS, keys_ptr, thr_ptr, kscale_ptr)
+                x = apply_keep(x, keep, kscale)
+            ga += tl.dot(tl.trans(dh), x.to(dtype), input_precision=PREC)
+            if NEED_DX:
+                dx = tl.dot(dh, a, input_precision=PREC).to(dtype)
+                if DROPOUT:
+                    dx = apply_keep(dx, keep, kscale)
+                tl.store(dx_ptr + slot * M * IN + m[:, None] * IN + kk[None, :], dx.to(dtype),
+                         mask=m_ok[:, None] & k_ok[None, :])
+        if PARTS == 1:
+            tl.store(ga_ptr + slot * R * IN + rk[:, None] * IN + kk[None, :], ga.to(dtype),
+                     mask=(rk < r)[:, None] & k_ok[None, :])
+        else:
+            tl.store(part_ptr + ((slot * PARTS + part) * BR + rk[:, None]) * IN + kk[None, :], ga,
+                     mask=(rk < r)[:, None] & k_ok[None, :])
+    elif NEED_DX:  # no delta, no input gradient from this module
+        zero = tl.zeros((BM, BK), dtype=dx_ptr.dtype.element_ty)
+        for m0 in range(part * BM, M, PARTS * BM):
+            m = m0 + tl.arange(0, BM)
+            tl.store(dx_ptr + slot * M * IN + m[:, None] * IN + kk[None, :], zero,
+                     mask=(m < M)[:, None] & k_ok[None, :])
+
+
+def backward(g, x, a, b, h, scale, rank, keys, thr, kscale, rows, split, need_dx, *, bm, bk, bn, br, prec, programs,
+             num_warps):
+    """The backward of a long row group: dh per position tile, then B's gradient per output
+    block and A's (with the input's gradient) per input block, each over the group's positions.
+    Where slots x blocks are too few programs for the GPU, each block's positions are split in
+    up to `split` parts whose fp32 partial sums are added in a fixed order (deterministic)."""
+    k, m, fin = x.shape
+    fout, rmax = b.shape[2], a.shape[1]
+    tiles = triton.cdiv(m, bm)
+    dx = torch.empty(k, m, fin, device=x.device, dtype=x.dtype) if need_dx else x.new_empty(0)
+    dh = torch.empty(k, m, br, device=x.device, dtype=torch.float32)
+    dropout = keys is not None
+    _bwd_dh_tiled[(k, tiles)](g, b, dh, scale, rank, m, fout, b.stride(0), b.stride(1), rmax,
+                              BM=bm, BR=br, BN=bn, PREC=prec, num_warps=num_warps)
+    grads = []
+    for width, block, w in ((fout, bn, b), (fin, bk, a)):
+        blocks = triton.cdiv(width, block)
+        parts = max(1, min(split, tiles, triton.cdiv(programs, k * blocks)))
+        grad = torch.empty(k, rmax, width, device=x.device, dtype=w.dtype)
+        partial = torch.empty(k, parts, br, width, device=x.device, dtype=torch.float32) if parts > 1 else grad
+        grads.append((grad, partial, blocks, parts))
+    (gb, part_b, blocks_b, parts_b), (ga, part_a, blocks_a, parts_a) = grads
+    _bwd_b_tiled[(k, blocks_b, parts_b)](g, h, gb, part_b, scale, rank, m, fout, rmax, PARTS=parts_b, BM=bm, BR=br,
+                                         BN=bn, PREC=prec, num_warps=num_warps)
+    _bwd_a_tiled[(k, blocks_a, parts_a)](x, a, dh, ga, part_a, dx, rank, keys if dropout else x,
+                                         thr if dropout else x, kscale if dropout else x, m, m // rows, fin, rows,
+                                         x.stride(0), a.stride(0), a.stride(1), rmax, PARTS=parts_a, DROPOUT=dropout,
+                                         NEED_DX=need_dx, BM=bm, BR=br, BK=bk, PREC=prec, num_warps=num_warps)
+    for grad, partial, _, parts in grads:
+        if parts > 1:  # unwritten rows (past a slot's rank) sum to anything: never read
+            grad.copy_(partial[:, :, :rmax].sum(dim=1))
+    return dx, ga, gb
