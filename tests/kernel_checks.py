@@ -368,7 +368,7 @@ PACK_LORA_SCRIPT = textwrap.dedent('''
     # Packed trials whose LoRA deltas go through the kernels (the base output added in the same
     # pass) train as through the bmm's: fp32, dropout on, tiny Llama (GQA), a slot at rank 4 on
     # attention beside one at rank 8 on every linear module; row groups of 2 rows (one program
-    # each) and of 12 (more than MAX_M positions: the tiled kernels, weight gradients in parts).
+    # each) and of 11 (more than MAX_M positions: the tiled kernels, weight gradients in parts).
     import torch
     from lora_exp.pack import model as packed
     from lora_exp.compose import compose
@@ -390,8 +390,8 @@ PACK_LORA_SCRIPT = textwrap.dedent('''
         calls.append((x.shape[1], "y" in kwargs))
         return real(x, *args, **kwargs)
     pack_lora.lora_delta = counted
-    for batch in (2, 12):
-        common = ["model=tiny_llama", "data=seed", "lora=seed", "trainer.max_steps=3", "trainer.eval_steps=3",
+    for batch in (2, 11):
+        common = ["model=tiny_llama", "data=seed", "lora=seed", "trainer.max_steps=2", "trainer.eval_steps=2",
                   "trainer.logging_steps=1", "trainer.generation_metrics=[exact_match]", "trainer.max_new_tokens=2",
                   "tracking=none", f"trainer.batch_size={batch}", "trainer.base_dropout=false", "lora.lora_dropout=0.2"]
         slots = (["lora.r=4", "trainer.lr=1e-2"],
@@ -405,7 +405,7 @@ PACK_LORA_SCRIPT = textwrap.dedent('''
             curves[LORA] = [(r.loss_curve, r.eval_curve) for r in train_packed(cfgs, base, data)]
             if LORA:
                 longest = max(m for m, _ in calls)
-                assert calls and all(y for _, y in calls) and (longest > MAX_M) == (batch == 12), (batch, longest)
+                assert calls and all(y for _, y in calls) and (longest > MAX_M) == (batch == 11), (batch, longest)
         for (a, ea), (b, eb) in zip(curves[False], curves[True]):
             for x, y in ((a, b), (ea, eb)):
                 assert [s for s, _ in x] == [s for s, _ in y] and len(x) >= 1
