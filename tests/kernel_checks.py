@@ -261,7 +261,7 @@ HEAD_SCRIPT = textwrap.dedent('''
         bias = torch.zeros(vocab + 120, dtype=dtype)
         bias[vocab:] = float("-inf")
         want_loss, want_grad = pack_rows.chunk_loss_and_grad(hidden, weight, bias, target)
-        got_loss, got_grad = pack_rows._kernel_chunk(hidden, weight, bias, target, need_grad=True)
+        got_loss, got_grad = pack_rows.kernel_chunk_loss(hidden, weight, bias, target, need_grad=True)
         # (each side makes its own logits: on the CPU two fp32 GEMMs of the same inputs can differ in
         # the last bits; the kernel alone is checked on shared logits below)
         tol = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
@@ -270,7 +270,7 @@ HEAD_SCRIPT = textwrap.dedent('''
         assert bool((got_loss[[0, 5, 36]] == 0).all()) and bool((got_loss[1:5] > 0).all())
         assert got_grad.dtype == dtype and torch.allclose(got_grad.float(), want_grad.float(), **tol), \
             (dtype, (got_grad.float() - want_grad.float()).abs().max())
-        loss_only = pack_rows._kernel_chunk(hidden, weight, bias, target, need_grad=False)
+        loss_only = pack_rows.kernel_chunk_loss(hidden, weight, bias, target, need_grad=False)
         assert torch.equal(loss_only, got_loss)
         # the logits' gradient itself: softmax minus one-hot, zero on unlabelled rows
         logits = torch.nn.functional.linear(hidden, weight, bias)

@@ -107,7 +107,7 @@ def chunk_loss_and_grad(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.
     return loss, torch.mm(p.to(weight.dtype), weight).to(hidden.dtype)
 
 
-def _kernel_chunk(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, target: torch.Tensor,
+def kernel_chunk_loss(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, target: torch.Tensor,
                   need_grad: bool) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """`chunk_loss_and_grad` (or `chunk_loss`) with the loss and the logits' gradient from the head
     loss kernel: the same roundings, the logits read twice instead of three times."""
@@ -135,7 +135,7 @@ class _HeadLoss(torch.autograd.Function):
         losses = hidden.new_empty(n, dtype=torch.float32)
         grad = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
         if compile and hidden.is_cuda:  # the softmax in two passes over the logits (kernels.head)
-            step = functools.partial(_kernel_chunk, need_grad=grad is not None)
+            step = functools.partial(kernel_chunk_loss, need_grad=grad is not None)
         else:
             step = fused(chunk_loss_and_grad if grad is not None else chunk_loss, compile)
         for i in range(0, n, chunk):

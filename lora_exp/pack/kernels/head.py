@@ -34,8 +34,7 @@ def _head_loss_kernel(logits_ptr, target_ptr, loss_ptr, grad_ptr, V, stride, IGN
     cols = tl.arange(0, BLOCK)
     # running maximum and sum of exponentials per lane, merged at the end (-inf logits, the
     # padded vocabulary, add nothing)
-    big = tl.full((BLOCK,), -3.0e38, dtype=tl.float32)
-    m = big
+    m = tl.full((BLOCK,), -3.0e38, dtype=tl.float32)
     s = tl.zeros((BLOCK,), dtype=tl.float32)
     for v0 in range(0, V, BLOCK):
         x = tl.load(base + v0 + cols, mask=v0 + cols < V, other=float("-inf")).to(tl.float32)
