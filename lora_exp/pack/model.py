@@ -89,14 +89,19 @@ class PackedLoraLayer(nn.Module):
         self.active = False  # some slot targets this module
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.base_layer(x)
         g = self.groups
+        whole = self.active and g.enabled and g.kernels and g.slots is None
+        if whole and x.shape[0] // g.rows == self.rank.shape[0]:
+            out = self._kernel_linear(x, g)
+            if out is not None:
+                return out
+        y = self.base_layer(x)
         if not self.active or not g.enabled:
             return y
         n_groups = x.shape[0] // g.rows
         xs = x.reshape(n_groups, -1, x.shape[-1])
-        if g.kernels and g.slots is None and n_groups == self.rank.shape[0]:
-            return self._kernel_delta(xs, y, g)
+        if whole and n_groups == self.rank.shape[0]:
+            return y + self._kernel_delta(xs, g).reshape(y.shape).to(y.dtype)
         if g.dropout is not None and self.training:
             keys, p = g.dropout
             xr = xs.reshape(x.shape[0], -1)
@@ -114,21 +119,41 @@ class PackedLoraLayer(nn.Module):
         delta = delta * s.to(delta.dtype).view(-1, 1, 1)
         return y + delta.reshape(y.shape).to(y.dtype)
 
-    def _kernel_delta(self, xs: torch.Tensor, y: torch.Tensor, g: Groups) -> torch.Tensor:
-        """y plus the same delta through the LoRA kernels: each slot's own rank and modules only,
-        the dropout mask computed where it is used, the sum written in the same pass (when y is in
-        the compute dtype, as under autocast or in fp32)."""
+    def _dropout_args(self, g: Groups, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
         from lora_exp.pack.kernels import lora
 
-        dropout = None
-        if g.dropout is not None and self.training:
-            keys, p = g.dropout
-            dropout = lora.dropout_args(module_keys(keys, self.key_t), p, xs.dtype)
-        dtype = self.lora_A.dtype
-        args = (xs.to(dtype), self.lora_A, self.lora_B, self.scale, self.rank, dropout, g.rows, g.split)
-        if y.dtype == dtype:
-            return lora.lora_delta(*args, y=y.reshape(xs.shape[0], xs.shape[1], -1)).reshape(y.shape)
-        return y + lora.lora_delta(*args).reshape(y.shape).to(y.dtype)
+        if g.dropout is None or not self.training:
+            return None
+        keys, p = g.dropout
+        return lora.dropout_args(module_keys(keys, self.key_t), p, dtype)
+
+    def _kernel_linear(self, x: torch.Tensor, g: Groups) -> torch.Tensor | None:
+        """The base layer and the LoRA kernels' delta as one op (`kernels.lora.lora_linear`): the
+        delta added in place where a slot targets the module, nothing done where it does not.
+        None where the base layer is not a plain linear layer in the compute dtype (quantized,
+        or fp32 weights under a bf16 pack's fp32 generation): the caller adds the delta."""
+        from lora_exp.pack.kernels import lora
+
+        base, dtype = self.base_layer, self.lora_A.dtype
+        conv = type(base).__name__ == "Conv1D"
+        weight, bias = base.weight, getattr(base, "bias", None)
+        autocast = torch.is_autocast_enabled(x.device.type) and torch.get_autocast_dtype(x.device.type) == dtype
+        if (not (conv or type(base) is nn.Linear) or weight.dtype != dtype or weight.requires_grad
+                or (bias is not None and (bias.dtype != dtype or bias.requires_grad))
+                or (x.dtype != dtype and not autocast)):
+            return None
+        xs = x.reshape(self.rank.shape[0], -1, x.shape[-1]).to(dtype)
+        out = lora.lora_linear(xs, weight, bias, conv, self.lora_A, self.lora_B, self.scale, self.rank,
+                               self._dropout_args(g, x.dtype), g.rows, g.split)
+        return out.reshape(*x.shape[:-1], out.shape[-1])
+
+    def _kernel_delta(self, xs: torch.Tensor, g: Groups) -> torch.Tensor:
+        """The same delta through the LoRA kernels, alone (each slot's own rank and modules only,
+        the dropout mask computed where it is used)."""
+        from lora_exp.pack.kernels import lora
+
+        return lora.lora_delta(xs.to(self.lora_A.dtype), self.lora_A, self.lora_B, self.scale, self.rank,
+                               self._dropout_args(g, xs.dtype), g.rows, g.split)
 
 
 def _layer_shape(module: nn.Module) -> tuple[int, int] | None:

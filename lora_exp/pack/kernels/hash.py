@@ -26,11 +26,11 @@ def dropout_keep(slot, m, kk, M, T, IN, ROWS, keys_ptr, thr_ptr, kscale_ptr):
     m_ok = m < M
     row = slot * ROWS + m // T
     key = tl.load(keys_ptr + row, mask=m_ok, other=0).to(tl.uint32)
-    thr = tl.load(thr_ptr + row, mask=m_ok, other=0)
+    thr = tl.load(thr_ptr + row, mask=m_ok, other=0).to(tl.uint32)  # p < 1: below 2**32
     kscale = tl.load(kscale_ptr + row, mask=m_ok, other=0.0)
     idx = ((m % T) * IN)[:, None] + kk[None, :]
     h = mix32(key[:, None] * 0x9E3779B1 + idx.to(tl.uint32))
-    return (h.to(tl.int64) >= thr[:, None]) & m_ok[:, None], kscale
+    return (h >= thr[:, None]) & m_ok[:, None], kscale  # an unsigned 32-bit comparison
 
 
 @triton.jit

@@ -51,13 +51,13 @@ def _masked(x, slot, m, kk, M, T, IN, ROWS, keys_ptr, thr_ptr, kscale_ptr):
 
 
 @triton.jit
-def _fwd_kernel(x_ptr, a_ptr, b_ptr, y_ptr, out_ptr, h_ptr, scale_ptr, rank_ptr, keys_ptr, thr_ptr, kscale_ptr,
+def _fwd_kernel(x_ptr, a_ptr, b_ptr, out_ptr, h_ptr, scale_ptr, rank_ptr, keys_ptr, thr_ptr, kscale_ptr,
                 M, T, IN, OUT, ROWS, x_s0, a_s0, a_s1, b_s0, b_s1, R,
                 SPLIT: tl.constexpr, DROPOUT: tl.constexpr, ADD: tl.constexpr, BM: tl.constexpr, BR: tl.constexpr,
                 BK: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr):
-    """The delta of this program's positions (and its share of the outputs); with ADD, the base
-    layer's output y plus the delta (rounded as torch rounds y + delta), y itself where the slot
-    does not target the module."""
+    """The delta of this program's positions (and its share of the outputs); with ADD, added in
+    place to the base layer's output in `out` (rounded as torch rounds y + delta), which is left
+    as it is where the slot does not target the module."""
     slot = tl.program_id(0).to(tl.int64)
     part = tl.program_id(1)
     r = tl.load(rank_ptr + slot)
@@ -90,18 +90,14 @@ def _fwd_kernel(x_ptr, a_ptr, b_ptr, y_ptr, out_ptr, h_ptr, scale_ptr, rank_ptr,
             at = slot * M * OUT + m[:, None] * OUT + nn[None, :]
             ok = m_ok[:, None] & (nn < OUT)[None, :]
             if ADD:
-                d = (tl.load(y_ptr + at, mask=ok, other=0.0).to(tl.float32) + d.to(tl.float32)).to(dtype)
+                d = (tl.load(out_ptr + at, mask=ok, other=0.0).to(tl.float32) + d.to(tl.float32)).to(dtype)
             tl.store(out_ptr + at, d, mask=ok)
-    else:  # the slot does not target this module: its delta is zero
+    elif not ADD:  # the slot does not target this module: its delta is zero
         zero = tl.zeros((BM, BN), dtype=dtype)
         for j in range(part * BN, OUT, SPLIT * BN):
             nn = j + n
-            at = slot * M * OUT + m[:, None] * OUT + nn[None, :]
-            ok = m_ok[:, None] & (nn < OUT)[None, :]
-            if ADD:
-                tl.store(out_ptr + at, tl.load(y_ptr + at, mask=ok, other=0.0), mask=ok)
-            else:
-                tl.store(out_ptr + at, zero, mask=ok)
+            tl.store(out_ptr + slot * M * OUT + m[:, None] * OUT + nn[None, :], zero,
+                     mask=m_ok[:, None] & (nn < OUT)[None, :])
 
 
 @triton.jit
@@ -139,10 +135,12 @@ def _bwd_b_kernel(g_ptr, b_ptr, h_ptr, gb_ptr, dh_ptr, scale_ptr, rank_ptr, M, O
 @triton.jit
 def _bwd_a_kernel(x_ptr, a_ptr, dh_ptr, ga_ptr, dx_ptr, rank_ptr, keys_ptr, thr_ptr, kscale_ptr,
                   M, T, IN, ROWS, x_s0, a_s0, a_s1, R,
-                  SPLIT: tl.constexpr, DROPOUT: tl.constexpr, NEED_DX: tl.constexpr, BM: tl.constexpr,
-                  BR: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr):
+                  SPLIT: tl.constexpr, DROPOUT: tl.constexpr, NEED_DX: tl.constexpr, ACC: tl.constexpr,
+                  BM: tl.constexpr, BR: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr):
     """A's gradient (dh^T drop(x)) and the input's (dh A, masked) over this program's share of
-    the inputs; dh is the sum of the other kernel's parts, in a fixed order."""
+    the inputs; dh is the sum of the other kernel's parts, in a fixed order. With ACC the input's
+    gradient is added in place to the base layer's in dx (left as it is where the slot does not
+    target the module)."""
     slot = tl.program_id(0).to(tl.int64)
     part = tl.program_id(1)
     r = tl.load(rank_ptr + slot)
@@ -172,9 +170,12 @@ def _bwd_a_kernel(x_ptr, a_ptr, dh_ptr, ga_ptr, dx_ptr, rank_ptr, keys_ptr, thr_
                 dx = tl.dot(dh, a, input_precision=PREC).to(dtype)
                 if DROPOUT:
                     dx = apply_keep(dx, keep, kscale)
-                tl.store(dx_ptr + slot * M * IN + m[:, None] * IN + kk[None, :], dx.to(dtype),
-                         mask=m_ok[:, None] & k_ok[None, :])
-    elif NEED_DX:  # no delta, no input gradient from this module
+                at = slot * M * IN + m[:, None] * IN + kk[None, :]
+                ok = m_ok[:, None] & k_ok[None, :]
+                if ACC:
+                    dx = tl.load(dx_ptr + at, mask=ok, other=0.0).to(tl.float32) + dx.to(dtype).to(tl.float32)
+                tl.store(dx_ptr + at, dx.to(dtype), mask=ok)
+    elif NEED_DX and not ACC:  # no delta, no input gradient from this module
         zero = tl.zeros((BM, BK), dtype=dtype)
         for k0 in range(part * BK, IN, SPLIT * BK):
             kk = k0 + tl.arange(0, BK)
@@ -214,105 +215,156 @@ def _check(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
     assert a.stride(2) == 1 and b.stride(2) == 1, "A and B: dense rows"
 
 
-@torch.library.custom_op("lora_exp::lora_delta", mutates_args=(),
-                         schema="(Tensor x, Tensor a, Tensor b, Tensor scale, Tensor rank, Tensor? keys, Tensor? thr, "
-                                "Tensor? kscale, int rows, int split, Tensor? y=None) -> (Tensor, Tensor)")
-def _delta(x, a, b, scale, rank, keys, thr, kscale, rows, split, y=None):
-    x = x.contiguous()
-    if y is not None:
-        y = y.contiguous()
-        assert y.shape == (x.shape[0], x.shape[1], b.shape[2]) and y.dtype == x.dtype, (y.shape, y.dtype)
+def _forward(x, a, b, scale, rank, keys, thr, kscale, rows, split, out, add):
+    """The forward kernel: each slot's delta written to `out` (added to it in place with `add`);
+    returns h = drop(x) A^T, kept for the backward."""
     _check(x, a, b)
     split = max(split, MIN_SPLIT)
     k, m, fin = x.shape
     fout, rmax = b.shape[2], a.shape[1]
-    out = torch.empty(k, m, fout, device=x.device, dtype=x.dtype)
+    assert out.shape == (k, m, fout) and out.dtype == x.dtype and out.is_contiguous(), (out.shape, out.dtype)
     h = torch.empty(k, m, rmax, device=x.device, dtype=x.dtype)  # read back only where a slot trains
     dropout = keys is not None
     # short rows: a program holds a slot's group; long ones: a program per BM positions
     bm, split, tiles = (_block_m(m), split, 1) if m <= MAX_M else (BM, 1, triton.cdiv(m, BM))
-    _fwd_kernel[(k, split, tiles)](x, a, b, y if y is not None else x, out, h, scale, rank, keys if dropout else x,
-                                   thr if dropout else x, kscale if dropout else x, m, m // rows, fin, fout, rows,
-                                   x.stride(0), a.stride(0), a.stride(1), b.stride(0), b.stride(1), rmax, SPLIT=split,
-                                   DROPOUT=dropout, ADD=y is not None, BM=bm, BR=_block_r(rmax), BK=BK, BN=BN,
-                                   PREC=_prec(x.dtype), num_warps=NUM_WARPS)
-    return out, h
+    _fwd_kernel[(k, split, tiles)](x, a, b, out, h, scale, rank, keys if dropout else x, thr if dropout else x,
+                                   kscale if dropout else x, m, m // rows, fin, fout, rows, x.stride(0), a.stride(0),
+                                   a.stride(1), b.stride(0), b.stride(1), rmax, SPLIT=split, DROPOUT=dropout, ADD=add,
+                                   BM=bm, BR=_block_r(rmax), BK=BK, BN=BN, PREC=_prec(x.dtype), num_warps=NUM_WARPS)
+    return h
+
+
+def _base(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, conv: bool) -> torch.Tensor:
+    """The frozen base layer's output for x [N, in]: nn.Linear's (w [out, in]) or GPT-2's Conv1D's (w [in, out])."""
+    if conv:
+        return torch.addmm(bias, x, w) if bias is not None else torch.mm(x, w)
+    return torch.nn.functional.linear(x, w, bias)
+
+
+@torch.library.custom_op("lora_exp::lora_delta", mutates_args=(),
+                         schema="(Tensor x, Tensor a, Tensor b, Tensor scale, Tensor rank, Tensor? keys, Tensor? thr, "
+                                "Tensor? kscale, int rows, int split) -> (Tensor, Tensor)")
+def _delta(x, a, b, scale, rank, keys, thr, kscale, rows, split):
+    x = x.contiguous()
+    out = torch.empty(x.shape[0], x.shape[1], b.shape[2], device=x.device, dtype=x.dtype)
+    return out, _forward(x, a, b, scale, rank, keys, thr, kscale, rows, split, out, False)
 
 
 @_delta.register_fake
-def _delta_fake(x, a, b, scale, rank, keys, thr, kscale, rows, split, y=None):
+def _delta_fake(x, a, b, scale, rank, keys, thr, kscale, rows, split):
+    k, m, _ = x.shape
+    return x.new_empty(k, m, b.shape[2]), x.new_empty(k, m, a.shape[1])
+
+
+@torch.library.custom_op("lora_exp::lora_linear", mutates_args=(),
+                         schema="(Tensor x, Tensor w, Tensor? bias, Tensor a, Tensor b, Tensor scale, Tensor rank, "
+                                "Tensor? keys, Tensor? thr, Tensor? kscale, int rows, int split, bool conv) "
+                                "-> (Tensor, Tensor)")
+def _linear(x, w, bias, a, b, scale, rank, keys, thr, kscale, rows, split, conv):
+    x = x.contiguous()
+    k, m, fin = x.shape
+    out = _base(x.view(k * m, fin), w, bias, conv).view(k, m, -1)
+    return out, _forward(x, a, b, scale, rank, keys, thr, kscale, rows, split, out, True)
+
+
+@_linear.register_fake
+def _linear_fake(x, w, bias, a, b, scale, rank, keys, thr, kscale, rows, split, conv):
     k, m, _ = x.shape
     return x.new_empty(k, m, b.shape[2]), x.new_empty(k, m, a.shape[1])
 
 
 @torch.library.custom_op("lora_exp::lora_delta_backward", mutates_args=(),
                          schema="(Tensor g, Tensor x, Tensor a, Tensor b, Tensor h, Tensor scale, Tensor rank, "
-                                "Tensor? keys, Tensor? thr, Tensor? kscale, int rows, int split, bool need_dx) "
-                                "-> (Tensor, Tensor, Tensor)")
-def _delta_backward(g, x, a, b, h, scale, rank, keys, thr, kscale, rows, split, need_dx):
+                                "Tensor? keys, Tensor? thr, Tensor? kscale, int rows, int split, bool need_dx, "
+                                "Tensor? w=None, bool conv=False) -> (Tensor, Tensor, Tensor)")
+def _delta_backward(g, x, a, b, h, scale, rank, keys, thr, kscale, rows, split, need_dx, w=None, conv=False):
+    """A's and B's gradients, and the input's (with `w`: the base layer's input gradient plus
+    the delta's, added in place; without: the delta's, zero where a slot does not train)."""
     g, x = g.contiguous(), x.contiguous()
     split = max(split, MIN_SPLIT)
     k, m, fin = x.shape
     fout, rmax = b.shape[2], a.shape[1]
+    acc = w is not None
+    dx = None
+    if need_dx:
+        dx = ((torch.mm(g.view(k * m, fout), w.t() if conv else w).view(k, m, fin)) if acc
+              else torch.empty(k, m, fin, device=x.device, dtype=x.dtype))
     if m > MAX_M:
-        return lora_tiled.backward(g, x, a, b, h, scale, rank, keys, thr, kscale, rows, split, need_dx, bm=BM, bk=BK,
-                                   bn=BN, br=_block_r(rmax), prec=_prec(x.dtype), programs=4 * _sms(x.device),
-                                   num_warps=NUM_WARPS)
+        ga, gb = lora_tiled.backward(g, x, a, b, h, scale, rank, keys, thr, kscale, rows, split, dx, acc, bm=BM, bk=BK,
+                                     bn=BN, br=_block_r(rmax), prec=_prec(x.dtype), programs=4 * _sms(x.device),
+                                     num_warps=NUM_WARPS)
+        return (dx if need_dx else x.new_empty(0)), ga, gb
     bm, br = _block_m(m), _block_r(rmax)
     # written only where a slot trains (its first r rows of the modules it targets): the
     # optimizer reads nothing else
     ga = torch.empty(k, rmax, fin, device=x.device, dtype=a.dtype)
     gb = torch.empty(k, rmax, fout, device=x.device, dtype=b.dtype)
-    dx = torch.empty(k, m, fin, device=x.device, dtype=x.dtype) if need_dx else x.new_empty(0)
     dh = torch.empty(k, split, bm, br, device=x.device, dtype=torch.float32)
     dropout = keys is not None
     prec = _prec(x.dtype)
     _bwd_b_kernel[(k, split)](g, b, h, gb, dh, scale, rank, m, fout, b.stride(0), b.stride(1), rmax,
                               SPLIT=split, BM=bm, BR=br, BN=BN, PREC=prec, num_warps=NUM_WARPS)
-    _bwd_a_kernel[(k, split)](x, a, dh, ga, dx, rank, keys if dropout else x, thr if dropout else x,
-                              kscale if dropout else x, m, m // rows, fin, rows, x.stride(0), a.stride(0), a.stride(1),
-                              rmax, SPLIT=split, DROPOUT=dropout, NEED_DX=need_dx, BM=bm, BR=br, BK=BK, PREC=prec,
-                              num_warps=NUM_WARPS)
-    return dx, ga, gb
+    _bwd_a_kernel[(k, split)](x, a, dh, ga, dx if need_dx else x, rank, keys if dropout else x,
+                              thr if dropout else x, kscale if dropout else x, m, m // rows, fin, rows, x.stride(0),
+                              a.stride(0), a.stride(1), rmax, SPLIT=split, DROPOUT=dropout, NEED_DX=need_dx, ACC=acc,
+                              BM=bm, BR=br, BK=BK, PREC=prec, num_warps=NUM_WARPS)
+    return (dx if need_dx else x.new_empty(0)), ga, gb
 
 
 @_delta_backward.register_fake
-def _delta_backward_fake(g, x, a, b, h, scale, rank, keys, thr, kscale, rows, split, need_dx):
+def _delta_backward_fake(g, x, a, b, h, scale, rank, keys, thr, kscale, rows, split, need_dx, w=None, conv=False):
     k, m, fin = x.shape
     dx = x.new_empty(k, m, fin) if need_dx else x.new_empty(0)
     return dx, a.new_empty(k, a.shape[1], fin), b.new_empty(k, b.shape[1], b.shape[2])
 
 
-def _setup_context(ctx, inputs, output):
-    x, a, b, scale, rank, keys, thr, kscale, rows, split, y = inputs
-    ctx.save_for_backward(x, a, b, output[1], scale, rank, keys, thr, kscale)
-    ctx.rows, ctx.split = rows, split
+def _setup_delta(ctx, inputs, output):
+    x, a, b, scale, rank, keys, thr, kscale, rows, split = inputs
+    ctx.save_for_backward(x, a, b, output[1], scale, rank, keys, thr, kscale, None)
+    ctx.rows, ctx.split, ctx.conv = rows, split, False
+    ctx.mark_non_differentiable(output[1])
+
+
+def _setup_linear(ctx, inputs, output):
+    x, w, bias, a, b, scale, rank, keys, thr, kscale, rows, split, conv = inputs
+    ctx.save_for_backward(x, a, b, output[1], scale, rank, keys, thr, kscale, w)
+    ctx.rows, ctx.split, ctx.conv = rows, split, conv
     ctx.mark_non_differentiable(output[1])
 
 
 def _backward(ctx, g, _gh):
-    x, a, b, h, scale, rank, keys, thr, kscale = ctx.saved_tensors
+    x, a, b, h, scale, rank, keys, thr, kscale, w = ctx.saved_tensors
     need_dx = ctx.needs_input_grad[0]
-    dx, ga, gb = _delta_backward(g, x, a, b, h, scale, rank, keys, thr, kscale, ctx.rows, ctx.split, need_dx)
-    grads = (dx if need_dx else None, ga, gb) + (None,) * 7
-    if len(ctx.needs_input_grad) > 10:  # out = y + delta: y's gradient is the output's
-        grads += (g if ctx.needs_input_grad[10] else None,)
-    return grads
+    dx, ga, gb = _delta_backward(g, x, a, b, h, scale, rank, keys, thr, kscale, ctx.rows, ctx.split, need_dx, w,
+                                 ctx.conv)
+    if w is None:  # lora_delta's inputs
+        return (dx if need_dx else None, ga, gb) + (None,) * 7
+    return (dx if need_dx else None, None, None, ga, gb) + (None,) * 8  # the frozen base gets no gradient
 
 
-_delta.register_autograd(_backward, setup_context=_setup_context)
+_delta.register_autograd(_backward, setup_context=_setup_delta)
+_linear.register_autograd(_backward, setup_context=_setup_linear)
 
 
 def lora_delta(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor, rank: torch.Tensor,
-               dropout: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None, rows: int, split: int,
-               y: torch.Tensor | None = None) -> torch.Tensor:
+               dropout: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None, rows: int, split: int) -> torch.Tensor:
     """Each slot's LoRA delta, scale * drop(x) A^T B, for x [K, M, in] (M = rows x sequence) in the
     compute dtype of A [K, R, in] and B [K, R, out]; `rank` [K] (int32) is each slot's r for this
     module, 0 where it does not target it; `dropout` = (module keys, thresholds, scales) per batch
-    row, from `dropout_args`, or None; `split` programs per slot (`split_for`). With `y` (the base
-    layer's output [K, M, out], in the compute dtype): y + the delta, in one pass."""
+    row, from `dropout_args`, or None; `split` programs per slot (`split_for`)."""
     keys, thr, kscale = dropout if dropout is not None else (None, None, None)
-    return _delta(x, a, b, scale, rank, keys, thr, kscale, rows, split, y)[0]
+    return _delta(x, a, b, scale, rank, keys, thr, kscale, rows, split)[0]
+
+
+def lora_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, conv: bool, a: torch.Tensor,
+                b: torch.Tensor, scale: torch.Tensor, rank: torch.Tensor,
+                dropout: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None, rows: int, split: int) -> torch.Tensor:
+    """The frozen base layer (weight `w`, `bias`, all in x's dtype; `conv`: GPT-2's Conv1D layout)
+    plus `lora_delta`'s delta, as one op: the delta is added in place to the base layer's output
+    and its input gradient to the base layer's, and only where a slot targets the module (no
+    copy, no zeros, no separate sum for the slots that do not)."""
+    keys, thr, kscale = dropout if dropout is not None else (None, None, None)
+    return _linear(x, w, bias, a, b, scale, rank, keys, thr, kscale, rows, split, conv)[0]
 
 
 def dropout_args(keys: torch.Tensor, p: torch.Tensor,

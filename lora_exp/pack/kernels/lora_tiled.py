@@ -74,11 +74,11 @@ def _bwd_b_tiled(g_ptr, h_ptr, gb_ptr, part_ptr, scale_ptr, rank_ptr, M, OUT, R,
 @triton.jit
 def _bwd_a_tiled(x_ptr, a_ptr, dh_ptr, ga_ptr, part_ptr, dx_ptr, rank_ptr, keys_ptr, thr_ptr, kscale_ptr,
                  M, T, IN, ROWS, x_s0, a_s0, a_s1, R,
-                 PARTS: tl.constexpr, DROPOUT: tl.constexpr, NEED_DX: tl.constexpr, BM: tl.constexpr,
-                 BR: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr):
+                 PARTS: tl.constexpr, DROPOUT: tl.constexpr, NEED_DX: tl.constexpr, ACC: tl.constexpr,
+                 BM: tl.constexpr, BR: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr):
     """Long rows: A's gradient dh^T drop(x) for this program's BK inputs over the group's
     positions (a partial sum over every PARTS-th tile, as for B), and the input's gradient (dh A,
-    masked) on those inputs, tile by tile."""
+    masked) on those inputs, tile by tile (with ACC, added in place to the base layer's)."""
     slot = tl.program_id(0).to(tl.int64)
     part = tl.program_id(2)
     r = tl.load(rank_ptr + slot)
@@ -105,15 +105,18 @@ def _bwd_a_tiled(x_ptr, a_ptr, dh_ptr, ga_ptr, part_ptr, dx_ptr, rank_ptr, keys_
                 dx = tl.dot(dh, a, input_precision=PREC).to(dtype)
                 if DROPOUT:
                     dx = apply_keep(dx, keep, kscale)
-                tl.store(dx_ptr + slot * M * IN + m[:, None] * IN + kk[None, :], dx.to(dtype),
-                         mask=m_ok[:, None] & k_ok[None, :])
+                at = slot * M * IN + m[:, None] * IN + kk[None, :]
+                ok = m_ok[:, None] & k_ok[None, :]
+                if ACC:
+                    dx = tl.load(dx_ptr + at, mask=ok, other=0.0).to(tl.float32) + dx.to(dtype).to(tl.float32)
+                tl.store(dx_ptr + at, dx.to(dtype), mask=ok)
         if PARTS == 1:
             tl.store(ga_ptr + slot * R * IN + rk[:, None] * IN + kk[None, :], ga.to(dtype),
                      mask=(rk < r)[:, None] & k_ok[None, :])
         else:
             tl.store(part_ptr + ((slot * PARTS + part) * BR + rk[:, None]) * IN + kk[None, :], ga,
                      mask=(rk < r)[:, None] & k_ok[None, :])
-    elif NEED_DX:  # no delta, no input gradient from this module
+    elif NEED_DX and not ACC:  # no delta, no input gradient from this module
         zero = tl.zeros((BM, BK), dtype=dx_ptr.dtype.element_ty)
         for m0 in range(part * BM, M, PARTS * BM):
             m = m0 + tl.arange(0, BM)
@@ -121,16 +124,17 @@ def _bwd_a_tiled(x_ptr, a_ptr, dh_ptr, ga_ptr, part_ptr, dx_ptr, rank_ptr, keys_
                      mask=(m < M)[:, None] & k_ok[None, :])
 
 
-def backward(g, x, a, b, h, scale, rank, keys, thr, kscale, rows, split, need_dx, *, bm, bk, bn, br, prec, programs,
+def backward(g, x, a, b, h, scale, rank, keys, thr, kscale, rows, split, dx, acc, *, bm, bk, bn, br, prec, programs,
              num_warps):
     """The backward of a long row group: dh per position tile, then B's gradient per output
     block and A's (with the input's gradient) per input block, each over the group's positions.
     Where slots x blocks are too few programs for the GPU, each block's positions are split in
-    up to `split` parts whose fp32 partial sums are added in a fixed order (deterministic)."""
+    up to `split` parts whose fp32 partial sums are added in a fixed order (deterministic).
+    `dx` is the input gradient's buffer (None: not needed), added to in place with `acc`."""
     k, m, fin = x.shape
     fout, rmax = b.shape[2], a.shape[1]
     tiles = triton.cdiv(m, bm)
-    dx = torch.empty(k, m, fin, device=x.device, dtype=x.dtype) if need_dx else x.new_empty(0)
+    need_dx = dx is not None
     dh = torch.empty(k, m, br, device=x.device, dtype=torch.float32)
     dropout = keys is not None
     _bwd_dh_tiled[(k, tiles)](g, b, dh, scale, rank, m, fout, b.stride(0), b.stride(1), rmax,
@@ -145,11 +149,12 @@ def backward(g, x, a, b, h, scale, rank, keys, thr, kscale, rows, split, need_dx
     (gb, part_b, blocks_b, parts_b), (ga, part_a, blocks_a, parts_a) = grads
     _bwd_b_tiled[(k, blocks_b, parts_b)](g, h, gb, part_b, scale, rank, m, fout, rmax, PARTS=parts_b, BM=bm, BR=br,
                                          BN=bn, PREC=prec, num_warps=num_warps)
-    _bwd_a_tiled[(k, blocks_a, parts_a)](x, a, dh, ga, part_a, dx, rank, keys if dropout else x,
+    _bwd_a_tiled[(k, blocks_a, parts_a)](x, a, dh, ga, part_a, dx if need_dx else x, rank, keys if dropout else x,
                                          thr if dropout else x, kscale if dropout else x, m, m // rows, fin, rows,
                                          x.stride(0), a.stride(0), a.stride(1), rmax, PARTS=parts_a, DROPOUT=dropout,
-                                         NEED_DX=need_dx, BM=bm, BR=br, BK=bk, PREC=prec, num_warps=num_warps)
+                                         NEED_DX=need_dx, ACC=acc, BM=bm, BR=br, BK=bk, PREC=prec,
+                                         num_warps=num_warps)
     for grad, partial, _, parts in grads:
         if parts > 1:  # unwritten rows (past a slot's rank) sum to anything: never read
             grad.copy_(partial[:, :, :rmax].sum(dim=1))
-    return dx, ga, gb
+    return ga, gb
