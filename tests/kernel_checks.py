@@ -141,14 +141,17 @@ LORA_SCRIPT = textwrap.dedent('''
                 bias = torch.randn(fout, dtype=dtype)
                 for conv, wb in ((False, (w, None)), (True, (w.t().contiguous(), bias))):
                     y = torch.nn.functional.linear(xk.detach(), w, None if wb[1] is None else bias)
-                    summed, _ = torch.ops.lora_exp.lora_linear(xk, *wb, a_k, b_k, scale, ranks, *args, rows, split, conv)
+                    summed, _ = torch.ops.lora_exp.lora_linear(xk, *wb, a_k, b_k, scale, ranks, *args, rows, split,
+                                                               conv)
                     assert summed.dtype == dtype
                     assert torch.allclose(summed.float(), (y + out).float(), rtol=1e-3, atol=1e-5), (what, conv)
                     got_y = torch.autograd.grad(summed, [xk, a_k, b_k], g)
-                    assert torch.allclose(got_y[0].float(), (g @ w + got[0]).float(), rtol=1e-3, atol=1e-4), (what, conv)
+                    want_x = (g @ w + got[0]).float()
+                    assert torch.allclose(got_y[0].float(), want_x, rtol=1e-3, atol=1e-4), (what, conv)
                     for s in range(k):                          # A's and B's where the slot trains
                         r = int(ranks[s])
-                        assert torch.equal(got_y[1][s, :r], got[1][s, :r]) and torch.equal(got_y[2][s, :r], got[2][s, :r])
+                        assert torch.equal(got_y[1][s, :r], got[1][s, :r])
+                        assert torch.equal(got_y[2][s, :r], got[2][s, :r])
                 if dtype != torch.float32:  # the output's gradient in fp32 beside low-precision inputs
                     _, h = torch.ops.lora_exp.lora_delta(xk, a_k, b_k, scale, ranks, *args, rows, split)
                     dx, ga, gb = torch.ops.lora_exp.lora_delta_backward(g.float(), xk, a_k, b_k, h, scale, ranks, *args,
