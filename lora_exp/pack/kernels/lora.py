@@ -20,6 +20,12 @@ loss curve stays that of the trial trained alone. A's and B's gradients are writ
 slot trains (its first r rows of the modules it targets): the rest is left unwritten, which the
 pack's optimizer (kernels.adamw) never reads.
 
+`lora_linear(x, W, bias, ...)` is the frozen base layer and the delta as one op, what a pack's
+training step uses: the base layer's product (cuBLAS), then the delta added to it in place, and
+in the backward the delta's input gradient added in place to the base layer's. A slot that does
+not target the module costs nothing there: no copy of the base output, no zero gradient written
+and then summed.
+
 A slot's row group of at most `MAX_M` positions (the seed's short rows, batch 1-8) is one
 program's: it holds the whole group, so a backward program sums B's and A's gradients over it in
 one product. Longer groups (rows of up to 1024 tokens, batch > 1): the forward runs one program
