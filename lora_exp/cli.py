@@ -135,7 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
 def groups_help() -> str:
     """The config groups and their options (what `group=option` can name)."""
     try:
-        from lora_exp.config import config_options
+        from lora_exp.compose import config_options
 
         groups = config_options()
     except OSError:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
+from pathlib import Path
 from typing import Any
 
 from lora_exp.config import (
@@ -14,11 +15,62 @@ from lora_exp.config import (
     PACK_COMPILE,
     PACK_ENV,
     PACK_LORA,
+    PACKAGE_DIR,
     SECTIONS,
     RunConfig,
-    config_dir,
 )
 from lora_exp.errors import ConfigError
+
+
+def shipped_dir(name: str) -> Path:
+    """A folder the package ships (`conf`, `sweeps`): inside the installed package, or at the top
+    of the checkout (an editable install)."""
+    inside = PACKAGE_DIR / name
+    return inside if inside.is_dir() else PACKAGE_DIR.parent / name
+
+
+def config_dir() -> Path:
+    """The `conf/` Hydra composes: $LORA_EXP_CONFIG_DIR if set; else the shipped one, with the
+    files of a `./conf` in the working folder laid over it (a user's own model, data or config.yaml
+    adds to or replaces the shipped file of the same name)."""
+    env = os.environ.get("LORA_EXP_CONFIG_DIR")
+    if env:
+        return Path(env).resolve()
+    shipped = shipped_dir("conf")
+    local = Path.cwd() / "conf"
+    if local.is_dir() and local.resolve() != shipped.resolve():
+        return _overlay(shipped, local.resolve())
+    return shipped
+
+
+_OVERLAYS: dict[tuple[Path, Path, float], Path] = {}
+
+
+def _overlay(shipped: Path, local: Path) -> Path:
+    """A temporary copy of `shipped` with `local`'s YAML files copied over it (made once per
+    process and content; removed at exit)."""
+    import atexit
+    import shutil
+    import tempfile
+
+    files = sorted(local.rglob("*.yaml"))
+    key = (shipped, local, max((f.stat().st_mtime for f in files), default=0.0))
+    if key not in _OVERLAYS:
+        target = Path(tempfile.mkdtemp(prefix="lora-exp-conf-"))
+        atexit.register(shutil.rmtree, target, ignore_errors=True)
+        shutil.copytree(shipped, target, dirs_exist_ok=True)
+        for f in files:
+            dest = target / f.relative_to(local)
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(f, dest)
+        _OVERLAYS[key] = target
+    return _OVERLAYS[key]
+
+
+def config_options() -> dict[str, list[str]]:
+    """Each config group and its options, as `config_dir()` holds them (for help texts)."""
+    root = config_dir()
+    return {d.name: sorted(p.stem for p in d.glob("*.yaml")) for d in sorted(root.iterdir()) if d.is_dir()}
 
 
 def env_overrides() -> list[str]:

@@ -26,7 +26,7 @@ from typing import Any, Optional
 
 import yaml
 
-from lora_exp.config import shipped_dir
+from lora_exp.compose import shipped_dir
 from lora_exp.errors import ConfigError
 
 SAMPLERS = ("tpe", "random", "grid", "gp", "nsga2")
