@@ -294,8 +294,9 @@ class PackConfig:
     attention: str = "rows"
     #: tracking processes (MLflow and Optuna writes); null = one per four cores, up to four.
     trackers: Optional[int] = None
-    #: a packed trial keeps its state with its run at an eval at most once per this many seconds
-    #: (a killed sweep's retried trial resumes there); 0 = at every eval, null = never.
+    #: a packed trial keeps its state with its run at an eval once it has this many seconds of work
+    #: unsaved (a killed sweep's retried trial resumes there; checkpoints take at most 5% of the
+    #: pack's time); 0 = at every eval, null = never.
     checkpoint_seconds: Optional[float] = 60.0
 
     @property

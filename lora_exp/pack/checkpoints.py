@@ -6,7 +6,8 @@ A slot's state is what it trains of the pack's flat buffers (its rank prefix of 
 targets: weights and AdamW's two moments), its step and what it logged. Everything else follows
 from the step: the data order (its seed's schedule), the dropout masks (a hash of seed, step and
 position) and the learning rate. Saving copies the slot's parameters to the host (a wait for the
-GPU), so a trial saves at most once per `pack.checkpoint_seconds`; an unpacked trial's
+GPU) and writes a file, so a trial saves once it has `pack.checkpoint_seconds` of work unsaved,
+and the pack's checkpoints take at most SAVE_SHARE of its time (`Saver`); an unpacked trial's
 checkpoint and a packed one do not resume each other (`format`).
 """
 from __future__ import annotations
@@ -27,6 +28,8 @@ from lora_exp.sweep.checkpoints import FILE, FOLDER, download_checkpoint, drop_c
 log = logging.getLogger("lora_exp")
 
 FORMAT = "pack-slot-1"
+#: the share of a pack's time its checkpoints may take (`Saver`)
+SAVE_SHARE = 0.05
 
 
 def slot_columns(pm: PackedModel, slot: int) -> torch.Tensor:
@@ -46,19 +49,49 @@ def slot_state(pm: PackedModel, run: SlotRun, step: int) -> dict[str, Any]:
             "loss_curve": list(run.result.loss_curve), "eval_curve": list(run.result.eval_curve)}
 
 
-def maybe_save(pm: PackedModel, run: SlotRun, step: int, every: float | None) -> None:
-    """Keep the trial's state with its run if its last save is `every` seconds old (or it has none)."""
-    if every is None or not (run.tracker.run_id is not None or getattr(run.tracker, "records_artifacts", False)):
-        return
-    now = time.perf_counter()
-    if run.checkpoint_at is not None and now - run.checkpoint_at < every:
-        return
+def save(pm: PackedModel, run: SlotRun, step: int) -> None:
+    """Keep the trial's state after `step` with its run."""
     tmp = tempfile.mkdtemp(prefix="lora-exp-checkpoint-")
     torch.save(slot_state(pm, run, step), Path(tmp) / FILE)
     run.tracker.log_dir(tmp, FOLDER)
     cleanup = getattr(run.tracker, "remove_after", None)  # a queued upload: remove once it ran
     (cleanup or (lambda path: shutil.rmtree(path, ignore_errors=True)))(tmp)
-    run.checkpoint_at = now
+    run.checkpoint_at = time.perf_counter()
+
+
+class Saver:
+    """Which trials keep a checkpoint at an eval: those with `every` seconds of work unsaved (since
+    their last checkpoint, or their start: a trial shorter than that is simply run again), within
+    `share` of the pack's time (a checkpoint copies the slot to the host and writes a file: ~50 ms
+    at GPT-2's rank 16, and a thousand trials evaluate together in a full pack), the trials with
+    the most unsaved work first; the others wait for a later eval."""
+
+    def __init__(self, every: float | None, share: float = SAVE_SHARE):
+        self.every, self.share = every, share
+        self.start = time.perf_counter()
+        self.spent = 0.0
+
+    def save_due(self, pm: PackedModel, due: list[tuple[SlotRun, int]]) -> int:
+        """Save what is due of `due` (trials and the step of their eval); returns how many."""
+        if self.every is None:
+            return 0
+        now = time.perf_counter()
+
+        def unsaved(run: SlotRun) -> float:
+            return now - (run.checkpoint_at if run.checkpoint_at is not None else run.started)
+
+        due = [(run, step) for run, step in due
+               if (run.tracker.run_id is not None or getattr(run.tracker, "records_artifacts", False))
+               and unsaved(run) >= self.every]
+        saved = 0
+        for run, step in sorted(due, key=lambda d: unsaved(d[0]), reverse=True):
+            t0 = time.perf_counter()
+            if self.spent > self.share * (t0 - self.start):
+                break
+            save(pm, run, step)
+            self.spent += time.perf_counter() - t0
+            saved += 1
+        return saved
 
 
 def drop(run: SlotRun) -> None:

@@ -52,6 +52,7 @@ class HostDrain:
         self.pending: list[HostCopy] = []  # copies to the host in flight, oldest first
         #: called once before the callbacks of each batch of evals (a sweep reads its study once)
         self.eval_batch_hook: Any = None
+        self.saver = checkpoints.Saver(rt.checkpoint_seconds)
 
     def snapshot(self, logs: np.ndarray) -> None:
         """The running sums now, for the slots at a logging step (`logs`, a mask)."""
@@ -134,7 +135,7 @@ class HostDrain:
             self.eval_batch_hook()
         # the host's time on these evals (launch and read back; the steps run in between are others')
         seconds = copy.launch_s + time.perf_counter() - t_read
-        stopped, resumed = [], []
+        stopped, resumed, due = [], [], []
         table = self.table
         for (slot, run), value in zip(copy.evals, values):
             if run is None or table.runs[slot] is not run or run.error is not None:
@@ -153,7 +154,10 @@ class HostDrain:
                 table.finishing[slot] = steps_run
             else:
                 resumed.append(slot)
-                checkpoints.maybe_save(self.rt.pm, run, step, self.rt.checkpoint_seconds)
+                due.append((run, step))
+        t_save = time.perf_counter()
+        self.rt.host_s["eval"] += t_save - t_read
+        self.saver.save_due(self.rt.pm, due)  # before the slots move on
         self.rt.pm.resume(resumed)
-        self.rt.host_s["eval"] += time.perf_counter() - t_read
+        self.rt.host_s["checkpoints"] += time.perf_counter() - t_save
         return stopped
