@@ -64,8 +64,7 @@ class Saver:
     their last checkpoint, or their start: a trial shorter than that is simply run again), within
     `share` of the pack's time (a checkpoint copies the slot to the host and writes a file: 28 MB,
     ~70 ms, for GPT-2 at rank 16 on every module; a thousand trials evaluate together in a full
-    pack), the trials with
-    the most unsaved work first; the others wait for a later eval."""
+    pack), the trials with the most unsaved work first; the others wait for a later eval."""
 
     def __init__(self, every: float | None, share: float = SAVE_SHARE):
         self.every, self.share = every, share
