@@ -134,24 +134,24 @@ LORA_SCRIPT = textwrap.dedent('''
                     for s in range(k):
                         r = int(ranks[s])
                         assert close(gw[s, :r], ww[s, :r], tol), (what, i, s)
-                # with the frozen base layer in the same op (nn.Linear's layout, and Conv1D's with
-                # the bias): y + delta, rounded as torch rounds it, and the input gradient the base
-                # layer's plus the delta's (the base layer's alone where a slot does not train)
+                # with the frozen base layer in the same op (nn.Linear's layout for one split,
+                # Conv1D's with the bias for the other): y + delta, rounded as torch rounds it, and
+                # the input gradient the base layer's plus the delta's (the base layer's alone
+                # where a slot does not train)
                 w = torch.randn(fout, fin, dtype=dtype) * 0.2
                 bias = torch.randn(fout, dtype=dtype)
-                for conv, wb in ((False, (w, None)), (True, (w.t().contiguous(), bias))):
-                    y = torch.nn.functional.linear(xk.detach(), w, None if wb[1] is None else bias)
-                    summed, _ = torch.ops.lora_exp.lora_linear(xk, *wb, a_k, b_k, scale, ranks, *args, rows, split,
-                                                               conv)
-                    assert summed.dtype == dtype
-                    assert torch.allclose(summed.float(), (y + out).float(), rtol=1e-3, atol=1e-5), (what, conv)
-                    got_y = torch.autograd.grad(summed, [xk, a_k, b_k], g)
-                    want_x = (g @ w + got[0]).float()
-                    assert torch.allclose(got_y[0].float(), want_x, rtol=1e-3, atol=1e-4), (what, conv)
-                    for s in range(k):                          # A's and B's where the slot trains
-                        r = int(ranks[s])
-                        assert torch.equal(got_y[1][s, :r], got[1][s, :r])
-                        assert torch.equal(got_y[2][s, :r], got[2][s, :r])
+                conv = split != splits[0]
+                wb = (w.t().contiguous(), bias) if conv else (w, None)
+                y = torch.nn.functional.linear(xk.detach(), w, wb[1])
+                summed, _ = torch.ops.lora_exp.lora_linear(xk, *wb, a_k, b_k, scale, ranks, *args, rows, split, conv)
+                assert summed.dtype == dtype
+                assert torch.allclose(summed.float(), (y + out).float(), rtol=1e-3, atol=1e-5), (what, conv)
+                got_y = torch.autograd.grad(summed, [xk, a_k, b_k], g)
+                want_x = (g @ w + got[0]).float()
+                assert torch.allclose(got_y[0].float(), want_x, rtol=1e-3, atol=1e-4), (what, conv)
+                for s in range(k):                              # A's and B's where the slot trains
+                    r = int(ranks[s])
+                    assert torch.equal(got_y[1][s, :r], got[1][s, :r]) and torch.equal(got_y[2][s, :r], got[2][s, :r])
                 if dtype != torch.float32:  # the output's gradient in fp32 beside low-precision inputs
                     _, h = torch.ops.lora_exp.lora_delta(xk, a_k, b_k, scale, ranks, *args, rows, split)
                     dx, ga, gb = torch.ops.lora_exp.lora_delta_backward(g.float(), xk, a_k, b_k, h, scale, ranks, *args,
