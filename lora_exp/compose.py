@@ -180,7 +180,20 @@ def compose(overrides: list[str] | tuple[str, ...] = (), config_name: str = "con
     """Compose conf/ with Hydra overrides and validate it into a RunConfig. The LORA_EXP_PACK_*
     environment variables come first, so an explicit override wins over them."""
     overrides = [*env_overrides(), *overrides]
-    return from_container(compose_raw(_open_mappings(overrides), config_name), overrides)
+    cfg = from_container(compose_raw(_open_mappings(overrides), config_name), overrides)
+    check_local_folders(cfg)
+    return cfg
+
+
+def check_local_folders(cfg: RunConfig) -> None:
+    """A model or tokenizer named by a local path (absolute, `./`, `../`, `~`) must be there: a
+    missing one fails here, before anything is recorded, where transformers would read it as a
+    hub id once the sweep had started. (Configs read back from runs are not checked: a folder
+    gone since then does not hide its runs.)"""
+    model = cfg.model
+    for key, value in (("path", model.path if model.source == "hub" else None), ("tokenizer", model.tokenizer)):
+        if value and value.startswith(("/", "./", "../", "~")) and not Path(value).expanduser().exists():
+            raise ConfigError(f"model.{key}: no such folder: {value}")
 
 
 #: config keys that are open mappings (transformers' config kwargs): their keys are set, added
