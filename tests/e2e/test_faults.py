@@ -109,8 +109,11 @@ def test_four_workers_twenty_five_trials_each(workdir, store, backend, request):
                    "trainer.eval_steps=3", "data.n_generate=1", cwd=workdir, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     trials = load_study(storage).trials
-    assert len(trials) == 100 and sorted(t.number for t in trials) == list(range(100))
-    assert all(t.state.name in ("COMPLETE", "PRUNED") for t in trials)
+    odd = [(t.number, t.state.name, t.system_attrs) for t in trials
+           if t.number >= 100 or t.state.name not in ("COMPLETE", "PRUNED")]
+    assert len(trials) == 100 and sorted(t.number for t in trials) == list(range(100)), (len(trials), odd,
+                                                                                       proc.stderr[-2000:])
+    assert not odd, odd
     _, parents, children = sweep_runs(store)
     assert len(parents) == 1 and len(children) == 100
     assert len({r.data.tags["trial_number"] for r in children}) == 100
