@@ -1,0 +1,122 @@
+"""The packed LoRA op (`kernels.lora.lora_linear`) timed alone at one layer's module shapes,
+forward + backward, against the frozen base layer alone (cuBLAS: forward and input gradient) in
+the same process: what the LoRA part costs per module, with and without dropout, and the memory
+traffic it would take at the GPU's bandwidth (x read once, the output's and the input's gradient
+read and written once: the bound a fused delta cannot beat).
+
+    python bench/lora_kernel_times.py                            # Qwen2.5-0.5B's shapes, K=64, 512 positions
+    python bench/lora_kernel_times.py --k 16 --m 2048 --rank 16
+    TRITON_INTERPRET=1 python bench/lora_kernel_times.py --device cpu --k 2 --m 260 --rank 8   # smoke
+    python bench/lora_kernel_times.py --configs "BM=32;BK=64;NUM_WARPS=8"   # other kernel constants
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+#: Qwen2.5-0.5B's modules (in, out): q, k, v, o, gate, up, down
+QWEN = {"q": (896, 896), "k": (896, 128), "v": (896, 128), "o": (896, 896), "gate": (896, 4864),
+        "up": (896, 4864), "down": (4864, 896)}
+#: H200 HBM3e bandwidth (datasheet)
+HBM = 4.8e12
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--k", type=int, default=64, help="slots")
+    p.add_argument("--m", type=int, default=512, help="positions per slot (rows x tokens)")
+    p.add_argument("--rank", type=int, default=32, help="the pack's rank (slots get 8/16/32 below it)")
+    p.add_argument("--repeat", type=int, default=20)
+    p.add_argument("--device", default="cuda", help="cpu: a smoke run under TRITON_INTERPRET=1 (times meaningless)")
+    p.add_argument("--configs", default="", help="';'-separated NAME=VALUE,... settings of kernels.lora's constants")
+    args = p.parse_args()
+
+    import torch
+
+    from lora_exp.core.randomness import module_keys, row_keys
+    from lora_exp.pack.kernels import lora as pack_lora
+
+    torch.manual_seed(0)
+    dev, dtype, k, m, rank = args.device, torch.bfloat16, args.k, args.m, args.rank
+    ranks = torch.tensor([8, 16, 32], device=dev)[torch.randint(0, 3, (k,), device=dev)].clamp(max=rank)
+    ranks = ranks.to(torch.int32)
+    keys = module_keys(row_keys(torch.arange(k, device=dev) * 7 + 3, torch.full((k,), 11, device=dev),
+                                torch.zeros(k, device=dev, dtype=torch.long)), 12345)
+    p_drop = torch.rand(k, device=dev) * 0.1
+    scale = torch.full((k,), 2.0, device=dev)
+    split = pack_lora.split_for(k, torch.device(dev))
+
+    def timed(fn) -> float:
+        if dev != "cuda":
+            start = time.perf_counter()
+            fn()
+            return (time.perf_counter() - start) * 1e3
+        for _ in range(3):
+            fn()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        torch.cuda.synchronize()
+        start.record()
+        for _ in range(args.repeat):
+            fn()
+        end.record()
+        torch.cuda.synchronize()
+        return start.elapsed_time(end) / args.repeat
+
+    def module_times(fin: int, fout: int) -> dict:
+        w = torch.randn(fout, fin, device=dev, dtype=dtype) * 0.02
+        a = torch.nn.Parameter(torch.randn(k, rank, fin, device=dev, dtype=dtype) * 0.02)
+        b = torch.nn.Parameter(torch.randn(k, rank, fout, device=dev, dtype=dtype) * 0.02)
+        x = torch.randn(k, m, fin, device=dev, dtype=dtype, requires_grad=True)
+        g = torch.randn(k, m, fout, device=dev, dtype=dtype)
+        drop = pack_lora.dropout_args(keys, p_drop, dtype)
+
+        def base() -> None:
+            torch.autograd.grad(torch.nn.functional.linear(x, w), [x], g)
+
+        def lora(dropout) -> None:
+            y = pack_lora.lora_linear(x, w, None, False, a, b, scale, ranks, dropout, 1, split)
+            torch.autograd.grad(y, [x, a, b], g)
+
+        # the delta's own traffic: x read (forward, backward), y and dx read and written, g read
+        bound = 2 * k * m * (4 * fin + 3 * fout) / HBM * 1e3
+        return {"base": timed(base), "lora": timed(lambda: lora(drop)), "lora_nodrop": timed(lambda: lora(None)),
+                "bound": bound}
+
+    def run_config(label: str) -> None:
+        totals = {"base": 0.0, "lora": 0.0, "lora_nodrop": 0.0, "bound": 0.0}
+        for name, (fin, fout) in QWEN.items():
+            row = module_times(fin, fout)
+            for key in totals:
+                totals[key] += row[key]
+            print(json.dumps({"what": "lora_linear fwd+bwd", "config": label, "module": name, "in_out": [fin, fout],
+                              "k": k, "m": m, "base_ms": round(row["base"], 3),
+                              "lora_extra_ms": round(row["lora"] - row["base"], 3),
+                              "lora_extra_nodrop_ms": round(row["lora_nodrop"] - row["base"], 3),
+                              "delta_traffic_bound_ms": round(row["bound"], 3)}), flush=True)
+        print(json.dumps({"what": "one layer", "config": label, "base_ms": round(totals["base"], 2),
+                          "lora_extra_ms": round(totals["lora"] - totals["base"], 2),
+                          "lora_extra_nodrop_ms": round(totals["lora_nodrop"] - totals["base"], 2),
+                          "delta_traffic_bound_ms": round(totals["bound"], 2)}), flush=True)
+
+    run_config("default")
+    saved = {name: getattr(pack_lora, name) for name in ("BM", "BK", "BN", "NUM_WARPS", "MIN_SPLIT")}
+    for config in filter(None, args.configs.split(";")):
+        for item in config.split(","):
+            name, value = item.split("=")
+            setattr(pack_lora, name, int(value))
+        try:
+            run_config(config)
+        except Exception as exc:  # noqa: BLE001 - a setting the GPU cannot run is reported
+            print(json.dumps({"what": "config", "config": config, "error": repr(exc)[:300]}), flush=True)
+        finally:
+            for name, value in saved.items():
+                setattr(pack_lora, name, value)
+
+
+if __name__ == "__main__":
+    main()
