@@ -108,7 +108,7 @@ def test_a_resumed_sweep_draws_new_parameters_and_leaves_no_run_running(workdir,
     if how != "sigkill":
         assert proc.returncode == (0 if how == "ctrl-c once" else 130), "".join(seen) + out
         _, parents, children = sweep_runs(store)
-        assert parents[0].info.status == "KILLED" and parents[0].data.tags["sweep_state"] == "stopped"
+        assert parents[0].info.status == "KILLED" and parents[0].data.tags["sweep_state"] == "stopped", out[-3000:]
         assert not [r for r in children if r.info.status == "RUNNING"]
         failed = [t for t in load_study(storage).trials if t.state.name == "FAIL"]
         if how == "ctrl-c once":  # the trial in flight finishes and is recorded
