@@ -99,7 +99,7 @@ def counted_flops(base, data, cfg) -> float:
     """FLOPs of one trial-step as the module docstring counts them, for `cfg`'s LoRA."""
     import torch
 
-    from lora_exp.pack.model import matches
+    from lora_exp.pack.layers import matches
 
     head = base.model.get_output_embeddings()
     tokens = sum(len(e.input_ids) for e in data.train) / len(data.train) * cfg.trainer.batch_size

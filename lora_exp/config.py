@@ -377,27 +377,6 @@ def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def check_packable(cfg: RunConfig) -> None:
-    """What rules packing out for a sweep's base config (one line, before any model loads)."""
-    if cfg.pack.packs and cfg.lora.bias != "none":
-        raise ConfigError(f"pack: lora.bias={cfg.lora.bias} trains the base model's biases, which the trials of a "
-                          f"pack share; use lora.bias=none or pack=1")
-    why = unpackable_variant(cfg.lora)
-    if cfg.pack.packs and why:
-        raise ConfigError(f"pack: {why} for every trial (the base config): use pack=1, or search it in the sweep's "
-                          f"space (those trials run alone after the pack)")
-
-
-def unpackable_variant(lora: LoraSettings) -> str | None:
-    """Why a pack cannot train this adapter variant (None if it can): the pack trains plain LoRA
-    with peft's default or gaussian init."""
-    if lora.use_dora:
-        return "lora.use_dora=true (DoRA) is not trained in a pack"
-    if lora.init_lora_weights not in PACKED_INITS:
-        return f"lora.init_lora_weights={lora.init_lora_weights} is not trained in a pack"
-    return None
-
-
 @functools.lru_cache(maxsize=None)
 def _installed(module: str) -> bool:
     import importlib.util

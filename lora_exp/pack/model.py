@@ -17,8 +17,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from lora_exp.core.randomness import dropout_mask, init_lora_a, module_key, module_keys
-from lora_exp.pack.compile import COMPILE_MODES, compile_mode, fused
+from lora_exp.core.randomness import init_lora_a
+from lora_exp.pack.compile import COMPILE_MODES, compile_mode
+from lora_exp.pack.layers import Groups, PackedLoraLayer, layer_shape, matches
 
 
 @dataclass
@@ -37,136 +38,12 @@ class SlotSpec:
     steps: int
     warmup: int
     scheduler: str
-    #: how A starts (config.PACKED_INITS)
+    #: how A starts (config.PACKED_INITS, pack.rules)
     init: str = "default"
 
     @property
     def scaling(self) -> float:
         return self.alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
-
-
-class Groups:
-    """How the current batch's rows map to slots: `slots[g]` owns rows [g*rows, (g+1)*rows)."""
-
-    def __init__(self) -> None:
-        self.slots: torch.Tensor | None = None  # None = every slot, in order
-        self.rows = 1
-        self.enabled = True
-        #: (row keys, dropout rate) per batch row while training; None = no dropout this step
-        self.dropout: tuple[torch.Tensor, torch.Tensor] | None = None
-        self.compile = False
-        #: the LoRA delta of a whole-pack training forward through the LoRA kernels (kernels.lora), with
-        #: `split` programs per slot
-        self.kernels = False
-        self.split = 1
-
-
-class PackedLoraLayer(nn.Module):
-    """A frozen linear (or GPT-2 Conv1D) plus one LoRA delta per slot: two bmm's, or the pack's
-    LoRA kernels (`kernels.lora`)."""
-
-    #: stays in training mode when the frozen base is put in eval mode (core.adapters.train_mode)
-    adapter_module = True
-
-    def __init__(self, base_layer: nn.Module, name: str, groups: Groups, a: torch.Tensor, b: torch.Tensor,
-                 scale: torch.Tensor, master_a: torch.Tensor, master_b: torch.Tensor, rank: torch.Tensor):
-        super().__init__()
-        self.base_layer = base_layer
-        self.name = name
-        self.key = module_key(name)
-        self.groups = groups
-        # views into the pack's flat buffers: the compute copy (the fp32 master itself, or its
-        # bf16 copy when the pack trains in bf16) is what autograd sees
-        self.lora_A = nn.Parameter(a)  # [K, R, in] (rank-major: a slot's rank r is a prefix)
-        self.lora_B = nn.Parameter(b)  # [K, R, out]
-        self.master = (master_a, master_b)
-        self.register_buffer("scale", scale, persistent=False)  # [K]
-        self.register_buffer("rank", rank, persistent=False)  # [K] int32: each slot's r here, 0 if untargeted
-        # the module's key as a tensor: a compiled layer's graph takes it as an input (one graph
-        # for every layer), where a Python int would be a constant of a graph per layer
-        self.register_buffer("key_t", torch.tensor(self.key, dtype=torch.int64, device=scale.device),
-                             persistent=False)
-        self.active = False  # some slot targets this module
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        g = self.groups
-        whole = self.active and g.enabled and g.kernels and g.slots is None
-        if whole and x.shape[0] // g.rows == self.rank.shape[0]:
-            out = self._kernel_linear(x, g)
-            if out is not None:
-                return out
-        y = self.base_layer(x)
-        if not self.active or not g.enabled:
-            return y
-        n_groups = x.shape[0] // g.rows
-        xs = x.reshape(n_groups, -1, x.shape[-1])
-        if whole and n_groups == self.rank.shape[0]:
-            return y + self._kernel_delta(xs, g).reshape(y.shape).to(y.dtype)
-        if g.dropout is not None and self.training:
-            keys, p = g.dropout
-            xr = xs.reshape(x.shape[0], -1)
-            with torch.no_grad():
-                # inside a compiled step the hash fuses into the multiply; eager, it is one kernel
-                masker = dropout_mask if torch.compiler.is_compiling() else fused(dropout_mask, g.compile)
-                mask = masker(xr.detach(), module_keys(keys, self.key_t), p)
-            xs = (xr * mask).view_as(xs)
-        a, b, s = self.lora_A, self.lora_B, self.scale
-        if a.dtype != x.dtype and not torch.is_autocast_enabled(x.device.type):
-            a, b = self.master  # fp32 work (generation) of a bf16 pack: the fp32 weights
-        if g.slots is not None:
-            a, b, s = a.index_select(0, g.slots), b.index_select(0, g.slots), s.index_select(0, g.slots)
-        delta = torch.bmm(torch.bmm(xs, a.transpose(1, 2)), b)  # autocast runs both in bf16 when asked
-        delta = delta * s.to(delta.dtype).view(-1, 1, 1)
-        return y + delta.reshape(y.shape).to(y.dtype)
-
-    def _dropout_args(self, g: Groups, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
-        from lora_exp.pack.kernels import lora
-
-        if g.dropout is None or not self.training:
-            return None
-        keys, p = g.dropout
-        return lora.dropout_args(module_keys(keys, self.key_t), p, dtype)
-
-    def _kernel_linear(self, x: torch.Tensor, g: Groups) -> torch.Tensor | None:
-        """The base layer and the LoRA kernels' delta as one op (`kernels.lora.lora_linear`): the
-        delta added in place where a slot targets the module, nothing done where it does not.
-        None where the base layer is not a plain linear layer in the compute dtype (quantized,
-        or fp32 weights under a bf16 pack's fp32 generation): the caller adds the delta."""
-        from lora_exp.pack.kernels import lora
-
-        base, dtype = self.base_layer, self.lora_A.dtype
-        conv = type(base).__name__ == "Conv1D"
-        weight, bias = base.weight, getattr(base, "bias", None)
-        autocast = torch.is_autocast_enabled(x.device.type) and torch.get_autocast_dtype(x.device.type) == dtype
-        if (not (conv or type(base) is nn.Linear) or weight.dtype != dtype or weight.requires_grad
-                or (bias is not None and (bias.dtype != dtype or bias.requires_grad))
-                or (x.dtype != dtype and not autocast)):
-            return None
-        xs = x.reshape(self.rank.shape[0], -1, x.shape[-1]).to(dtype)
-        out = lora.lora_linear(xs, weight, bias, conv, self.lora_A, self.lora_B, self.scale, self.rank,
-                               self._dropout_args(g, x.dtype), g.rows, g.split)
-        return out.reshape(*x.shape[:-1], out.shape[-1])
-
-    def _kernel_delta(self, xs: torch.Tensor, g: Groups) -> torch.Tensor:
-        """The same delta through the LoRA kernels, alone (each slot's own rank and modules only,
-        the dropout mask computed where it is used)."""
-        from lora_exp.pack.kernels import lora
-
-        return lora.lora_delta(xs.to(self.lora_A.dtype), self.lora_A, self.lora_B, self.scale, self.rank,
-                               self._dropout_args(g, xs.dtype), g.rows, g.split)
-
-
-def _layer_shape(module: nn.Module) -> tuple[int, int] | None:
-    if isinstance(module, nn.Linear):
-        return module.in_features, module.out_features
-    if type(module).__name__ == "Conv1D":  # GPT-2: weight is (in, out)
-        return int(module.weight.shape[0]), int(module.weight.shape[1])
-    return None
-
-
-def matches(name: str, targets: Iterable[str]) -> bool:
-    """peft's rule for a list of target names: the module's name, or its last dotted parts."""
-    return any(name == t or name.endswith("." + t) for t in targets)
 
 
 class PackedModel:
@@ -205,8 +82,8 @@ class PackedModel:
 
             self.groups.split = split_for(slots, self.device)
         wanted = list(modules)
-        found = [(name, mod, _layer_shape(mod)) for name, mod in self.model.named_modules()
-                 if matches(name, wanted) and _layer_shape(mod) is not None]
+        found = [(name, mod, layer_shape(mod)) for name, mod in self.model.named_modules()
+                 if matches(name, wanted) and layer_shape(mod) is not None]
         if not found:
             raise ValueError(f"the model has no linear module named {', '.join(wanted)}")
         sizes = [self.rank * (i + o) for _, _, (i, o) in found]

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch.profiler import record_function
 
-from lora_exp.config import RunConfig, unpackable_variant
+from lora_exp.config import RunConfig
 from lora_exp.core.data import PreparedData
 from lora_exp.core.evaluation import autocast
 from lora_exp.core.models import BaseModel
@@ -33,9 +33,11 @@ from lora_exp.pack import checkpoints
 from lora_exp.pack.compile import CompiledLayers, compile_lock, compiled
 from lora_exp.pack.drain import HostDrain
 from lora_exp.pack.finish import Finisher
-from lora_exp.pack.model import PackedModel, matches
+from lora_exp.pack.layers import matches
+from lora_exp.pack.model import PackedModel
 from lora_exp.pack.optimizer import gradients, optimizer_step
 from lora_exp.pack.rows import batch_schedule, slot_losses
+from lora_exp.pack.rules import unpackable_variant
 from lora_exp.pack.runtime import PackRuntime
 from lora_exp.pack.slots import SlotRun, SlotTable, lr_at, pack_key, slot_spec
 

@@ -9,10 +9,11 @@ import os
 from typing import Any
 
 from lora_exp.compose import compose, replace_keys
-from lora_exp.config import RunConfig, TrackingConfig, check_packable
+from lora_exp.config import RunConfig, TrackingConfig
 from lora_exp.core.data import Rows, load_rows
 from lora_exp.core.recording import metric_problem
 from lora_exp.errors import ConfigError, LoraExpError
+from lora_exp.pack.rules import check_packable
 from lora_exp.sweep.enqueue import (
     ENQUEUED,
     EXTRA_OVERRIDES,
