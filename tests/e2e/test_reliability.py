@@ -35,7 +35,9 @@ def _assert_exact_and_distinct(storage, store, n_trials, outputs):
         assert "Traceback" not in out, out[-3000:]
     trials = load_study(storage).trials
     finished = [t for t in trials if t.state.name in ("COMPLETE", "PRUNED")]
-    assert len(finished) == n_trials and len(trials) == n_trials, [t.state.name for t in trials]
+    failed = [(t.number, t.user_attrs.get("failure"), t.system_attrs) for t in trials if t.state.name == "FAIL"]
+    assert len(finished) == n_trials and len(trials) == n_trials, ([t.state.name for t in trials], failed,
+                                                                   [out[-1500:] for _, out in outputs])
     params = [json.dumps(t.params, sort_keys=True) for t in trials]
     assert len(set(params)) == len(params), "a parameter set was drawn twice"
     _, parents, children = sweep_runs(store)
