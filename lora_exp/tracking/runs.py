@@ -96,7 +96,27 @@ class MlflowTracker:
                 origin = resolve_dataset_source(str(resolve_path(head).resolve()))
         entity = MetaDataset(source=origin, name=name, digest=digest[:36])._to_mlflow_entity()
         tags = [InputTag("mlflow.data.context", context)]
-        self.client.log_inputs(self.run_id, datasets=[DatasetInput(entity, tags=tags)])
+        log_inputs_despite_races(self.client, self.run_id, [DatasetInput(entity, tags=tags)])
+
+
+def log_inputs_despite_races(client: Any, run_id: str, datasets: list[Any], attempts: int = 4) -> None:
+    """`log_inputs`, again when another process inserted the same dataset between MLflow's lookup
+    and its insert (a duplicate key in the experiment's `datasets` table, sqlite or PostgreSQL):
+    the next attempt finds that row and links it. Safe to repeat: MLflow links a dataset to a run
+    once."""
+    from mlflow.exceptions import MlflowException
+
+    for attempt in range(attempts):
+        try:
+            client.log_inputs(run_id, datasets=datasets)
+            return
+        except MlflowException as exc:
+            text = str(exc)
+            raced = "IntegrityError" in text or "UNIQUE constraint" in text or "UniqueViolation" in text \
+                or "duplicate key" in text
+            if not raced or attempt == attempts - 1:
+                raise
+            time.sleep(0.05 * (attempt + 1))
 
 
 def param_value(value: Any) -> str:
