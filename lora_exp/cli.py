@@ -6,7 +6,7 @@ import argparse
 import logging
 import os
 import sys
-from typing import Sequence
+from typing import Any, Sequence
 
 from lora_exp import __version__
 from lora_exp.errors import LoraExpError
@@ -154,6 +154,14 @@ def sweeps_help() -> str:
         return ""
 
 
+def packed_worker(*args: Any) -> bool:
+    """`pack.worker.run_packed_worker`, imported when a pack runs: a sweep checks its input
+    (and refuses bad input) before torch, transformers or MLflow load."""
+    from lora_exp.pack.worker import run_packed_worker
+
+    return run_packed_worker(*args)
+
+
 def dispatch(args: argparse.Namespace) -> int:
     """The subcommand's plain function, imported only when it runs (a bad argument fails fast)."""
     if args.command == "train":
@@ -161,12 +169,11 @@ def dispatch(args: argparse.Namespace) -> int:
 
         return cmd_train(args.overrides)
     if args.command == "sweep":
-        from lora_exp.pack.worker import run_packed_worker
         from lora_exp.sweep.command import cmd_sweep, dry_run
 
         if args.dry_run:
             return dry_run(args.overrides)
-        return cmd_sweep(args.overrides, packed=run_packed_worker)
+        return cmd_sweep(args.overrides, packed=packed_worker)
     if args.command == "config":
         from lora_exp.runs.train import cmd_config
 

@@ -7,9 +7,10 @@ import hashlib
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 from lora_exp.config import DataConfig, resolve_path
 from lora_exp.errors import ConfigError
@@ -162,6 +163,8 @@ def tokenize(rows: Rows, cfg: DataConfig, tokenizer: Any) -> PreparedData:
 
 
 def collate(examples: list[Example], pad_id: int, field: str = "labels") -> dict[str, torch.Tensor]:
+    import torch
+
     """Right-pad to the longest row; padding is masked by the attention mask and IGNORE labels
     (never by pad id: on SmolLM2 pad == eos, and the appended EOS must keep its label)."""
     n = max(len(e.input_ids) for e in examples)
@@ -178,6 +181,8 @@ def collate(examples: list[Example], pad_id: int, field: str = "labels") -> dict
 
 def train_batches(examples: list[Example], batch_size: int, seed: int) -> Iterator[list[Example]]:
     """Endless stream of batches: each epoch a fresh seeded shuffle, like Trainer's RandomSampler."""
+    import torch
+
     generator = torch.Generator().manual_seed(seed)
     while True:
         order = torch.randperm(len(examples), generator=generator).tolist()

@@ -8,15 +8,16 @@ import resource
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
-import torch
 import yaml
 
 from lora_exp.config import RunConfig, flatten
 from lora_exp.core.data import Prompt
-from lora_exp.core.evaluation import generations_table
 from lora_exp.core.status import TrialStatus
+
+if TYPE_CHECKING:
+    import torch
 
 
 class Tracker(Protocol):
@@ -138,6 +139,8 @@ def record_generations(tracker: Tracker, result: TrialResult, prompts: list[Prom
                        adapter_out: list[str], metrics: tuple[str, ...], base_scores: dict[str, list[float]],
                        seconds: float, new_tokens: int) -> None:
     """The side-by-side table (`generations.json`) and the mean score of each metric, for both sides."""
+    from lora_exp.core.evaluation import generations_table
+
     m = result.metrics
     m["generation_s"] = seconds
     if new_tokens:
@@ -152,6 +155,8 @@ def record_generations(tracker: Tracker, result: TrialResult, prompts: list[Prom
 
 def peak_memory_mb(device: torch.device) -> float:
     """Peak GPU memory allocated on CUDA; the process's peak RSS on the CPU."""
+    import torch
+
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux

@@ -2,18 +2,17 @@
 from __future__ import annotations
 
 import logging
-
-import torch
+from typing import TYPE_CHECKING
 
 from lora_exp.compose import compose
 from lora_exp.config import RunConfig
 from lora_exp.core.data import load_rows, tokenize
-from lora_exp.core.models import load_base, pick_device, prepare_gguf
-from lora_exp.core.recording import TrialResult
-from lora_exp.core.training import run_trial, total_steps
 from lora_exp.tracking.provenance import redact_uri
 from lora_exp.tracking.runs import start_run
 from lora_exp.tracking.store import connect
+
+if TYPE_CHECKING:  # torch and transformers load after the config is checked: bad input fails in a second
+    from lora_exp.core.recording import TrialResult
 
 log = logging.getLogger("lora_exp")
 
@@ -25,6 +24,9 @@ def cmd_train(overrides: list[str]) -> int:
 
 def train_config(cfg: RunConfig, tags: dict[str, str], run_name: str | None) -> tuple[TrialResult, str | None]:
     """Validate data and store, load the base, train one adapter into one run; print a summary."""
+    from lora_exp.core.models import load_base, pick_device
+    from lora_exp.core.training import run_trial, total_steps
+
     rows = load_rows(cfg.data)  # bad data fails here, before the model loads
     if cfg.tracking.enabled:
         connect(cfg.tracking)  # so does a bad tracking URI
@@ -54,14 +56,15 @@ def train_config(cfg: RunConfig, tags: dict[str, str], run_name: str | None) -> 
 
 def cmd_prepare(overrides: list[str]) -> int:
     cfg = compose(overrides)
+    from lora_exp.core.models import load_base, pick_device, prepare_gguf
+
     if cfg.model.source == "gguf_package":
         path = prepare_gguf(cfg.model)
         print(f"model {cfg.model.name} ready in {path}")
     else:
-        load_base(cfg.model, torch.device("cpu"))
+        load_base(cfg.model, pick_device("cpu"))
         print(f"model {cfg.model.name} loads")
     return 0
-
 
 
 def cmd_config(overrides: list[str]) -> int:

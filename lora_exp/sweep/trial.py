@@ -5,17 +5,14 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from lora_exp.compose import compose, replace_keys
 from lora_exp.config import GROUP_NAMES, RunConfig, flatten
 from lora_exp.core.data import load_rows, tokenize
-from lora_exp.core.models import BaseModel, load_base
 from lora_exp.core.recording import NullTracker
 from lora_exp.core.status import TrialStatus
-from lora_exp.core.training import run_trial
 from lora_exp.errors import ConfigError
-from lora_exp.sweep.checkpoints import RunCheckpoint, retried_run
 from lora_exp.sweep.enqueue import ENQUEUED, trial_overrides
 from lora_exp.sweep.outcome import TrialOutcome, outcome_of, record_outcome
 from lora_exp.sweep.plan import SweepPlan
@@ -24,6 +21,9 @@ from lora_exp.sweep.spec import SweepSpec
 from lora_exp.sweep.storage import load_base_cache, save_base_cache
 from lora_exp.tracking import parent
 from lora_exp.tracking.runs import open_run
+
+if TYPE_CHECKING:  # torch and transformers load when a trial runs, not when a sweep checks its input
+    from lora_exp.core.models import BaseModel
 
 log = logging.getLogger("lora_exp")
 
@@ -39,6 +39,8 @@ class WorkerContext:
     datasets: dict[str, Any] = field(default_factory=dict)
 
     def prepare(self, cfg: RunConfig) -> tuple[BaseModel, Any]:
+        from lora_exp.core.models import load_base
+
         mkey = repr(cfg.model)
         if mkey not in self.bases:
             self.bases.clear()  # one base in memory at a time
@@ -102,6 +104,9 @@ def trial_tags(plan: SweepPlan, number: int, overrides: list[str], enqueued: str
 
 def run_one_trial(plan: SweepPlan, study: Any, trial: Any, context: WorkerContext) -> TrialStatus:
     """Train one trial into its own nested MLflow run; tell Optuna only after the run is closed."""
+    from lora_exp.core.training import run_trial
+    from lora_exp.sweep.checkpoints import RunCheckpoint, retried_run
+
     start = time.perf_counter()
     overrides: list[str] = []
     tracker: Any = None

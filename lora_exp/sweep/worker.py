@@ -13,11 +13,11 @@ import logging
 import multiprocessing
 import os
 import signal
+import sys
 import threading
 import time
 from typing import Any, Callable
 
-from lora_exp.core.models import pick_device
 from lora_exp.core.status import TrialStatus
 from lora_exp.errors import LoraExpError
 from lora_exp.sweep.claims import claim_waiting_trial
@@ -52,9 +52,12 @@ def quiet_libraries() -> None:
         warnings.filterwarnings("ignore", category=ExperimentalWarning)
     if not os.environ.get("LORA_EXP_VERBOSE"):
         logging.getLogger("lora_exp.core.training").setLevel(logging.WARNING)  # a parameter count per trial
-        from transformers.utils import logging as hf_logging
+        if "transformers" in sys.modules:
+            from transformers.utils import logging as hf_logging
 
-        hf_logging.set_verbosity_error()
+            hf_logging.set_verbosity_error()
+        else:  # read when transformers loads (in a trial, or a worker process): not loaded just for this
+            os.environ["TRANSFORMERS_VERBOSITY"] = "error"
 
 
 class StopFlag:
@@ -118,6 +121,8 @@ def run_worker(plan: SweepPlan, worker_index: int, n_workers: int | None = 1,
     previous = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)} \
         if multiprocessing.current_process().name == "MainProcess" or n_workers is None else {}
     study = open_study(plan.spec, plan.options.storage, plan.study_name, create=False)
+    from lora_exp.core.models import pick_device
+
     context = WorkerContext(device=pick_device(plan.base.trainer.device),
                             position=worker_index if plan.workers > 1 else None)
     try:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from typing import Any
 
-from lora_exp.core.evaluation import answers_side_by_side
 from lora_exp.tracking.runs import read_table, write_table
 
 #: the best trials whose answers `answers.json` shows beside the base model's
@@ -30,6 +29,8 @@ def log_answers(client: Any, parent_run_id: str, metric: str, study: Any, front:
                 tables: tuple[str, ...]) -> None:
     """`answers.json`: every eval prompt, the base model's answer and the best trials' answers
     with their scores side by side; written again whenever the best trials change."""
+    from lora_exp.core.evaluation import answers_side_by_side
+
     top = top_trials(study, front)
     key = tuple(t.number for t in top)
     if not top or _last_answers.get(parent_run_id) == key:

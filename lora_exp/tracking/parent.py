@@ -13,7 +13,6 @@ from typing import Any
 from lora_exp.config import TrackingConfig
 from lora_exp.tracking.answers import log_answers, top_trials
 from lora_exp.tracking.provenance import provenance, redact_text
-from lora_exp.tracking.pyfunc import log_adapter_model
 from lora_exp.tracking.runs import write_table
 from lora_exp.tracking.store import connect
 from lora_exp.tracking.sweep_plots import log_plots
@@ -241,6 +240,8 @@ def publish_adapter(client: Any, name: str, parent_run_id: str | None, run_id: s
     `mlflow.pyfunc.load_model` and generates), and `models:/<name>@best` pointed at it. False if
     it is published already."""
     from mlflow.exceptions import MlflowException
+
+    from lora_exp.tracking.pyfunc import log_adapter_model
 
     try:
         if client.get_model_version_by_alias(name, BEST_ALIAS).run_id == run_id:

@@ -274,3 +274,25 @@ def test_fuzz_overrides_fail_only_cleanly(overrides):
         parse_options(overrides)
     except ConfigError:
         pass
+
+
+#: bad input that the config alone shows: refused before torch, transformers or MLflow load
+#: (a second, not the ~3 s of importing them)
+LIGHT = [["train", "lora.r=0"], ["sweep", "sweep=tiny", "pack=banana"], ["sweep", "sweep=tiny", "lora.rr=4"],
+         ["config", "model=nope"], ["prepare", "model=nope"], ["sweep", "sweep=tiny", "n_trials=0"]]
+
+
+def test_bad_config_is_refused_before_the_heavy_libraries_load(tmp_path):
+    import json
+    import sys
+
+    script = ("import contextlib, io, json, sys\nfrom lora_exp.cli import main\n"
+              "with contextlib.redirect_stderr(io.StringIO()) as err:\n    code = main(json.loads(sys.argv[1]))\n"
+              "print(json.dumps([code, err.getvalue().strip().splitlines()[-1:],"
+              " sorted(m for m in ('torch', 'transformers', 'mlflow', 'peft') if m in sys.modules)]))")
+    for args in LIGHT:
+        proc = subprocess.run([sys.executable, "-c", script, json.dumps(args)], cwd=tmp_path, capture_output=True,
+                              text=True, timeout=60, env={**os.environ, "LORA_EXP_SWEEPS_DIR": str(REPO / "sweeps")})
+        code, line, loaded = json.loads(proc.stdout.strip().splitlines()[-1])
+        assert code == 2 and line and line[0].startswith("lora-exp: error:"), (args, proc.stdout, proc.stderr[-2000:])
+        assert loaded == [], (args, loaded)
