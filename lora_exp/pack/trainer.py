@@ -243,9 +243,10 @@ class PackTrainer:
         """What the drain read back; trials a callback stopped get their final metrics."""
         ended = self.drain.collect(self.steps_run, wait)
         for run in ended:
-            if run.result.status is TrialStatus.PRUNED:
+            if run.result.status is TrialStatus.PRUNED:  # its final metrics, as a pruned trial alone logs them
                 run.compute_s = float(self.table.compute_s[run.slot])
                 self.finisher.close_metrics(run)
+                run.tracker.log_metrics(run.result.metrics, step=run.result.steps)
         return ended
 
     def _trainable(self) -> bool:

@@ -126,6 +126,19 @@ class _StopAt:
         return step == self.step
 
 
+class _Logged(NullTracker):
+    """What a trial logs at its highest step (its final metrics)."""
+
+    def __init__(self):
+        self.last, self.last_step = {}, -1
+
+    def log_metrics(self, metrics, step):
+        if step > self.last_step:
+            self.last, self.last_step = {}, step
+        if step == self.last_step:
+            self.last.update(metrics)
+
+
 def test_trials_that_hold_for_evals_and_generations_while_others_train_train_exactly_as_alone(monkeypatch):
     """Out of step (2 slots, trials of 20 and 30 steps), a slot whose eval is due holds still while
     the other trains, is evaluated a few steps later with others, and goes on, stops (a callback),
@@ -142,8 +155,10 @@ def test_trials_that_hold_for_evals_and_generations_while_others_train_train_exa
     stops = {3: 20}  # the fourth trial is stopped at its eval of step 20 (of 30)
     base = load_base(cfgs[0].model, torch.device("cpu"))
     data = tokenize(load_rows(cfgs[0].data), cfgs[0].data, base.tokenizer)
-    alone = [run_trial(c, base, data, NullTracker(), [_StopAt(stops[i])] if i in stops else [])
+    logged_alone = [_Logged() for _ in cfgs]
+    alone = [run_trial(c, base, data, logged_alone[i], [_StopAt(stops[i])] if i in stops else [])
              for i, c in enumerate(cfgs)]
+    logged = [_Logged() for _ in cfgs]
     trainer = PackTrainer(base, data, cfgs[0], 2, 16, sorted({m for c in cfgs for m in c.target_modules}))
     results, queue = {}, list(enumerate(cfgs))
     try:
@@ -151,11 +166,16 @@ def test_trials_that_hold_for_evals_and_generations_while_others_train_train_exa
             for slot in trainer.free_slots():
                 if queue:
                     i, cfg = queue.pop(0)
-                    trainer.start(slot, cfg, NullTracker(), [_StopAt(stops[i])] if i in stops else [], handle=i)
+                    trainer.start(slot, cfg, logged[i], [_StopAt(stops[i])] if i in stops else [], handle=i)
             for run in trainer.step():
                 results[run.handle] = run.result
     finally:
         trainer.close()
+    for i in range(len(cfgs)):  # every metric a trial alone logs, at its last step too (the pruned one's);
+        # startup_s (the process's start to a trial's first step) is the pack's, in its summary
+        assert set(logged[i].last) - {"pack_slots"} == set(logged_alone[i].last) - {"startup_s"}, (i, logged[i].last)
+        assert logged[i].last_step == logged_alone[i].last_step == results[i].steps
+    assert "compute_s" in logged[3].last and results[3].status is TrialStatus.PRUNED
     assert trainer.held_slot_steps > 0  # slots really held while the other trained
     for i, (cfg, a) in enumerate(zip(cfgs, alone)):
         p = results[i]
