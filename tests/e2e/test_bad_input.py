@@ -123,7 +123,7 @@ def _files(folder: Path) -> list[Path]:
 
 #: rows also run as a `lora-exp` process of their own (the installed entry point's exit code and
 #: stderr, with the libraries' logging as a user gets it); the others run `cli.main` in this
-#: process: the same code from the command line on, without a process start (~3.5 s) each
+#: process: the same code from the command line on, without a process start (0.3-3 s) each
 AS_A_PROCESS = {"r zero", "server down", "unknown sweep", "unreachable storage", "enqueue unknown key",
                 "rerun not a run id", "export unwritable folder", "generate missing store", "best unknown option",
                 "ui missing store"}

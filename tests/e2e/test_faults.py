@@ -101,22 +101,24 @@ print(sorted(t.state.name for t in study.get_trials(deepcopy=False)))
 
 @pytest.mark.slow
 @pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
-def test_four_workers_twenty_five_trials_each(workdir, store, backend, request):
+def test_four_workers_twelve_trials_each(workdir, store, backend, request):
+    """Four worker processes on one study: exactly n trials, numbered 0..n-1, each with one run."""
+    n = 48
     storage = f"sqlite:///{workdir}/mlruns/optuna.db"
     if backend == "postgresql":
         storage = request.getfixturevalue("postgres_url")
-    proc = run_cli("sweep", "sweep=tiny", "n_trials=100", "workers=4", f"storage={storage}", "trainer.max_steps=6",
+    proc = run_cli("sweep", "sweep=tiny", f"n_trials={n}", "workers=4", f"storage={storage}", "trainer.max_steps=6",
                    "trainer.eval_steps=3", "data.n_generate=1", cwd=workdir, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     trials = load_study(storage).trials
     odd = [(t.number, t.state.name, t.system_attrs) for t in trials
-           if t.number >= 100 or t.state.name not in ("COMPLETE", "PRUNED")]
-    assert len(trials) == 100 and sorted(t.number for t in trials) == list(range(100)), (len(trials), odd,
+           if t.number >= n or t.state.name not in ("COMPLETE", "PRUNED")]
+    assert len(trials) == n and sorted(t.number for t in trials) == list(range(n)), (len(trials), odd,
                                                                                        proc.stderr[-2000:])
     assert not odd, odd
     _, parents, children = sweep_runs(store)
-    assert len(parents) == 1 and len(children) == 100
-    assert len({r.data.tags["trial_number"] for r in children}) == 100
+    assert len(parents) == 1 and len(children) == n
+    assert len({r.data.tags["trial_number"] for r in children}) == n
     assert all("final_eval_loss" in r.data.metrics for r in children if r.data.tags["trial_state"] == "COMPLETE")
 
 
