@@ -115,7 +115,9 @@ def run_worker(plan: SweepPlan, worker_index: int, n_workers: int | None = 1,
     them K at a time when the plan packs). Returns False when the failure limit stopped it."""
     import torch
 
-    if n_workers is None:  # a worker process: share the CPU cores with the other workers (as its trials record)
+    if n_workers is None or plan.base.trainer.num_threads:
+        # a worker process shares the CPU cores with the other workers (as its trials record); a
+        # pack, which trains its trials here rather than in `run_trial`, takes the set count too
         torch.set_num_threads(plan.base.trainer.num_threads or max(1, (os.cpu_count() or 1) // plan.workers))
     stop = StopFlag()
     previous = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)} \

@@ -208,3 +208,31 @@ def test_the_sampler_process_claims_and_samples_while_the_trainer_is_busy(tmp_pa
         left = sampler.close()
     assert len(left) == 1  # claimed, never taken: the caller fails it
     assert not sampler.process.is_alive()
+
+
+def test_a_packed_worker_trains_with_the_thread_count_the_config_sets(tmp_path):
+    """`trainer.num_threads` holds for a pack too (its trials train in the worker, not in
+    `run_trial`, which sets it for a trial alone); unset, the worker leaves torch's default."""
+    import torch
+
+    from lora_exp.sweep.plan import SweepPlan, parse_options
+    from lora_exp.sweep.spec import load_sweep
+    from lora_exp.sweep.storage import open_study
+    from lora_exp.sweep.worker import run_worker
+
+    url = f"sqlite:///{tmp_path}/optuna.db"
+    spec = load_sweep("tiny")
+    open_study(spec, url, "s", create=True)
+    default = torch.get_num_threads()
+    seen = []
+    try:
+        for extra in (["trainer.num_threads=1"], []):
+            overrides = [*spec.base, "pack.slots=2", *extra]
+            plan = SweepPlan(spec, parse_options(["sweep=tiny", f"storage={url}"]), "s", 2, None, overrides, None,
+                             compose(overrides))
+            assert plan.packed
+            torch.set_num_threads(default)
+            assert run_worker(plan, 0, 1, packed=lambda *_: seen.append(torch.get_num_threads()) or True)
+    finally:
+        torch.set_num_threads(default)
+    assert seen == [1, default]
