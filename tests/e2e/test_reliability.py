@@ -153,7 +153,7 @@ def test_a_killed_trial_resumes_at_its_last_eval_with_the_loss_curve_it_would_ha
     does not promise across processes; a resume that drops the optimizer's state moves the loss
     by 6e-5 relative at the first step it trains, one that drops the random-number state by 1e-2.)"""
     env = {"LORA_EXP_HEARTBEAT_SECONDS": "1"}
-    args = ["sweep=tiny", "n_trials=1", "trainer.max_steps=600", "trainer.eval_steps=100"]
+    args = ["sweep=tiny", "n_trials=1", "trainer.max_steps=300", "trainer.eval_steps=100"]
     proc = _start(workdir, *args, env=env)
     deadline = time.monotonic() + 120
     while not list(workdir.glob("mlruns/artifacts/*/artifacts/checkpoint/state.pt")):
@@ -167,7 +167,7 @@ def test_a_killed_trial_resumes_at_its_last_eval_with_the_loss_curve_it_would_ha
     assert "resuming run" in resumed.stderr, resumed.stderr[-3000:]
     client, _, children = sweep_runs(store)
     retry = next(r for r in children if r.info.status == "FINISHED")
-    assert int(retry.data.tags["resumed_at_step"]) % 100 == 0 and int(retry.data.tags["resumed_at_step"]) < 600
+    assert int(retry.data.tags["resumed_at_step"]) % 100 == 0 and 0 < int(retry.data.tags["resumed_at_step"]) < 300
     proc = run_cli("rerun", retry.info.run_id, cwd=workdir)
     assert proc.returncode == 0, proc.stderr[-2000:]
     plain = re.search(r"rerun run ([0-9a-f]{32})", proc.stdout).group(1)
