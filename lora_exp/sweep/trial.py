@@ -2,6 +2,7 @@
 worker's shared base model -> its outcome recorded in MLflow, then in Optuna."""
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from dataclasses import dataclass, field
@@ -37,6 +38,12 @@ class WorkerContext:
     position: int | None = None
     bases: dict[str, BaseModel] = field(default_factory=dict)
     datasets: dict[str, Any] = field(default_factory=dict)
+    #: the worker's `StopFlag`: a stop request waits while a trial is recorded
+    stop: Any = None
+
+    def uninterrupted(self) -> Any:
+        """A section that a stop request (Ctrl-C twice, SIGTERM) waits for, then stops after."""
+        return self.stop.deferred() if self.stop is not None else contextlib.nullcontext()
 
     def prepare(self, cfg: RunConfig) -> tuple[BaseModel, Any]:
         from lora_exp.core.models import load_base
@@ -135,13 +142,15 @@ def run_one_trial(plan: SweepPlan, study: Any, trial: Any, context: WorkerContex
         outcome = outcome_of(trial.number, trial._trial_id, result, plan.spec.metrics, plan.spec.multi, overrides,
                              time.perf_counter() - start)
     except KeyboardInterrupt as exc:
-        record_outcome(study, _failed(trial, overrides, "interrupted", start), tracker, exc)
+        with context.uninterrupted():
+            record_outcome(study, _failed(trial, overrides, "interrupted", start), tracker, exc)
         raise
     except Exception as exc:  # a bad sampled value, OOM, a bug: this trial fails, the sweep goes on
         reason = f"{type(exc).__name__}: {exc}".splitlines()[0][:500]
         log.error("trial %d failed: %s", trial.number, reason)
         outcome, error = _failed(trial, overrides, reason, start), exc
-    outcome = record_outcome(study, outcome, tracker, error)
+    with context.uninterrupted():  # both stores, or neither: the run closed and Optuna told
+        outcome = record_outcome(study, outcome, tracker, error)
     parent.refresh(plan.record, study, trial.number)
     print_trial_line(plan, study, outcome, f"{outcome.wall_s:.1f}s")
     return outcome.status

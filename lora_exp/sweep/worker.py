@@ -16,7 +16,7 @@ import signal
 import sys
 import threading
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from lora_exp.core.status import TrialStatus
 from lora_exp.errors import LoraExpError
@@ -61,16 +61,34 @@ def quiet_libraries() -> None:
 
 
 class StopFlag:
-    """First Ctrl-C: finish the trial in flight, then stop. Second: stop now."""
+    """First Ctrl-C: finish the trial in flight, then stop. Second (or SIGTERM): stop now, except
+    inside `deferred()`, which then stops as it ends: a trial claimed but not yet running, or a
+    trial being recorded in both stores, is never cut in half."""
 
     def __init__(self) -> None:
         self.requested = False
+        self._deferring = 0
+        self._pending = False
 
     def __call__(self, signum: int, frame: Any) -> None:
-        if self.requested or signum == signal.SIGTERM:
+        if not (self.requested or signum == signal.SIGTERM):
+            self.requested = True
+            log.warning("stopping after the trial(s) in flight (Ctrl-C again to stop now)")
+        elif self._deferring:
+            self.requested = self._pending = True
+        else:
             raise KeyboardInterrupt
-        self.requested = True
-        log.warning("stopping after the trial(s) in flight (Ctrl-C again to stop now)")
+
+    @contextlib.contextmanager
+    def deferred(self) -> Iterator[None]:
+        self._deferring += 1
+        try:
+            yield
+        finally:
+            self._deferring -= 1
+            if not self._deferring and self._pending:
+                self._pending = False
+                raise KeyboardInterrupt
 
 
 class Heartbeat:
@@ -126,7 +144,7 @@ def run_worker(plan: SweepPlan, worker_index: int, n_workers: int | None = 1,
     from lora_exp.core.models import pick_device
 
     context = WorkerContext(device=pick_device(plan.base.trainer.device),
-                            position=worker_index if plan.workers > 1 else None)
+                            position=worker_index if plan.workers > 1 else None, stop=stop)
     try:
         if plan.pack == "auto" and context.device.type != "cuda":
             log.info("pack=auto: one trial at a time on %s (packing pays on a GPU)", context.device)
@@ -150,14 +168,21 @@ def _run_trials(plan: SweepPlan, study: Any, context: WorkerContext, stop: StopF
         if not wait_until_reachable(tracking, TRACKING_WAIT_S):
             raise LoraExpError(f"tracking store {redact_uri(tracking.uri)} unreachable for {TRACKING_WAIT_S:.0f}s: "
                                f"sweep stopped; queued trials run on the next start")
-        trial = claim_waiting_trial(study, plan.options.storage)
-        if trial is None:
-            if in_flight_elsewhere(study, plan):
-                time.sleep(max(0.5, plan.spec.heartbeat / 2))  # take over any of them that goes stale
-                continue
-            break
-        with Heartbeat(study, trial, plan.spec.heartbeat):
-            status = run_one_trial(plan, study, trial, context)
+        trial = None
+        try:
+            with stop.deferred():
+                trial = claim_waiting_trial(study, plan.options.storage)
+            if trial is None:
+                if in_flight_elsewhere(study, plan):
+                    time.sleep(max(0.5, plan.spec.heartbeat / 2))  # take over any of them that goes stale
+                    continue
+                break
+            with Heartbeat(study, trial, plan.spec.heartbeat):
+                status = run_one_trial(plan, study, trial, context)
+        except KeyboardInterrupt:
+            if trial is not None:
+                fail_if_in_flight(plan, study, trial, "interrupted")
+            raise
         if status is TrialStatus.FAIL:
             if not reachable(tracking):  # the store went away: not the trial's fault
                 study.enqueue_trial({})
@@ -168,6 +193,22 @@ def _run_trials(plan: SweepPlan, study: Any, context: WorkerContext, stop: StopF
                 return False
             study.enqueue_trial({})  # a replacement, so the study still ends with n_trials trials
     return True
+
+
+def fail_if_in_flight(plan: SweepPlan, study: Any, trial: Any, reason: str) -> None:
+    """A trial this worker claimed and left RUNNING (stopped before its run opened, say):
+    failed in both stores now, not left for the heartbeat's grace period (meanwhile it would
+    count as running elsewhere, and the parent run would stay RUNNING)."""
+    from optuna.trial import TrialState
+
+    try:
+        if study._storage.get_trial(trial._trial_id).state != TrialState.RUNNING:
+            return
+        study._storage.set_trial_user_attr(trial._trial_id, "failure", reason)
+        study.tell(trial.number, state=TrialState.FAIL, skip_if_finished=True)
+        parent.close_orphan_runs(plan.record, study, reason, numbers={trial.number})
+    except Exception as exc:  # noqa: BLE001 - the heartbeat's grace period fails it later
+        log.warning("could not fail trial %d: %s", trial.number, exc)
 
 
 def run_worker_processes(plan: SweepPlan, workers: int, packed: PackedWorker | None = None) -> bool:

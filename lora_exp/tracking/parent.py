@@ -114,8 +114,11 @@ def monitor_system(record: SweepRecord) -> Any:
     return monitor
 
 
-def close_orphan_runs(record: SweepRecord, study: Any) -> None:
-    """MLflow runs left RUNNING by a worker that died: FAILED, once Optuna has failed their trial."""
+def close_orphan_runs(record: SweepRecord, study: Any,
+                      reason: str = "worker died (no heartbeat); trial failed and retried",
+                      numbers: set[int] | None = None) -> None:
+    """MLflow runs left RUNNING by a worker that died (or was stopped between the steps that
+    record a trial): FAILED, once Optuna has failed their trial (only trials `numbers` if given)."""
     if record.run_id is None:
         return
     try:
@@ -125,12 +128,12 @@ def close_orphan_runs(record: SweepRecord, study: Any) -> None:
         return
     for t in study.get_trials(deepcopy=False):
         run_id = t.user_attrs.get("mlflow_run_id")
-        if t.state.name != "FAIL" or not run_id:
+        if t.state.name != "FAIL" or not run_id or (numbers is not None and t.number not in numbers):
             continue
         try:
             run = client.get_run(run_id)
             if run.info.status == "RUNNING":
-                client.set_tag(run_id, "error", "worker died (no heartbeat); trial failed and retried")
+                client.set_tag(run_id, "error", reason)
                 client.set_tag(run_id, "trial_state", "FAIL")
                 client.set_terminated(run_id, "FAILED")
         except Exception as exc:  # noqa: BLE001
