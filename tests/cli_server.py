@@ -1,5 +1,6 @@
-"""A process that has imported the heavy third-party libraries once and forks a child for each
-`lora-exp` call a test makes (`helpers.run_cli`): the child runs the real entry point in its own
+"""The tests' `lora-exp` calls (`helpers.run_cli`): a process that has imported the heavy
+third-party libraries once forks a child for each call (`CliServer` is the tests' side): the child
+runs the real entry point in its own
 process, cwd, environment, stdout and stderr, with real exit codes and signals, but starts in
 ~0.1 s instead of the 5-10 s that importing torch and transformers costs on 2 cores. The e2e
 tests start ~150 CLI processes, so this is most of `make test`'s time.
@@ -18,10 +19,15 @@ has ended (its exit code, or -N for a signal, as subprocess reports it).
 """
 from __future__ import annotations
 
+import atexit
 import json
 import os
+import signal
+import subprocess
 import sys
+import tempfile
 import threading
+from pathlib import Path
 
 
 def preload() -> None:
@@ -102,6 +108,74 @@ def main() -> None:
         print(json.dumps({"pid": pid}), flush=True)
         _, status = os.waitpid(pid, 0)
         print(json.dumps({"exit": os.waitstatus_to_exitcode(status)}), flush=True)
+
+
+class CliServer:
+    """The test session's side: the one server process (`get`: None where it cannot fork safely,
+    or LORA_EXP_TEST_PRELOAD=0), and a call run through it (`run`)."""
+
+    #: environment variables the preloaded libraries read when imported: a call that sets them
+    #: otherwise than the server's environment runs in a fresh process
+    IMPORT_TIME = ("HF_", "HUGGINGFACE", "TRANSFORMERS", "TORCH", "PYTORCH", "OMP_", "MKL_", "CUDA", "TOKENIZERS",
+                   "PYTHON", "SQLALCHEMY", "NUMPY", "OPENBLAS")
+    _instance: "CliServer | None" = None
+    _started = False
+
+    @classmethod
+    def get(cls) -> "CliServer | None":
+        if not cls._started:
+            cls._started = True
+            if os.environ.get("LORA_EXP_TEST_PRELOAD", "1") != "0" and hasattr(os, "fork"):
+                server = cls()
+                cls._instance = server if server.ready else None
+        return cls._instance
+
+    def __init__(self) -> None:
+        self.env = dict(os.environ)
+        self.lock = threading.Lock()
+        self.proc = subprocess.Popen([sys.executable, __file__],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=self.env)
+        atexit.register(self.close)
+        line = self.proc.stdout.readline()
+        self.ready = bool(line) and json.loads(line).get("ready", False)
+
+    def serves(self, args: tuple[str, ...], env: dict[str, str]) -> bool:
+        if "-v" in args or "--verbose" in args:  # MLflow's loggers: their level is set when it is imported
+            return False
+        keys = {k for k in {*env, *self.env} if k.upper().startswith(self.IMPORT_TIME)}
+        return all(env.get(k) == self.env.get(k) for k in keys)
+
+    def run(self, argv: list[str], cwd: Path, env: dict[str, str], timeout: float):
+
+        with tempfile.TemporaryDirectory(prefix="lora-exp-cli-") as tmp:
+            out, err = Path(tmp, "stdout"), Path(tmp, "stderr")
+            out.touch()
+            err.touch()
+            request = {"argv": argv, "cwd": str(cwd), "env": env, "stdout": str(out), "stderr": str(err)}
+            self.proc.stdin.write(json.dumps(request) + "\n")
+            self.proc.stdin.flush()
+            pid = json.loads(self.proc.stdout.readline())["pid"]
+            answer: list[str] = []
+            reader = threading.Thread(target=lambda: answer.append(self.proc.stdout.readline()), daemon=True)
+            reader.start()
+            reader.join(timeout)
+            timed_out = reader.is_alive()
+            if timed_out:  # as subprocess.run: kill the process, then raise
+                os.kill(pid, signal.SIGKILL)
+                reader.join()
+            code = json.loads(answer[0])["exit"]
+            stdout, stderr = out.read_text(errors="replace"), err.read_text(errors="replace")
+        if timed_out:
+            raise subprocess.TimeoutExpired(argv, timeout, output=stdout, stderr=stderr)
+        return subprocess.CompletedProcess(argv, code, stdout, stderr)
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.stdin.close()
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
 
 
 if __name__ == "__main__":
