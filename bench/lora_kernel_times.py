@@ -34,6 +34,8 @@ def main() -> None:
     p.add_argument("--repeat", type=int, default=20)
     p.add_argument("--device", default="cuda", help="cpu: a smoke run under TRITON_INTERPRET=1 (times meaningless)")
     p.add_argument("--configs", default="", help="';'-separated NAME=VALUE,... settings of kernels.lora's constants")
+    p.add_argument("--kernels", action="store_true",
+                   help="also each kernel's GPU time per call (torch.profiler), with dropout: host time left out")
     args = p.parse_args()
 
     import torch
@@ -84,8 +86,28 @@ def main() -> None:
 
         # the delta's own traffic: x read (forward, backward), y and dx read and written, g read
         bound = 2 * k * m * (4 * fin + 3 * fout) / HBM * 1e3
+        if args.kernels and dev == "cuda":
+            kernel_times(lambda: lora(drop), f"{fin}x{fout}")
+            kernel_times(lambda: lora(None), f"{fin}x{fout} no dropout")
         return {"base": timed(base), "lora": timed(lambda: lora(drop)), "lora_nodrop": timed(lambda: lora(None)),
                 "bound": bound}
+
+    def kernel_times(fn, shape: str) -> None:
+        """GPU time per call of each kernel fn launches (fn's forward and backward)."""
+        from torch.profiler import ProfilerActivity, profile
+
+        for _ in range(3):
+            fn()
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(args.repeat):
+                fn()
+            torch.cuda.synchronize()
+        times = {}
+        for ev in prof.key_averages():
+            if ev.device_time_total > 0:
+                times[ev.key[:60]] = round(ev.device_time_total / args.repeat, 1)
+        print(json.dumps({"what": "kernels, us a call", "shape": shape, "times": times}), flush=True)
 
     def run_config(label: str) -> None:
         totals = {"base": 0.0, "lora": 0.0, "lora_nodrop": 0.0, "bound": 0.0}
@@ -104,7 +126,7 @@ def main() -> None:
                           "delta_traffic_bound_ms": round(totals["bound"], 2)}), flush=True)
 
     run_config("default")
-    saved = {name: getattr(pack_lora, name) for name in ("BM", "BK", "BN", "NUM_WARPS", "MIN_SPLIT")}
+    saved = {name: getattr(pack_lora, name) for name in pack_lora.TUNABLE}
     for config in filter(None, args.configs.split(";")):
         for item in config.split(","):
             name, value = item.split("=")

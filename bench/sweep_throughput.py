@@ -200,7 +200,7 @@ def cmd_engine(args: argparse.Namespace) -> None:
             if args.lora_configs and trainer.pm.groups.kernels:
                 from lora_exp.pack.kernels import lora as pack_lora
 
-                time_configs(trainer, args, k, sync, pack_lora, ("BK", "BN", "NUM_WARPS", "MIN_SPLIT"),
+                time_configs(trainer, args, k, sync, pack_lora, ("BK", "BN", "NUM_WARPS", "MIN_SPLIT", "BM"),
                              args.lora_configs, "packed step, LoRA kernel config", mix=mix)
             if args.profile and k == args.profile and not profiled:  # the first run at that K
                 profile(trainer, args.trace)
@@ -485,7 +485,7 @@ def main() -> None:
     e.add_argument("--lora", default="kernels",
                    help="how the step computes the LoRA deltas: kernels (kernels.lora), bmm, or both")
     e.add_argument("--lora-configs", default="",
-                   help="also time the LoRA kernels at these BKxBNxWARPSxMIN_SPLIT, e.g. 128x128x4x2")
+                   help="also time the LoRA kernels at these BKxBNxWARPSxMIN_SPLITxBM, e.g. 128x128x4x2x64")
     e.add_argument("--attention", default="rows", help="the pack's attention: rows (kernels.attention on CUDA), "
                    "model (the model's own implementation, --attn), or both")
     e.add_argument("--mixes", default="uniform",

@@ -213,7 +213,7 @@ def time_lora_configs(trainer, args: argparse.Namespace, sync) -> None:
     the kernels read them at each launch, so no recompile."""
     from lora_exp.pack.kernels import lora as pack_lora
 
-    saved = {name: getattr(pack_lora, name) for name in ("BM", "BK", "BN", "NUM_WARPS")}
+    saved = {name: getattr(pack_lora, name) for name in pack_lora.TUNABLE}
     for config in args.lora_configs.split(";"):
         values = dict(item.split("=") for item in config.split(","))
         for name, value in values.items():

@@ -37,3 +37,10 @@ def dropout_keep(slot, m, kk, M, T, IN, ROWS, keys_ptr, thr_ptr, kscale_ptr):
 def apply_keep(x, keep, kscale):
     """x times the mask's multipliers (fp32)."""
     return tl.where(keep, x.to(tl.float32) * kscale[:, None], 0.0)
+
+
+@triton.jit
+def masked(x, slot, m, kk, M, T, IN, ROWS, keys_ptr, thr_ptr, kscale_ptr):
+    """x times core.randomness.dropout_mask's multipliers on the block (`dropout_keep`), fp32."""
+    keep, kscale = dropout_keep(slot, m, kk, M, T, IN, ROWS, keys_ptr, thr_ptr, kscale_ptr)
+    return apply_keep(x, keep, kscale)

@@ -40,20 +40,19 @@ import triton
 import triton.language as tl
 
 from lora_exp.pack.kernels import lora_tiled
-from lora_exp.pack.kernels.hash import apply_keep, dropout_keep
+from lora_exp.pack.kernels.hash import masked
 
 #: the tiles a program steps through the inputs (BK) and outputs (BN) by, its warps, and the
 #: fewest programs per slot (the bench's `engine --lora-configs` times others)
 BK, BN, NUM_WARPS, MIN_SPLIT = 128, 128, 4, 1
-#: the longest row group one program holds (the short kernels); longer ones are tiled by BM positions
-MAX_M, BM = 256, 64
+#: the programs per multiprocessor the long rows' backward splits each slot's positions to reach
+PROGRAMS_PER_SM = 4
+#: the longest row group one program holds (the short kernels); longer ones are tiled by BM
+#: positions (32: 0.5-3% faster a Qwen2.5-0.5B step than 64), as is the input gradient of every group
+MAX_M, BM = 256, 32
+#: the constants here, which the benches set to time other values
+TUNABLE = ("BK", "BN", "NUM_WARPS", "MIN_SPLIT", "MAX_M", "BM", "PROGRAMS_PER_SM")
 
-
-@triton.jit
-def _masked(x, slot, m, kk, M, T, IN, ROWS, keys_ptr, thr_ptr, kscale_ptr):
-    """x times core.randomness.dropout_mask's multipliers on the block (hash.dropout_keep)."""
-    keep, kscale = dropout_keep(slot, m, kk, M, T, IN, ROWS, keys_ptr, thr_ptr, kscale_ptr)
-    return apply_keep(x, keep, kscale)
 
 
 @triton.jit
@@ -80,7 +79,7 @@ def _fwd_kernel(x_ptr, a_ptr, b_ptr, out_ptr, h_ptr, scale_ptr, rank_ptr, keys_p
             x = tl.load(x_ptr + slot * x_s0 + m[:, None] * IN + kk[None, :], mask=m_ok[:, None] & k_ok[None, :],
                         other=0.0)
             if DROPOUT:
-                x = _masked(x, slot, m, kk, M, T, IN, ROWS, keys_ptr, thr_ptr, kscale_ptr)
+                x = masked(x, slot, m, kk, M, T, IN, ROWS, keys_ptr, thr_ptr, kscale_ptr)
             a = tl.load(a_ptr + slot * a_s0 + rk[None, :] * a_s1 + kk[:, None],
                         mask=(rk < r)[None, :] & k_ok[:, None], other=0.0)
             acc += tl.dot(x.to(dtype), a, input_precision=PREC)
@@ -139,22 +138,19 @@ def _bwd_b_kernel(g_ptr, b_ptr, h_ptr, gb_ptr, dh_ptr, scale_ptr, rank_ptr, M, O
 
 
 @triton.jit
-def _bwd_a_kernel(x_ptr, a_ptr, dh_ptr, ga_ptr, dx_ptr, rank_ptr, keys_ptr, thr_ptr, kscale_ptr,
-                  M, T, IN, ROWS, x_s0, a_s0, a_s1, R,
-                  SPLIT: tl.constexpr, DROPOUT: tl.constexpr, NEED_DX: tl.constexpr, ACC: tl.constexpr,
-                  BM: tl.constexpr, BR: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr):
-    """A's gradient (dh^T drop(x)) and the input's (dh A, masked) over this program's share of
-    the inputs; dh is the sum of the other kernel's parts, in a fixed order. With ACC the input's
-    gradient is added in place to the base layer's in dx (left as it is where the slot does not
-    target the module)."""
+def _bwd_a_kernel(x_ptr, dh_ptr, ga_ptr, rank_ptr, keys_ptr, thr_ptr, kscale_ptr, M, T, IN, ROWS, x_s0, R,
+                  SPLIT: tl.constexpr, DROPOUT: tl.constexpr, BM: tl.constexpr, BR: tl.constexpr, BK: tl.constexpr,
+                  PREC: tl.constexpr):
+    """A's gradient (dh^T drop(x)) over this program's share of the inputs; dh is the sum of the
+    other kernel's parts, in a fixed order."""
     slot = tl.program_id(0).to(tl.int64)
     part = tl.program_id(1)
     r = tl.load(rank_ptr + slot)
-    m = tl.arange(0, BM)
-    rk = tl.arange(0, BR)
-    m_ok = m < M
-    dtype = ga_ptr.dtype.element_ty
     if r > 0:
+        m = tl.arange(0, BM)
+        rk = tl.arange(0, BR)
+        m_ok = m < M
+        dtype = ga_ptr.dtype.element_ty
         dh = tl.zeros((BM, BR), dtype=tl.float32)
         for p in range(SPLIT):
             dh += tl.load(dh_ptr + (slot * SPLIT + p) * BM * BR + m[:, None] * BR + rk[None, :])
@@ -164,29 +160,11 @@ def _bwd_a_kernel(x_ptr, a_ptr, dh_ptr, ga_ptr, dx_ptr, rank_ptr, keys_ptr, thr_
             k_ok = kk < IN
             x = tl.load(x_ptr + slot * x_s0 + m[:, None] * IN + kk[None, :], mask=m_ok[:, None] & k_ok[None, :],
                         other=0.0)
-            if DROPOUT:  # one hash for the input and its gradient
-                keep, kscale = dropout_keep(slot, m, kk, M, T, IN, ROWS, keys_ptr, thr_ptr, kscale_ptr)
-                x = apply_keep(x, keep, kscale)
+            if DROPOUT:
+                x = masked(x, slot, m, kk, M, T, IN, ROWS, keys_ptr, thr_ptr, kscale_ptr)
             ga = tl.dot(tl.trans(dh), x.to(dtype), input_precision=PREC)
             tl.store(ga_ptr + slot * R * IN + rk[:, None] * IN + kk[None, :], ga.to(dtype),
                      mask=(rk < r)[:, None] & k_ok[None, :])
-            if NEED_DX:
-                a = tl.load(a_ptr + slot * a_s0 + rk[:, None] * a_s1 + kk[None, :],
-                            mask=(rk < r)[:, None] & k_ok[None, :], other=0.0)
-                dx = tl.dot(dh, a, input_precision=PREC).to(dtype)
-                if DROPOUT:
-                    dx = apply_keep(dx, keep, kscale)
-                at = slot * M * IN + m[:, None] * IN + kk[None, :]
-                ok = m_ok[:, None] & k_ok[None, :]
-                if ACC:
-                    dx = tl.load(dx_ptr + at, mask=ok, other=0.0).to(tl.float32) + dx.to(dtype).to(tl.float32)
-                tl.store(dx_ptr + at, dx.to(dtype), mask=ok)
-    elif NEED_DX and not ACC:  # no delta, no input gradient from this module
-        zero = tl.zeros((BM, BK), dtype=dtype)
-        for k0 in range(part * BK, IN, SPLIT * BK):
-            kk = k0 + tl.arange(0, BK)
-            tl.store(dx_ptr + slot * M * IN + m[:, None] * IN + kk[None, :], zero,
-                     mask=m_ok[:, None] & (kk < IN)[None, :])
 
 
 # --- the custom op --------------------------------------------------------------------------------
@@ -215,6 +193,11 @@ def split_for(k: int, device: torch.device) -> int:
     return max(1, min(8, -(-4 * _sms(device) // max(1, k))))
 
 
+def _launch() -> dict:
+    """The launch options every LoRA kernel takes (read at each launch: the benches time others)."""
+    return {"num_warps": NUM_WARPS}
+
+
 def _check(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
     assert x.dim() == 3 and a.dim() == 3 and b.dim() == 3 and a.shape[0] == x.shape[0] == b.shape[0]
     assert x.stride(2) == 1 and x.stride(1) == x.shape[2], "x: rows of one slot must be dense"
@@ -236,7 +219,7 @@ def _forward(x, a, b, scale, rank, keys, thr, kscale, rows, split, out, add):
     _fwd_kernel[(k, split, tiles)](x, a, b, out, h, scale, rank, keys if dropout else x, thr if dropout else x,
                                    kscale if dropout else x, m, m // rows, fin, fout, rows, x.stride(0), a.stride(0),
                                    a.stride(1), b.stride(0), b.stride(1), rmax, SPLIT=split, DROPOUT=dropout, ADD=add,
-                                   BM=bm, BR=_block_r(rmax), BK=BK, BN=BN, PREC=_prec(x.dtype), num_warps=NUM_WARPS)
+                                   BM=bm, BR=_block_r(rmax), BK=BK, BN=BN, PREC=_prec(x.dtype), **_launch())
     return h
 
 
@@ -297,8 +280,8 @@ def _delta_backward(g, x, a, b, h, scale, rank, keys, thr, kscale, rows, split, 
               else torch.empty(k, m, fin, device=x.device, dtype=x.dtype))
     if m > MAX_M:
         ga, gb = lora_tiled.backward(g, x, a, b, h, scale, rank, keys, thr, kscale, rows, split, dx, acc, bm=BM, bk=BK,
-                                     bn=BN, br=_block_r(rmax), prec=_prec(x.dtype), programs=4 * _sms(x.device),
-                                     num_warps=NUM_WARPS)
+                                     bn=BN, br=_block_r(rmax), prec=_prec(x.dtype),
+                                     programs=PROGRAMS_PER_SM * _sms(x.device), launch=_launch())
         return (dx if need_dx else x.new_empty(0)), ga, gb
     bm, br = _block_m(m), _block_r(rmax)
     # written only where a slot trains (its first r rows of the modules it targets): the
@@ -309,11 +292,13 @@ def _delta_backward(g, x, a, b, h, scale, rank, keys, thr, kscale, rows, split, 
     dropout = keys is not None
     prec = _prec(x.dtype)
     _bwd_b_kernel[(k, split)](g, b, h, gb, dh, scale, rank, m, fout, b.stride(0), b.stride(1), rmax,
-                              SPLIT=split, BM=bm, BR=br, BN=BN, PREC=prec, num_warps=NUM_WARPS)
-    _bwd_a_kernel[(k, split)](x, a, dh, ga, dx if need_dx else x, rank, keys if dropout else x,
-                              thr if dropout else x, kscale if dropout else x, m, m // rows, fin, rows, x.stride(0),
-                              a.stride(0), a.stride(1), rmax, SPLIT=split, DROPOUT=dropout, NEED_DX=need_dx, ACC=acc,
-                              BM=bm, BR=br, BK=BK, PREC=prec, num_warps=NUM_WARPS)
+                              SPLIT=split, BM=bm, BR=br, BN=BN, PREC=prec, **_launch())
+    _bwd_a_kernel[(k, split)](x, dh, ga, rank, keys if dropout else x, thr if dropout else x,
+                              kscale if dropout else x, m, m // rows, fin, rows, x.stride(0), rmax, SPLIT=split,
+                              DROPOUT=dropout, BM=bm, BR=br, BK=BK, PREC=prec, **_launch())
+    if need_dx:
+        lora_tiled.input_grad(a, dh, split, dx, rank, keys, thr, kscale, rows, acc, bm=min(bm, BM), br=br, bk=BK,
+                              prec=prec, launch=_launch())
     return (dx if need_dx else x.new_empty(0)), ga, gb
 
 

@@ -1,16 +1,17 @@
 """The LoRA kernels' backward for long row groups (`kernels.lora`: more than MAX_M positions a
 slot, rows up to 1024 tokens, batch > 1): dh one program per BM positions, then B's gradient per
-block of outputs and A's (with the input's gradient) per block of inputs, each walking the
-group's tiles in order. Where slots x blocks are too few programs for the GPU, a block's tiles
-are split in parts whose fp32 partial sums are added in a fixed order (no atomics: the same
-result run to run). The roundings are those of the short kernels' backward."""
+block of outputs and A's per block of inputs, each walking the group's tiles in order, and the
+input's gradient one program per tile (`input_grad`, which the short kernels use too). Where
+slots x blocks are too few programs for the GPU, a block's tiles are split in parts whose fp32
+partial sums are added in a fixed order (no atomics: the same result run to run). The roundings
+are those of the short kernels' backward."""
 from __future__ import annotations
 
 import torch
 import triton
 import triton.language as tl
 
-from lora_exp.pack.kernels.hash import apply_keep, dropout_keep
+from lora_exp.pack.kernels.hash import masked
 
 
 @triton.jit
@@ -72,23 +73,19 @@ def _bwd_b_tiled(g_ptr, h_ptr, gb_ptr, part_ptr, scale_ptr, rank_ptr, M, OUT, R,
 
 
 @triton.jit
-def _bwd_a_tiled(x_ptr, a_ptr, dh_ptr, ga_ptr, part_ptr, dx_ptr, rank_ptr, keys_ptr, thr_ptr, kscale_ptr,
-                 M, T, IN, ROWS, x_s0, a_s0, a_s1, R,
-                 PARTS: tl.constexpr, DROPOUT: tl.constexpr, NEED_DX: tl.constexpr, ACC: tl.constexpr,
-                 BM: tl.constexpr, BR: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr):
+def _bwd_a_tiled(x_ptr, dh_ptr, ga_ptr, part_ptr, rank_ptr, keys_ptr, thr_ptr, kscale_ptr, M, T, IN, ROWS, x_s0, R,
+                 PARTS: tl.constexpr, DROPOUT: tl.constexpr, BM: tl.constexpr, BR: tl.constexpr, BK: tl.constexpr,
+                 PREC: tl.constexpr):
     """Long rows: A's gradient dh^T drop(x) for this program's BK inputs over the group's
-    positions (a partial sum over every PARTS-th tile, as for B), and the input's gradient (dh A,
-    masked) on those inputs, tile by tile (with ACC, added in place to the base layer's)."""
+    positions (a partial sum over every PARTS-th tile, as for B)."""
     slot = tl.program_id(0).to(tl.int64)
     part = tl.program_id(2)
     r = tl.load(rank_ptr + slot)
-    kk = tl.program_id(1) * BK + tl.arange(0, BK)
-    k_ok = kk < IN
-    rk = tl.arange(0, BR)
-    dtype = ga_ptr.dtype.element_ty
     if r > 0:
-        a = tl.load(a_ptr + slot * a_s0 + rk[:, None] * a_s1 + kk[None, :], mask=(rk < r)[:, None] & k_ok[None, :],
-                    other=0.0)
+        kk = tl.program_id(1) * BK + tl.arange(0, BK)
+        k_ok = kk < IN
+        rk = tl.arange(0, BR)
+        dtype = ga_ptr.dtype.element_ty
         ga = tl.zeros((BR, BK), dtype=tl.float32)
         for m0 in range(part * BM, M, PARTS * BM):
             m = m0 + tl.arange(0, BM)
@@ -97,40 +94,72 @@ def _bwd_a_tiled(x_ptr, a_ptr, dh_ptr, ga_ptr, part_ptr, dx_ptr, rank_ptr, keys_
                          other=0.0).to(dtype)
             x = tl.load(x_ptr + slot * x_s0 + m[:, None] * IN + kk[None, :], mask=m_ok[:, None] & k_ok[None, :],
                         other=0.0)
-            if DROPOUT:  # one hash for the input and its gradient
-                keep, kscale = dropout_keep(slot, m, kk, M, T, IN, ROWS, keys_ptr, thr_ptr, kscale_ptr)
-                x = apply_keep(x, keep, kscale)
+            if DROPOUT:
+                x = masked(x, slot, m, kk, M, T, IN, ROWS, keys_ptr, thr_ptr, kscale_ptr)
             ga += tl.dot(tl.trans(dh), x.to(dtype), input_precision=PREC)
-            if NEED_DX:
-                dx = tl.dot(dh, a, input_precision=PREC).to(dtype)
-                if DROPOUT:
-                    dx = apply_keep(dx, keep, kscale)
-                at = slot * M * IN + m[:, None] * IN + kk[None, :]
-                ok = m_ok[:, None] & k_ok[None, :]
-                if ACC:
-                    dx = tl.load(dx_ptr + at, mask=ok, other=0.0).to(tl.float32) + dx.to(dtype).to(tl.float32)
-                tl.store(dx_ptr + at, dx.to(dtype), mask=ok)
         if PARTS == 1:
             tl.store(ga_ptr + slot * R * IN + rk[:, None] * IN + kk[None, :], ga.to(dtype),
                      mask=(rk < r)[:, None] & k_ok[None, :])
         else:
             tl.store(part_ptr + ((slot * PARTS + part) * BR + rk[:, None]) * IN + kk[None, :], ga,
                      mask=(rk < r)[:, None] & k_ok[None, :])
-    elif NEED_DX and not ACC:  # no delta, no input gradient from this module
-        zero = tl.zeros((BM, BK), dtype=dx_ptr.dtype.element_ty)
-        for m0 in range(part * BM, M, PARTS * BM):
-            m = m0 + tl.arange(0, BM)
-            tl.store(dx_ptr + slot * M * IN + m[:, None] * IN + kk[None, :], zero,
-                     mask=(m < M)[:, None] & k_ok[None, :])
+
+
+@triton.jit
+def _bwd_dx(a_ptr, dh_ptr, dx_ptr, rank_ptr, keys_ptr, thr_ptr, kscale_ptr, M, T, IN, ROWS, a_s0, a_s1, dh_s0, dh_sp,
+            DH_PARTS: tl.constexpr, DROPOUT: tl.constexpr, ACC: tl.constexpr, BM: tl.constexpr, BR: tl.constexpr,
+            BK: tl.constexpr, PREC: tl.constexpr):
+    """The input's gradient (dh A, masked) on this program's BM positions x BK inputs, with ACC
+    added in place to the base layer's (left as it is where the slot does not target the
+    module). dh is the sum of DH_PARTS fp32 parts (dh_sp apart), in a fixed order. A kernel of its
+    own, not a second product in A's: there the mask's hash is computed in two layouts and the
+    pair ran ~25% slower (H200, Qwen2.5-0.5B's shapes)."""
+    slot = tl.program_id(0).to(tl.int64)
+    r = tl.load(rank_ptr + slot)
+    kk = tl.program_id(1) * BK + tl.arange(0, BK)
+    m = tl.program_id(2) * BM + tl.arange(0, BM)
+    k_ok = kk < IN
+    m_ok = m < M
+    rk = tl.arange(0, BR)
+    at = slot * M * IN + m[:, None] * IN + kk[None, :]
+    ok = m_ok[:, None] & k_ok[None, :]
+    dtype = a_ptr.dtype.element_ty
+    if r > 0:
+        a = tl.load(a_ptr + slot * a_s0 + rk[:, None] * a_s1 + kk[None, :], mask=(rk < r)[:, None] & k_ok[None, :],
+                    other=0.0)
+        dh = tl.zeros((BM, BR), dtype=tl.float32)
+        for p in range(DH_PARTS):
+            dh += tl.load(dh_ptr + slot * dh_s0 + p * dh_sp + m[:, None] * BR + rk[None, :], mask=m_ok[:, None],
+                          other=0.0)
+        dx = tl.dot(dh.to(dtype), a, input_precision=PREC).to(dtype)
+        if DROPOUT:
+            dx = masked(dx, slot, m, kk, M, T, IN, ROWS, keys_ptr, thr_ptr, kscale_ptr)
+        if ACC:
+            dx = tl.load(dx_ptr + at, mask=ok, other=0.0).to(tl.float32) + dx.to(dtype).to(tl.float32)
+        tl.store(dx_ptr + at, dx.to(dtype), mask=ok)
+    elif not ACC:  # no delta, no input gradient from this module
+        tl.store(dx_ptr + at, tl.zeros((BM, BK), dtype=dx_ptr.dtype.element_ty), mask=ok)
+
+
+def input_grad(a, dh, dh_parts, dx, rank, keys, thr, kscale, rows, acc, *, bm, br, bk, prec, launch):
+    """The delta's input gradient into `dx` [K, M, in] (added in place with `acc`), from dh
+    [K, dh_parts, >=M, br] (fp32 parts) and A, a program per `bm` positions x `bk` inputs."""
+    k, m, fin = dx.shape
+    dropout = keys is not None
+    _bwd_dx[(k, triton.cdiv(fin, bk), triton.cdiv(m, bm))](
+        a, dh, dx, rank, keys if dropout else dx, thr if dropout else dx, kscale if dropout else dx, m, m // rows, fin,
+        rows, a.stride(0), a.stride(1), dh.stride(0), dh.stride(1), DH_PARTS=dh_parts, DROPOUT=dropout, ACC=acc,
+        BM=bm, BR=br, BK=bk, PREC=prec, **launch)
 
 
 def backward(g, x, a, b, h, scale, rank, keys, thr, kscale, rows, split, dx, acc, *, bm, bk, bn, br, prec, programs,
-             num_warps):
+             launch):
     """The backward of a long row group: dh per position tile, then B's gradient per output
     block and A's (with the input's gradient) per input block, each over the group's positions.
     Where slots x blocks are too few programs for the GPU, each block's positions are split in
     up to `split` parts whose fp32 partial sums are added in a fixed order (deterministic).
-    `dx` is the input gradient's buffer (None: not needed), added to in place with `acc`."""
+    `dx` is the input gradient's buffer (None: not needed), added to in place with `acc`
+    (`input_grad`)."""
     k, m, fin = x.shape
     fout, rmax = b.shape[2], a.shape[1]
     tiles = triton.cdiv(m, bm)
@@ -138,7 +167,7 @@ def backward(g, x, a, b, h, scale, rank, keys, thr, kscale, rows, split, dx, acc
     dh = torch.empty(k, m, br, device=x.device, dtype=torch.float32)
     dropout = keys is not None
     _bwd_dh_tiled[(k, tiles)](g, b, dh, scale, rank, m, fout, b.stride(0), b.stride(1), rmax,
-                              BM=bm, BR=br, BN=bn, PREC=prec, num_warps=num_warps)
+                              BM=bm, BR=br, BN=bn, PREC=prec, **launch)
     grads = []
     for width, block, w in ((fout, bn, b), (fin, bk, a)):
         blocks = triton.cdiv(width, block)
@@ -148,13 +177,17 @@ def backward(g, x, a, b, h, scale, rank, keys, thr, kscale, rows, split, dx, acc
         grads.append((grad, partial, blocks, parts))
     (gb, part_b, blocks_b, parts_b), (ga, part_a, blocks_a, parts_a) = grads
     _bwd_b_tiled[(k, blocks_b, parts_b)](g, h, gb, part_b, scale, rank, m, fout, rmax, PARTS=parts_b, BM=bm, BR=br,
-                                         BN=bn, PREC=prec, num_warps=num_warps)
-    _bwd_a_tiled[(k, blocks_a, parts_a)](x, a, dh, ga, part_a, dx if need_dx else x, rank, keys if dropout else x,
-                                         thr if dropout else x, kscale if dropout else x, m, m // rows, fin, rows,
-                                         x.stride(0), a.stride(0), a.stride(1), rmax, PARTS=parts_a, DROPOUT=dropout,
-                                         NEED_DX=need_dx, ACC=acc, BM=bm, BR=br, BK=bk, PREC=prec,
-                                         num_warps=num_warps)
+                                         BN=bn, PREC=prec, **launch)
+    _bwd_a_tiled[(k, blocks_a, parts_a)](x, dh, ga, part_a, rank, keys if dropout else x, thr if dropout else x,
+                                         kscale if dropout else x, m, m // rows, fin, rows, x.stride(0), rmax,
+                                         PARTS=parts_a, DROPOUT=dropout, BM=bm, BR=br, BK=bk, PREC=prec, **launch)
+    if need_dx:
+        input_grad(a, dh.view(k, 1, m, br), 1, dx, rank, keys, thr, kscale, rows, acc, bm=bm, br=br, bk=bk,
+                   prec=prec, launch=launch)
     for grad, partial, _, parts in grads:
         if parts > 1:  # unwritten rows (past a slot's rank) sum to anything: never read
-            grad.copy_(partial[:, :, :rmax].sum(dim=1))
+            total = partial[:, 0, :rmax].clone()
+            for p in range(1, parts):  # elementwise, in a fixed order (torch's reduce over dim 1 is slow here)
+                total += partial[:, p, :rmax]
+            grad.copy_(total)
     return ga, gb
