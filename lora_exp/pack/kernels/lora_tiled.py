@@ -134,6 +134,9 @@ def _bwd_dx(a_ptr, dh_ptr, dx_ptr, rank_ptr, keys_ptr, thr_ptr, kscale_ptr, M, T
         dx = tl.dot(dh.to(dtype), a, input_precision=PREC).to(dtype)
         if DROPOUT:
             dx = masked(dx, slot, m, kk, M, T, IN, ROWS, keys_ptr, thr_ptr, kscale_ptr)
+        else:  # keeps Triton from folding the add below into the product's accumulator (in fp32
+            # another rounding than torch's base + delta)
+            dx = tl.where(ok, dx, 0.0)
         if ACC:
             dx = tl.load(dx_ptr + at, mask=ok, other=0.0).to(tl.float32) + dx.to(dtype).to(tl.float32)
         tl.store(dx_ptr + at, dx.to(dtype), mask=ok)
