@@ -54,7 +54,6 @@ MAX_M, BM = 256, 32
 TUNABLE = ("BK", "BN", "NUM_WARPS", "MIN_SPLIT", "MAX_M", "BM", "PROGRAMS_PER_SM")
 
 
-
 @triton.jit
 def _fwd_kernel(x_ptr, a_ptr, b_ptr, out_ptr, h_ptr, scale_ptr, rank_ptr, keys_ptr, thr_ptr, kscale_ptr,
                 M, T, IN, OUT, ROWS, x_s0, a_s0, a_s1, b_s0, b_s1, R,
