@@ -18,8 +18,10 @@ in the project's cache folder, so the next sweep of the same shapes loads them i
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import math
 import os
+from pathlib import Path
 from typing import Sequence
 
 import torch
@@ -127,12 +129,32 @@ def choose_compile(cfg: RunConfig, device: torch.device, slots: int, trials: int
                      f"{COMPILE_PAYS_STEPS}; `pack.compile=layers` compiles them anyway)")
 
 
+#: lora-exp's package folder, whose sources key the compile cache
+PACKAGE = Path(__file__).resolve().parents[1]
+
+
+def sources_digest(root: Path | None = None) -> str:
+    """A digest of lora-exp's own sources (every .py under `root`, by default the package)."""
+    digest = hashlib.sha256()
+    root = root or PACKAGE
+    for path in sorted(root.rglob("*.py")):
+        digest.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()[:16]
+
+
 def use_project_compile_cache() -> str:
     """torch.compile's caches (Inductor's graphs and Triton's kernels) in the project's cache
-    folder, kept across runs, unless TORCHINDUCTOR_CACHE_DIR already says where."""
+    folder, kept across runs, unless TORCHINDUCTOR_CACHE_DIR already says where; their keys
+    tagged with this version of lora-exp's sources (`sources_digest`): Inductor's keys name the
+    pack's custom ops, not what they take or return, so a graph compiled against other kernels
+    would be loaded and fail."""
     folder = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
     if not folder:
         folder = str(cache_dir() / "torch-compile")
         os.makedirs(folder, exist_ok=True)
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = folder
+    tag = f"lora-exp-{sources_digest()}"
+    config = torch.compiler.config
+    if tag not in config.cache_key_tag.split("+"):
+        config.cache_key_tag = "+".join(t for t in (config.cache_key_tag, tag) if t)
     return folder

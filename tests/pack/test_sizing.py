@@ -1,0 +1,106 @@
+"""Where a pack's compiled graphs are kept, and that another version of lora-exp's kernels never
+loads them."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import torch
+
+from lora_exp.pack.sizing import sources_digest, use_project_compile_cache
+
+
+def test_the_digest_of_the_sources_changes_with_any_source_and_only_with_them(tmp_path):
+    (tmp_path / "kernels").mkdir()
+    (tmp_path / "kernels" / "lora.py").write_text("SCHEMA = '(Tensor x) -> (Tensor, Tensor)'\n")
+    (tmp_path / "notes.txt").write_text("not a source")
+    first = sources_digest(tmp_path)
+    assert sources_digest(tmp_path) == first
+    (tmp_path / "notes.txt").write_text("still not a source")
+    assert sources_digest(tmp_path) == first
+    (tmp_path / "kernels" / "lora.py").write_text("SCHEMA = '(Tensor x) -> (Tensor, Tensor, Tensor)'\n")
+    assert sources_digest(tmp_path) != first
+
+
+def test_compiled_graphs_go_to_the_project_cache_keyed_by_this_versions_sources(tmp_path, monkeypatch):
+    monkeypatch.setenv("LORA_EXP_CACHE", str(tmp_path))
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", "restored-after-the-test")
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR")
+    monkeypatch.setattr(torch.compiler.config, "cache_key_tag", "the-users-tag")
+
+    folder = use_project_compile_cache()
+    use_project_compile_cache()   # once per pack: the tag is not added twice
+
+    assert folder == str(tmp_path / "torch-compile") and os.path.isdir(folder)
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == folder
+    assert torch.compiler.config.cache_key_tag == f"the-users-tag+lora-exp-{sources_digest()}"
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "mine"))
+    assert use_project_compile_cache() == str(tmp_path / "mine")   # the user's folder stands
+
+
+UPGRADE_SCRIPT = '''
+import sys
+from pathlib import Path
+
+import torch
+
+from lora_exp.pack import sizing
+
+version, root = int(sys.argv[1]), Path(sys.argv[2])
+sizing.PACKAGE = root / f"v{version}"          # this version's sources: the cache keys' tag
+sizing.PACKAGE.mkdir(parents=True, exist_ok=True)
+(sizing.PACKAGE / "kernels.py").write_text(f"VERSION = {version}\\n")
+sizing.use_project_compile_cache()
+# an op whose backward op loses an argument from version 1 to 2, as lora_delta_backward did
+schema = "(Tensor g, Tensor x, Tensor s) -> Tensor" if version == 1 else "(Tensor g, Tensor x) -> Tensor"
+
+
+@torch.library.custom_op("upgrade_demo::fwd", mutates_args=())
+def fwd(x: torch.Tensor) -> torch.Tensor:
+    return x * 2
+
+
+@fwd.register_fake
+def _(x):
+    return torch.empty_like(x)
+
+
+@torch.library.custom_op("upgrade_demo::bwd", mutates_args=(), schema=schema)
+def bwd(g, x, s=None):
+    return g * 2
+
+
+@bwd.register_fake
+def _(g, x, s=None):
+    return torch.empty_like(g)
+
+
+def setup(ctx, inputs, output):
+    ctx.save_for_backward(inputs[0])
+
+
+def backward(ctx, g):
+    (x,) = ctx.saved_tensors
+    return bwd(g, x, x) if version == 1 else bwd(g, x)
+
+
+fwd.register_autograd(backward, setup_context=setup)
+x = torch.randn(8, requires_grad=True)
+torch.compile(lambda x: (fwd(x) + 1).sin().sum())(x).backward()
+print("trained", version)
+'''
+
+
+def test_a_new_version_of_the_kernels_compiles_afresh_instead_of_loading_the_old_ones_graphs(tmp_path):
+    """Inductor's cache keys name a custom op, not its signature: without the sources' tag, the
+    second run loads the first one's backward graph and fails ("expected at most 2 argument(s)
+    but received 3"), as a sweep did after lora_delta_backward's arguments changed."""
+    env = {**os.environ, "LORA_EXP_CACHE": str(tmp_path / "cache")}
+    env.pop("TORCHINDUCTOR_CACHE_DIR", None)
+    env.pop("TORCH_COMPILE_CACHE_KEY_TAG", None)
+    for version in (1, 2):
+        done = subprocess.run([sys.executable, "-c", UPGRADE_SCRIPT, str(version), str(tmp_path)], env=env,
+                              capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0 and f"trained {version}" in done.stdout, done.stderr[-2000:]
+    assert any((tmp_path / "cache" / "torch-compile").rglob("*.py"))   # the graphs were cached there
