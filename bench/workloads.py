@@ -144,6 +144,7 @@ def cmd_engine(args: argparse.Namespace, sweep: str, overrides: list[str]) -> No
     from lora_exp.pack.trainer import PackTrainer
     from lora_exp.pack.worker import pack_shape
 
+    use_project_compile_cache()  # before the model loads, as a sweep does
     device = pick_device("auto")
     cuda = device.type == "cuda"
     sync = torch.cuda.synchronize if cuda else (lambda: None)
@@ -159,7 +160,6 @@ def cmd_engine(args: argparse.Namespace, sweep: str, overrides: list[str]) -> No
         k, why = choose_slots(base, data, cfgs[0], max_rank, modules, args.auto)
         print(json.dumps({"what": "pack=auto", "k": k, "why": why, "seconds": round(time.perf_counter() - start, 1)}),
               flush=True)
-    use_project_compile_cache()
     for mode, lora, k in [(m, lo, int(k)) for m in args.compile.split(",") for lo in args.lora.split(",")
                           for k in args.k.split(",")]:
         trials = [dataclasses.replace(c, pack=dataclasses.replace(c.pack, compile=mode, lora=lora))

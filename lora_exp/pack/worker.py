@@ -302,6 +302,8 @@ class PackedSweep:
 
     def _new_pack(self, cfg: RunConfig) -> PackTrainer:
         plan = self.plan
+        if cfg.pack.compile != "off":  # before the model loads: what runs on the GPU may set torch's own folder
+            use_project_compile_cache()
         base, data = self.context.prepare(cfg)
         load_base_cache(self.study, base)
         max_rank, modules = pack_shape(plan, cfg)
@@ -312,8 +314,6 @@ class PackedSweep:
             slots, why = choose_slots(base, data, cfg, max_rank, modules, trials)
             log.info("%s", why)
         compile, why = choose_compile(cfg, base.device, int(slots), trials, total_steps(cfg, len(data.train)))
-        if compile != "off":
-            use_project_compile_cache()
         trainer = PackTrainer(base, data, cfg, int(slots), max_rank, modules, compile=compile)
         trainer.set_eval_batch_hook(self.view.refresh)
         log.info("packing up to %d trials on %s (rank %d, modules %s); %s", int(slots), self.context.device,
