@@ -245,6 +245,7 @@ def profile(trainer, trace: str = "") -> None:
     """Where a packed step's time goes: top CUDA kernels over 3 steps, and GPU busy vs wall (and
     the whole timeline as a Chrome trace, gzipped, where `trace` names a file)."""
     import torch
+    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
@@ -256,7 +257,9 @@ def profile(trainer, trace: str = "") -> None:
         torch.cuda.synchronize()
         wall = (time.perf_counter() - start) / 3
     events = prof.key_averages()
-    gpu = sum(e.self_device_time_total for e in events) / 3 / 1e3
+    # kernels only, as torch's own table totals them: an op's or a range's device time is its kernels' again
+    gpu = sum(e.self_device_time_total for e in events if e.device_type == DeviceType.CUDA
+              and not getattr(e, "is_user_annotation", False)) / 3 / 1e3
     print(f"profile: wall {wall * 1e3:.1f} ms/step, GPU busy {gpu:.1f} ms/step "
           f"({100 * gpu / (wall * 1e3):.0f}%)", flush=True)
     print(events.table(sort_by="self_cuda_time_total", row_limit=30, max_name_column_width=60), flush=True)
