@@ -21,6 +21,7 @@ seed_baseline.py scales its own (3600 / seconds * steps / 2500).
 from __future__ import annotations
 
 import argparse
+import bisect
 import json
 import os
 import re
@@ -265,17 +266,59 @@ def profile(trainer, trace: str = "") -> None:
     print(events.table(sort_by="self_cuda_time_total", row_limit=30, max_name_column_width=60), flush=True)
     phases = {e.key: e.device_time_total / 3 / 1e3 for e in events if e.key.startswith("pack.")}
     print("profile phases (GPU ms/step): " + json.dumps({k: round(v, 1) for k, v in phases.items()}), flush=True)
-    if trace:
-        import gzip
-
-        raw = trace.removesuffix(".gz")
+    with tempfile.TemporaryDirectory() as tmp:
+        raw = os.path.join(tmp, "trace.json")
         prof.export_chrome_trace(raw)
-        with open(raw, "rb") as src, gzip.open(raw + ".gz", "wb") as dst:
-            shutil.copyfileobj(src, dst)
-        os.remove(raw)
+        with open(raw) as f:
+            print_gaps(json.load(f), steps=3)
+        if trace:
+            import gzip
+
+            with open(raw, "rb") as src, gzip.open(trace.removesuffix(".gz") + ".gz", "wb") as dst:
+                shutil.copyfileobj(src, dst)
     shaped = prof.key_averages(group_by_input_shape=True)
     print(shaped.table(sort_by="self_cuda_time_total", row_limit=12, max_name_column_width=30,
                        max_shapes_column_width=70), flush=True)
+
+
+def print_gaps(trace: dict, steps: int, top: int = 12) -> None:
+    """Where the GPU waits for the host: the idle time between consecutive kernels, charged to
+    what the host was doing when it launched the kernel that ended the wait (the innermost
+    `pack.*` range and op around that launch), largest first."""
+    events = trace.get("traceEvents", [])
+    kernels = sorted((e for e in events if e.get("cat") == "kernel"), key=lambda e: e["ts"])
+    launches = {e["args"].get("correlation"): e for e in events
+                if e.get("cat") == "cuda_runtime" and "correlation" in e.get("args", {})}
+    spans = [e for e in events if e.get("cat") in ("cpu_op", "user_annotation") and "dur" in e]
+    ranges = [e for e in spans if e["name"].startswith("pack.")]
+    ops = sorted((e for e in spans if not e["name"].startswith("pack.")), key=lambda e: e["ts"])
+    starts = [e["ts"] for e in ops]
+
+    def around(launch: dict) -> str:
+        t, tid = launch["ts"], launch.get("tid")
+        inside = [e["name"] for e in ranges if e["ts"] <= t <= e["ts"] + e["dur"] and e.get("tid") == tid]
+        op = launch["name"]
+        i = bisect.bisect_right(starts, t)
+        for e in reversed(ops[max(0, i - 200):i]):  # the innermost op: the latest started that still runs
+            if e["ts"] + e["dur"] >= t and e.get("tid") == tid:
+                op = e["name"]
+                break
+        return f"{inside[-1] if inside else '-'} / {op[:60]}"
+
+    gaps: dict[str, list[float]] = {}
+    idle, end = 0.0, None
+    for k in kernels:
+        if end is not None and k["ts"] - end > 5:  # us: more than a launch's own latency
+            gap = k["ts"] - end
+            idle += gap
+            launch = launches.get(k["args"].get("correlation"))
+            where = around(launch) if launch is not None else "?"
+            gaps.setdefault(where, []).append(gap)
+        end = max(end or 0.0, k["ts"] + k["dur"])
+    print(f"profile gaps: GPU idle between kernels {idle / steps / 1e3:.1f} ms/step", flush=True)
+    for where, g in sorted(gaps.items(), key=lambda kv: -sum(kv[1]))[:top]:
+        print(f"  {sum(g) / steps / 1e3:7.2f} ms/step  {len(g) / steps:6.1f} gaps/step  "
+              f"before a kernel launched in {where}", flush=True)
 
 
 def _keep_adapter(into: str):

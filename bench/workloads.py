@@ -145,6 +145,9 @@ def cmd_engine(args: argparse.Namespace, sweep: str, overrides: list[str]) -> No
     from lora_exp.pack.worker import pack_shape
 
     use_project_compile_cache()  # before the model loads, as a sweep does
+    if args.sdpa:  # sdpa's backends other than this one switched off, for the whole process
+        for name in ("flash", "cudnn", "mem_efficient", "math"):
+            getattr(torch.backends.cuda, f"enable_{name}_sdp")(name == args.sdpa)
     device = pick_device("auto")
     cuda = device.type == "cuda"
     sync = torch.cuda.synchronize if cuda else (lambda: None)
@@ -188,7 +191,8 @@ def cmd_engine(args: argparse.Namespace, sweep: str, overrides: list[str]) -> No
             step_s = (time.perf_counter() - start) / max(1, steps)
             flops = sum(counted_flops(base, data, c) for c in trials)
             print(json.dumps({"what": "packed step", "workload": args.workload, "compile": mode, "lora": lora, "k": k,
-                              "batch": cfgs[0].trainer.batch_size, "startup_s": round(startup, 1),
+                              "batch": cfgs[0].trainer.batch_size, "sdpa": args.sdpa or "torch's choice",
+                              "startup_s": round(startup, 1),
                               "step_ms": round(step_s * 1e3, 1), "trial_steps_per_s": round(k / step_s, 1),
                               "tflops": round(flops / step_s / 1e12, 1),
                               "bf16_peak_fraction": round(flops / step_s / BF16_PEAK, 3),
@@ -294,6 +298,9 @@ def main() -> None:
     parser.add_argument("--lora-configs", default="",
                         help="engine: LoRA kernel constants to time, e.g. 'BM=64;BM=128,BK=64'")
     parser.add_argument("--profile", action="store_true")
+    parser.add_argument("--sdpa", choices=["flash", "cudnn", "mem_efficient", "math"], default=None,
+                        help="engine: the only sdpa backend left on (for rows longer than the pack's attention "
+                             "kernels take)")
     parser.add_argument("--log", default=None)
     parser.add_argument("--timeout", type=float, default=None, help="sweep: stop it after this many seconds")
     parser.add_argument("--override", action="append", default=[])
