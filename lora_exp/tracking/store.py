@@ -101,8 +101,14 @@ def reachable(cfg: TrackingConfig) -> bool:
         return False
 
 
+#: the longest wait between two polls of a store that is down: a poll is one small request, and
+#: a sweep goes on within this long of the store coming back
+POLL_MAX_S = 5.0
+
+
 def wait_until_reachable(cfg: TrackingConfig, max_wait_s: float) -> bool:
-    """Poll the tracking store with backoff for up to `max_wait_s`; True once it answers."""
+    """Poll the tracking store with backoff (1, 2, 4 s, then every POLL_MAX_S) for up to
+    `max_wait_s`; True once it answers."""
     deadline, delay, warned = time.monotonic() + max_wait_s, 1.0, False
     while not reachable(cfg):
         if time.monotonic() >= deadline:
@@ -111,7 +117,7 @@ def wait_until_reachable(cfg: TrackingConfig, max_wait_s: float) -> bool:
             log.warning("tracking store %s unreachable: waiting up to %.0fs for it", redact_uri(cfg.uri), max_wait_s)
             warned = True
         time.sleep(min(delay, max(0.0, deadline - time.monotonic())))
-        delay = min(delay * 2, 30.0)
+        delay = min(delay * 2, POLL_MAX_S)
     if warned:
         log.warning("tracking store %s is back", redact_uri(cfg.uri))
     return True
