@@ -14,19 +14,23 @@ imported (HF_*, TORCH*, OMP_* ...). Tests that watch start-up itself (what loads
 config is refused, `make` targets) start their own processes.
 
 Protocol (JSON lines on stdin/stdout): a request {"argv", "cwd", "env", "stdout", "stderr"}
-(the last two: files the child writes) is answered {"pid"} at once and {"exit"} when the child
-has ended (its exit code, or -N for a signal, as subprocess reports it).
+(the last two: files the child writes; the same file for both merges them, as stderr=STDOUT) is
+answered {"pid"} at once, and {"exit", "pid"} when that child has ended (its exit code, or -N for
+a signal, as subprocess reports it). Children run side by side: a test may start several and
+signal, read or wait for each (`ServedProcess`, subprocess.Popen's interface).
 """
 from __future__ import annotations
 
 import atexit
 import json
 import os
+import queue
 import signal
 import subprocess
 import sys
 import tempfile
 import threading
+import time
 from pathlib import Path
 
 
@@ -57,8 +61,10 @@ def child(request: dict) -> None:
         os.environ.update(request["env"])
         devnull = os.open(os.devnull, os.O_RDONLY)
         os.dup2(devnull, 0)
-        for fd, path in ((1, request["stdout"]), (2, request["stderr"])):
-            os.dup2(os.open(path, os.O_WRONLY | os.O_TRUNC), fd)
+        out = os.open(request["stdout"], os.O_WRONLY | os.O_TRUNC)
+        err = out if request["stderr"] == request["stdout"] else os.open(request["stderr"], os.O_WRONLY | os.O_TRUNC)
+        os.dup2(out, 1)
+        os.dup2(err, 2)
         # as the console script runs it: its path is __main__ (what multiprocessing's spawned
         # children import as their main module), argv[0] the script
         import types
@@ -97,17 +103,108 @@ def child(request: dict) -> None:
 
 
 def main() -> None:
+    import selectors
+
     preload()
     ready = {"ready": threading.active_count() == 1}  # forking is safe only with no other thread
     print(json.dumps(ready), flush=True)
-    for line in sys.stdin:
-        request = json.loads(line)
-        pid = os.fork()
-        if pid == 0:
-            child(request)
-        print(json.dumps({"pid": pid}), flush=True)
-        _, status = os.waitpid(pid, 0)
-        print(json.dumps({"exit": os.waitstatus_to_exitcode(status)}), flush=True)
+    selector = selectors.DefaultSelector()
+    selector.register(0, selectors.EVENT_READ)
+    pending, running, open_ = b"", 0, True
+    while open_ or running:
+        if open_ and selector.select(timeout=0.02):
+            data = os.read(0, 1 << 16)
+            open_ = bool(data)
+            pending += data
+            while b"\n" in pending:
+                line, pending = pending.split(b"\n", 1)
+                pid = os.fork()
+                if pid == 0:
+                    child(json.loads(line))
+                running += 1
+                print(json.dumps({"pid": pid}), flush=True)
+        elif not open_:
+            time.sleep(0.02)
+        while running:
+            pid, status = os.waitpid(-1, os.WNOHANG)
+            if pid == 0:
+                break
+            running -= 1
+            print(json.dumps({"exit": os.waitstatus_to_exitcode(status), "pid": pid}), flush=True)
+
+
+class ServedProcess:
+    """A CLI call the server forked, as subprocess.Popen(..., stdout=PIPE, stderr=STDOUT, text=True)
+    offers it: `stdout` yields its output lines as they are written (until it has ended and all
+    is read), and pid, poll, wait, communicate, send_signal, terminate, kill, returncode."""
+
+    def __init__(self, server: "CliServer", argv: list[str], cwd: Path, env: dict[str, str]) -> None:
+        self.args = argv
+        self._tmp = tempfile.TemporaryDirectory(prefix="lora-exp-cli-")
+        path = Path(self._tmp.name, "output")
+        path.touch()
+        self._ended = threading.Event()
+        self.returncode: int | None = None
+        self.pid = server.start({"argv": argv, "cwd": str(cwd), "env": env, "stdout": str(path), "stderr": str(path)},
+                                self._exited)
+        self._file = open(path, errors="replace")  # noqa: SIM115 - read as the process writes, closed at its end
+        self.stdout = self
+        self.stderr = None
+
+    def _exited(self, code: int) -> None:
+        self.returncode = code
+        self._ended.set()
+
+    # -- the output, as a pipe reads
+
+    def readline(self) -> str:
+        line = ""
+        while True:
+            ended = self._ended.is_set()  # before reading: what it wrote before it ended is in the file
+            line += self._file.readline()
+            if line.endswith("\n") or ended:
+                return line
+            time.sleep(0.02)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> str:
+        line = self.readline()
+        if not line:
+            raise StopIteration
+        return line
+
+    def read(self) -> str:
+        self._ended.wait()
+        return self._file.read()
+
+    # -- the process
+
+    def poll(self) -> int | None:
+        return self.returncode
+
+    def wait(self, timeout: float | None = None) -> int:
+        if not self._ended.wait(timeout):
+            raise subprocess.TimeoutExpired(self.args, timeout)
+        return self.returncode  # type: ignore[return-value]
+
+    def communicate(self, input: None = None, timeout: float | None = None) -> tuple[str, None]:  # noqa: A002
+        self.wait(timeout)
+        out = self._file.read()
+        self._file.close()
+        self._tmp.cleanup()
+        return out, None
+
+    def send_signal(self, sig: int) -> None:
+        if self.returncode is None:
+            os.kill(self.pid, sig)
+
+    def terminate(self) -> None:
+        self.send_signal(signal.SIGTERM)
+
+    def kill(self) -> None:
+        self.send_signal(signal.SIGKILL)
 
 
 class CliServer:
@@ -132,12 +229,46 @@ class CliServer:
 
     def __init__(self) -> None:
         self.env = dict(os.environ)
-        self.lock = threading.Lock()
+        self.lock = threading.Lock()  # one request at a time: the server answers each with its pid
         self.proc = subprocess.Popen([sys.executable, __file__],
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=self.env)
         atexit.register(self.close)
         line = self.proc.stdout.readline()
         self.ready = bool(line) and json.loads(line).get("ready", False)
+        self._pids: "queue.Queue[int]" = queue.Queue()
+        self._exit_lock = threading.Lock()
+        self._on_exit: dict[int, object] = {}
+        self._exits: dict[int, int] = {}  # ended before their callback was registered
+        if self.ready:
+            threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        """The server's answers: pids to the caller waiting for one, exits to their process."""
+        for line in self.proc.stdout:
+            answer = json.loads(line)
+            if "exit" not in answer:
+                self._pids.put(answer["pid"])
+                continue
+            with self._exit_lock:
+                callback = self._on_exit.pop(answer["pid"], None)
+                if callback is None:
+                    self._exits[answer["pid"]] = answer["exit"]
+            if callback is not None:
+                callback(answer["exit"])
+
+    def start(self, request: dict, on_exit) -> int:
+        """Fork the CLI process of `request`; `on_exit(code)` is called when it ends. Its pid."""
+        with self.lock:
+            self.proc.stdin.write(json.dumps(request) + "\n")
+            self.proc.stdin.flush()
+            pid = self._pids.get(timeout=60)
+        with self._exit_lock:
+            code = self._exits.pop(pid, None)
+            if code is None:
+                self._on_exit[pid] = on_exit
+        if code is not None:
+            on_exit(code)
+        return pid
 
     def serves(self, args: tuple[str, ...], env: dict[str, str]) -> bool:
         if "-v" in args or "--verbose" in args:  # MLflow's loggers: their level is set when it is imported
@@ -146,28 +277,25 @@ class CliServer:
         return all(env.get(k) == self.env.get(k) for k in keys)
 
     def run(self, argv: list[str], cwd: Path, env: dict[str, str], timeout: float):
-
+        """As subprocess.run(capture_output=True, text=True, timeout=...)."""
         with tempfile.TemporaryDirectory(prefix="lora-exp-cli-") as tmp:
             out, err = Path(tmp, "stdout"), Path(tmp, "stderr")
             out.touch()
             err.touch()
-            request = {"argv": argv, "cwd": str(cwd), "env": env, "stdout": str(out), "stderr": str(err)}
-            self.proc.stdin.write(json.dumps(request) + "\n")
-            self.proc.stdin.flush()
-            pid = json.loads(self.proc.stdout.readline())["pid"]
-            answer: list[str] = []
-            reader = threading.Thread(target=lambda: answer.append(self.proc.stdout.readline()), daemon=True)
-            reader.start()
-            reader.join(timeout)
-            timed_out = reader.is_alive()
+            ended, codes = threading.Event(), []
+            pid = self.start({"argv": argv, "cwd": str(cwd), "env": env, "stdout": str(out), "stderr": str(err)},
+                             lambda code: (codes.append(code), ended.set()))
+            timed_out = not ended.wait(timeout)
             if timed_out:  # as subprocess.run: kill the process, then raise
                 os.kill(pid, signal.SIGKILL)
-                reader.join()
-            code = json.loads(answer[0])["exit"]
+                ended.wait()
             stdout, stderr = out.read_text(errors="replace"), err.read_text(errors="replace")
         if timed_out:
             raise subprocess.TimeoutExpired(argv, timeout, output=stdout, stderr=stderr)
-        return subprocess.CompletedProcess(argv, code, stdout, stderr)
+        return subprocess.CompletedProcess(argv, codes[0], stdout, stderr)
+
+    def popen(self, argv: list[str], cwd: Path, env: dict[str, str]) -> ServedProcess:
+        return ServedProcess(self, argv, cwd, env)
 
     def close(self) -> None:
         if self.proc.poll() is None:

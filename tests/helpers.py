@@ -20,16 +20,26 @@ TINY = ["model=tiny_gpt2", "data=seed", "trainer.max_steps=30", "trainer.batch_s
 def run_cli(*args: str, cwd: Path, env: dict[str, str] | None = None, timeout: int = 600):
     """The installed entry point in its own process: real exit codes, real stderr. The process is
     a fork of a server that has imported torch and transformers once (`cli_server.py`), or a
-    fresh one where that could change what the call does (see there) or the server is busy."""
+    fresh one where that could change what the call does (see there)."""
     exe = str(Path(sys.executable).parent / "lora-exp")
     full_env = {**os.environ, **(env or {})}
     server = CliServer.get()
-    if server is not None and server.serves(args, full_env) and server.lock.acquire(blocking=False):
-        try:
-            return server.run([exe, *args], Path(cwd), full_env, timeout)
-        finally:
-            server.lock.release()
+    if server is not None and server.serves(args, full_env):
+        return server.run([exe, *args], Path(cwd), full_env, timeout)
     return subprocess.run([exe, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout, env=full_env)
+
+
+def popen_cli(*args: str, cwd: Path, env: dict[str, str] | None = None):
+    """The entry point started and left running, as subprocess.Popen(stdout=PIPE, stderr=STDOUT,
+    text=True) gives it: read its lines as they come, signal it, wait for it. Forked by the same
+    server as `run_cli` where it can be (`cli_server.ServedProcess`), else a fresh process."""
+    exe = str(Path(sys.executable).parent / "lora-exp")
+    full_env = {**os.environ, **(env or {})}
+    server = CliServer.get()
+    if server is not None and server.serves(args, full_env):
+        return server.popen([exe, *args], Path(cwd), full_env)
+    return subprocess.Popen([exe, *args], cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=full_env)
 
 
 def load_study(storage: str, name: str = "tiny"):

@@ -1,7 +1,9 @@
 """Sweeps under faults, concurrency and bad input: nothing finished is lost, no run stays RUNNING."""
 from __future__ import annotations
 
+import datetime
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -10,10 +12,11 @@ from pathlib import Path
 
 import pytest
 
-from helpers import REPO, load_study, run_cli, sweep_runs
+from lora_exp.tracking.store import POLL_MAX_S
+
+from helpers import REPO, load_study, popen_cli, run_cli, sweep_runs
 
 os.environ["LORA_EXP_SWEEPS_DIR"] = str(REPO / "sweeps")
-EXE = str(Path(sys.executable).parent / "lora-exp")
 
 
 def _sweep_file(workdir: Path, space: str, max_failures: int = 10, seed: int = 3) -> str:
@@ -64,8 +67,7 @@ def test_failure_limit_stops_the_sweep_with_a_clear_message(workdir, store):
 
 
 def _start(workdir, *args, env=None):
-    return subprocess.Popen([EXE, "sweep", *args], cwd=workdir, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, env={**os.environ, **(env or {})})
+    return popen_cli("sweep", *args, cwd=workdir, env=env)
 
 
 def _wait_for_line(proc, prefix, seen):
@@ -151,8 +153,7 @@ def test_many_machines_on_loopback_tracking_server_and_postgresql(workdir, postg
         machines = [tmp_path / "m1", tmp_path / "m2"]
         args = ["sweep=tiny", "n_trials=8", f"storage={backend}", f"tracking.uri={url}", "trainer.max_steps=10",
                 "trainer.eval_steps=5"]
-        first = subprocess.Popen([EXE, "sweep", *args], cwd=machines[0].mkdir() or machines[0],
-                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        first = popen_cli("sweep", *args, cwd=machines[0].mkdir() or machines[0])
         for _ in range(120):  # the first machine creates the study; then the second joins
             time.sleep(0.5)
             try:
@@ -249,8 +250,16 @@ def test_tracking_server_outage_mid_sweep(workdir):
         time.sleep(8)
         server = _mlflow_server(workdir, port)
         _wait_healthy(url)
+        healthy = datetime.datetime.now()
         out = proc.communicate(timeout=600)[0]
         assert proc.returncode == 0, "".join(seen) + out
+        # the sweep polls the store at most POLL_MAX_S apart: it goes on soon after the server is back
+        back = re.search(r"^(\d\d:\d\d:\d\d) tracking store \S+ is back", "".join(seen) + out, re.M)
+        assert back, "".join(seen) + out
+        at = datetime.datetime.combine(healthy.date(), datetime.time.fromisoformat(back.group(1)))
+        late = (at - healthy).total_seconds()
+        late += 86400 if late < -43200 else 0  # (past midnight)
+        assert late <= POLL_MAX_S + 5, (back.group(0), healthy)
         study = load_study(f"sqlite:///{workdir}/mlruns/optuna.db")
         states = [t.state.name for t in study.trials]
         assert states.count("COMPLETE") + states.count("PRUNED") == 4

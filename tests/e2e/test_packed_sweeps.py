@@ -6,11 +6,10 @@ from __future__ import annotations
 import json
 import re
 import time
-from pathlib import Path
 
 import pytest
 
-from helpers import REPO, run_cli
+from helpers import REPO, popen_cli, run_cli
 
 
 def _rel(a: float, b: float) -> float:
@@ -105,13 +104,7 @@ def test_trials_with_other_shared_settings_get_a_pack_of_their_own(workdir, stor
 
 
 def _popen(workdir, *args, env=None):
-    import os
-    import subprocess
-    import sys
-
-    exe = str(Path(sys.executable).parent / "lora-exp")
-    return subprocess.Popen([exe, "sweep", *args], cwd=workdir, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, env={**os.environ, **(env or {})})
+    return popen_cli("sweep", *args, cwd=workdir, env=env)
 
 
 def _wait_for(proc, text, seen):

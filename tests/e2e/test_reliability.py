@@ -8,24 +8,18 @@ import json
 import os
 import re
 import signal
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import pytest
 
-from helpers import REPO, load_study, run_cli, sweep_runs
+from helpers import REPO, load_study, popen_cli, run_cli, sweep_runs
 
 os.environ["LORA_EXP_SWEEPS_DIR"] = str(REPO / "sweeps")
-EXE = str(Path(sys.executable).parent / "lora-exp")
 FAST = ["trainer.max_steps=6", "trainer.eval_steps=3", "data.n_generate=1"]
 
 
 def _sweeps_at_once(workdir, n, *args, env=None):
-    procs = [subprocess.Popen([EXE, "sweep", "sweep=tiny", *args], cwd=workdir, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True, env={**os.environ, **(env or {})})
-             for _ in range(n)]
+    procs = [popen_cli("sweep", "sweep=tiny", *args, cwd=workdir, env=env) for _ in range(n)]
     return [(p, p.communicate(timeout=600)[0]) for p in procs]
 
 
@@ -62,8 +56,7 @@ def test_three_sweeps_started_at_once_end_with_exactly_n_trials_all_distinct(wor
 
 
 def _start(workdir, *args, env=None):
-    return subprocess.Popen([EXE, "sweep", *args], cwd=workdir, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, env={**os.environ, **(env or {})})
+    return popen_cli("sweep", *args, cwd=workdir, env=env)
 
 
 def _wait_for(proc, text, seen):

@@ -4,7 +4,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
 import sys
 from pathlib import Path
 
@@ -12,7 +11,7 @@ import pytest
 
 from lora_exp.sweep.command import cmd_sweep
 
-from helpers import REPO, load_study, run_cli, sweep_runs
+from helpers import REPO, load_study, popen_cli, run_cli, sweep_runs
 
 os.environ["LORA_EXP_SWEEPS_DIR"] = str(REPO / "sweeps")
 
@@ -92,9 +91,7 @@ def best_value(study):
 
 
 def test_sweep_stopped_midway_resumes_to_exactly_n_trials(workdir, store):
-    exe = Path(sys.executable).parent / "lora-exp"
-    args = [str(exe), "sweep", "sweep=tiny", "n_trials=8", "trainer.max_steps=60"]
-    proc = subprocess.Popen(args, cwd=workdir, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = popen_cli("sweep", "sweep=tiny", "n_trials=8", "trainer.max_steps=60", cwd=workdir)
     seen = []
     for line in proc.stdout:  # Ctrl-C once the second trial is done
         seen.append(line)
@@ -148,7 +145,6 @@ def test_two_workers_on_one_postgresql_study(workdir, store, postgres_url):
 def test_a_trial_line_goes_out_in_one_write(monkeypatch):
     """Tracking processes print trial lines at once; with PYTHONUNBUFFERED, `print` writes the
     text and its newline separately and two processes' lines interleave (seen once in CI)."""
-    import sys
 
     from lora_exp.sweep.report import write_line
 
