@@ -241,8 +241,8 @@ def test_tracking_server_outage_mid_sweep(workdir):
     _wait_healthy(url)
     env = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
            "MLFLOW_HTTP_REQUEST_TIMEOUT": "5"}
-    proc, seen = _start(workdir, "sweep=tiny", "n_trials=4", f"tracking.uri={url}", "trainer.max_steps=300",
-                        "trainer.eval_steps=100", env=env), []
+    proc, seen = _start(workdir, "sweep=tiny", "n_trials=4", f"tracking.uri={url}", "trainer.max_steps=100",
+                        "trainer.eval_steps=50", env=env), []
     try:
         _wait_for_line(proc, "[1/4]", seen)
         os.killpg(server.pid, signal.SIGKILL)  # the server vanishes mid-trial
