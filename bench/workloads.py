@@ -242,8 +242,9 @@ def time_lora_configs(trainer, args: argparse.Namespace, sync) -> None:
 def cmd_sweep(args: argparse.Namespace, sweep: str, overrides: list[str], tmp: str) -> None:
     """The whole `lora-exp sweep` command, timed: trials/hour, and what the pack said."""
     pack = [] if args.pack == "1" else [f"pack={args.pack}"]
-    command = [sys.executable, "-m", "lora_exp.cli", "sweep", f"sweep={sweep}", f"n_trials={args.trials}", "workers=1",
-               *pack, f"storage=sqlite:///{tmp}/optuna.db", f"tracking.uri=sqlite:///{tmp}/mlflow.db",
+    verbose = ["-v"] if args.verbose else []
+    command = [sys.executable, "-m", "lora_exp.cli", *verbose, "sweep", f"sweep={sweep}", f"n_trials={args.trials}",
+               "workers=1", *pack, f"storage=sqlite:///{tmp}/optuna.db", f"tracking.uri=sqlite:///{tmp}/mlflow.db",
                f"tracking.artifact_root={tmp}/artifacts", *overrides, *args.override]
     env = {**os.environ, "PYTHONPATH": f"{ROOT}:{os.environ.get('PYTHONPATH', '')}"}
     start = time.time()
@@ -303,6 +304,7 @@ def main() -> None:
                              "kernels take)")
     parser.add_argument("--log", default=None)
     parser.add_argument("--timeout", type=float, default=None, help="sweep: stop it after this many seconds")
+    parser.add_argument("--verbose", action="store_true", help="sweep: run it with -v (the engine's lines, in --log)")
     parser.add_argument("--override", action="append", default=[])
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="lora-exp-workload-") as tmp:
