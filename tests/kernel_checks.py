@@ -388,13 +388,12 @@ PACK_LORA_SCRIPT = textwrap.dedent('''
     # Packed trials whose LoRA deltas go through the kernels (with the base layer, as one op) train
     # as through the bmm's: fp32, dropout on, tiny Llama (GQA), a slot at rank 4 on
     # attention beside one at rank 8 on every linear module; row groups of 2 rows (one program
-    # each) and of 11 (more than MAX_M positions: the tiled kernels, weight gradients in parts).
+    # each) and of 3 (more than MAX_M positions: the tiled kernels, weight gradients in parts).
     import torch
     from lora_exp.pack import model as packed
     from lora_exp.compose import compose
     from lora_exp.core.data import load_rows, tokenize
     from lora_exp.core.models import load_base
-    from lora_exp.pack.kernels.lora import MAX_M
     from lora_exp.pack.trainer import train_packed
 
     init = packed.PackedModel.__init__
@@ -410,7 +409,7 @@ PACK_LORA_SCRIPT = textwrap.dedent('''
         calls.append(x.shape[1])
         return real(x, *args, **kwargs)
     pack_lora.lora_linear = counted
-    for batch in (2, 11):
+    for batch in (2, 3):
         common = ["model=tiny_llama", "data=seed", "lora=seed", "trainer.max_steps=2", "trainer.eval_steps=2",
                   "trainer.logging_steps=1", "trainer.generation_metrics=[exact_match]", "trainer.max_new_tokens=2",
                   "tracking=none", f"trainer.batch_size={batch}", "trainer.base_dropout=false", "lora.lora_dropout=0.2"]
@@ -425,7 +424,7 @@ PACK_LORA_SCRIPT = textwrap.dedent('''
             curves[LORA] = [(r.loss_curve, r.eval_curve) for r in train_packed(cfgs, base, data)]
             if LORA:
                 longest = max(calls)
-                assert calls and (longest > MAX_M) == (batch == 11), (batch, longest)
+                assert calls and (longest > pack_lora.MAX_M) == (batch == 3), (batch, longest)
         for (a, ea), (b, eb) in zip(curves[False], curves[True]):
             for x, y in ((a, b), (ea, eb)):
                 assert [s for s, _ in x] == [s for s, _ in y] and len(x) >= 1

@@ -51,7 +51,7 @@ def test_a_pack_with_the_kernel_optimizer_trains_as_with_torchs_through_slot_reu
 def test_packed_trials_train_the_same_through_the_lora_kernels_as_through_the_bmms_short_and_long_row_groups():
     """fp32 with dropout: the kernels' deltas (the base output added in the same pass, each
     slot's own rank and modules) against the bmm's, in a pack that trains and evaluates, for
-    row groups one program holds and for tiled ones (11 rows, more than MAX_M positions)."""
+    row groups one program holds and for tiled ones (3 rows, more than MAX_M positions)."""
     run_checks(PACK_LORA_SCRIPT, TRITON_INTERPRET="1")
 
 
