@@ -5,13 +5,14 @@ process, cwd, environment, stdout and stderr, with real exit codes and signals, 
 ~0.1 s instead of the 5-10 s that importing torch and transformers costs on 2 cores. The e2e
 tests start ~150 CLI processes, so this is most of `make test`'s time.
 
-Not preloaded, so each child imports them as a fresh process would: lora_exp itself (it reads its
-settings at import) and MLflow (it sets its loggers' level from the environment the CLI sets up
-when imported). Calls whose behaviour depends on what happens at import time go to a real process
-instead (`helpers.run_cli` decides): a verbose run (`-v`: MLflow's log level), and an
-environment that differs from this server's in a variable the preloaded libraries read when
-imported (HF_*, TORCH*, OMP_* ...). Tests that watch start-up itself (what loads before a bad
-config is refused, `make` targets) start their own processes.
+MLflow is preloaded as the CLI imports it: it sets its loggers' level when imported, from
+MLFLOW_LOGGING_LEVEL, which the CLI sets to WARNING unless verbose. Not preloaded, so each child
+imports it as a fresh process would: lora_exp itself (it reads its settings at import). Calls
+whose behaviour depends on what happens at import time go to a real process instead
+(`helpers.run_cli` decides): a verbose run (`-v`: MLflow's log level), and an environment that
+differs from this server's in a variable the preloaded libraries read when imported (HF_*,
+TORCH*, OMP_*, MLFLOW_LOGGING_LEVEL, MPL* ...). Tests that watch start-up itself (what loads
+before a bad config is refused, `make` targets) start their own processes.
 
 Protocol (JSON lines on stdin/stdout): a request {"argv", "cwd", "env", "stdout", "stderr"}
 (the last two: files the child writes; the same file for both merges them, as stderr=STDOUT) is
@@ -50,6 +51,30 @@ def preload() -> None:
     from transformers import AutoTokenizer, PreTrainedModel  # noqa: F401
     from transformers.models.gpt2 import modeling_gpt2  # noqa: F401
     from transformers.models.llama import modeling_llama  # noqa: F401
+
+    # MLflow's loggers as a CLI that is not verbose has them (cli.main sets this before it imports
+    # MLflow); the stores' modules too (~2.5 s a child on 2 cores). Nothing is opened: no thread
+    # or connection crosses a fork.
+    unset = "MLFLOW_LOGGING_LEVEL" not in os.environ
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+    import mlflow  # noqa: F401
+    import mlflow.pyfunc  # noqa: F401
+    import mlflow.store.model_registry.sqlalchemy_store  # noqa: F401
+    import mlflow.store.tracking.rest_store  # noqa: F401
+    import mlflow.store.tracking.sqlalchemy_store  # noqa: F401
+    from mlflow.tracking import MlflowClient  # noqa: F401
+    if unset:
+        del os.environ["MLFLOW_LOGGING_LEVEL"]
+    # what a sweep imports after its first trial (~1.5 s): the parent's plots (on Agg, as
+    # tracking.sweep_plots picks it), trial notes, ROUGE
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot  # noqa: F401
+    import optuna.importance  # noqa: F401
+    from optuna.visualization import matplotlib as _ov  # noqa: F401
+    from optuna_dashboard import save_note  # noqa: F401
+    from rouge_score import rouge_scorer  # noqa: F401
 
 
 def child(request: dict) -> None:
@@ -106,6 +131,12 @@ def main() -> None:
     import selectors
 
     preload()
+    import gc
+
+    # the preloaded heap moves to a generation the collector never visits: a child's collections
+    # would otherwise touch every inherited object, copying its pages (copy-on-write)
+    gc.collect()
+    gc.freeze()
     ready = {"ready": threading.active_count() == 1}  # forking is safe only with no other thread
     print(json.dumps(ready), flush=True)
     selector = selectors.DefaultSelector()
@@ -214,7 +245,8 @@ class CliServer:
     #: environment variables the preloaded libraries read when imported: a call that sets them
     #: otherwise than the server's environment runs in a fresh process
     IMPORT_TIME = ("HF_", "HUGGINGFACE", "TRANSFORMERS", "TORCH", "PYTORCH", "OMP_", "MKL_", "CUDA", "TOKENIZERS",
-                   "PYTHON", "SQLALCHEMY", "NUMPY", "OPENBLAS")
+                   "PYTHON", "SQLALCHEMY", "NUMPY", "OPENBLAS", "MLFLOW_LOGGING",
+                   "MLFLOW_CONFIGURE_LOGGING", "MPL", "NLTK")
     _instance: "CliServer | None" = None
     _started = False
 

@@ -133,7 +133,7 @@ def test_the_best_adapter_loads_with_mlflow_pyfunc_and_generates(workdir, store,
 
 def test_a_non_editable_install_runs_from_any_folder(tmp_path):
     """`pip install .` (a wheel, not the checkout) into a fresh venv: the configs and sweep files
-    ship inside the package; a user's own ./conf adds to them. (The venv borrows this
+    ship inside the package; a user's own ./conf adds to them; no library chatter. (The venv borrows this
     environment's dependencies through a .pth file: what is under test is this package.)"""
     import site
     import sysconfig
@@ -167,6 +167,9 @@ def test_a_non_editable_install_runs_from_any_folder(tmp_path):
                 "trainer.generation_metrics=[exact_match]", "trainer.max_new_tokens=4")
     assert train.returncode == 0, train.stderr[-2000:]
     assert (work / "mlruns" / "mlflow.db").is_file() and "done: 3 steps" in train.stdout
+    # a fresh process making a fresh store: none of MLflow's and alembic's chatter (the tests'
+    # forked CLI calls have MLflow imported already, so its loggers are checked here)
+    assert not re.search(r"\bINFO\b", train.stderr), train.stderr[-2000:]
     assert "trial   0" in cli("sweep", "--dry-run", "sweep=tiny").stdout
     mine = cli("config", "model=mine")
     assert mine.returncode == 0 and yaml.safe_load(mine.stdout)["model"]["name"] == "mine"
