@@ -305,8 +305,11 @@ class CliServer:
     def serves(self, args: tuple[str, ...], env: dict[str, str]) -> bool:
         if "-v" in args or "--verbose" in args:  # MLflow's loggers: their level is set when it is imported
             return False
-        keys = {k for k in {*env, *self.env} if k.upper().startswith(self.IMPORT_TIME)}
-        return all(env.get(k) == self.env.get(k) for k in keys)
+        # a CLI that is not verbose sets MLFLOW_LOGGING_LEVEL=WARNING where it is unset (as an
+        # in-process `main()` of a test leaves it in this process): the same MLflow either way
+        env, mine = ({**e, "MLFLOW_LOGGING_LEVEL": e.get("MLFLOW_LOGGING_LEVEL", "WARNING")} for e in (env, self.env))
+        keys = {k for k in {*env, *mine} if k.upper().startswith(self.IMPORT_TIME)}
+        return all(env.get(k) == mine.get(k) for k in keys)
 
     def run(self, argv: list[str], cwd: Path, env: dict[str, str], timeout: float):
         """As subprocess.run(capture_output=True, text=True, timeout=...)."""
