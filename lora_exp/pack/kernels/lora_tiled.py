@@ -155,42 +155,67 @@ def input_grad(a, dh, dh_parts, dx, rank, keys, thr, kscale, rows, acc, *, bm, b
         BM=bm, BR=br, BK=bk, PREC=prec, **launch)
 
 
+def _parts_for(k: int, width: int, block: int, tiles: int, split: int, programs: int) -> tuple[int, int]:
+    """(blocks, parts) of a weight gradient over `width` columns: parts > 1 where slots x blocks are
+    too few programs for the GPU."""
+    blocks = triton.cdiv(width, block)
+    return blocks, max(1, min(split, tiles, triton.cdiv(programs, k * blocks)))
+
+
+def _grad_buffers(k: int, rmax: int, width: int, parts: int, br: int, like: torch.Tensor):
+    grad = torch.empty(k, rmax, width, device=like.device, dtype=like.dtype)
+    partial = torch.empty(k, parts, br, width, device=like.device, dtype=torch.float32) if parts > 1 else grad
+    return grad, partial
+
+
+def sum_parts(grad: torch.Tensor, partial: torch.Tensor, parts: int) -> None:
+    """A weight gradient from its fp32 parts, added in a fixed order (deterministic)."""
+    if parts > 1:  # unwritten rows (past a slot's rank) sum to anything: never read
+        rmax = grad.shape[1]
+        total = partial[:, 0, :rmax].clone()
+        for p in range(1, parts):  # elementwise, in a fixed order (torch's reduce over dim 1 is slow here)
+            total += partial[:, p, :rmax]
+        grad.copy_(total)
+
+
+def backward_b(g, b, h, scale, rank, split, *, bm, bn, br, prec, programs, launch):
+    """The delta's B side of a long row group's backward: (dh = g_s B^T [K, M, br] fp32 per
+    position tile, B's gradient h^T g_s per output block over the group's positions)."""
+    k, m, fout = g.shape
+    rmax = b.shape[1]
+    tiles = triton.cdiv(m, bm)
+    dh = torch.empty(k, m, br, device=g.device, dtype=torch.float32)
+    _bwd_dh_tiled[(k, tiles)](g, b, dh, scale, rank, m, fout, b.stride(0), b.stride(1), rmax,
+                              BM=bm, BR=br, BN=bn, PREC=prec, **launch)
+    blocks, parts = _parts_for(k, fout, bn, tiles, split, programs)
+    gb, partial = _grad_buffers(k, rmax, fout, parts, br, b)
+    _bwd_b_tiled[(k, blocks, parts)](g, h, gb, partial, scale, rank, m, fout, rmax, PARTS=parts, BM=bm, BR=br,
+                                     BN=bn, PREC=prec, **launch)
+    sum_parts(gb, partial, parts)
+    return dh, gb
+
+
 def backward(g, x, a, b, h, scale, rank, keys, thr, kscale, rows, split, dx, acc, *, bm, bk, bn, br, prec, programs,
              launch):
     """The backward of a long row group: dh per position tile, then B's gradient per output
-    block and A's (with the input's gradient) per input block, each over the group's positions.
+    block and A's per input block, each over the group's positions, and the input's gradient.
     Where slots x blocks are too few programs for the GPU, each block's positions are split in
     up to `split` parts whose fp32 partial sums are added in a fixed order (deterministic).
     `dx` is the input gradient's buffer (None: not needed), added to in place with `acc`
     (`input_grad`)."""
     k, m, fin = x.shape
-    fout, rmax = b.shape[2], a.shape[1]
+    rmax = a.shape[1]
     tiles = triton.cdiv(m, bm)
-    need_dx = dx is not None
-    dh = torch.empty(k, m, br, device=x.device, dtype=torch.float32)
     dropout = keys is not None
-    _bwd_dh_tiled[(k, tiles)](g, b, dh, scale, rank, m, fout, b.stride(0), b.stride(1), rmax,
-                              BM=bm, BR=br, BN=bn, PREC=prec, **launch)
-    grads = []
-    for width, block, w in ((fout, bn, b), (fin, bk, a)):
-        blocks = triton.cdiv(width, block)
-        parts = max(1, min(split, tiles, triton.cdiv(programs, k * blocks)))
-        grad = torch.empty(k, rmax, width, device=x.device, dtype=w.dtype)
-        partial = torch.empty(k, parts, br, width, device=x.device, dtype=torch.float32) if parts > 1 else grad
-        grads.append((grad, partial, blocks, parts))
-    (gb, part_b, blocks_b, parts_b), (ga, part_a, blocks_a, parts_a) = grads
-    _bwd_b_tiled[(k, blocks_b, parts_b)](g, h, gb, part_b, scale, rank, m, fout, rmax, PARTS=parts_b, BM=bm, BR=br,
-                                         BN=bn, PREC=prec, **launch)
-    _bwd_a_tiled[(k, blocks_a, parts_a)](x, dh, ga, part_a, rank, keys if dropout else x, thr if dropout else x,
-                                         kscale if dropout else x, m, m // rows, fin, rows, x.stride(0), rmax,
-                                         PARTS=parts_a, DROPOUT=dropout, BM=bm, BR=br, BK=bk, PREC=prec, **launch)
-    if need_dx:
+    dh, gb = backward_b(g, b, h, scale, rank, split, bm=bm, bn=bn, br=br, prec=prec, programs=programs,
+                        launch=launch)
+    blocks, parts = _parts_for(k, fin, bk, tiles, split, programs)
+    ga, partial = _grad_buffers(k, rmax, fin, parts, br, a)
+    _bwd_a_tiled[(k, blocks, parts)](x, dh, ga, partial, rank, keys if dropout else x, thr if dropout else x,
+                                     kscale if dropout else x, m, m // rows, fin, rows, x.stride(0), rmax,
+                                     PARTS=parts, DROPOUT=dropout, BM=bm, BR=br, BK=bk, PREC=prec, **launch)
+    if dx is not None:
         input_grad(a, dh.view(k, 1, m, br), 1, dx, rank, keys, thr, kscale, rows, acc, bm=bm, br=br, bk=bk,
                    prec=prec, launch=launch)
-    for grad, partial, _, parts in grads:
-        if parts > 1:  # unwritten rows (past a slot's rank) sum to anything: never read
-            total = partial[:, 0, :rmax].clone()
-            for p in range(1, parts):  # elementwise, in a fixed order (torch's reduce over dim 1 is slow here)
-                total += partial[:, p, :rmax]
-            grad.copy_(total)
+    sum_parts(ga, partial, parts)
     return ga, gb
