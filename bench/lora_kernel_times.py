@@ -8,6 +8,12 @@ read and written once: the bound a fused delta cannot beat).
     python bench/lora_kernel_times.py --k 16 --m 2048 --rank 16
     TRITON_INTERPRET=1 python bench/lora_kernel_times.py --device cpu --k 2 --m 260 --rank 8   # smoke
     python bench/lora_kernel_times.py --configs "BM=32;BK=64;NUM_WARPS=8"   # other kernel constants
+    python bench/lora_kernel_times.py --swiglu "NUM_WARPS=8;BM=32"   # the MLP's down side, fused or not
+
+`--swiglu` times a SwiGLU MLP's down side (silu(g) * u into down_proj with its LoRA delta, forward +
+backward to g, u, A, B) as the pack ran it before (the activation compiled by torch.compile, then
+`lora_linear`) and as `kernels.swiglu` runs it, under its default constants and each ';'-separated
+setting of them, with each kernel's GPU time per call.
 """
 from __future__ import annotations
 
@@ -34,6 +40,9 @@ def main() -> None:
     p.add_argument("--repeat", type=int, default=20)
     p.add_argument("--device", default="cuda", help="cpu: a smoke run under TRITON_INTERPRET=1 (times meaningless)")
     p.add_argument("--configs", default="", help="';'-separated NAME=VALUE,... settings of kernels.lora's constants")
+    p.add_argument("--swiglu", default=None,
+                   help="time the MLP's down side instead, unfused vs kernels.swiglu under these ';'-separated "
+                        "settings of its constants ('' = its defaults only)")
     p.add_argument("--kernels", action="store_true",
                    help="also each kernel's GPU time per call (torch.profiler), with dropout: host time left out")
     args = p.parse_args()
@@ -125,6 +134,56 @@ def main() -> None:
                           "lora_extra_nodrop_ms": round(totals["lora_nodrop"] - totals["base"], 2),
                           "delta_traffic_bound_ms": round(totals["bound"], 2)}), flush=True)
 
+    def swiglu_times(configs: str) -> None:
+        from lora_exp.pack.kernels import swiglu
+
+        width, fout = QWEN["down"]
+        w = torch.randn(fout, width, device=dev, dtype=dtype) * 0.02
+        a = torch.nn.Parameter(torch.randn(k, rank, width, device=dev, dtype=dtype) * 0.02)
+        b = torch.nn.Parameter(torch.randn(k, rank, fout, device=dev, dtype=dtype) * 0.02)
+        g, u = [torch.randn(k, m, width, device=dev, dtype=dtype, requires_grad=True) for _ in range(2)]
+        go = torch.randn(k, m, fout, device=dev, dtype=dtype)
+        drop = pack_lora.dropout_args(keys, p_drop, dtype)
+        act = torch.compile(lambda g, u: torch.nn.functional.silu(g) * u) if dev == "cuda" else (
+            lambda g, u: torch.nn.functional.silu(g) * u)
+
+        def base() -> None:
+            torch.autograd.grad(torch.nn.functional.linear(act(g, u), w), [g, u], go)
+
+        def unfused() -> None:
+            y = pack_lora.lora_linear(act(g, u), w, None, False, a, b, scale, ranks, drop, 1, split)
+            torch.autograd.grad(y, [g, u, a, b], go)
+
+        def fused() -> None:
+            y = swiglu.swiglu_lora_linear(g, u, w, None, a, b, scale, ranks, drop, 1, split)
+            torch.autograd.grad(y, [g, u, a, b], go)
+
+        # g, u read twice, h written and read, h's gradient written and read, g's and u's written
+        bound = 10 * k * m * width * 2 / HBM * 1e3
+        print(json.dumps({"what": "swiglu + down_proj fwd+bwd", "k": k, "m": m, "width": width,
+                          "base_ms": round(timed(base), 3), "unfused_ms": round(timed(unfused), 3),
+                          "traffic_bound_ms": round(bound, 3)}), flush=True)
+        if dev == "cuda":
+            kernel_times(unfused, "unfused")
+        saved = {name: getattr(swiglu, name) for name in swiglu.TUNABLE}
+        for config in [""] + [c for c in configs.split(";") if c]:
+            for item in filter(None, config.split(",")):
+                name, value = item.split("=")
+                setattr(swiglu, name, int(value))
+            try:
+                print(json.dumps({"what": "swiglu fused", "config": config or "default",
+                                  "fused_ms": round(timed(fused), 3)}), flush=True)
+                if dev == "cuda":
+                    kernel_times(fused, f"fused {config or 'default'}")
+            except Exception as exc:  # noqa: BLE001 - a setting the GPU cannot run is reported
+                print(json.dumps({"what": "config", "config": config, "error": repr(exc)[:300]}), flush=True)
+            finally:
+                for name, value in saved.items():
+                    setattr(swiglu, name, value)
+
+    if args.swiglu is not None:
+        swiglu_times(args.swiglu)
+        return
     run_config("default")
     saved = {name: getattr(pack_lora, name) for name in pack_lora.TUNABLE}
     for config in filter(None, args.configs.split(";")):

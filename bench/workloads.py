@@ -214,7 +214,8 @@ def cmd_engine(args: argparse.Namespace, sweep: str, overrides: list[str]) -> No
 
 def time_lora_configs(trainer, args: argparse.Namespace, sync) -> None:
     """The packed step under other settings of the LoRA kernels' module constants (`BM=128,BK=64;...`);
-    the kernels read them at each launch, so no recompile."""
+    the kernels read them at each launch, so no recompile (SWIGLU=0/1: the compiled layers' graph
+    is remade in the two warm-up steps)."""
     from lora_exp.pack.kernels import lora as pack_lora
 
     saved = {name: getattr(pack_lora, name) for name in pack_lora.TUNABLE}

@@ -177,6 +177,74 @@ LORA_SCRIPT = textwrap.dedent('''
 ''')
 
 
+
+SWIGLU_SCRIPT = textwrap.dedent("""
+    # A SwiGLU MLP's activation and its packed down projection (frozen linear + each slot's LoRA,
+    # dropout on or off) as one op (kernels.swiglu), against torch's silu, product, linear and
+    # bmm's: the output, g's and u's gradients, A's and B's where each slot trains; short and long
+    # row groups (A's gradient over the MLP's width in one part or summed from 3).
+    import os
+    import torch
+    from lora_exp.pack.kernels import lora as pack_lora, swiglu
+    from lora_exp.core.randomness import dropout_mask, module_keys, row_keys
+
+    torch.manual_seed(0)
+    torch.set_default_device(os.environ["KERNELS_DEVICE"])
+    k, rows, width, fout, R = 5, 2, 150, 40, 8           # an MLP width past a block, not a multiple
+    ranks = torch.tensor([8, 0, 3, 5, 1], dtype=torch.int32)   # slot 1 does not target down_proj
+    scale = torch.tensor([0.5, 0.0, 2.0, 1.5, 4.0])
+    live = torch.arange(R).view(1, R) < ranks.view(k, 1)
+    keys = module_keys(row_keys(torch.arange(k * rows) * 7 + 3, torch.full((k * rows,), 11),
+                                torch.arange(rows).repeat(k)), 12345)
+    p = torch.tensor([0.1, 0.0, 0.3, 0.05, 0.2]).repeat_interleave(rows)
+    short, long = 7, pack_lora.MAX_M // 2 + 9
+    dtypes = [getattr(torch, d) for d in os.environ["KERNELS_DTYPES"].split(",")]
+    cases = [(dtypes[0], short, 1, True), (dtypes[0], short, 3, False), (dtypes[0], long, 1, False),
+             (dtypes[0], long, 3, True)] + [(d, t, 3, True) for d in dtypes[1:] for t in (short, long)]
+    for dtype, t, split, drop in cases:
+        m = rows * t
+        a, b = torch.randn(k, R, width, dtype=dtype) * 0.3, torch.randn(k, R, fout, dtype=dtype) * 0.3
+        # the reference sees the pack's zero padding; the op gets random values there and must not read them
+        a_ref, b_ref = [(x * live[:, :, None]).detach().clone().requires_grad_() for x in (a, b)]
+        a_k, b_k = [x.detach().clone().requires_grad_() for x in (a, b)]
+        g0, u0 = torch.randn(k, m, width, dtype=dtype), torch.randn(k, m, width, dtype=dtype)
+        gr, ur, gk, uk = [x.clone().requires_grad_() for x in (g0, u0, g0, u0)]
+        w, bias = torch.randn(fout, width, dtype=dtype) * 0.1, torch.randn(fout, dtype=dtype)
+        h = torch.nn.functional.silu(gr) * ur
+        hs = h
+        if drop:
+            hs = (h.reshape(k * rows, -1) * dropout_mask(h.detach().reshape(k * rows, -1), keys, p)).view_as(h)
+        delta = torch.bmm(torch.bmm(hs, a_ref.transpose(1, 2)), b_ref) * scale.to(dtype).view(-1, 1, 1)
+        ref = torch.nn.functional.linear(h, w, bias) + delta
+        args = pack_lora.dropout_args(keys, p, dtype) if drop else None
+        out = swiglu.swiglu_lora_linear(gk, uk, w, bias, a_k, b_k, scale, ranks, args, rows, split)
+        tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=5e-2)
+        what = (str(dtype), m, split, drop)
+        assert out.dtype == dtype and torch.allclose(out.float(), ref.float(), **tol), \\
+            (what, (out.float() - ref.float()).abs().max())
+        go = torch.randn(k, m, fout, dtype=dtype)
+        want = torch.autograd.grad(ref, [gr, ur, a_ref, b_ref], go)
+        got = torch.autograd.grad(out, [gk, uk, a_k, b_k], go)
+        for name, x, y in zip("gu", got, want):
+            assert x.dtype == dtype and torch.allclose(x.float(), y.float(), **tol), \\
+                (what, name, (x.float() - y.float()).abs().max())
+        for name, x, y in zip("AB", got[2:], want[2:]):      # where each slot trains
+            assert x.dtype == dtype, (what, name, x.dtype)
+            for s in range(k):
+                r = int(ranks[s])
+                size = max(1.0, float(y[s, :r].abs().max())) if r else 1.0
+                assert torch.allclose(x[s, :r].float(), y[s, :r].float(), rtol=tol["rtol"], atol=tol["atol"] * size), \\
+                    (what, name, s)
+        if dtype != torch.float32:  # the output's gradient in fp32 beside low-precision inputs
+            _, z = torch.ops.lora_exp.swiglu_lora_linear(gk, uk, w, bias, a_k, b_k, scale, ranks,
+                                                         *(args or (None,) * 3), rows, split)
+            grads = torch.ops.lora_exp.swiglu_lora_linear_backward(go.float(), gk, uk, w, a_k, b_k, z, scale, ranks,
+                                                                  *(args or (None,) * 3), rows, split)
+            assert all(x.dtype == dtype for x in grads), [x.dtype for x in grads]
+            assert torch.allclose(grads[0].float(), want[0].float(), **tol), (what, "fp32 gradient")
+    print("swiglu kernels ok")
+""")
+
 ATTENTION_SCRIPT = textwrap.dedent('''
     import os
     import torch
@@ -435,7 +503,8 @@ PACK_LORA_SCRIPT = textwrap.dedent('''
 
 LLAMA_AUTOCAST_SCRIPT = textwrap.dedent('''
     # A pack of tiny Llama trials (grouped-query attention) stepping under bf16 autocast through
-    # every kernel (optimizer, LoRA deltas, attention), as a bf16 pack does on a GPU: the dtypes
+    # every kernel (optimizer, LoRA deltas with the base layers, the MLP's activation with
+    # down_proj's, attention), as a bf16 pack does on a GPU: the dtypes
     # autocast hands over (fp32 rotary q and k, bf16 v, bf16 LoRA copies) must meet in each one.
     import torch
     from lora_exp.compose import compose
@@ -454,8 +523,17 @@ LLAMA_AUTOCAST_SCRIPT = textwrap.dedent('''
     data = tokenize(load_rows(cfgs[0].data), cfgs[0].data, base.tokenizer)
     table = TokenTable.build(data.train, base.tokenizer.pad_token_id, torch.device("cpu"))
     assert causal_rows_attention(base.model) is not None and base.model.config._attn_implementation == CAUSAL_ROWS
+    from lora_exp.pack.kernels import lora as pack_lora, swiglu
+    calls = []
+    for module, name in ((pack_lora, "lora_linear"), (swiglu, "swiglu_lora_linear")):
+        def counted(*args, _real=getattr(module, name), _name=name, **kwargs):
+            calls.append(_name)
+            return _real(*args, **kwargs)
+        setattr(module, name, counted)
+    from lora_exp.pack.runtime import FrozenWeights
     pm = PackedModel(base, 2, 8, sorted({m for c in cfgs for m in c.target_modules}), compile="off",
                      low_precision=True)
+    frozen = FrozenWeights(base.model)  # the base's matmul weights in bf16, as a bf16 pack's runtime makes them
     pm.kernels = True                   # the optimizer's kernels
     pm.groups.kernels, pm.groups.split, pm.groups.rows = True, 1, 2   # the LoRA deltas' kernels, 2 rows a slot
     for slot, cfg in enumerate(cfgs):
@@ -467,6 +545,9 @@ LLAMA_AUTOCAST_SCRIPT = textwrap.dedent('''
         assert losses.dtype == torch.float32 and bool(torch.isfinite(losses).all()), losses
         optimizer_step(pm, gradients(pm, losses.sum()))
         assert pm.low.dtype == torch.bfloat16 and bool(torch.isfinite(pm.params).all())
+    # the linear layers with their deltas as one op, and the MLPs' activation with down_proj's
+    assert calls.count("swiglu_lora_linear") == 3 * 2 and calls.count("lora_linear") == 3 * 2 * 6, calls
+    frozen.use_fp32()
     pm.close()
     print("llama autocast kernels ok")
 ''')

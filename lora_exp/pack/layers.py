@@ -58,8 +58,8 @@ class PackedLoraLayer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         g = self.groups
-        whole = self.active and g.enabled and g.kernels and g.slots is None
-        if whole and x.shape[0] // g.rows == self.rank.shape[0]:
+        whole = self._whole_pack(x)
+        if whole:
             out = self._kernel_linear(x, g)
             if out is not None:
                 return out
@@ -68,7 +68,7 @@ class PackedLoraLayer(nn.Module):
             return y
         n_groups = x.shape[0] // g.rows
         xs = x.reshape(n_groups, -1, x.shape[-1])
-        if whole and n_groups == self.rank.shape[0]:
+        if whole:
             return y + self._kernel_delta(xs, g).reshape(y.shape).to(y.dtype)
         if g.dropout is not None and self.training:
             keys, p = g.dropout
@@ -95,20 +95,49 @@ class PackedLoraLayer(nn.Module):
         keys, p = g.dropout
         return lora.dropout_args(module_keys(keys, self.key_t), p, dtype)
 
+    def _whole_pack(self, x: torch.Tensor) -> bool:
+        """A whole-pack training forward through the LoRA kernels (every slot's rows, in order)."""
+        g = self.groups
+        return (self.active and g.enabled and g.kernels and g.slots is None
+                and x.shape[0] // g.rows == self.rank.shape[0])
+
+    def _plain_base(self) -> bool:
+        """The base layer is a frozen linear layer (or Conv1D) in the compute dtype: not quantized,
+        not fp32 weights under a bf16 pack's fp32 generation."""
+        base, dtype = self.base_layer, self.lora_A.dtype
+        weight, bias = base.weight, getattr(base, "bias", None)
+        return ((type(base).__name__ == "Conv1D" or type(base) is nn.Linear) and weight.dtype == dtype
+                and not weight.requires_grad and (bias is None or (bias.dtype == dtype and not bias.requires_grad)))
+
+    def swiglu(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor | None:
+        """This layer on silu(gate) * up, a SwiGLU MLP's down projection, with the activation and
+        the LoRA delta in one op (`kernels.swiglu`) in a whole-pack training step through the
+        kernels; None elsewhere (the MLP runs as it is)."""
+        from lora_exp.pack.kernels import lora, swiglu
+
+        if not (lora.SWIGLU and self._whole_pack(gate) and self._plain_base() and type(self.base_layer) is nn.Linear
+                and gate.dtype == up.dtype == self.lora_A.dtype and gate.shape == up.shape):
+            return None
+
+        k = self.rank.shape[0]
+        out = swiglu.swiglu_lora_linear(gate.reshape(k, -1, gate.shape[-1]), up.reshape(k, -1, up.shape[-1]),
+                                        self.base_layer.weight, self.base_layer.bias, self.lora_A, self.lora_B,
+                                        self.scale, self.rank, self._dropout_args(self.groups, gate.dtype),
+                                        self.groups.rows, self.groups.split)
+        return out.reshape(*gate.shape[:-1], out.shape[-1])
+
     def _kernel_linear(self, x: torch.Tensor, g: Groups) -> torch.Tensor | None:
         """The base layer and the LoRA kernels' delta as one op (`kernels.lora.lora_linear`): the
         delta added in place where a slot targets the module, nothing done where it does not.
-        None where the base layer is not a plain linear layer in the compute dtype (quantized,
-        or fp32 weights under a bf16 pack's fp32 generation): the caller adds the delta."""
+        None where the base layer is not `_plain_base` or x is not in the compute dtype (nor
+        autocast to it): the caller adds the delta."""
         from lora_exp.pack.kernels import lora
 
         base, dtype = self.base_layer, self.lora_A.dtype
         conv = type(base).__name__ == "Conv1D"
         weight, bias = base.weight, getattr(base, "bias", None)
         autocast = torch.is_autocast_enabled(x.device.type) and torch.get_autocast_dtype(x.device.type) == dtype
-        if (not (conv or type(base) is nn.Linear) or weight.dtype != dtype or weight.requires_grad
-                or (bias is not None and (bias.dtype != dtype or bias.requires_grad))
-                or (x.dtype != dtype and not autocast)):
+        if not self._plain_base() or (x.dtype != dtype and not autocast):
             return None
         xs = x.reshape(self.rank.shape[0], -1, x.shape[-1]).to(dtype)
         out = lora.lora_linear(xs, weight, bias, conv, self.lora_A, self.lora_B, self.scale, self.rank,
@@ -122,6 +151,26 @@ class PackedLoraLayer(nn.Module):
 
         return lora.lora_delta(xs.to(self.lora_A.dtype), self.lora_A, self.lora_B, self.scale, self.rank,
                                self._dropout_args(g, xs.dtype), g.rows, g.split)
+
+
+#: the MLPs whose forward is exactly down_proj(act_fn(gate_proj(x)) * up_proj(x)): with SiLU as
+#: act_fn, `swiglu_forward` runs them
+SWIGLU_MLPS = ("LlamaMLP", "Qwen2MLP", "Qwen3MLP", "MistralMLP", "Olmo2MLP", "GraniteMLP")
+
+
+def swiglu_mlp(module: nn.Module) -> bool:
+    """A SwiGLU MLP whose down projection is packed: `swiglu_forward` may run it."""
+    return (type(module).__name__ in SWIGLU_MLPS and isinstance(getattr(module, "down_proj", None), PackedLoraLayer)
+            and type(getattr(module, "act_fn", None)).__name__ in ("SiLU", "SiLUActivation")
+            and all(isinstance(getattr(module, n, None), nn.Module) for n in ("gate_proj", "up_proj")))
+
+
+def swiglu_forward(mlp: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """A SwiGLU MLP's forward (`swiglu_mlp`), the activation fused with the down projection's LoRA
+    delta where `PackedLoraLayer.swiglu` can (a whole-pack training step through the kernels)."""
+    gate, up = mlp.gate_proj(x), mlp.up_proj(x)
+    out = mlp.down_proj.swiglu(gate, up)
+    return out if out is not None else mlp.down_proj(mlp.act_fn(gate) * up)
 
 
 def layer_shape(module: nn.Module) -> tuple[int, int] | None:

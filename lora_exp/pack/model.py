@@ -9,6 +9,7 @@ freed when its trial finishes or is pruned, and a new trial takes it (continuous
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Any, Iterable
@@ -19,7 +20,7 @@ from torch import nn
 
 from lora_exp.core.randomness import init_lora_a
 from lora_exp.pack.compile import COMPILE_MODES, compile_mode
-from lora_exp.pack.layers import Groups, PackedLoraLayer, layer_shape, matches
+from lora_exp.pack.layers import Groups, PackedLoraLayer, layer_shape, matches, swiglu_forward, swiglu_mlp
 
 
 @dataclass
@@ -117,6 +118,12 @@ class PackedModel:
             self.layers[name] = layer
             self.spans[name] = (offset, fin, fout, index)
             offset += size
+        #: SwiGLU MLPs whose down projection is wrapped run `swiglu_forward` (their activation fused
+        #: with the down projection's LoRA delta where a step goes through the LoRA kernels; their
+        #: own forward's ops elsewhere)
+        self._swiglu = [m for m in self.model.modules() if swiglu_mlp(m)]
+        for mlp in self._swiglu:
+            mlp.forward = functools.partial(swiglu_forward, mlp)
         self.weights = [w for layer in self.layers.values() for w in (layer.lora_A, layer.lora_B)]
         #: elements of each tensor's slot prefix the slot trains (r * width, 0 if untargeted)
         self.live_len = torch.zeros(len(self.tensors), slots, dtype=torch.int32, device=self.device)
@@ -252,6 +259,9 @@ class PackedModel:
 
     def close(self) -> None:
         """Unwrap: the base model is exactly as it was."""
+        for mlp in self._swiglu:
+            del mlp.forward  # the class's own forward again
+        self._swiglu.clear()
         for parent, child, module in self._originals:
             setattr(parent, child, module)
         self._originals.clear()

@@ -13,6 +13,7 @@ from kernel_checks import (
     PACK_LORA_SCRIPT,
     PACK_SCRIPT,
     SCRIPT,
+    SWIGLU_SCRIPT,
     run_checks,
 )
 
@@ -27,6 +28,12 @@ def test_lora_delta_kernels_match_the_bmms_forward_and_backward_skipping_what_a_
     """fp32, and fp16 with an fp32 output gradient (fp16 stands for bf16: the interpreter's bf16 dots
     are wrong; tests/gpu runs bf16)."""
     run_checks(LORA_SCRIPT, TRITON_INTERPRET="1", KERNELS_DEVICE="cpu", KERNELS_DTYPES="float32,float16")
+
+
+def test_swiglu_activation_fused_with_down_projections_lora_matches_torchs_ops_forward_and_backward():
+    """fp32, and fp16 (for bf16) with an fp32 output gradient; dropout on and off, a slot that
+    does not target down_proj, short and long row groups."""
+    run_checks(SWIGLU_SCRIPT, TRITON_INTERPRET="1", KERNELS_DEVICE="cpu", KERNELS_DTYPES="float32,float16")
 
 
 def test_head_loss_kernel_matches_the_compiled_chunk_loss_and_its_gradient():

@@ -50,18 +50,21 @@ PROGRAMS_PER_SM = 4
 #: the longest row group one program holds (the short kernels); longer ones are tiled by BM
 #: positions (32: 0.5-3% faster a Qwen2.5-0.5B step than 64), as is the input gradient of every group
 MAX_M, BM = 256, 32
+#: a SwiGLU MLP's activation fused with its down projection's LoRA delta (kernels.swiglu); 0: apart
+SWIGLU = 1
 #: the constants here, which the benches set to time other values
-TUNABLE = ("BK", "BN", "NUM_WARPS", "MIN_SPLIT", "MAX_M", "BM", "PROGRAMS_PER_SM")
+TUNABLE = ("BK", "BN", "NUM_WARPS", "MIN_SPLIT", "MAX_M", "BM", "PROGRAMS_PER_SM", "SWIGLU")
 
 
 @triton.jit
 def _fwd_kernel(x_ptr, a_ptr, b_ptr, out_ptr, h_ptr, scale_ptr, rank_ptr, keys_ptr, thr_ptr, kscale_ptr,
                 M, T, IN, OUT, ROWS, x_s0, a_s0, a_s1, b_s0, b_s1, R,
                 SPLIT: tl.constexpr, DROPOUT: tl.constexpr, ADD: tl.constexpr, BM: tl.constexpr, BR: tl.constexpr,
-                BK: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr):
+                BK: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr, GIVEN_H: tl.constexpr = False):
     """The delta of this program's positions (and its share of the outputs); with ADD, added in
     place to the base layer's output in `out` (rounded as torch rounds y + delta), which is left
-    as it is where the slot does not target the module."""
+    as it is where the slot does not target the module. With GIVEN_H, h = drop(x) A^T is read
+    from `h` (made by another kernel: kernels.swiglu) and x and A are not read."""
     slot = tl.program_id(0).to(tl.int64)
     part = tl.program_id(1)
     r = tl.load(rank_ptr + slot)
@@ -71,20 +74,25 @@ def _fwd_kernel(x_ptr, a_ptr, b_ptr, out_ptr, h_ptr, scale_ptr, rank_ptr, keys_p
     m_ok = m < M
     dtype = out_ptr.dtype.element_ty
     if r > 0:
-        acc = tl.zeros((BM, BR), dtype=tl.float32)
-        for k0 in range(0, IN, BK):
-            kk = k0 + tl.arange(0, BK)
-            k_ok = kk < IN
-            x = tl.load(x_ptr + slot * x_s0 + m[:, None] * IN + kk[None, :], mask=m_ok[:, None] & k_ok[None, :],
-                        other=0.0)
-            if DROPOUT:
-                x = masked(x, slot, m, kk, M, T, IN, ROWS, keys_ptr, thr_ptr, kscale_ptr)
-            a = tl.load(a_ptr + slot * a_s0 + rk[None, :] * a_s1 + kk[:, None],
-                        mask=(rk < r)[None, :] & k_ok[:, None], other=0.0)
-            acc += tl.dot(x.to(dtype), a, input_precision=PREC)
-        h = acc.to(dtype)
-        if part == 0:
-            tl.store(h_ptr + slot * M * R + m[:, None] * R + rk[None, :], h, mask=m_ok[:, None] & (rk < R)[None, :])
+        if GIVEN_H:
+            h = tl.load(h_ptr + slot * M * R + m[:, None] * R + rk[None, :],
+                        mask=m_ok[:, None] & (rk < r)[None, :], other=0.0)
+        else:
+            acc = tl.zeros((BM, BR), dtype=tl.float32)
+            for k0 in range(0, IN, BK):
+                kk = k0 + tl.arange(0, BK)
+                k_ok = kk < IN
+                x = tl.load(x_ptr + slot * x_s0 + m[:, None] * IN + kk[None, :],
+                            mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+                if DROPOUT:
+                    x = masked(x, slot, m, kk, M, T, IN, ROWS, keys_ptr, thr_ptr, kscale_ptr)
+                a = tl.load(a_ptr + slot * a_s0 + rk[None, :] * a_s1 + kk[:, None],
+                            mask=(rk < r)[None, :] & k_ok[:, None], other=0.0)
+                acc += tl.dot(x.to(dtype), a, input_precision=PREC)
+            h = acc.to(dtype)
+            if part == 0:
+                tl.store(h_ptr + slot * M * R + m[:, None] * R + rk[None, :], h,
+                         mask=m_ok[:, None] & (rk < R)[None, :])
         s = tl.load(scale_ptr + slot).to(dtype)
         for j in range(part * BN, OUT, SPLIT * BN):
             nn = j + n
