@@ -69,7 +69,14 @@ def test_progress_lines_when_the_output_is_not_a_terminal(workdir):
     assert time.time() - start < 5, first
     assert re.search(r"config and data checked \(5 training rows, 5 validation\); opening the MLflow store "
                      r"sqlite:///\S+mlflow\.db$", first), first
-    rest = proc.communicate(timeout=300)[0]
+    lines = []
+    for line in proc.stdout:  # until the process closes its output: when it ends
+        lines.append(line)
+        last = time.time()
+    proc.wait(timeout=60)
+    # it ends once its last line is out, not after the interpreter has freed torch's objects (2-3 s)
+    assert time.time() - last < 1.0, time.time() - last
+    rest = "".join(lines)
     assert proc.returncode == 0, rest
     assert "loading model tiny_gpt2 (random) on cpu" in rest
     assert re.search(r"step 1/30  train_loss \d+\.\d+  \(\d+s\)", rest)
