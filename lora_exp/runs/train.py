@@ -25,11 +25,11 @@ def cmd_train(overrides: list[str]) -> int:
 def train_config(cfg: RunConfig, tags: dict[str, str], run_name: str | None) -> tuple[TrialResult, str | None]:
     """Validate data and store, load the base, train one adapter into one run; print a summary."""
     rows = load_rows(cfg.data)  # bad data fails here, before the model loads
-    # said before torch loads and the store opens (a new store's migrations): seconds of silence otherwise
-    log.info("config and data checked (%d training rows, %d validation)%s", len(rows.train), len(rows.validation),
-             f"; opening the MLflow store {redact_uri(cfg.tracking.uri)}" if cfg.tracking.enabled else "")
     if cfg.tracking.enabled:
-        connect(cfg.tracking)  # a bad tracking URI fails here, before the model loads too
+        connect(cfg.tracking)  # so does a bad tracking URI (one line: nothing said before it)
+    # said before torch loads (seconds of silence otherwise)
+    log.info("config and data checked (%d training rows, %d validation)%s", len(rows.train), len(rows.validation),
+             f"; MLflow store {redact_uri(cfg.tracking.uri)}" if cfg.tracking.enabled else "")
     from lora_exp.core.models import load_base, pick_device
     from lora_exp.core.training import run_trial, total_steps
 
