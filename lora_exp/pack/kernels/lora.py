@@ -211,22 +211,25 @@ def _check(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
     assert a.stride(2) == 1 and b.stride(2) == 1, "A and B: dense rows"
 
 
-def _forward(x, a, b, scale, rank, keys, thr, kscale, rows, split, out, add):
+def _forward(x, a, b, scale, rank, keys, thr, kscale, rows, split, out, add, h=None):
     """The forward kernel: each slot's delta written to `out` (added to it in place with `add`);
-    returns h = drop(x) A^T, kept for the backward."""
+    returns h = drop(x) A^T, kept for the backward (given as `h`: read, x and A not)."""
     _check(x, a, b)
     split = max(split, MIN_SPLIT)
     k, m, fin = x.shape
     fout, rmax = b.shape[2], a.shape[1]
     assert out.shape == (k, m, fout) and out.dtype == x.dtype and out.is_contiguous(), (out.shape, out.dtype)
-    h = torch.empty(k, m, rmax, device=x.device, dtype=x.dtype)  # read back only where a slot trains
+    given = h is not None
+    if not given:
+        h = torch.empty(k, m, rmax, device=x.device, dtype=x.dtype)  # read back only where a slot trains
     dropout = keys is not None
     # short rows: a program holds a slot's group; long ones: a program per BM positions
     bm, split, tiles = (_block_m(m), split, 1) if m <= MAX_M else (BM, 1, triton.cdiv(m, BM))
     _fwd_kernel[(k, split, tiles)](x, a, b, out, h, scale, rank, keys if dropout else x, thr if dropout else x,
                                    kscale if dropout else x, m, m // rows, fin, fout, rows, x.stride(0), a.stride(0),
                                    a.stride(1), b.stride(0), b.stride(1), rmax, SPLIT=split, DROPOUT=dropout, ADD=add,
-                                   BM=bm, BR=_block_r(rmax), BK=BK, BN=BN, PREC=_prec(x.dtype), **_launch())
+                                   BM=bm, BR=_block_r(rmax), BK=BK, BN=BN, PREC=_prec(x.dtype), GIVEN_H=given,
+                                   **_launch())
     return h
 
 

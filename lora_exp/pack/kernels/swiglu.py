@@ -42,6 +42,17 @@ def _silu_mul(g, u, dtype: tl.constexpr):
 
 
 @triton.jit
+def _activation(g_ptr, u_ptr, h_ptr, row, kk, m_ok, WIDTH, dtype: tl.constexpr):
+    """h = silu(g) * u on a tile (rows `row`, columns kk), stored and returned."""
+    ok = m_ok[:, None] & (kk < WIDTH)[None, :]
+    g = tl.load(g_ptr + row + kk[None, :], mask=ok, other=0.0).to(tl.float32)
+    u = tl.load(u_ptr + row + kk[None, :], mask=ok, other=0.0).to(tl.float32)
+    _, h, _ = _silu_mul(g, u, dtype)
+    tl.store(h_ptr + row + kk[None, :], h, mask=ok)
+    return h
+
+
+@triton.jit
 def _fwd(g_ptr, u_ptr, h_ptr, a_ptr, z_ptr, rank_ptr, keys_ptr, thr_ptr, kscale_ptr, M, T, WIDTH, ROWS, a_s0, a_s1,
          R, DROPOUT: tl.constexpr, BM: tl.constexpr, BR: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr):
     """h = silu(g) * u on this program's BM positions, and z = drop(h) A^T where the slot targets
@@ -57,11 +68,7 @@ def _fwd(g_ptr, u_ptr, h_ptr, a_ptr, z_ptr, rank_ptr, keys_ptr, thr_ptr, kscale_
         acc = tl.zeros((BM, BR), dtype=tl.float32)
         for k0 in range(0, WIDTH, BK):
             kk = k0 + tl.arange(0, BK)
-            ok = m_ok[:, None] & (kk < WIDTH)[None, :]
-            g = tl.load(g_ptr + row + kk[None, :], mask=ok, other=0.0).to(tl.float32)
-            u = tl.load(u_ptr + row + kk[None, :], mask=ok, other=0.0).to(tl.float32)
-            _, h, _ = _silu_mul(g, u, dtype)
-            tl.store(h_ptr + row + kk[None, :], h, mask=ok)
+            h = _activation(g_ptr, u_ptr, h_ptr, row, kk, m_ok, WIDTH, dtype)
             x = h
             if DROPOUT:
                 x = masked(h, slot, m, kk, M, T, WIDTH, ROWS, keys_ptr, thr_ptr, kscale_ptr).to(dtype)
@@ -72,12 +79,7 @@ def _fwd(g_ptr, u_ptr, h_ptr, a_ptr, z_ptr, rank_ptr, keys_ptr, thr_ptr, kscale_
                  mask=m_ok[:, None] & (rk < R)[None, :])
     else:
         for k0 in range(0, WIDTH, BK):
-            kk = k0 + tl.arange(0, BK)
-            ok = m_ok[:, None] & (kk < WIDTH)[None, :]
-            g = tl.load(g_ptr + row + kk[None, :], mask=ok, other=0.0).to(tl.float32)
-            u = tl.load(u_ptr + row + kk[None, :], mask=ok, other=0.0).to(tl.float32)
-            _, h, _ = _silu_mul(g, u, dtype)
-            tl.store(h_ptr + row + kk[None, :], h, mask=ok)
+            _activation(g_ptr, u_ptr, h_ptr, row, k0 + tl.arange(0, BK), m_ok, WIDTH, dtype)
 
 
 @triton.jit
@@ -161,13 +163,7 @@ def _swiglu_linear(g, u, w, bias, a, b, scale, rank, keys, thr, kscale, rows, sp
                                   PREC=prec, num_warps=NUM_WARPS)
     out = lora._base(h.view(k * m, width), w, bias, False).view(k, m, fout)
     del h
-    split = max(split, lora.MIN_SPLIT)
-    # as kernels.lora's forward: a program per slot's group (short) or per BM positions (long)
-    bm, split, tiles = (lora._block_m(m), split, 1) if m <= lora.MAX_M else (lora.BM, 1, triton.cdiv(m, lora.BM))
-    lora._fwd_kernel[(k, split, tiles)](
-        g, a, b, out, z, scale, rank, g, g, g, m, m // rows, width, fout, rows, g.stride(0), a.stride(0), a.stride(1),
-        b.stride(0), b.stride(1), rmax, SPLIT=split, DROPOUT=False, ADD=True, BM=bm, BR=br, BK=lora.BK, BN=lora.BN,
-        PREC=prec, GIVEN_H=True, **lora._launch())
+    lora._forward(g, a, b, scale, rank, None, None, None, rows, split, out, True, h=z)  # + (z B) * scale
     return out, z
 
 
