@@ -6,7 +6,7 @@ import argparse
 import logging
 import os
 import sys
-from typing import Any, Sequence
+from typing import Any, NoReturn, Sequence
 
 from lora_exp import __version__
 from lora_exp.errors import LoraExpError
@@ -210,31 +210,42 @@ def dispatch(args: argparse.Namespace) -> int:
     return cmd_generate(args.run_id, [p for p in args.prompts if p not in store], args.max_new_tokens, store)
 
 
-def entry() -> None:
-    """The `lora-exp` console script: `main`, then the exit the interpreter would make, less its
-    teardown. Once a command is done, the interpreter frees the modules of torch, transformers and
-    MLflow one object at a time (2-3 s after a training run) for nothing anyone reads: here the
-    threads are joined and the exit handlers (MLflow's, logging's) run as at any exit, the output
-    is flushed, and the process ends. An uncaught error ends it as Python does."""
-    try:
-        code = main()
-    except SystemExit as exc:
-        code = exc.code
+def exit_status(code: object) -> int:
+    """A SystemExit's code as the process's exit status, as Python makes it (None: 0; a message:
+    printed, 1)."""
     if code is None:
-        code = 0
-    elif not isinstance(code, int):
+        return 0
+    if not isinstance(code, int):
         print(code, file=sys.stderr)
-        code = 1
+        return 1
+    return code & 0xFF
+
+
+def end_process(status: int) -> NoReturn:
+    """End the process as the interpreter would at exit, less its teardown: non-daemon threads
+    joined (executors' too), the exit handlers run (MLflow's, logging's), the output flushed."""
     try:
         import atexit
         import threading
 
-        getattr(threading, "_shutdown", lambda: None)()  # joins non-daemon threads (executors' too)
+        getattr(threading, "_shutdown", lambda: None)()
         atexit._run_exitfuncs()
         sys.stdout.flush()
         sys.stderr.flush()
     finally:
-        os._exit(code & 0xFF)
+        os._exit(status)
+
+
+def entry() -> None:
+    """The `lora-exp` console script: `main`, then `end_process`. Once a command is done, the
+    interpreter would free the modules of torch, transformers and MLflow one object at a time
+    (2-3 s after a training run) for nothing anyone reads. An uncaught error ends the process as
+    Python does."""
+    try:
+        code = main()
+    except SystemExit as exc:
+        code = exc.code
+    end_process(exit_status(code))
 
 
 if __name__ == "__main__":

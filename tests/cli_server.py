@@ -98,33 +98,25 @@ def child(request: dict) -> None:
         main_module.__file__ = request["argv"][0]
         sys.modules["__main__"] = main_module
         sys.argv = list(request["argv"])
-        from lora_exp.cli import main
+        from lora_exp.cli import exit_status, main
 
         try:
             code = main()
         except SystemExit as exc:
             code = exc.code
-        if code is None:
-            code = 0
-        elif not isinstance(code, int):
-            print(code, file=sys.stderr)
-            code = 1
+        code = exit_status(code)
     except BaseException:  # noqa: BLE001 - an uncaught error ends the process as Python would
         import traceback
 
         traceback.print_exc()
         code = 1
     finally:
-        # what the interpreter does at exit: join non-daemon threads, run atexit, flush
-        try:
-            threading._shutdown()  # type: ignore[attr-defined]
-            import atexit
+        try:  # as the console script ends (`lora_exp.cli.entry`)
+            from lora_exp.cli import end_process
 
-            atexit._run_exitfuncs()
-            sys.stdout.flush()
-            sys.stderr.flush()
+            end_process(code if isinstance(code, int) else 1)
         finally:
-            os._exit(code & 0xFF if isinstance(code, int) else 1)
+            os._exit(1)  # a forked child never returns to the server's loop
 
 
 def main() -> None:
