@@ -9,7 +9,7 @@ from lora_exp.config import RunConfig
 from lora_exp.core.data import load_rows, tokenize
 from lora_exp.tracking.provenance import redact_uri
 from lora_exp.tracking.runs import start_run
-from lora_exp.tracking.store import connect
+from lora_exp.tracking.store import check_uri, connect
 
 if TYPE_CHECKING:  # torch and transformers load after the config is checked: bad input fails in a second
     from lora_exp.core.recording import TrialResult
@@ -26,10 +26,12 @@ def train_config(cfg: RunConfig, tags: dict[str, str], run_name: str | None) -> 
     """Validate data and store, load the base, train one adapter into one run; print a summary."""
     rows = load_rows(cfg.data)  # bad data fails here, before the model loads
     if cfg.tracking.enabled:
-        connect(cfg.tracking)  # so does a bad tracking URI (one line: nothing said before it)
-    # said before torch loads (seconds of silence otherwise)
+        check_uri(cfg.tracking)  # so does a bad tracking URI (one line: nothing said before it)
+    # said before MLflow and torch load and a new store's tables are made (seconds of silence otherwise)
     log.info("config and data checked (%d training rows, %d validation)%s", len(rows.train), len(rows.validation),
-             f"; MLflow store {redact_uri(cfg.tracking.uri)}" if cfg.tracking.enabled else "")
+             f"; opening the MLflow store {redact_uri(cfg.tracking.uri)}" if cfg.tracking.enabled else "")
+    if cfg.tracking.enabled:
+        connect(cfg.tracking)
     from lora_exp.core.models import load_base, pick_device
     from lora_exp.core.training import run_trial, total_steps
 

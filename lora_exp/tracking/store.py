@@ -19,25 +19,36 @@ EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 _clients: dict[str, Any] = {}
 
 
+def check_uri(cfg: TrackingConfig) -> str:
+    """`cfg.uri` as `connect` opens it (a sqlite path made absolute, its folder made), or one
+    line on what is wrong with it (not a URI, a tracking server that does not answer), in well
+    under a second and before MLflow loads."""
+    uri = cfg.uri
+    if uri.startswith("sqlite:///"):
+        path = Path(uri[len("sqlite:///"):]).expanduser().resolve()  # relative to the cwd, now
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ConfigError(f"tracking.uri: cannot make the folder of {path} ({exc.strerror})") from exc
+        return f"sqlite:///{path}"
+    if "://" not in uri:
+        raise ConfigError(f"tracking.uri: {uri!r} is not a URI (sqlite:///path.db, postgresql://..., "
+                          f"http://host:port); MLflow 3 refuses plain file stores")
+    if uri not in _clients and uri.startswith(("http://", "https://")):
+        check_server(uri)  # seconds and one line, not minutes of retries
+    return uri
+
+
 def connect(cfg: TrackingConfig) -> tuple[Any, str]:
     """An MlflowClient for `cfg.uri` and the id of `cfg.experiment` (created if missing)."""
+    uri = check_uri(cfg)
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
     logging.getLogger("alembic").setLevel(logging.WARNING)
-    uri = cfg.uri
-    if uri.startswith("sqlite:///"):
-        path = Path(uri[len("sqlite:///"):]).expanduser().resolve()  # relative to the cwd, now
-        path.parent.mkdir(parents=True, exist_ok=True)
-        uri = f"sqlite:///{path}"
-    elif "://" not in uri:
-        raise ConfigError(f"tracking.uri: {uri!r} is not a URI (sqlite:///path.db, postgresql://..., "
-                          f"http://host:port); MLflow 3 refuses plain file stores")
     client = _clients.get(uri)
     try:
         if client is None:
-            if uri.startswith(("http://", "https://")):
-                check_server(uri)  # seconds and one line, not minutes of retries
             with store_lock(uri, "mlflow-init"):  # one process at a time runs a new store's migrations
                 client = MlflowClient(tracking_uri=uri)
                 experiment = client.get_experiment_by_name(cfg.experiment)

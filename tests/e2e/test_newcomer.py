@@ -67,7 +67,7 @@ def test_progress_lines_when_the_output_is_not_a_terminal(workdir):
                             cwd=workdir, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     first = proc.stdout.readline()
     assert time.time() - start < 5, first
-    assert re.search(r"config and data checked \(5 training rows, 5 validation\); MLflow store "
+    assert re.search(r"config and data checked \(5 training rows, 5 validation\); opening the MLflow store "
                      r"sqlite:///\S+mlflow\.db$", first), first
     lines = []
     for line in proc.stdout:  # until the process closes its output: when it ends
