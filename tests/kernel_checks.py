@@ -199,8 +199,8 @@ SWIGLU_SCRIPT = textwrap.dedent("""
     p = torch.tensor([0.1, 0.0, 0.3, 0.05, 0.2]).repeat_interleave(rows)
     short, long = 7, pack_lora.MAX_M // 2 + 9
     dtypes = [getattr(torch, d) for d in os.environ["KERNELS_DTYPES"].split(",")]
-    cases = [(dtypes[0], short, 1, True), (dtypes[0], short, 3, False), (dtypes[0], long, 1, False),
-             (dtypes[0], long, 3, True)] + [(d, t, 3, True) for d in dtypes[1:] for t in (short, long)]
+    # (A's gradient summed from parts: long groups with split 3)
+    cases = [(dtypes[0], short, 1, True), (dtypes[0], long, 3, False)] + [(d, long, 3, True) for d in dtypes[1:]]
     for dtype, t, split, drop in cases:
         m = rows * t
         a, b = torch.randn(k, R, width, dtype=dtype) * 0.3, torch.randn(k, R, fout, dtype=dtype) * 0.3
