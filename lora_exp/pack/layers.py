@@ -118,7 +118,6 @@ class PackedLoraLayer(nn.Module):
         if not (lora.SWIGLU and self._whole_pack(gate) and self._plain_base() and type(self.base_layer) is nn.Linear
                 and gate.dtype == up.dtype == self.lora_A.dtype and gate.shape == up.shape):
             return None
-
         k = self.rank.shape[0]
         out = swiglu.swiglu_lora_linear(gate.reshape(k, -1, gate.shape[-1]), up.reshape(k, -1, up.shape[-1]),
                                         self.base_layer.weight, self.base_layer.bias, self.lora_A, self.lora_B,

@@ -17,6 +17,8 @@ log = logging.getLogger(__name__)
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 
 _clients: dict[str, Any] = {}
+#: tracking servers that answered `check_uri` in this process (connect does not ask them again)
+_answered: set[str] = set()
 
 
 def check_uri(cfg: TrackingConfig) -> str:
@@ -34,8 +36,9 @@ def check_uri(cfg: TrackingConfig) -> str:
     if "://" not in uri:
         raise ConfigError(f"tracking.uri: {uri!r} is not a URI (sqlite:///path.db, postgresql://..., "
                           f"http://host:port); MLflow 3 refuses plain file stores")
-    if uri not in _clients and uri.startswith(("http://", "https://")):
+    if uri not in _answered and uri.startswith(("http://", "https://")):
         check_server(uri)  # seconds and one line, not minutes of retries
+        _answered.add(uri)
     return uri
 
 
