@@ -26,8 +26,8 @@ in the backward the delta's input gradient added in place to the base layer's. A
 not target the module costs nothing there: no copy of the base output, no zero gradient written
 and then summed.
 
-A slot's row group of at most `MAX_M` positions (the seed's short rows, batch 1-8) is one
-program's: it holds the whole group, so a backward program sums B's and A's gradients over it in
+A slot's row group of at most `MAX_M` positions (the seed's short rows, batch 1-8) whose tiles fit
+in shared memory is one program's: it holds the whole group, so a backward program sums B's and A's gradients over it in
 one product. Longer groups (rows of up to 1024 tokens, batch > 1): the forward runs one program
 per `BM` positions, the backward is `kernels.lora_tiled`'s.
 """
@@ -185,8 +185,30 @@ def _block_r(r: int) -> int:
     return max(16, triton.next_power_of_2(r))
 
 
+def _short(m: int, rmax: int, x: torch.Tensor) -> bool:
+    """Whether one program holds a slot's group of `m` positions (the short kernels): at most
+    MAX_M, and its tiles within the GPU's shared memory. B's gradient kernel, the largest, keeps
+    3 stages of its loop's tiles there and 2 more copies of the output gradient's for its two
+    products: 5 x positions x BN + 3 x BN x rank elements (352 KB measured in bf16 at 256
+    positions and rank 32, where an H200 has 227 KiB a block). Groups past that are tiled."""
+    if m > MAX_M:
+        return False
+    bm, br, wide = _block_m(m), _block_r(rmax), max(BK, BN)
+    need = (5 * bm * wide + 3 * wide * br) * x.element_size()
+    return need <= _shared(x.device)
+
+
 def _prec(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
+
+
+@functools.lru_cache(maxsize=None)
+def _shared(device: torch.device) -> int:
+    """Shared memory a program may use, less a margin for what Triton adds (CPU: no limit)."""
+    if device.type != "cuda":
+        return 1 << 30
+    props = torch.cuda.get_device_properties(device)
+    return getattr(props, "shared_memory_per_block_optin", 99 * 1024) - 8 * 1024
 
 
 @functools.lru_cache(maxsize=None)
@@ -224,7 +246,7 @@ def _forward(x, a, b, scale, rank, keys, thr, kscale, rows, split, out, add, h=N
         h = torch.empty(k, m, rmax, device=x.device, dtype=x.dtype)  # read back only where a slot trains
     dropout = keys is not None
     # short rows: a program holds a slot's group; long ones: a program per BM positions
-    bm, split, tiles = (_block_m(m), split, 1) if m <= MAX_M else (BM, 1, triton.cdiv(m, BM))
+    bm, split, tiles = (_block_m(m), split, 1) if _short(m, rmax, x) else (BM, 1, triton.cdiv(m, BM))
     _fwd_kernel[(k, split, tiles)](x, a, b, out, h, scale, rank, keys if dropout else x, thr if dropout else x,
                                    kscale if dropout else x, m, m // rows, fin, fout, rows, x.stride(0), a.stride(0),
                                    a.stride(1), b.stride(0), b.stride(1), rmax, SPLIT=split, DROPOUT=dropout, ADD=add,
@@ -288,7 +310,7 @@ def _delta_backward(g, x, a, b, h, scale, rank, keys, thr, kscale, rows, split, 
     if need_dx:
         dx = ((torch.mm(g.view(k * m, fout), w.t() if conv else w).view(k, m, fin)) if acc
               else torch.empty(k, m, fin, device=x.device, dtype=x.dtype))
-    if m > MAX_M:
+    if not _short(m, rmax, x):
         ga, gb = lora_tiled.backward(g, x, a, b, h, scale, rank, keys, thr, kscale, rows, split, dx, acc, bm=BM, bk=BK,
                                      bn=BN, br=_block_r(rmax), prec=_prec(x.dtype),
                                      programs=PROGRAMS_PER_SM * _sms(x.device), launch=_launch())
