@@ -285,7 +285,8 @@ class PackConfig:
     slots: Any = 1
     #: auto (on CUDA: layers or parts, from the steps ahead; off elsewhere), off (eager), parts
     #: (Triton optimizer, compiled masks and loss chunks), layers (also one compiled graph every
-    #: decoder layer shares), full (the whole step one compiled graph), graphs (full, as CUDA graphs).
+    #: decoder layer shares), full (the whole step one compiled graph), graphs (layers, and the whole
+    #: step recorded as one CUDA graph and replayed).
     compile: str = "auto"
     #: how a compiled CUDA step computes the LoRA deltas: kernels (each slot's own rank and modules
     #: only) or bmm (every slot padded to the pack's rank).

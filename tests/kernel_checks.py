@@ -75,6 +75,13 @@ SCRIPT = textwrap.dedent('''
             norms = pack_kernels.sq_norms(layout, grads, held, k, held.cpu().numpy(), 2)
             assert float(norms[2]) == 0 and torch.allclose(norms[[0, 1, 3, 4]], ref[[0, 1, 3, 4]], rtol=1e-5)
             assert torch.allclose(pack_kernels.sq_norms(layout, grads, live, k, host, 3), ref, rtol=1e-5)
+            # not listed (a step recorded as a CUDA graph): every padded block, the held slot's exiting
+            norms = pack_kernels.sq_norms(layout, grads, held, k, held.cpu().numpy(), 4, listed=False)
+            assert float(norms[2]) == 0 and torch.allclose(norms[[0, 1, 3, 4]], ref[[0, 1, 3, 4]], rtol=1e-5)
+            p_ = params.clone()
+            pack_kernels.adamw(layout, p_, m.clone(), v.clone(), None, grads, live, coef, decay, step_size, bc2,
+                               0.9, 0.999, 1e-8, listed=False)
+            assert torch.allclose(p_, expected[0], rtol=1e-5, atol=1e-7)
         p_ = params.clone()                                   # no compute copy: the masters alone
         pack_kernels.adamw(layout, p_, m.clone(), v.clone(), None, grads, live, coef, decay, step_size, bc2,
                            0.9, 0.999, 1e-8)

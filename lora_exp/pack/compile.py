@@ -13,7 +13,8 @@ from torch import nn
 #: loss chunks; layers: also each of the model's repeated blocks (decoder layers) through one
 #: compiled graph, compiled once for all of them (seconds, where the whole step takes minutes on a
 #: deep model); full: the whole training forward (base + LoRA + loss) and its backward as one
-#: compiled graph; graphs: full, replayed as CUDA graphs (measured slower than full on the H200)
+#: compiled graph; graphs: layers, and the whole step (forward, backward, optimizer) recorded as one
+#: CUDA graph and replayed (`pack.graph`; layers elsewhere than on CUDA)
 COMPILE_MODES = ("off", "parts", "layers", "full", "graphs")
 
 _COMPILED: dict[Any, Any] = {}

@@ -67,8 +67,11 @@ class PackedModel:
         self.mode = compile_mode(compile, self.device)
         assert self.mode in COMPILE_MODES, self.mode
         self.groups.compile = self.compile = self.mode != "off"
-        #: the whole training step is one compiled graph (full, graphs)
-        self.whole_step = self.mode in ("full", "graphs")
+        #: the whole training step is one compiled graph (full)
+        self.whole_step = self.mode == "full"
+        #: the step (layers compiled) recorded as one CUDA graph and replayed (`pack.graph`); on
+        #: other devices `graphs` is `layers`
+        self.graphs = self.mode == "graphs" and self.device.type == "cuda"
         #: the step's compiled graphs (the whole step's, or the layers') stay the same as trials come
         #: and go: every wrapped layer stays on (a slot's scale 0 adds exactly nothing) and the
         #: dropout masks are always computed (p=0 keeps every element)

@@ -58,7 +58,10 @@ def optimizer_step(pm: PackedModel, grads: list[torch.Tensor | None] | None = No
 
         if pm.layout is None:
             pm.layout = adamw.Layout([cols for cols, _ in pm.tensors], pm.device)
-        norm = adamw.sq_norms(pm.layout, grads, pm.live_len, pm.k, pm.live_host, pm.live_version).sqrt()
+        # a recorded step (`pack.graph`) runs over every slot's padded blocks: a list of the live
+        # ones would change as trials hold, come and go
+        listed = not pm.graphs
+        norm = adamw.sq_norms(pm.layout, grads, pm.live_len, pm.k, pm.live_host, pm.live_version, listed).sqrt()
     else:
         flat = torch.cat([g.reshape(pm.k, -1).float() for g in grads], dim=1)
         norm = flat.pow(2).sum(dim=1).sqrt()
@@ -73,7 +76,7 @@ def optimizer_step(pm: PackedModel, grads: list[torch.Tensor | None] | None = No
     decay = (1 - lr * pm.wd).to(torch.float32)
     if pm.kernels:
         adamw.adamw(pm.layout, pm.params, pm.exp_avg, pm.exp_avg_sq, pm.low, grads, pm.live_len, coef, decay,
-                    step_size, bc2_sqrt, b1, b2, eps, pm.live_host, pm.live_version)
+                    step_size, bc2_sqrt, b1, b2, eps, pm.live_host, pm.live_version, listed)
     else:
         # the torch update runs on every row: a paused slot's zero gradient would decay its
         # moments, so its rows are put back (the kernels above skip it: live_len 0)

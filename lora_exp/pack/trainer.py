@@ -33,6 +33,7 @@ from lora_exp.pack import checkpoints
 from lora_exp.pack.compile import CompiledLayers, compile_lock, compiled
 from lora_exp.pack.drain import HostDrain
 from lora_exp.pack.finish import Finisher
+from lora_exp.pack.graph import StepGraph
 from lora_exp.pack.layers import matches
 from lora_exp.pack.model import PackedModel
 from lora_exp.pack.optimizer import gradients, optimizer_step
@@ -60,7 +61,7 @@ FINISH_GATHER_SLOTS = 64
 def train_loss(model: Any, head: Any, ids: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor, live: torch.Tensor,
                k: int, rows: int, compile: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Every slot's mean loss and the sum that backward starts from (compiled as one graph in
-    the `full` and `graphs` modes)."""
+    the `full` mode)."""
     losses = slot_losses(model, ids, mask, labels, k, rows, head, compile)
     return losses, (losses * live).sum()
 
@@ -82,9 +83,11 @@ class PackTrainer:
         pm = self.rt.pm
         self.train_loss = train_loss
         if pm.whole_step:
-            self.train_loss = compiled(train_loss, "reduce-overhead" if pm.mode == "graphs" else None)
-        #: `layers`: each of the model's repeated blocks through one compiled graph while the pack trains
-        self.layers = CompiledLayers(self.rt.base.model) if pm.mode == "layers" else None
+            self.train_loss = compiled(train_loss)
+        #: `layers`, `graphs`: each of the model's repeated blocks through one compiled graph while the pack trains
+        self.layers = CompiledLayers(self.rt.base.model) if pm.mode in ("layers", "graphs") else None
+        #: `graphs` on CUDA: the whole step recorded as one CUDA graph and replayed
+        self.step_graph = StepGraph() if pm.graphs else None
         batch, device = self.rt.batch, self.rt.device
         #: each slot's example indices, step by step [K, steps, batch]
         self.schedule = torch.full((slots, 1, batch), self.rt.train_table.empty, dtype=torch.long, device=device)
@@ -268,10 +271,10 @@ class PackTrainer:
             # the first step compiles: the workers of a multi-GPU sweep take turns, so the later
             # ones load the first one's compiled graphs from the cache instead of compiling again
             with compile_lock() if pm.compile else contextlib.nullcontext():
-                self._launch_step()
+                self._launch()
                 torch.cuda.synchronize(self.rt.device)
         else:
-            self._launch_step()
+            self._launch()
         if self.first_step is None:
             self.startup_s = time.perf_counter() - self.created
         table.host_step[training] += 1
@@ -293,6 +296,14 @@ class PackTrainer:
             else:  # nothing to evaluate: a finished trial goes straight to its generations
                 table.finishing[slot] = self.steps_run
         return True
+
+    def _launch(self) -> None:
+        if self.step_graph is None:
+            self._launch_step()
+            return
+        # what the recorded kernels depend on besides the buffers they read: the schedule's
+        # tensor (remade when a longer trial joins) and whether dropout masks are computed
+        self.step_graph.run((self.schedule.data_ptr(), self.schedule.shape, self.dropout_on), self._launch_step)
 
     def _launch_step(self) -> None:
         """Forward, backward and optimizer of every live slot, launched without waiting."""
@@ -365,6 +376,8 @@ class PackTrainer:
                 "peak_memory_gib": round(peak_memory_mb(self.rt.device) / 1024, 2), "device": str(self.rt.device)}
 
     def close(self) -> None:
+        if self.step_graph is not None:
+            self.step_graph.close()
         self.rt.close()
 
 

@@ -26,3 +26,67 @@ def test_pack_auto_sizes_the_pack_from_one_slots_measured_memory():
     k, why = choose_slots(base, data, cfg, 16, modules, trials=10**9)
     assert 12 < k <= 1024 and ("limited by GPU memory" in why or "limited by the 1024-slot cap" in why), why
     assert memory.holds() <= memory.free * HEADROOM / memory.per_slot
+
+
+#: trials that differ in rank, targets, dropout, lr, schedule and length (20 or 30 steps), so that
+#: slots are reused out of step and some hold for their evals while the others train
+GRAPH_TRIALS = [["lora.r=4", "lora.lora_dropout=0.1", "trainer.lr=1e-3"],
+                ["lora.r=16", "lora.preset={all}", "trainer.lr=3e-3", "trainer.max_grad_norm=0.05"],
+                ["lora.r=8", "lora.lora_dropout=0.2", "trainer.seed=7", "trainer.lr_scheduler=cosine",
+                 "trainer.max_steps=20"],
+                ["lora.r=2", "lora.lora_dropout=0.05", "trainer.lr=2e-3", "trainer.seed=3", "trainer.max_steps=20"],
+                ["lora.r=8", "lora.lora_dropout=0.3", "lora.preset={all}", "trainer.lr=1e-2", "trainer.seed=11"]]
+ALL = {"tiny_gpt2": "all", "tiny_llama": "all_linear"}
+
+
+def _train(cfgs: list, base, data, slots: int, compile: str) -> tuple[list, object]:
+    import dataclasses
+
+    from lora_exp.config import PackConfig
+    from lora_exp.core.recording import NullTracker
+    from lora_exp.pack.trainer import PackTrainer
+
+    cfgs = [dataclasses.replace(c, pack=PackConfig(compile=compile)) for c in cfgs]
+    trainer = PackTrainer(base, data, cfgs[0], slots, 16, sorted({m for c in cfgs for m in c.target_modules}))
+    results, queue = {}, list(enumerate(cfgs))
+    try:
+        while queue or trainer.busy():
+            for slot in trainer.free_slots():
+                if queue:
+                    i, cfg = queue.pop(0)
+                    trainer.start(slot, cfg, NullTracker(), handle=i)
+            for run in trainer.step():
+                results[run.handle] = run.result
+    finally:
+        trainer.close()
+    return [results[i] for i in range(len(cfgs))], trainer
+
+
+@pytest.mark.parametrize("model, precision, tol", [("tiny_gpt2", "fp32", 1e-5), ("tiny_llama", "bf16", 2e-3)])
+def test_the_step_replayed_as_a_cuda_graph_trains_as_the_compiled_layers(model, precision, tol, monkeypatch):
+    """pack.compile=graphs records the step once and replays it while trials come and go, hold
+    for their evals and resume: the curves and generations of `layers`, the step recorded once."""
+    from lora_exp.pack import trainer as pack_trainer
+
+    monkeypatch.setattr(pack_trainer, "EVAL_GATHER_STEPS", 3)  # evals held while the others train
+    monkeypatch.setattr(pack_trainer, "FINISH_GATHER_STEPS", 4)
+    common = [f"model={model}", "data=seed", "lora=seed", "trainer=seed", "trainer.max_steps=30",
+              "trainer.eval_steps=10", "trainer.logging_steps=5", "trainer.batch_size=2",
+              "trainer.generation_metrics=[exact_match]", "trainer.max_new_tokens=8", "tracking=none",
+              f"trainer.precision={precision}", "trainer.base_dropout=false"]
+    cfgs = [compose([*common, *(o.format(all=ALL[model]) for o in t)]) for t in GRAPH_TRIALS]
+    base = load_base(cfgs[0].model, torch.device("cuda"))
+    data = tokenize(load_rows(cfgs[0].data), cfgs[0].data, base.tokenizer)
+    layers, _ = _train(cfgs, base, data, 3, "layers")
+    graphs, trainer = _train(cfgs, base, data, 3, "graphs")
+    assert trainer.step_graph.recorded == 1 and trainer.step_graph.replays > 40, vars(trainer.step_graph)
+    assert trainer.held_slot_steps > 0  # slots held while the others trained
+    rel = lambda a, b: abs(a - b) / max(abs(a), 1e-12)  # noqa: E731
+    for cfg, a, b in zip(cfgs, layers, graphs):
+        assert (a.status, a.steps) == (b.status, b.steps), cfg.overrides
+        assert [s for s, _ in a.loss_curve] == [s for s, _ in b.loss_curve], cfg.overrides
+        assert max(rel(x, y) for (_, x), (_, y) in zip(a.loss_curve, b.loss_curve)) <= tol, cfg.overrides
+        assert max(rel(x, y) for (_, x), (_, y) in zip(a.eval_curve, b.eval_curve)) <= tol, cfg.overrides
+        assert a.loss_curve[0][1] != a.loss_curve[-1][1]  # it trained
+        if precision == "fp32":
+            assert a.generations["adapter_output"] == b.generations["adapter_output"], cfg.overrides

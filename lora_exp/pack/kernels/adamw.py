@@ -139,7 +139,7 @@ class Layout:
         self.cols, self.device = cols, device
         self.col = torch.tensor([c.start for c in cols], dtype=torch.int64, device=device)  # each tensor's first column
         self._by_block: dict[tuple[int, tuple[int, ...]], tuple[torch.Tensor, torch.Tensor, int]] = {}
-        self._table: tuple[tuple[int, ...], torch.Tensor] | None = None
+        self._table: tuple[tuple[int, ...], torch.Tensor, torch.Tensor] | None = None
         self._live: tuple[Any, ...] | None = None
 
     def blocks(self, which: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor, int]:
@@ -194,7 +194,8 @@ class Layout:
             host = torch.tensor(rows, dtype=torch.int64, device="cpu")
             if self.device.type == "cuda":  # no sync: from pinned memory, which torch keeps until copied
                 host = host.pin_memory()
-            self._table = (key, host.to(self.device, non_blocking=True))
+            # the host copy is kept: a step recorded as a CUDA graph copies from it at every replay
+            self._table = (key, host.to(self.device, non_blocking=True), host)
         return self._table[1], dense
 
 
@@ -204,19 +205,26 @@ def _gtype(grads: list[torch.Tensor]):
     return {torch.bfloat16: tl.bfloat16, torch.float32: tl.float32, torch.float16: tl.float16}[dtypes.pop()]
 
 
-def _groups(n: int) -> list[tuple[int, ...]]:
-    return [tuple(range(n))] if GROUPED else [(t,) for t in range(n)]
+def _groups(n: int, grouped: int) -> list[tuple[int, ...]]:
+    return [tuple(range(n))] if grouped else [(t,) for t in range(n)]
+
+
+def _grouped(listed: bool) -> int:
+    """GROUPED, or one launch over the padded blocks where a list of live blocks is not wanted
+    (a step recorded as a CUDA graph, whose launches cannot change as slots come and go)."""
+    return GROUPED if listed or GROUPED != 2 else 1
 
 
 def sq_norms(layout: Layout, grads: list[torch.Tensor], live: torch.Tensor, k: int, live_host: np.ndarray | None = None,
-             version: int | None = None) -> torch.Tensor:
+             version: int | None = None, listed: bool = True) -> torch.Tensor:
     """Each slot's squared gradient norm [K] over `grads` (one [K, R, width] tensor per LoRA
     tensor, any strides; `live[i, slot]` = elements of slot's prefix in tensor i that it trains;
     `live_host`, its host copy, and `version`, which changes with it: see Layout.live_blocks)."""
     table, dense = layout.table(grads)
     gtype = _gtype(grads)
     nt = len(grads)
-    if GROUPED == 2:
+    grouped = _grouped(listed)
+    if grouped == 2:
         item, in_tensor, in_slot, total, widest = layout.live_blocks(live, live_host, version)
         partial = torch.zeros(k, max(1, widest), device=live.device, dtype=torch.float32)
         for lo in range(0, total, MAX_LIST):
@@ -224,7 +232,7 @@ def sq_norms(layout: Layout, grads: list[torch.Tensor], live: torch.Tensor, k: i
                                                           k, nt, partial.stride(0), lo, COMPACT=True, GTYPE=gtype,
                                                           DENSE=dense, BLOCK=BLOCK, num_warps=NUM_WARPS)
         return partial.sum(dim=1)
-    launches = [layout.blocks(which) for which in _groups(nt)]
+    launches = [layout.blocks(which) for which in _groups(nt, grouped)]
     partial = torch.zeros(len(launches), k, max(n for *_, n in launches), device=live.device, dtype=torch.float32)
     for i, (owner, first, n) in enumerate(launches):
         for lo in range(0, n, MAX_BLOCKS):
@@ -237,7 +245,7 @@ def sq_norms(layout: Layout, grads: list[torch.Tensor], live: torch.Tensor, k: i
 def adamw(layout: Layout, params: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor,
           low: torch.Tensor | None, grads: list[torch.Tensor], live: torch.Tensor, coef: torch.Tensor,
           decay: torch.Tensor, step_size: torch.Tensor, bc2_sqrt: torch.Tensor, b1: float, b2: float,
-          eps: float, live_host: np.ndarray | None = None, version: int | None = None) -> None:
+          eps: float, live_host: np.ndarray | None = None, version: int | None = None, listed: bool = True) -> None:
     """AdamW on each slot's live prefix of each tensor of the flat [K, P] master weights and
     moments (and their bf16 copy `low`); per-slot [K] coef, decay, step size and bias correction
     as `pack.optimizer.adamw_` takes them."""
@@ -246,14 +254,15 @@ def adamw(layout: Layout, params: torch.Tensor, exp_avg: torch.Tensor, exp_avg_s
     k, nt = params.shape[0], len(grads)
     out = low if low is not None else params
     common = dict(GTYPE=gtype, HAS_LOW=low is not None, DENSE=dense, BLOCK=BLOCK, num_warps=NUM_WARPS)
-    if GROUPED == 2:
+    grouped = _grouped(listed)
+    if grouped == 2:
         item, in_tensor, _, total, _ = layout.live_blocks(live, live_host, version)
         for lo in range(0, total, MAX_LIST):
             _adamw_kernel[(min(MAX_LIST, total - lo),)](
                 params, exp_avg, exp_avg_sq, out, table, table, table, layout.col, live, item, in_tensor, coef, decay,
                 step_size, bc2_sqrt, k, nt, params.stride(0), out.stride(0), b1, b2, eps, lo, COMPACT=True, **common)
         return
-    for which in _groups(nt):
+    for which in _groups(nt, grouped):
         owner, first, n = layout.blocks(which)
         for lo in range(0, n, MAX_BLOCKS):
             _adamw_kernel[(k, min(MAX_BLOCKS, n - lo))](
