@@ -40,6 +40,11 @@ MAX_SLOTS = 1024
 #: (docs/benchmarks.md): compiling the layers takes ~30 s and saves 0.24-0.6 s a step on
 #: SmolLM2-135M (K=128, batch 8) and Qwen2.5-0.5B (K=64, 512 tokens): it pays from ~60 steps
 COMPILE_PAYS_STEPS = 64
+#: a slot's positions a step (batch x longest row) up to which `auto` also records the step as a
+#: CUDA graph (`graphs`). Such a step is ~1,500 small kernels, which the host takes about as long
+#: to launch as the GPU to run (the seed's GPT-2 at K=1024: 62.0 ms a step, 51.6 replayed); at
+#: 512 tokens (Qwen2.5-0.5B, K=64) the GPU is the bound and the graph gains nothing measurable
+GRAPHS_MAX_POSITIONS = 256
 
 
 @dataclasses.dataclass
@@ -113,9 +118,11 @@ def choose_slots(base: BaseModel, data: PreparedData, cfg: RunConfig, max_rank: 
     return k, why
 
 
-def choose_compile(cfg: RunConfig, device: torch.device, slots: int, trials: int, steps: int) -> tuple[str, str]:
+def choose_compile(cfg: RunConfig, device: torch.device, slots: int, trials: int, steps: int,
+                   positions: int = 0) -> tuple[str, str]:
     """`pack.compile=auto` on CUDA: `layers` when the pack has COMPILE_PAYS_STEPS steps ahead or
-    more (its trials' steps over its slots), else `parts`. Elsewhere `off`."""
+    more (its trials' steps over its slots), `graphs` then where a slot's step has at most
+    GRAPHS_MAX_POSITIONS `positions` (batch x longest row), else `parts`. Elsewhere `off`."""
     setting = cfg.pack.compile
     if setting != "auto":
         return setting, f"pack.compile={setting} (as set)"
@@ -123,8 +130,11 @@ def choose_compile(cfg: RunConfig, device: torch.device, slots: int, trials: int
         return "off", "pack.compile=auto: off on the CPU"
     ahead = math.ceil(trials / max(1, slots)) * steps
     if ahead >= COMPILE_PAYS_STEPS:
-        return "layers", (f"pack.compile=auto: layers ({ahead} pack steps ahead; compiling the layers pays from "
-                          f"{COMPILE_PAYS_STEPS})")
+        why = f"{ahead} pack steps ahead; compiling the layers pays from {COMPILE_PAYS_STEPS}"
+        if 0 < positions <= GRAPHS_MAX_POSITIONS:
+            return "graphs", (f"pack.compile=auto: graphs ({why}; {positions} positions a slot's step, short "
+                              f"enough that launching the step would bound it)")
+        return "layers", f"pack.compile=auto: layers ({why})"
     return "parts", (f"pack.compile=auto: parts ({ahead} pack steps ahead: compiling the layers pays from "
                      f"{COMPILE_PAYS_STEPS}; `pack.compile=layers` compiles them anyway)")
 

@@ -313,7 +313,9 @@ class PackedSweep:
         if slots == "auto":
             slots, why = choose_slots(base, data, cfg, max_rank, modules, trials)
             log.info("%s", why)
-        compile, why = choose_compile(cfg, base.device, int(slots), trials, total_steps(cfg, len(data.train)))
+        positions = cfg.trainer.batch_size * max((len(e.input_ids) for e in data.train), default=0)
+        compile, why = choose_compile(cfg, base.device, int(slots), trials, total_steps(cfg, len(data.train)),
+                                      positions)
         trainer = PackTrainer(base, data, cfg, int(slots), max_rank, modules, compile=compile)
         trainer.set_eval_batch_hook(self.view.refresh)
         log.info("packing up to %d trials on %s (rank %d, modules %s); %s", int(slots), self.context.device,

@@ -1,5 +1,5 @@
-"""Where a pack's compiled graphs are kept, and that another version of lora-exp's kernels never
-loads them."""
+"""What `pack.compile=auto` compiles, where a pack's compiled graphs are kept, and that another
+version of lora-exp's kernels never loads them."""
 from __future__ import annotations
 
 import os
@@ -8,7 +8,22 @@ import sys
 
 import torch
 
-from lora_exp.pack.sizing import sources_digest, use_project_compile_cache
+from lora_exp.compose import compose
+from lora_exp.pack.sizing import choose_compile, sources_digest, use_project_compile_cache
+
+
+def test_pack_compile_auto_records_short_steps_as_cuda_graphs_and_compiles_only_what_pays():
+    cfg, cuda = compose(["model=tiny_gpt2", "data=seed"]), torch.device("cuda")
+    # the seed's sweep: 26-token rows, batch 1, 2,500 steps a trial, K=1024
+    assert choose_compile(cfg, cuda, 1024, 4096, 2500, 26)[0] == "graphs"
+    # the default sweep (batch 8 x 50 tokens) and 512-token rows: the layers compiled, not recorded
+    mode, why = choose_compile(cfg, cuda, 143, 256, 40, 400)
+    assert mode == "layers" and "80 pack steps ahead" in why, why
+    assert choose_compile(cfg, cuda, 64, 64, 300, 512)[0] == "layers"
+    assert choose_compile(cfg, cuda, 64, 64, 40, 26)[0] == "parts"        # too few steps ahead to compile
+    assert choose_compile(cfg, torch.device("cpu"), 4, 8, 2500, 26)[0] == "off"
+    as_set = compose(["model=tiny_gpt2", "data=seed", "pack.compile=layers"])
+    assert choose_compile(as_set, cuda, 1024, 4096, 2500, 26) == ("layers", "pack.compile=layers (as set)")
 
 
 def test_the_digest_of_the_sources_changes_with_any_source_and_only_with_them(tmp_path):
