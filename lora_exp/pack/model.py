@@ -69,9 +69,6 @@ class PackedModel:
         self.groups.compile = self.compile = self.mode != "off"
         #: the whole training step is one compiled graph (full)
         self.whole_step = self.mode == "full"
-        #: the step (layers compiled) recorded as one CUDA graph and replayed (`pack.graph`); on
-        #: other devices `graphs` is `layers`
-        self.graphs = self.mode == "graphs" and self.device.type == "cuda"
         #: the step's compiled graphs (the whole step's, or the layers') stay the same as trials come
         #: and go: every wrapped layer stays on (a slot's scale 0 adds exactly nothing) and the
         #: dropout masks are always computed (p=0 keeps every element)
@@ -85,6 +82,9 @@ class PackedModel:
             from lora_exp.pack.kernels.lora import split_for
 
             self.groups.split = split_for(slots, self.device)
+        #: the step (layers compiled) recorded as one CUDA graph and replayed (`pack.graph`), where it
+        #: goes through the LoRA kernels (the step measured and tested so); elsewhere `graphs` is `layers`
+        self.graphs = self.mode == "graphs" and self.groups.kernels
         wanted = list(modules)
         found = [(name, mod, layer_shape(mod)) for name, mod in self.model.named_modules()
                  if matches(name, wanted) and layer_shape(mod) is not None]
