@@ -42,14 +42,20 @@ def test_compiled_graphs_go_to_the_project_cache_keyed_by_this_versions_sources(
     monkeypatch.setenv("LORA_EXP_CACHE", str(tmp_path))
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", "restored-after-the-test")
     monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR")
-    monkeypatch.setattr(torch.compiler.config, "cache_key_tag", "the-users-tag")
-
-    folder = use_project_compile_cache()
-    use_project_compile_cache()   # once per pack: the tag is not added twice
+    # set and put back by hand: monkeypatch's undo left torch's config module without the key, and
+    # every compile after this test in the same process failed
+    before = torch.compiler.config.cache_key_tag
+    torch.compiler.config.cache_key_tag = "the-users-tag"
+    try:
+        folder = use_project_compile_cache()
+        use_project_compile_cache()   # once per pack: the tag is not added twice
+        tag = torch.compiler.config.cache_key_tag
+    finally:
+        torch.compiler.config.cache_key_tag = before
 
     assert folder == str(tmp_path / "torch-compile") and os.path.isdir(folder)
     assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == folder
-    assert torch.compiler.config.cache_key_tag == f"the-users-tag+lora-exp-{sources_digest()}"
+    assert tag == f"the-users-tag+lora-exp-{sources_digest()}"
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "mine"))
     assert use_project_compile_cache() == str(tmp_path / "mine")   # the user's folder stands
 
