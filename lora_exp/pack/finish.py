@@ -78,25 +78,29 @@ class Finisher:
         rt.host_s["tables"] += time.perf_counter() - t_tables
 
     def rows_per_copy(self) -> int:
-        """Finished slots whose parameters go to the host in one copy: ~512 MB (a pinned block)."""
+        """Finished slots whose parameters go to the host in one copy: at most ~512 MB (a pinned block)."""
         params = self.rt.pm.params
         row_bytes = params.shape[1] * params.element_size()
         return max(1, min(ROWS_PER_COPY, ROW_COPY_BYTES // max(1, row_bytes)))
 
     def rows_to_host(self, slots: list[int]) -> tuple[dict[int, torch.Tensor], Any]:
-        """These slots' parameters, on their way to the host: each row, and the CUDA event after
-        which it may be read (None on a CPU). On a GPU the copy goes to pinned memory, queued
-        behind the step in flight, so the slots can take new trials at once and nothing waits for
-        it: a copy to ordinary memory held the GPU idle at a wave's end (~7 s for 1024 trials)."""
+        """These slots' trained parameters (`PackedModel.columns`: what the adapter holds, a third
+        of a padded row on average in the seed's search), on their way to the host: each row, and
+        the CUDA event after which it may be read (None on a CPU). On a GPU the copy goes to pinned
+        memory, queued behind the step in flight, so the slots can take new trials at once and
+        nothing waits for it: a copy to ordinary memory held the GPU idle at a wave's end (~7 s
+        for 1024 trials)."""
         pm = self.rt.pm
+        cols = [pm.columns(slot) for slot in slots]
         if self.rt.device.type != "cuda":
-            return dict(zip(slots, pm.params[slots])), None  # (indexing copies)
-        idx = pm.to_device(torch.tensor(slots, dtype=torch.long))
-        host = torch.empty((len(slots), pm.params.shape[1]), dtype=pm.params.dtype, pin_memory=True)
-        host.copy_(pm.params.index_select(0, idx), non_blocking=True)
+            return {slot: pm.params[slot].index_select(0, c) for slot, c in zip(slots, cols)}, None
+        width = pm.params.shape[1]
+        flat = torch.cat([c + slot * width for slot, c in zip(slots, cols)])
+        host = torch.empty(flat.numel(), dtype=pm.params.dtype, pin_memory=True)
+        host.copy_(pm.params.view(-1).index_select(0, flat), non_blocking=True)
         ready = torch.cuda.Event()
         ready.record()
-        return dict(zip(slots, host.unbind(0))), ready
+        return dict(zip(slots, host.split([c.numel() for c in cols]))), ready
 
     def write_adapters(self, budget: float | None) -> list[SlotRun]:
         """Write finished trials' adapters (from their rows, already on the host) for up to `budget`

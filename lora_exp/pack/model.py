@@ -141,6 +141,7 @@ class PackedModel:
         self.paused: set[int] = set()
         self.specs: list[SlotSpec | None] = [None] * slots
         self._rows: dict[tuple[Any, ...], torch.Tensor] = {}  # initial parameter rows by (seed, r, targets, init)
+        self._columns: dict[tuple[int, ...], torch.Tensor] = {}  # `columns` by each tensor's live prefix
         self.targeting = {name: 0 for name in self.layers}  # live slots that target each module
         # per-slot optimizer settings and counters, on the device (no host sync in a step)
         z = lambda dtype=torch.float32: torch.zeros(slots, device=self.device, dtype=dtype)  # noqa: E731
@@ -270,23 +271,41 @@ class PackedModel:
         self._originals.clear()
     # -- a slot as a peft adapter --
 
+    def columns(self, slot: int) -> torch.Tensor:
+        """The columns of the flat buffers the trial in `slot` trains, on the device: each
+        tensor's live prefix (r x width, none where it is not targeted), in the buffers' order."""
+        key = tuple(int(n) for n in self.slot_host[:, slot])
+        cols = self._columns.get(key)
+        if cols is None:
+            parts = [torch.arange(c.start, c.start + n) for (c, _), n in zip(self.tensors, key)]
+            cols = self._columns[key] = self.to_device(torch.cat(parts))
+        return cols
+
     def adapter_state(self, slot: int, row: torch.Tensor | None = None,
                       spec: SlotSpec | None = None) -> dict[str, torch.Tensor]:
-        """The slot's weights as peft names them in adapter_model.safetensors (from `row`, the
-        slot's parameters already copied to the host, if given: one copy, not two per module;
-        with `spec`, the trial's, once its slot has gone to another)."""
+        """The slot's weights as peft names them in adapter_model.safetensors: from its slot, or
+        from `row`, the slot's trained columns (`columns`) already copied to the host (one copy
+        of what the trial trains, not two per module), with `spec`, the trial's, once its slot
+        has gone to another."""
         spec = spec or self.specs[slot]
         assert spec is not None
-        params = self.params[slot] if row is None else row
-        out = {}
+        out, at = {}, 0
         for name in self.layers:
             if not matches(name, spec.targets):
                 continue
             offset, fin, fout, _ = self.spans[name]
-            a = params[offset:offset + fin * self.rank].view(self.rank, fin)[:spec.r]
-            b = params[offset + fin * self.rank:offset + self.rank * (fin + fout)].view(self.rank, fout)[:spec.r]
+            if row is None:
+                params = self.params[slot]
+                a = params[offset:offset + fin * self.rank].view(self.rank, fin)[:spec.r]
+                b = params[offset + fin * self.rank:offset + self.rank * (fin + fout)].view(self.rank, fout)[:spec.r]
+            else:  # each targeted module's A (r x in), then its B (r x out)
+                a = row[at:at + spec.r * fin].view(spec.r, fin)
+                b = row[at + spec.r * fin:at + spec.r * (fin + fout)].view(spec.r, fout)
+                at += spec.r * (fin + fout)
             out[f"base_model.model.{name}.lora_A.weight"] = a.contiguous().cpu()
             out[f"base_model.model.{name}.lora_B.weight"] = b.T.contiguous().cpu()
+        if row is not None and at != row.numel():
+            raise ValueError(f"a row of {row.numel()} columns for a trial that trains {at}")
         return out
 
     def save_adapter(self, slot: int, lora_config: Any, directory: str, row: torch.Tensor | None = None,

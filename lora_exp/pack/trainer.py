@@ -13,6 +13,7 @@ write their adapters a few per step (`finish`).
 from __future__ import annotations
 
 import contextlib
+import logging
 import time
 from typing import Any, Sequence
 
@@ -42,6 +43,8 @@ from lora_exp.pack.rules import unpackable_variant
 from lora_exp.pack.runtime import PackRuntime
 from lora_exp.pack.slots import SlotRun, SlotTable, lr_at, pack_key, slot_spec
 
+log = logging.getLogger(__name__)
+
 #: host copies of the accumulated losses at most this many steps apart
 DRAIN_EVERY = 50
 #: slots whose eval is due are evaluated together once the first has waited this many steps (or
@@ -52,6 +55,8 @@ EVAL_GATHER_SLOTS = 256
 #: host seconds a step may spend writing finished trials' adapters while the pack trains (at
 #: least one a step; ~14 ms each on the H200's host at rank 16)
 ADAPTER_WRITE_S = 0.02
+#: host seconds a step may spend writing captured checkpoints (`checkpoints.Saver`; at least one)
+CHECKPOINT_WRITE_S = 0.02
 #: finished trials generate together (one `generate`, which syncs at every token, per batch)
 #: once the first has waited this many steps or this many have finished
 FINISH_GATHER_STEPS = 64
@@ -240,6 +245,10 @@ class PackTrainer:
                 self._release(run)
         for run in ended:
             self._release(run)
+        if self.drain.saver.pending:
+            t0 = time.perf_counter()
+            self.drain.saver.write(CHECKPOINT_WRITE_S)
+            self.rt.host_s["checkpoints"] += time.perf_counter() - t0
         return ended + self.finisher.write_adapters(ADAPTER_WRITE_S)
 
     def _collect(self, wait: bool) -> list[SlotRun]:
@@ -333,13 +342,22 @@ class PackTrainer:
         g.dropout = None
 
     def _release(self, run: SlotRun) -> None:
+        self.drain.saver.discard(run)
         checkpoints.drop(run)
         if self.table.remove(run):
             self.pm.release(run.slot)
 
     def write_pending(self) -> list[SlotRun]:
-        """After an error: the adapters of the trials that finished training (`Finisher.write_pending`)."""
-        return self.finisher.write_pending()
+        """After an error: the adapters of the trials that finished training (`Finisher.write_pending`),
+        and the checkpoints captured but not yet written (their retries resume there), as far as
+        they can be written."""
+        done = self.finisher.write_pending()
+        try:
+            self.drain.saver.write(None)
+        except BaseException as exc:  # noqa: BLE001 -- the caller fails the trials in flight
+            log.warning("pack: %d checkpoint(s) not written (%s)", len(self.drain.saver.pending),
+                        f"{type(exc).__name__}: {exc}".splitlines()[0])
+        return done
 
     # -- what a pack reports --
 

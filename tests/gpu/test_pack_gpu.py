@@ -90,3 +90,49 @@ def test_the_step_replayed_as_a_cuda_graph_trains_as_the_compiled_layers(model, 
         assert a.loss_curve[0][1] != a.loss_curve[-1][1]  # it trained
         if precision == "fp32":
             assert a.generations["adapter_output"] == b.generations["adapter_output"], cfg.overrides
+
+
+def test_a_checkpoint_and_a_finished_row_hold_the_slot_as_it_was_though_the_slot_moves_on_at_once():
+    """`checkpoints.capture` and `Finisher.rows_to_host` queue their copies behind the step in
+    flight and return without waiting: what lands is the slot at that point, not what the steps
+    queued after it make of the slot (they run before the copies would otherwise be read)."""
+    from lora_exp.core.recording import NullTracker
+    from lora_exp.pack import checkpoints
+    from lora_exp.pack.trainer import PackTrainer
+
+    common = ["model=tiny_gpt2", "data=seed", "lora=seed", "trainer=seed", "trainer.max_steps=30",
+              "trainer.eval_steps=10", "trainer.generation_metrics=[exact_match]", "tracking=none"]
+    cfgs = [compose([*common, "lora.r=4"]), compose([*common, "lora.r=16", "lora.preset=all"])]
+    base = load_base(cfgs[0].model, torch.device("cuda"))
+    data = tokenize(load_rows(cfgs[0].data), cfgs[0].data, base.tokenizer)
+    modules = sorted({m for c in cfgs for m in c.target_modules})
+    trainer = PackTrainer(base, data, cfgs[0], 2, 16, modules, compile="off")
+    try:
+        runs = [trainer.start(slot, cfg, NullTracker(), handle=slot) for slot, cfg in enumerate(cfgs)]
+        for _ in range(5):
+            trainer.step()
+        pm = trainer.pm
+        torch.cuda.synchronize()
+        before = [[buf[run.slot, pm.columns(run.slot)].cpu() for buf in (pm.params, pm.exp_avg, pm.exp_avg_sq)]
+                  for run in runs]
+        adapters = [pm.adapter_state(run.slot) for run in runs]
+        big = torch.randn(4096, 4096, device="cuda")
+        for _ in range(20):  # the GPU busy for a while: the copies below are queued behind it
+            big = big @ big / 64
+        captured = [checkpoints.capture(pm, run, 5) for run in runs]
+        rows, ready = trainer.finisher.rows_to_host([run.slot for run in runs])
+        for buf in (pm.params, pm.exp_avg, pm.exp_avg_sq):  # the slots move on
+            buf.add_(1.0)
+        assert ready is not None and captured[0].ready is not None
+        for run, c, want, adapter in zip(runs, captured, before, adapters):
+            state = checkpoints.state_of(c)
+            assert state["columns"] == want[0].numel() == rows[run.slot].numel()
+            for key, w in zip(("params", "exp_avg", "exp_avg_sq"), want):
+                assert torch.equal(state[key], w), key
+            ready.synchronize()
+            got = pm.adapter_state(run.slot, rows[run.slot], run.spec)
+            assert got.keys() == adapter.keys() and all(torch.equal(got[k], adapter[k]) for k in got)
+        # what each trains: r 4 on attention alone, against r 16 on every module (the pack's whole row)
+        assert rows[runs[0].slot].numel() < rows[runs[1].slot].numel() == pm.params.shape[1]
+    finally:
+        trainer.close()
