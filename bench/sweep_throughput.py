@@ -479,26 +479,25 @@ def cmd_sweep(args: argparse.Namespace) -> None:
 
 
 def sustained(stamps: list[float], lines: list[str], closed: list[float], steps: int) -> dict:
-    """Figures of a sweep once running, from its stamped output: when the first trial closed,
-    when the K-th did, and the trials per hour from the progress line before the first trial
-    closed to the last one (every trial's end, evals, generations, the next trials' sampling and
-    start inside it; compile and start-up outside), scaled to 2500-step trials."""
-    progress: dict[str, list[tuple[float, int]]] = {}  # by worker
+    """Figures of a sweep once running, from its stamped output: when the first trial's line
+    came, and the trials per hour (trial-steps a second, scaled to 2500-step trials) from the last
+    progress line before the pack's step count reached a trial's length (no trial can have ended
+    before it) to the last line: the first wave's end (evals, generations, adapters, the next
+    trials' sampling and start) and the second wave inside it; compile and start-up outside. A
+    trial's line comes after its adapter is written and its run closed, seconds to a minute after
+    its training ended, so a window opened there would leave out the wave's end."""
+    progress: dict[str, list[tuple[float, int, int]]] = {}  # by worker: (time, pack step, trial-steps)
     for t, line in zip(stamps, lines):
-        m = re.search(r"(\[w\d+\] )?pack: .*?(\d+) trial-steps", line)
+        m = re.search(r"(\[w\d+\] )?pack: .*?step (\d+) at .*?(\d+) trial-steps", line)
         if m:
-            progress.setdefault(m.group(1) or "", []).append((t, int(m.group(2))))
+            progress.setdefault(m.group(1) or "", []).append((t, int(m.group(2)), int(m.group(3))))
     out: dict = {"first_closed_s": round(closed[0], 1) if closed else None}
     rate, window = 0.0, [float("inf"), 0.0]
     for points in progress.values():
-        before = [p for p in points if closed and p[0] <= closed[0]]
-        after = [p for p in points if closed and p[0] > closed[0]]
+        before = [p for p in points if p[1] < steps]
         a, b = (before[-1] if before else points[0]), points[-1]
-        if before and after:  # the trial-steps done when the first trial closed (linear in between)
-            c = after[0]
-            a = (closed[0], a[1] + (c[1] - a[1]) * (closed[0] - a[0]) / (c[0] - a[0]))
-        if closed and b[0] > a[0]:
-            rate += (b[1] - a[1]) / (b[0] - a[0])  # trial-steps a second of this worker's pack
+        if len(before) < len(points) and b[0] > a[0]:  # the pack got past a trial's length
+            rate += (b[2] - a[2]) / (b[0] - a[0])  # trial-steps a second of this worker's pack
             window = [min(window[0], a[0]), max(window[1], b[0])]
     if rate:
         out.update({"sustained_window_s": [round(window[0], 1), round(window[1], 1)],
