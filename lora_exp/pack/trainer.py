@@ -19,29 +19,25 @@ from typing import Any, Sequence
 
 import numpy as np
 import torch
-from torch.profiler import record_function
 
 from lora_exp.config import RunConfig
 from lora_exp.core.data import PreparedData
-from lora_exp.core.evaluation import autocast
 from lora_exp.core.models import BaseModel
-from lora_exp.core.randomness import row_keys
 from lora_exp.core.recording import NullTracker, Tracker, TrialResult, peak_memory_mb, record_start
 from lora_exp.core.status import TrialStatus
 from lora_exp.core.training import Callback
 from lora_exp.errors import ConfigError
 from lora_exp.pack import checkpoints
-from lora_exp.pack.compile import CompiledLayers, compile_lock, compiled
+from lora_exp.pack.compile import compile_lock
 from lora_exp.pack.drain import HostDrain
 from lora_exp.pack.finish import Finisher
-from lora_exp.pack.graph import StepGraph
 from lora_exp.pack.layers import matches
 from lora_exp.pack.model import PackedModel
-from lora_exp.pack.optimizer import gradients, optimizer_step
-from lora_exp.pack.rows import batch_schedule, slot_losses
+from lora_exp.pack.rows import batch_schedule
 from lora_exp.pack.rules import unpackable_variant
 from lora_exp.pack.runtime import PackRuntime
 from lora_exp.pack.slots import SlotRun, SlotTable, lr_at, pack_key, slot_spec
+from lora_exp.pack.step import PackStep
 
 log = logging.getLogger(__name__)
 
@@ -63,14 +59,6 @@ FINISH_GATHER_STEPS = 64
 FINISH_GATHER_SLOTS = 64
 
 
-def train_loss(model: Any, head: Any, ids: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor, live: torch.Tensor,
-               k: int, rows: int, compile: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """Every slot's mean loss and the sum that backward starts from (compiled as one graph in
-    the `full` mode)."""
-    losses = slot_losses(model, ids, mask, labels, k, rows, head, compile)
-    return losses, (losses * live).sum()
-
-
 class PackTrainer:
     """K slots on one frozen base; trials start in free slots and leave when they end."""
 
@@ -85,19 +73,7 @@ class PackTrainer:
         self.table = SlotTable(slots, cfg.trainer.eval_steps, self.rt.eval_table is not None)
         self.drain = HostDrain(self.rt, self.table)
         self.finisher = Finisher(self.rt)
-        pm = self.rt.pm
-        self.train_loss = train_loss
-        if pm.whole_step:
-            self.train_loss = compiled(train_loss)
-        #: `layers`, `graphs`: each of the model's repeated blocks through one compiled graph while the pack trains
-        self.layers = CompiledLayers(self.rt.base.model) if pm.mode in ("layers", "graphs") else None
-        #: `graphs` on CUDA: the whole step recorded as one CUDA graph and replayed
-        self.step_graph = StepGraph() if pm.graphs else None
-        batch, device = self.rt.batch, self.rt.device
-        #: each slot's example indices, step by step [K, steps, batch]
-        self.schedule = torch.full((slots, 1, batch), self.rt.train_table.empty, dtype=torch.long, device=device)
-        self.arange = torch.arange(slots, device=device)
-        self.row_in_batch = torch.arange(batch, device=device).repeat(slots)
+        self.stepper = PackStep(self.rt, slots)
         self.held_slot_steps = 0  # slot-steps trials held (eval or generations pending) while others trained
         self.steps_run, self.trial_steps = 0, 0
         self.first_step: float | None = None
@@ -105,7 +81,6 @@ class PackTrainer:
         #: seconds from making the pack to the end of its first step (compiling included)
         self.startup_s: float | None = None
         self._progress = (time.perf_counter(), 0)
-        self.dropout_on = False
         #: the slots that trained in the last step, and when it started (for each trial's share of the time)
         self._last_step: tuple[np.ndarray, float] | None = None
 
@@ -175,20 +150,13 @@ class PackTrainer:
         spec = slot_spec(cfg, len(rt.data.train))
         pm.assign(slot, spec)
         sched = batch_schedule(len(rt.data.train), rt.batch, spec.seed, spec.steps)
-        if sched.shape[0] > self.schedule.shape[1]:
-            grown = torch.full((self.k, sched.shape[0], rt.batch), rt.train_table.empty, dtype=torch.long,
-                               device=rt.device)
-            grown[:, :self.schedule.shape[1]] = self.schedule
-            self.schedule = grown
-        self.schedule[slot, :sched.shape[0]] = pm.to_device(sched)
+        self.stepper.set_order(slot, sched)
         self.drain.sums[slot] = 0.0
         lengths = np.array(rt.train_table.lengths + [0])
         trainable = sum(spec.r * (pm.spans[n][1] + pm.spans[n][2]) for n in pm.layers if matches(n, spec.targets))
         run = self.table.new_run(cfg, spec, tracker, callbacks, handle, slot, int(lengths[sched.numpy()].sum()),
                                  trainable)
-        # a compiled step always masks (p=0 keeps every element, times exactly 1): no recompile
-        # when the last trial with dropout leaves
-        self.dropout_on = pm.static or any(r is not None and r.spec.dropout > 0 for r in self.runs)
+        self.stepper.dropout_on = pm.static or any(r is not None and r.spec.dropout > 0 for r in self.runs)
         record_start(tracker, cfg, trainable, trainable + rt.base_params, spec.steps, rt.data.key,
                      params={"pack_slots": self.k},
                      tags={"lora_exp.packed": f"slot {slot} of {self.k}"})
@@ -280,10 +248,10 @@ class PackTrainer:
             # the first step compiles: the workers of a multi-GPU sweep take turns, so the later
             # ones load the first one's compiled graphs from the cache instead of compiling again
             with compile_lock() if pm.compile else contextlib.nullcontext():
-                self._launch()
+                self.stepper.launch(self.drain.sums)
                 torch.cuda.synchronize(self.rt.device)
         else:
-            self._launch()
+            self.stepper.launch(self.drain.sums)
         if self.first_step is None:
             self.startup_s = time.perf_counter() - self.created
         table.host_step[training] += 1
@@ -305,41 +273,6 @@ class PackTrainer:
             else:  # nothing to evaluate: a finished trial goes straight to its generations
                 table.finishing[slot] = self.steps_run
         return True
-
-    def _launch(self) -> None:
-        if self.step_graph is None:
-            self._launch_step()
-            return
-        # what the recorded kernels depend on besides the buffers they read: the schedule's
-        # tensor (remade when a longer trial joins) and whether dropout masks are computed
-        self.step_graph.run((self.schedule.data_ptr(), self.schedule.shape, self.dropout_on), self._launch_step)
-
-    def _launch_step(self) -> None:
-        """Forward, backward and optimizer of every live slot, launched without waiting."""
-        rt, pm = self.rt, self.pm
-        position = pm.step.clamp(max=self.schedule.shape[1] - 1)
-        idx = self.schedule[self.arange, position]  # [K, batch]
-        idx = torch.where(pm.live.bool().view(-1, 1), idx, rt.train_table.empty).view(-1)
-        table = rt.train_table
-        ids, mask, labels = table.ids[idx], table.mask[idx], table.labels[idx]
-        g = pm.groups
-        g.slots, g.rows, g.enabled = None, rt.batch, True
-        if self.dropout_on:
-            b = rt.batch
-            g.dropout = (row_keys(pm.seed.repeat_interleave(b), pm.step.repeat_interleave(b), self.row_in_batch),
-                         pm.p.repeat_interleave(b))
-        else:
-            g.dropout = None
-        with autocast(rt.device, rt.precision), record_function("pack.forward"), \
-                self.layers.active() if self.layers is not None else contextlib.nullcontext():
-            losses, total = self.train_loss(rt.base.model, rt.head, ids, mask, labels, pm.live, self.k, rt.batch,
-                                            pm.compile)
-        with record_function("pack.backward"):
-            grads = gradients(pm, total)
-        self.drain.sums += losses.detach().double() * pm.live
-        with record_function("pack.optimizer"):
-            optimizer_step(pm, grads)
-        g.dropout = None
 
     def _release(self, run: SlotRun) -> None:
         self.drain.saver.discard(run)
@@ -394,8 +327,7 @@ class PackTrainer:
                 "peak_memory_gib": round(peak_memory_mb(self.rt.device) / 1024, 2), "device": str(self.rt.device)}
 
     def close(self) -> None:
-        if self.step_graph is not None:
-            self.step_graph.close()
+        self.stepper.close()
         self.rt.close()
 
 

@@ -79,7 +79,7 @@ def test_the_step_replayed_as_a_cuda_graph_trains_as_the_compiled_layers(model, 
     data = tokenize(load_rows(cfgs[0].data), cfgs[0].data, base.tokenizer)
     layers, _ = _train(cfgs, base, data, 3, "layers")
     graphs, trainer = _train(cfgs, base, data, 3, "graphs")
-    assert trainer.step_graph.recorded == 1 and trainer.step_graph.replays > 40, vars(trainer.step_graph)
+    assert trainer.stepper.graph.recorded == 1 and trainer.stepper.graph.replays > 40, vars(trainer.stepper.graph)
     assert trainer.held_slot_steps > 0  # slots held while the others trained
     rel = lambda a, b: abs(a - b) / max(abs(a), 1e-12)  # noqa: E731
     for cfg, a, b in zip(cfgs, layers, graphs):
