@@ -119,10 +119,6 @@ def exact_match(output: str, answers: tuple[str, ...]) -> bool:
     return bool(score(output, answers))
 
 
-#: the text columns of a run's generations table (the others are scores)
-GENERATION_COLUMNS = ("prompt", "expected", "base_output", "adapter_output")
-
-
 def generations_table(prompts: list[Prompt], base: list[str], adapter: list[str],
                       metrics: tuple[str, ...] | list[str] = ("exact_match",),
                       base_scores: dict[str, list[float]] | None = None) -> tuple[dict[str, list[Any]],
@@ -155,30 +151,3 @@ def score_outputs(prompts: list[Prompt], outputs: list[str],
 
     scored = [i for i, p in enumerate(prompts) if p.answers]
     return score([outputs[i] for i in scored], [prompts[i].answers for i in scored], metrics) if scored else {}
-
-
-def answers_side_by_side(sources: list[tuple[str, dict[str, list[Any]]]]) -> dict[str, list[Any]]:
-    """Every prompt once, with the expected answer, the base model's answer and each source's
-    answer side by side, then the scores (a column per metric and source). `sources` are (label,
-    a run's generations table) pairs; rows are matched by prompt text (runs on other data add
-    their prompts as rows of their own). The base model's answer comes from the first source that
-    answered the prompt."""
-    prompts: list[str] = []
-    rows: dict[str, dict[str, Any]] = {}
-    labels = [label for label, _ in sources]
-    first = sources[0][1] if sources else {}
-    scores = [c for c in first if c not in GENERATION_COLUMNS and not c.startswith("base_")]
-    for label, table in sources:
-        for i, prompt in enumerate(table.get("prompt", [])):
-            row = rows.get(prompt)
-            if row is None:
-                prompts.append(prompt)
-                row = rows[prompt] = {"expected": table["expected"][i], "base": table["base_output"][i],
-                                      **{f"base {m}": table.get(f"base_{m}", [None] * (i + 1))[i] for m in scores}}
-            row[label] = table["adapter_output"][i]
-            for metric in scores:
-                row[f"{label} {metric}"] = table.get(metric, [None] * (i + 1))[i]
-    columns = ["expected", "base", *labels]  # the answers side by side, then their scores
-    for metric in scores:
-        columns += [f"base {metric}", *(f"{label} {metric}" for label in labels)]
-    return {"prompt": prompts, **{c: [rows[p].get(c) for p in prompts] for c in columns}}

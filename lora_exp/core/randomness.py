@@ -16,9 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-M32 = 0xFFFFFFFF
-#: the golden-ratio multiplier that spreads a key over the counter space
-GOLDEN = 0x9E3779B1
+from lora_exp.core.lowbias32 import GOLDEN, M32, mix_int
 
 
 def module_key(name: str) -> int:
@@ -33,10 +31,6 @@ def mix32(h: torch.Tensor) -> torch.Tensor:
     h = h ^ (h >> 15)
     h = (h * 0x846CA68B) & M32
     return h ^ (h >> 16)
-
-
-def mix_int(x: int) -> int:
-    return int(mix32(torch.tensor([x & M32], dtype=torch.int64))[0])
 
 
 def row_keys(seeds: torch.Tensor, steps: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:

@@ -6,9 +6,9 @@ from __future__ import annotations
 import textwrap
 from typing import Any
 
-from lora_exp.core.evaluation import GENERATION_COLUMNS, answers_side_by_side
 from lora_exp.errors import ConfigError
 from lora_exp.runs.recorded import resolve_run, tracking_for
+from lora_exp.tracking.answers import GENERATION_COLUMNS, answers_side_by_side
 from lora_exp.tracking.runs import read_table, write_table
 
 WIDTH = 100

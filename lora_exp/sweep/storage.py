@@ -62,7 +62,7 @@ def seed_per_trial(sampler: Any, seed: int) -> None:
     values as each other. Seeded by trial number, each trial draws its own values, the same ones
     whichever process or worker samples it, and a fresh study stays reproducible. (Optuna keeps the
     generators in `_rng` attributes of the sampler and of the random sampler it falls back to.)"""
-    from lora_exp.core.randomness import mix_int
+    from lora_exp.core.lowbias32 import mix_int
 
     rngs = [getattr(obj, "_rng", None) for obj in (sampler, getattr(sampler, "_random_sampler", None),
                                                     getattr(sampler, "_independent_sampler", None))]

@@ -8,6 +8,8 @@ from lora_exp.tracking.runs import read_table, write_table
 
 #: the best trials whose answers `answers.json` shows beside the base model's
 ANSWERS_TOP_K = 5
+#: the text columns of a run's generations table (the others are scores)
+GENERATION_COLUMNS = ("prompt", "expected", "base_output", "adapter_output")
 #: the trials `answers.json` showed when last written, by parent run
 _last_answers: dict[str, tuple[int, ...]] = {}
 
@@ -29,8 +31,6 @@ def log_answers(client: Any, parent_run_id: str, metric: str, study: Any, front:
                 tables: tuple[str, ...]) -> None:
     """`answers.json`: every eval prompt, the base model's answer and the best trials' answers
     with their scores side by side; written again whenever the best trials change."""
-    from lora_exp.core.evaluation import answers_side_by_side
-
     top = top_trials(study, front)
     key = tuple(t.number for t in top)
     if not top or _last_answers.get(parent_run_id) == key:
@@ -44,3 +44,30 @@ def log_answers(client: Any, parent_run_id: str, metric: str, study: Any, front:
     if sources:
         write_table(client, parent_run_id, answers_side_by_side(sources), "answers.json", tables)
         _last_answers[parent_run_id] = key
+
+
+def answers_side_by_side(sources: list[tuple[str, dict[str, list[Any]]]]) -> dict[str, list[Any]]:
+    """Every prompt once, with the expected answer, the base model's answer and each source's
+    answer side by side, then the scores (a column per metric and source). `sources` are (label,
+    a run's generations table) pairs; rows are matched by prompt text (runs on other data add
+    their prompts as rows of their own). The base model's answer comes from the first source that
+    answered the prompt."""
+    prompts: list[str] = []
+    rows: dict[str, dict[str, Any]] = {}
+    labels = [label for label, _ in sources]
+    first = sources[0][1] if sources else {}
+    scores = [c for c in first if c not in GENERATION_COLUMNS and not c.startswith("base_")]
+    for label, table in sources:
+        for i, prompt in enumerate(table.get("prompt", [])):
+            row = rows.get(prompt)
+            if row is None:
+                prompts.append(prompt)
+                row = rows[prompt] = {"expected": table["expected"][i], "base": table["base_output"][i],
+                                      **{f"base {m}": table.get(f"base_{m}", [None] * (i + 1))[i] for m in scores}}
+            row[label] = table["adapter_output"][i]
+            for metric in scores:
+                row[f"{label} {metric}"] = table.get(metric, [None] * (i + 1))[i]
+    columns = ["expected", "base", *labels]  # the answers side by side, then their scores
+    for metric in scores:
+        columns += [f"base {metric}", *(f"{label} {metric}" for label in labels)]
+    return {"prompt": prompts, **{c: [rows[p].get(c) for p in prompts] for c in columns}}

@@ -1,11 +1,12 @@
 """The unpacked trial's dropout masks (32-bit lanes, in place) equal the reference the pack's
-compiled step and kernels compute, bit for bit."""
+compiled step and kernels compute, bit for bit; the hash on plain ints is the hash on tensors."""
 from __future__ import annotations
 
 import pytest
 import torch
 
-from lora_exp.core.randomness import dropout_mask, dropout_mask_int32, module_keys, row_keys
+from lora_exp.core.lowbias32 import mix_int
+from lora_exp.core.randomness import M32, dropout_mask, dropout_mask_int32, mix32, module_keys, row_keys
 
 
 @pytest.mark.parametrize("shape", [(8, 80, 576), (3, 7, 1536), (1, 1, 5), (2, 4096)])
@@ -30,3 +31,13 @@ def test_per_row_rates_and_half_precision():
     x = torch.randn(3, 64, 32).to(torch.bfloat16)
     ps = torch.tensor([0.0, 0.1, 0.9])
     assert torch.equal(dropout_mask_int32(x, keys, ps), dropout_mask(x, keys, ps))
+
+
+def test_the_hash_on_plain_ints_is_the_hash_on_tensors():
+    """`mix_int` (what seeds LoRA A per module and reseeds the sampler per trial, in processes
+    that do not import torch) is `mix32` bit for bit, on the low 32 bits of any int."""
+    g = torch.Generator().manual_seed(3)
+    xs = [0, 1, M32, 1 << 31, (1 << 31) - 1, 1 << 32, (1 << 40) + 5, -1, -12345]
+    xs += [int(v) for v in torch.randint(-(2 ** 62), 2 ** 62, (4000,), generator=g)]
+    want = mix32(torch.tensor([x & M32 for x in xs], dtype=torch.int64)).tolist()
+    assert [mix_int(x) for x in xs] == want

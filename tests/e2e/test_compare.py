@@ -6,8 +6,8 @@ from __future__ import annotations
 import json
 import os
 
-from lora_exp.core.evaluation import answers_side_by_side
 from lora_exp.sweep.command import cmd_sweep
+from lora_exp.tracking.answers import answers_side_by_side
 from lora_exp.tracking.runs import read_table
 
 from helpers import REPO, load_study, run_cli, sweep_runs
