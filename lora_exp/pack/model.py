@@ -283,28 +283,25 @@ class PackedModel:
 
     def adapter_state(self, slot: int, row: torch.Tensor | None = None,
                       spec: SlotSpec | None = None) -> dict[str, torch.Tensor]:
-        """The slot's weights as peft names them in adapter_model.safetensors: from its slot, or
-        from `row`, the slot's trained columns (`columns`) already copied to the host (one copy
-        of what the trial trains, not two per module), with `spec`, the trial's, once its slot
-        has gone to another."""
+        """The slot's weights as peft names them in adapter_model.safetensors, from `row`, the
+        slot's trained columns (`columns`) already copied to the host (one copy of what the trial
+        trains, not two per module), with `spec`, the trial's, once its slot has gone to another;
+        without `row`, from the slot itself."""
         spec = spec or self.specs[slot]
         assert spec is not None
+        if row is None:
+            row = self.params[slot].index_select(0, self.columns(slot))
         out, at = {}, 0
-        for name in self.layers:
+        for name in self.layers:  # each targeted module's A (r x in), then its B (r x out)
             if not matches(name, spec.targets):
                 continue
-            offset, fin, fout, _ = self.spans[name]
-            if row is None:
-                params = self.params[slot]
-                a = params[offset:offset + fin * self.rank].view(self.rank, fin)[:spec.r]
-                b = params[offset + fin * self.rank:offset + self.rank * (fin + fout)].view(self.rank, fout)[:spec.r]
-            else:  # each targeted module's A (r x in), then its B (r x out)
-                a = row[at:at + spec.r * fin].view(spec.r, fin)
-                b = row[at + spec.r * fin:at + spec.r * (fin + fout)].view(spec.r, fout)
-                at += spec.r * (fin + fout)
+            _, fin, fout, _ = self.spans[name]
+            a = row[at:at + spec.r * fin].view(spec.r, fin)
+            b = row[at + spec.r * fin:at + spec.r * (fin + fout)].view(spec.r, fout)
+            at += spec.r * (fin + fout)
             out[f"base_model.model.{name}.lora_A.weight"] = a.contiguous().cpu()
             out[f"base_model.model.{name}.lora_B.weight"] = b.T.contiguous().cpu()
-        if row is not None and at != row.numel():
+        if at != row.numel():
             raise ValueError(f"a row of {row.numel()} columns for a trial that trains {at}")
         return out
 
