@@ -12,6 +12,8 @@ ARGS      ?=
 BACKEND   ?= sqlite:///mlruns/mlflow.db
 ARTIFACTS ?= mlruns/served-artifacts
 SERVER_WORKERS ?= 1
+# MLflow's job runner (GenAI evaluation jobs; seven extra processes) stays off: lora-exp runs none.
+export MLFLOW_SERVER_ENABLE_JOB_EXECUTION ?= false
 
 .DEFAULT_GOAL := help
 .PHONY: help setup train sweep ui dashboard server test test-quick lint bench bench-sweep bench-gpu clean clean-runs rerun best

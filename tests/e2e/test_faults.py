@@ -130,26 +130,16 @@ def test_many_machines_on_loopback_tracking_server_and_postgresql(workdir, postg
     """An MLflow server on PostgreSQL with served artifacts + an Optuna study on PostgreSQL; two
     workers that reach both only by URL (as two machines would)."""
     import socket
-    import urllib.request
-
 
     backend = postgres_url.rsplit("/", 1)[0] + "/" + postgres_url.rsplit("/", 1)[1]  # the test's own database
     mlflow_db = _create_db(postgres_url, "mlflow")
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    server = subprocess.Popen([str(Path(sys.executable).parent / "mlflow"), "server", "--backend-store-uri", mlflow_db,
-                               "--serve-artifacts", "--artifacts-destination", str(tmp_path / "served"),
-                               "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    server = _mlflow_server(mlflow_db, tmp_path / "served", port)
     url = f"http://127.0.0.1:{port}"
     try:
-        for _ in range(180):
-            try:
-                if urllib.request.urlopen(f"{url}/health", timeout=2).read() == b"OK":
-                    break
-            except OSError:
-                time.sleep(0.5)
+        _wait_healthy(url)
         machines = [tmp_path / "m1", tmp_path / "m2"]
         args = ["sweep=tiny", "n_trials=8", f"storage={backend}", f"tracking.uri={url}", "trainer.max_steps=10",
                 "trainer.eval_steps=5"]
@@ -175,7 +165,7 @@ def test_many_machines_on_loopback_tracking_server_and_postgresql(workdir, postg
         assert not (machines[0] / "mlruns").exists() and not (machines[1] / "mlruns").exists(), \
             "workers reach the stores only by URL"
     finally:
-        server.terminate()
+        os.killpg(server.pid, signal.SIGTERM)
         server.wait(timeout=30)
 
 
@@ -207,11 +197,15 @@ def test_no_secret_reaches_mlflow(workdir, store, postgres_url):
         assert f":{password}@" not in path.read_text()
 
 
-def _mlflow_server(workdir: Path, port: int):
-    return subprocess.Popen([str(Path(sys.executable).parent / "mlflow"), "server", "--backend-store-uri",
-                             f"sqlite:///{workdir}/server.db", "--serve-artifacts", "--artifacts-destination",
-                             str(workdir / "served"), "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+def _mlflow_server(backend: str, artifacts: Path, port: int):
+    """`mlflow server` as `make server` starts it (MLflow's job runner off), in its own process group."""
+    from lora_exp.runs.ui import server_env
+
+    return subprocess.Popen([str(Path(sys.executable).parent / "mlflow"), "server", "--backend-store-uri", backend,
+                             "--serve-artifacts", "--artifacts-destination", str(artifacts), "--host", "127.0.0.1",
+                             "--port", str(port), "--workers", "1"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+                            env=server_env())
 
 
 def _wait_healthy(url: str, seconds: int = 90) -> None:
@@ -237,7 +231,7 @@ def test_tracking_server_outage_mid_sweep(workdir):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     url = f"http://127.0.0.1:{port}"
-    server = _mlflow_server(workdir, port)
+    server = _mlflow_server(f"sqlite:///{workdir}/server.db", workdir / "served", port)
     _wait_healthy(url)
     env = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
            "MLFLOW_HTTP_REQUEST_TIMEOUT": "5"}
@@ -248,7 +242,7 @@ def test_tracking_server_outage_mid_sweep(workdir):
         os.killpg(server.pid, signal.SIGKILL)  # the server vanishes mid-trial
         server.wait(timeout=30)
         time.sleep(8)
-        server = _mlflow_server(workdir, port)
+        server = _mlflow_server(f"sqlite:///{workdir}/server.db", workdir / "served", port)
         _wait_healthy(url)
         healthy = datetime.datetime.now()
         out = proc.communicate(timeout=600)[0]
