@@ -43,10 +43,13 @@ def popen_cli(*args: str, cwd: Path, env: dict[str, str] | None = None):
 
 
 def load_study(storage: str, name: str = "tiny"):
-    """The Optuna study as the sweep left it."""
+    """The Optuna study as the sweep left it (opened as lora-exp opens it: under the store's lock,
+    so a poll while a sweep creates the tables does not race it)."""
     import optuna
 
-    return optuna.load_study(study_name=name, storage=storage)
+    from lora_exp.sweep.storage import rdb_storage
+
+    return optuna.load_study(study_name=name, storage=rdb_storage(storage) if "://" in storage else storage)
 
 
 def sweep_runs(store: str):

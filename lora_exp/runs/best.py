@@ -9,7 +9,7 @@ from typing import Any
 from lora_exp.errors import ConfigError
 from lora_exp.runs.recorded import tracking_for
 from lora_exp.sweep.plan import default_storage
-from lora_exp.sweep.storage import engine_kwargs
+from lora_exp.sweep.storage import rdb_storage
 from lora_exp.tracking.parent import publish_adapter
 from lora_exp.tracking.provenance import redact_uri
 from lora_exp.tracking.store import connect
@@ -28,7 +28,7 @@ def cmd_best(options: list[str], promote: str | None = None) -> int:
     if storage_url.startswith("sqlite:///") and not Path(storage_url[len("sqlite:///"):]).is_file():
         raise ConfigError(f"best: no study storage at {storage_url} (run `lora-exp sweep` first)")
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    storage = optuna.storages.RDBStorage(storage_url, engine_kwargs=engine_kwargs(storage_url))
+    storage = rdb_storage(storage_url)
     summaries = optuna.get_all_study_summaries(storage)
     if not summaries:
         raise ConfigError(f"best: no study in {redact_uri(storage_url)}")

@@ -121,14 +121,13 @@ def from_study(arg: str, spec: SweepSpec, base: RunConfig, storage: str) -> list
         raise ConfigError(f"{where}: expected STUDY or STUDY:K with K a whole number, got {count!r}") from None
     if k < 1:
         raise ConfigError(f"{where}: K must be >= 1")
-    from lora_exp.sweep.storage import engine_kwargs
+    from lora_exp.sweep.storage import rdb_storage
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     if storage.startswith("sqlite:///") and not Path(storage[len("sqlite:///"):]).expanduser().is_file():
         raise ConfigError(f"{where}: no study storage at {storage} to start from")  # and none made by asking
     try:
-        other = optuna.load_study(study_name=name, storage=optuna.storages.RDBStorage(
-            storage, engine_kwargs=engine_kwargs(storage)))
+        other = optuna.load_study(study_name=name, storage=rdb_storage(storage))
     except KeyError:
         names = [s.study_name for s in optuna.get_all_study_summaries(storage)] if storage else []
         raise ConfigError(f"{where}: no study {name!r} in the storage "

@@ -106,6 +106,18 @@ def retry_stale(max_retry: int) -> dict[str, Any]:
     return {"heartbeat_stale_trial_callback": cls(max_retry=max_retry, inherit_intermediate_values=True)}
 
 
+def rdb_storage(url: str, **kwargs: Any) -> Any:
+    """Optuna's RDBStorage at `url`, opened under the store's "optuna-init" lock.
+
+    Opening one on an empty database creates the tables and inserts the schema's version: two
+    processes doing it at once (a sweep on a second machine, `lora-exp best`, a reader polling for
+    the study) collide on `alembic_version` ("duplicate key value"). Every opener takes the lock."""
+    import optuna
+
+    with store_lock(url, "optuna-init"):
+        return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs(url), **kwargs)
+
+
 def open_study(plan_or_spec: SweepSpec, storage_url: str, study_name: str, create: bool) -> Any:
     """The study, through a storage that records heartbeats. With `create`: (study, whether this
     process created it); the creator opens the sweep's parent run."""
@@ -120,7 +132,7 @@ def open_study(plan_or_spec: SweepSpec, storage_url: str, study_name: str, creat
         # migrations) and the study, the others find them
         with store_lock(storage_url, "optuna-init"), warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # heartbeats, retries
-            storage = optuna.storages.RDBStorage(
+            storage = optuna.storages.RDBStorage(  # rdb_storage's lock, held on to create the study
                 storage_url, engine_kwargs=engine_kwargs(storage_url),
                 heartbeat_interval=int(max(1, spec.heartbeat)), grace_period=int(max(2, spec.grace)),
                 **retry_stale(max_retry=RETRIES))
