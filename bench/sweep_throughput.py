@@ -263,7 +263,7 @@ def profile(trainer, trace: str = "") -> None:
               and not getattr(e, "is_user_annotation", False)) / 3 / 1e3
     print(f"profile: wall {wall * 1e3:.1f} ms/step, GPU busy {gpu:.1f} ms/step "
           f"({100 * gpu / (wall * 1e3):.0f}%)", flush=True)
-    print(events.table(sort_by="self_cuda_time_total", row_limit=30, max_name_column_width=60), flush=True)
+    print(events.table(sort_by="self_cuda_time_total", row_limit=45, max_name_column_width=70), flush=True)
     phases = {e.key: e.device_time_total / 3 / 1e3 for e in events if e.key.startswith("pack.")}
     print("profile phases (GPU ms/step): " + json.dumps({k: round(v, 1) for k, v in phases.items()}), flush=True)
     with tempfile.TemporaryDirectory() as tmp:
