@@ -50,7 +50,8 @@ PROGRAMS_PER_SM = 4
 #: the longest row group one program holds (the short kernels); longer ones are tiled by BM
 #: positions (32: 0.5-3% faster a Qwen2.5-0.5B step than 64), as is the input gradient of every group
 MAX_M, BM = 256, 32
-#: a SwiGLU MLP's activation fused with its down projection's LoRA delta (kernels.swiglu); 0: apart
+#: a SwiGLU MLP's activation fused with its down projection's LoRA delta (kernels.swiglu); 2: the
+#: gate's and up projection's deltas added in that pass too (swiglu_mlp_lora: slower, H200); 0: apart
 SWIGLU = 1
 #: the constants here, which the benches set to time other values
 TUNABLE = ("BK", "BN", "NUM_WARPS", "MIN_SPLIT", "MAX_M", "BM", "PROGRAMS_PER_SM", "SWIGLU")
@@ -177,11 +178,11 @@ def _bwd_a_kernel(x_ptr, dh_ptr, ga_ptr, rank_ptr, keys_ptr, thr_ptr, kscale_ptr
 # --- the custom op --------------------------------------------------------------------------------
 
 
-def _block_m(m: int) -> int:
+def block_m(m: int) -> int:
     return max(16, triton.next_power_of_2(m))
 
 
-def _block_r(r: int) -> int:
+def block_r(r: int) -> int:
     return max(16, triton.next_power_of_2(r))
 
 
@@ -193,12 +194,12 @@ def _short(m: int, rmax: int, x: torch.Tensor) -> bool:
     positions and rank 32, where an H200 has 227 KiB a block). Groups past that are tiled."""
     if m > MAX_M:
         return False
-    bm, br, wide = _block_m(m), _block_r(rmax), max(BK, BN)
+    bm, br, wide = block_m(m), block_r(rmax), max(BK, BN)
     need = (5 * bm * wide + 3 * wide * br) * x.element_size()
     return need <= _shared(x.device)
 
 
-def _prec(dtype: torch.dtype) -> str:
+def precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
@@ -212,17 +213,17 @@ def _shared(device: torch.device) -> int:
 
 
 @functools.lru_cache(maxsize=None)
-def _sms(device: torch.device) -> int:
+def sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 8
 
 
 def split_for(k: int, device: torch.device) -> int:
     """Programs per slot: one at large K (a slot's work is one program's), more at small K so
     the GPU has ~4 programs per multiprocessor."""
-    return max(1, min(8, -(-4 * _sms(device) // max(1, k))))
+    return max(1, min(8, -(-4 * sm_count(device) // max(1, k))))
 
 
-def _launch() -> dict:
+def launch_options() -> dict:
     """The launch options every LoRA kernel takes (read at each launch: the benches time others)."""
     return {"num_warps": NUM_WARPS}
 
@@ -233,7 +234,7 @@ def _check(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
     assert a.stride(2) == 1 and b.stride(2) == 1, "A and B: dense rows"
 
 
-def _forward(x, a, b, scale, rank, keys, thr, kscale, rows, split, out, add, h=None):
+def delta_forward(x, a, b, scale, rank, keys, thr, kscale, rows, split, out, add, h=None):
     """The forward kernel: each slot's delta written to `out` (added to it in place with `add`);
     returns h = drop(x) A^T, kept for the backward (given as `h`: read, x and A not)."""
     _check(x, a, b)
@@ -246,16 +247,33 @@ def _forward(x, a, b, scale, rank, keys, thr, kscale, rows, split, out, add, h=N
         h = torch.empty(k, m, rmax, device=x.device, dtype=x.dtype)  # read back only where a slot trains
     dropout = keys is not None
     # short rows: a program holds a slot's group; long ones: a program per BM positions
-    bm, split, tiles = (_block_m(m), split, 1) if _short(m, rmax, x) else (BM, 1, triton.cdiv(m, BM))
+    bm, split, tiles = (block_m(m), split, 1) if _short(m, rmax, x) else (BM, 1, triton.cdiv(m, BM))
     _fwd_kernel[(k, split, tiles)](x, a, b, out, h, scale, rank, keys if dropout else x, thr if dropout else x,
                                    kscale if dropout else x, m, m // rows, fin, fout, rows, x.stride(0), a.stride(0),
                                    a.stride(1), b.stride(0), b.stride(1), rmax, SPLIT=split, DROPOUT=dropout, ADD=add,
-                                   BM=bm, BR=_block_r(rmax), BK=BK, BN=BN, PREC=_prec(x.dtype), GIVEN_H=given,
-                                   **_launch())
+                                   BM=bm, BR=block_r(rmax), BK=BK, BN=BN, PREC=precision(x.dtype), GIVEN_H=given,
+                                   **launch_options())
     return h
 
 
-def _base(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, conv: bool) -> torch.Tensor:
+def project(x, a, rank, keys, thr, kscale, rows):
+    """h = drop(x) A^T [K, M, R] alone (the forward kernel with no outputs), for a delta whose
+    B side another kernel applies (kernels.swiglu); columns past a slot's rank are zero, and a
+    slot that does not target the module gets nothing written."""
+    _check(x, a, a)
+    k, m, fin = x.shape
+    rmax = a.shape[1]
+    h = torch.empty(k, m, rmax, device=x.device, dtype=x.dtype)
+    dropout = keys is not None
+    _fwd_kernel[(k, 1, triton.cdiv(m, BM))](x, a, a, h, h, h, rank, keys if dropout else x, thr if dropout else x,
+                                            kscale if dropout else x, m, m // rows, fin, 0, rows, x.stride(0),
+                                            a.stride(0), a.stride(1), a.stride(0), a.stride(1), rmax, SPLIT=1,
+                                            DROPOUT=dropout, ADD=True, BM=BM, BR=block_r(rmax), BK=BK, BN=BN,
+                                            PREC=precision(x.dtype), **launch_options())
+    return h
+
+
+def base_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, conv: bool) -> torch.Tensor:
     """The frozen base layer's output for x [N, in]: nn.Linear's (w [out, in]) or GPT-2's Conv1D's (w [in, out])."""
     if conv:
         return torch.addmm(bias, x, w) if bias is not None else torch.mm(x, w)
@@ -268,7 +286,7 @@ def _base(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, conv: boo
 def _delta(x, a, b, scale, rank, keys, thr, kscale, rows, split):
     x = x.contiguous()
     out = torch.empty(x.shape[0], x.shape[1], b.shape[2], device=x.device, dtype=x.dtype)
-    return out, _forward(x, a, b, scale, rank, keys, thr, kscale, rows, split, out, False)
+    return out, delta_forward(x, a, b, scale, rank, keys, thr, kscale, rows, split, out, False)
 
 
 @_delta.register_fake
@@ -284,8 +302,8 @@ def _delta_fake(x, a, b, scale, rank, keys, thr, kscale, rows, split):
 def _linear(x, w, bias, a, b, scale, rank, keys, thr, kscale, rows, split, conv):
     x = x.contiguous()
     k, m, fin = x.shape
-    out = _base(x.view(k * m, fin), w, bias, conv).view(k, m, -1)
-    return out, _forward(x, a, b, scale, rank, keys, thr, kscale, rows, split, out, True)
+    out = base_linear(x.view(k * m, fin), w, bias, conv).view(k, m, -1)
+    return out, delta_forward(x, a, b, scale, rank, keys, thr, kscale, rows, split, out, True)
 
 
 @_linear.register_fake
@@ -312,25 +330,25 @@ def _delta_backward(g, x, a, b, h, scale, rank, keys, thr, kscale, rows, split, 
               else torch.empty(k, m, fin, device=x.device, dtype=x.dtype))
     if not _short(m, rmax, x):
         ga, gb = lora_tiled.backward(g, x, a, b, h, scale, rank, keys, thr, kscale, rows, split, dx, acc, bm=BM, bk=BK,
-                                     bn=BN, br=_block_r(rmax), prec=_prec(x.dtype),
-                                     programs=PROGRAMS_PER_SM * _sms(x.device), launch=_launch())
+                                     bn=BN, br=block_r(rmax), prec=precision(x.dtype),
+                                     programs=PROGRAMS_PER_SM * sm_count(x.device), launch=launch_options())
         return (dx if need_dx else x.new_empty(0)), ga, gb
-    bm, br = _block_m(m), _block_r(rmax)
+    bm, br = block_m(m), block_r(rmax)
     # written only where a slot trains (its first r rows of the modules it targets): the
     # optimizer reads nothing else
     ga = torch.empty(k, rmax, fin, device=x.device, dtype=a.dtype)
     gb = torch.empty(k, rmax, fout, device=x.device, dtype=b.dtype)
     dh = torch.empty(k, split, bm, br, device=x.device, dtype=torch.float32)
     dropout = keys is not None
-    prec = _prec(x.dtype)
+    prec = precision(x.dtype)
     _bwd_b_kernel[(k, split)](g, b, h, gb, dh, scale, rank, m, fout, b.stride(0), b.stride(1), rmax,
-                              SPLIT=split, BM=bm, BR=br, BN=BN, PREC=prec, **_launch())
+                              SPLIT=split, BM=bm, BR=br, BN=BN, PREC=prec, **launch_options())
     _bwd_a_kernel[(k, split)](x, dh, ga, rank, keys if dropout else x, thr if dropout else x,
                               kscale if dropout else x, m, m // rows, fin, rows, x.stride(0), rmax, SPLIT=split,
-                              DROPOUT=dropout, BM=bm, BR=br, BK=BK, PREC=prec, **_launch())
+                              DROPOUT=dropout, BM=bm, BR=br, BK=BK, PREC=prec, **launch_options())
     if need_dx:
         lora_tiled.input_grad(a, dh, split, dx, rank, keys, thr, kscale, rows, acc, bm=min(bm, BM), br=br, bk=BK,
-                              prec=prec, launch=_launch())
+                              prec=prec, launch=launch_options())
     return (dx if need_dx else x.new_empty(0)), ga, gb
 
 

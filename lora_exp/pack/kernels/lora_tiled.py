@@ -155,14 +155,14 @@ def input_grad(a, dh, dh_parts, dx, rank, keys, thr, kscale, rows, acc, *, bm, b
         BM=bm, BR=br, BK=bk, PREC=prec, **launch)
 
 
-def _parts_for(k: int, width: int, block: int, tiles: int, split: int, programs: int) -> tuple[int, int]:
+def parts_for(k: int, width: int, block: int, tiles: int, split: int, programs: int) -> tuple[int, int]:
     """(blocks, parts) of a weight gradient over `width` columns: parts > 1 where slots x blocks are
     too few programs for the GPU."""
     blocks = triton.cdiv(width, block)
     return blocks, max(1, min(split, tiles, triton.cdiv(programs, k * blocks)))
 
 
-def _grad_buffers(k: int, rmax: int, width: int, parts: int, br: int, like: torch.Tensor):
+def grad_buffers(k: int, rmax: int, width: int, parts: int, br: int, like: torch.Tensor):
     grad = torch.empty(k, rmax, width, device=like.device, dtype=like.dtype)
     partial = torch.empty(k, parts, br, width, device=like.device, dtype=torch.float32) if parts > 1 else grad
     return grad, partial
@@ -178,17 +178,24 @@ def sum_parts(grad: torch.Tensor, partial: torch.Tensor, parts: int) -> None:
         grad.copy_(total)
 
 
+def backward_dh(g, b, scale, rank, *, bm, bn, br, prec, launch):
+    """dh = g_s B^T [K, M, br] (fp32) per position tile: the delta's backward through B."""
+    k, m, fout = g.shape
+    dh = torch.empty(k, m, br, device=g.device, dtype=torch.float32)
+    _bwd_dh_tiled[(k, triton.cdiv(m, bm))](g, b, dh, scale, rank, m, fout, b.stride(0), b.stride(1), b.shape[1],
+                                           BM=bm, BR=br, BN=bn, PREC=prec, **launch)
+    return dh
+
+
 def backward_b(g, b, h, scale, rank, split, *, bm, bn, br, prec, programs, launch):
     """The delta's B side of a long row group's backward: (dh = g_s B^T [K, M, br] fp32 per
     position tile, B's gradient h^T g_s per output block over the group's positions)."""
     k, m, fout = g.shape
     rmax = b.shape[1]
     tiles = triton.cdiv(m, bm)
-    dh = torch.empty(k, m, br, device=g.device, dtype=torch.float32)
-    _bwd_dh_tiled[(k, tiles)](g, b, dh, scale, rank, m, fout, b.stride(0), b.stride(1), rmax,
-                              BM=bm, BR=br, BN=bn, PREC=prec, **launch)
-    blocks, parts = _parts_for(k, fout, bn, tiles, split, programs)
-    gb, partial = _grad_buffers(k, rmax, fout, parts, br, b)
+    dh = backward_dh(g, b, scale, rank, bm=bm, bn=bn, br=br, prec=prec, launch=launch)
+    blocks, parts = parts_for(k, fout, bn, tiles, split, programs)
+    gb, partial = grad_buffers(k, rmax, fout, parts, br, b)
     _bwd_b_tiled[(k, blocks, parts)](g, h, gb, partial, scale, rank, m, fout, rmax, PARTS=parts, BM=bm, BR=br,
                                      BN=bn, PREC=prec, **launch)
     sum_parts(gb, partial, parts)
@@ -196,21 +203,24 @@ def backward_b(g, b, h, scale, rank, split, *, bm, bn, br, prec, programs, launc
 
 
 def backward(g, x, a, b, h, scale, rank, keys, thr, kscale, rows, split, dx, acc, *, bm, bk, bn, br, prec, programs,
-             launch):
+             launch, gb=None):
     """The backward of a long row group: dh per position tile, then B's gradient per output
     block and A's per input block, each over the group's positions, and the input's gradient.
     Where slots x blocks are too few programs for the GPU, each block's positions are split in
     up to `split` parts whose fp32 partial sums are added in a fixed order (deterministic).
     `dx` is the input gradient's buffer (None: not needed), added to in place with `acc`
-    (`input_grad`)."""
+    (`input_grad`). A `gb` given is B's gradient made elsewhere (kernels.swiglu): only dh is."""
     k, m, fin = x.shape
     rmax = a.shape[1]
     tiles = triton.cdiv(m, bm)
     dropout = keys is not None
-    dh, gb = backward_b(g, b, h, scale, rank, split, bm=bm, bn=bn, br=br, prec=prec, programs=programs,
-                        launch=launch)
-    blocks, parts = _parts_for(k, fin, bk, tiles, split, programs)
-    ga, partial = _grad_buffers(k, rmax, fin, parts, br, a)
+    if gb is None:
+        dh, gb = backward_b(g, b, h, scale, rank, split, bm=bm, bn=bn, br=br, prec=prec, programs=programs,
+                            launch=launch)
+    else:
+        dh = backward_dh(g, b, scale, rank, bm=bm, bn=bn, br=br, prec=prec, launch=launch)
+    blocks, parts = parts_for(k, fin, bk, tiles, split, programs)
+    ga, partial = grad_buffers(k, rmax, fin, parts, br, a)
     _bwd_a_tiled[(k, blocks, parts)](x, dh, ga, partial, rank, keys if dropout else x, thr if dropout else x,
                                      kscale if dropout else x, m, m // rows, fin, rows, x.stride(0), rmax,
                                      PARTS=parts, DROPOUT=dropout, BM=bm, BR=br, BK=bk, PREC=prec, **launch)
