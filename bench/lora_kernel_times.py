@@ -9,18 +9,11 @@ read and written once: the bound a fused delta cannot beat).
     TRITON_INTERPRET=1 python bench/lora_kernel_times.py --device cpu --k 2 --m 260 --rank 8   # smoke
     python bench/lora_kernel_times.py --configs "BM=32;BK=64;NUM_WARPS=8"   # other kernel constants
     python bench/lora_kernel_times.py --swiglu "NUM_WARPS=8;BM=32"   # the MLP's down side, fused or not
-    python bench/lora_kernel_times.py --mlp                      # the whole MLP, its three deltas in one op or not
-    python bench/lora_kernel_times.py --head "PROGRAMS_PER_SM=1;PROGRAMS_PER_SM=2"   # the head's loss kernel
 
 `--swiglu` times a SwiGLU MLP's down side (silu(g) * u into down_proj with its LoRA delta, forward +
 backward to g, u, A, B) as the pack ran it before (the activation compiled by torch.compile, then
 `lora_linear`) and as `kernels.swiglu` runs it, under its default constants and each ';'-separated
-setting of them, with each kernel's GPU time per call. `--mlp` times the whole MLP (x to the down
-projection's output, backward to x and every A and B), each of gate, up and down with its LoRA:
-apart (`lora_linear` on gate and up, then `swiglu_lora_linear`) and as one op (`swiglu_mlp_lora`:
-the gate's and up projection's deltas added in the activation's pass), beside the three frozen
-layers and the activation alone. `--head` times the LM head's loss kernel (`kernels.head`) on one
-chunk of Qwen2.5's logits (1,728 x 151,936), loss and gradient, under its defaults and each setting.
+setting of them, with each kernel's GPU time per call.
 """
 from __future__ import annotations
 
@@ -50,9 +43,6 @@ def main() -> None:
     p.add_argument("--swiglu", default=None,
                    help="time the MLP's down side instead, unfused vs kernels.swiglu under these ';'-separated "
                         "settings of its constants ('' = its defaults only)")
-    p.add_argument("--mlp", action="store_true", help="time the whole MLP instead: its deltas apart vs one op")
-    p.add_argument("--head", default=None, help="time the head's loss kernel instead, under these ';'-separated "
-                                                "settings of its constants ('' = its defaults only)")
     p.add_argument("--kernels", action="store_true",
                    help="also each kernel's GPU time per call (torch.profiler), with dropout: host time left out")
     args = p.parse_args()
@@ -191,70 +181,6 @@ def main() -> None:
                 for name, value in saved.items():
                     setattr(swiglu, name, value)
 
-    def mlp_times() -> None:
-        from lora_exp.pack.kernels import swiglu
-
-        fin, width = QWEN["gate"]
-        shapes = [(fin, width), (fin, width), (width, fin)]
-        ws = [torch.randn(o, i, device=dev, dtype=dtype) * 0.02 for i, o in shapes]
-        ab = [[torch.nn.Parameter(torch.randn(k, rank, n, device=dev, dtype=dtype) * 0.02) for n in (i, o)]
-              for i, o in shapes]
-        x = torch.randn(k, m, fin, device=dev, dtype=dtype, requires_grad=True)
-        go = torch.randn(k, m, fin, device=dev, dtype=dtype)
-        drops = [pack_lora.dropout_args(module_keys(keys, key), p_drop, dtype) for key in (1, 2, 3)]
-        act = torch.compile(lambda g, u: torch.nn.functional.silu(g) * u) if dev == "cuda" else (
-            lambda g, u: torch.nn.functional.silu(g) * u)
-        weights = [x] + [t for pair in ab for t in pair]
-
-        def base() -> None:
-            lin = torch.nn.functional.linear
-            torch.autograd.grad(lin(act(lin(x, ws[0]), lin(x, ws[1])), ws[2]), [x], go)
-
-        def apart() -> None:
-            g, u = [pack_lora.lora_linear(x, ws[i], None, False, *ab[i], scale, ranks, drops[i], 1, split)
-                    for i in (0, 1)]
-            y = swiglu.swiglu_lora_linear(g, u, ws[2], None, *ab[2], scale, ranks, drops[2], 1, split)
-            torch.autograd.grad(y, weights, go)
-
-        def fused() -> None:
-            layers = tuple((ws[i], None, *ab[i], scale, ranks) for i in range(3))
-            dropout = (*(d[0] for d in drops), *drops[0][1:])
-            torch.autograd.grad(swiglu.swiglu_mlp_lora(x, layers, dropout, 1, split), weights, go)
-
-        print(json.dumps({"what": "SwiGLU MLP with LoRA on gate, up, down: fwd+bwd", "k": k, "m": m, "width": width,
-                          "base_ms": round(timed(base), 3), "apart_ms": round(timed(apart), 3),
-                          "one_op_ms": round(timed(fused), 3)}), flush=True)
-        if dev == "cuda" and args.kernels:
-            kernel_times(apart, "apart")
-            kernel_times(fused, "one op")
-
-    def head_times(configs: str) -> None:
-        from lora_exp.pack.kernels import head
-
-        n, vocab = 1728, 151936
-        logits = torch.randn(n, vocab, device=dev, dtype=dtype) * 3
-        target = torch.randint(0, vocab, (n,), device=dev)
-        target[::7] = -100
-        traffic = 3 * n * vocab * logits.element_size()  # read twice, the gradient written once
-        saved = {name: getattr(head, name) for name in head.TUNABLE}
-        for config in [""] + [c for c in configs.split(";") if c]:
-            for item in filter(None, config.split(",")):
-                name, value = item.split("=")
-                setattr(head, name, int(value))
-            try:
-                ms = timed(lambda: head.head_loss(logits, target, True))
-                print(json.dumps({"what": "head loss kernel, one chunk", "config": config or "default",
-                                  "ms": round(ms, 3), "GB_per_s_at_3_passes": round(traffic / ms / 1e6)}), flush=True)
-            finally:
-                for name, value in saved.items():
-                    setattr(head, name, value)
-
-    if args.mlp:
-        mlp_times()
-        return
-    if args.head is not None:
-        head_times(args.head)
-        return
     if args.swiglu is not None:
         swiglu_times(args.swiglu)
         return

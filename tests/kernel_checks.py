@@ -256,86 +256,6 @@ SWIGLU_SCRIPT = textwrap.dedent("""
     print("swiglu kernels ok")
 """)
 
-SWIGLU_MLP_SCRIPT = textwrap.dedent("""
-    # A whole SwiGLU MLP with a packed LoRA on each of gate, up and down (kernels.swiglu's
-    # swiglu_mlp_lora: the gate's and up projection's deltas added in the activation's pass), against
-    # torch's linear, bmm's, silu and product: the output, x's gradient, A's and B's of each module
-    # where each slot trains (other ranks per module, slots that target none of the three or only
-    # some); dropout (a mask per module) on and off; short and long row groups, one part or three.
-    import os
-    import torch
-    from lora_exp.pack.kernels import lora as pack_lora, swiglu
-    from lora_exp.core.randomness import dropout_mask, module_keys, row_keys
-
-    torch.manual_seed(0)
-    torch.set_default_device(os.environ["KERNELS_DEVICE"])
-    k, rows, fin, width, R = 5, 2, 24, 150, 8            # an MLP width past a block, not a multiple
-    ranks = [torch.tensor(r, dtype=torch.int32) for r in ([8, 0, 3, 5, 0], [8, 0, 2, 5, 1], [4, 0, 3, 0, 1])]
-    scales = [torch.tensor(s) for s in
-              ([0.5, 0.0, 2.0, 1.5, 0.0], [0.5, 0.0, 2.0, 1.5, 3.0], [0.25, 0.0, 1.0, 0.0, 4.0])]
-    rk = torch.arange(k * rows) * 7 + 3
-    keys = [module_keys(row_keys(rk, torch.full((k * rows,), 11), torch.arange(rows).repeat(k)), key)
-            for key in (111, 222, 333)]
-    p = torch.tensor([0.1, 0.0, 0.3, 0.05, 0.2]).repeat_interleave(rows)
-    short, long = 7, pack_lora.MAX_M // 2 + 9
-    dtypes = [getattr(torch, d) for d in os.environ["KERNELS_DTYPES"].split(",")]
-    cases = [(dtypes[0], short, 1, True), (dtypes[0], long, 3, False)] + [(d, long, 3, True) for d in dtypes[1:]]
-    for dtype, t, split, drop in cases:
-        m = rows * t
-        shapes = [(fin, width), (fin, width), (width, fin)]
-        ws = [torch.randn(o, i, dtype=dtype) * 0.1 for i, o in shapes]
-        biases = [torch.randn(o, dtype=dtype) * 0.1 for _, o in shapes]
-        ab = [(torch.randn(k, R, i, dtype=dtype) * 0.3, torch.randn(k, R, o, dtype=dtype) * 0.3) for i, o in shapes]
-        live = [(torch.arange(R).view(1, R) < r.view(k, 1))[:, :, None] for r in ranks]
-        # the reference sees the pack's zero padding; the op gets random values there and must not read them
-        refs = [[(x * lv).detach().clone().requires_grad_() for x in pair] for pair, lv in zip(ab, live)]
-        mine = [[x.detach().clone().requires_grad_() for x in pair] for pair in ab]
-        x0 = torch.randn(k, m, fin, dtype=dtype)
-        xr, xk = x0.clone().requires_grad_(), x0.clone().requires_grad_()
-
-        def lin(x, i):
-            xs = x
-            if drop:
-                xs = (x.reshape(k * rows, -1) * dropout_mask(x.detach().reshape(k * rows, -1), keys[i], p)).view_as(x)
-            a, b = refs[i]
-            delta = torch.bmm(torch.bmm(xs, a.transpose(1, 2)), b) * scales[i].to(dtype).view(-1, 1, 1)
-            return torch.nn.functional.linear(x, ws[i], biases[i]) + delta
-
-        ref = lin(torch.nn.functional.silu(lin(xr, 0)) * lin(xr, 1), 2)
-        args = None
-        if drop:
-            _, thr, kscale = pack_lora.dropout_args(keys[0], p, dtype)
-            args = (*keys, thr, kscale)
-        layers = tuple((ws[i], biases[i], *mine[i], scales[i], ranks[i]) for i in range(3))
-        out = swiglu.swiglu_mlp_lora(xk, layers, args, rows, split)
-        tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=5e-2)
-        what = (str(dtype), m, split, drop)
-        assert out.dtype == dtype and torch.allclose(out.float(), ref.float(), **tol), \\
-            (what, (out.float() - ref.float()).abs().max())
-        # the same roundings as the modules apart through kernels.lora's and kernels.swiglu's ops
-        # (each delta rounded, then its add): the same output to the last bit
-        with torch.no_grad():
-            g, u = [pack_lora.lora_linear(x0, ws[i], biases[i], False, *ab[i], scales[i], ranks[i],
-                                          (keys[i], *args[3:]) if drop else None, rows, split) for i in (0, 1)]
-            apart = swiglu.swiglu_lora_linear(g, u, ws[2], biases[2], *ab[2], scales[2], ranks[2],
-                                              (keys[2], *args[3:]) if drop else None, rows, split)
-        assert torch.equal(out.detach(), apart), (what, (out.float() - apart.float()).abs().max())
-        go = torch.randn(k, m, fin, dtype=dtype)
-        want = torch.autograd.grad(ref, [xr] + [w for pair in refs for w in pair], go)
-        got = torch.autograd.grad(out, [xk] + [w for pair in mine for w in pair], go)
-        assert got[0].dtype == dtype and torch.allclose(got[0].float(), want[0].float(), **tol), \\
-            (what, "x", (got[0].float() - want[0].float()).abs().max())
-        for j, (x, y) in enumerate(zip(got[1:], want[1:])):      # where each slot trains
-            name, r_of = "gate up down".split()[j // 2] + " AB"[1 + j % 2], ranks[j // 2]
-            assert x.dtype == dtype, (what, name, x.dtype)
-            for s in range(k):
-                r = int(r_of[s])
-                size = max(1.0, float(y[s, :r].abs().max())) if r else 1.0
-                assert torch.allclose(x[s, :r].float(), y[s, :r].float(), rtol=tol["rtol"], atol=tol["atol"] * size), \\
-                    (what, name, s, (x[s, :r].float() - y[s, :r].float()).abs().max())
-    print("swiglu mlp kernels ok")
-""")
-
 ATTENTION_SCRIPT = textwrap.dedent('''
     import os
     import torch
@@ -451,10 +371,6 @@ HEAD_SCRIPT = textwrap.dedent('''
             (dtype, (got_grad.float() - want_grad.float()).abs().max())
         loss_only = pack_rows.kernel_chunk_loss(hidden, weight, bias, target, need_grad=False)
         assert torch.equal(loss_only, got_loss)
-        head.PROGRAMS_PER_SM = 1             # fewer programs than rows, each taking every n-th row: the same
-        strided = pack_rows.kernel_chunk_loss(hidden, weight, bias, target, need_grad=True)
-        head.PROGRAMS_PER_SM = 0
-        assert torch.equal(strided[0], got_loss) and torch.equal(strided[1], got_grad)
         # the logits' gradient itself: softmax minus one-hot, zero on unlabelled rows
         logits = torch.nn.functional.linear(hidden, weight, bias)
         loss, g = head.head_loss(logits, target, True)
@@ -550,7 +466,7 @@ PACK_SCRIPT = textwrap.dedent('''
 PACK_LORA_SCRIPT = textwrap.dedent('''
     # Packed trials whose LoRA deltas go through the kernels (with the base layer, as one op) train
     # as through the bmm's: fp32, dropout on, tiny Llama (GQA), a slot at rank 4 on
-    # attention beside one at rank 8 on every linear module (the MLP as one op); row groups of 2 rows (one program
+    # attention beside one at rank 8 on every linear module; row groups of 2 rows (one program
     # each) and of 3 (more than MAX_M positions: the tiled kernels, weight gradients in parts).
     import torch
     from lora_exp.pack import model as packed
@@ -572,13 +488,6 @@ PACK_LORA_SCRIPT = textwrap.dedent('''
         calls.append(x.shape[1])
         return real(x, *args, **kwargs)
     pack_lora.lora_linear = counted
-    from lora_exp.pack.kernels import swiglu
-    mlps = []
-    real_mlp = swiglu.swiglu_mlp_lora
-    def counted_mlp(x, *args, **kwargs):
-        mlps.append(x.shape[1])
-        return real_mlp(x, *args, **kwargs)
-    swiglu.swiglu_mlp_lora = counted_mlp
     for batch in (2, 3):
         common = ["model=tiny_llama", "data=seed", "lora=seed", "trainer.max_steps=2", "trainer.eval_steps=2",
                   "trainer.logging_steps=1", "trainer.generation_metrics=[exact_match]", "trainer.max_new_tokens=2",
@@ -591,12 +500,10 @@ PACK_LORA_SCRIPT = textwrap.dedent('''
         curves = {}
         for LORA in (False, True):
             calls.clear()
-            mlps.clear()
             curves[LORA] = [(r.loss_curve, r.eval_curve) for r in train_packed(cfgs, base, data)]
             if LORA:
                 longest = max(calls)
                 assert calls and (longest > pack_lora.MAX_M) == (batch == 3), (batch, longest)
-                assert mlps and max(mlps) == longest, (batch, mlps)   # each MLP as one op (kernels.swiglu)
         for (a, ea), (b, eb) in zip(curves[False], curves[True]):
             for x, y in ((a, b), (ea, eb)):
                 assert [s for s, _ in x] == [s for s, _ in y] and len(x) >= 1
@@ -629,7 +536,7 @@ LLAMA_AUTOCAST_SCRIPT = textwrap.dedent('''
     assert causal_rows_attention(base.model) is not None and base.model.config._attn_implementation == CAUSAL_ROWS
     from lora_exp.pack.kernels import lora as pack_lora, swiglu
     calls = []
-    for module, name in ((pack_lora, "lora_linear"), (swiglu, "swiglu_lora_linear"), (swiglu, "swiglu_mlp_lora")):
+    for module, name in ((pack_lora, "lora_linear"), (swiglu, "swiglu_lora_linear")):
         def counted(*args, _real=getattr(module, name), _name=name, **kwargs):
             calls.append(_name)
             return _real(*args, **kwargs)
@@ -650,8 +557,7 @@ LLAMA_AUTOCAST_SCRIPT = textwrap.dedent('''
         optimizer_step(pm, gradients(pm, losses.sum()))
         assert pm.low.dtype == torch.bfloat16 and bool(torch.isfinite(pm.params).all())
     # the linear layers with their deltas as one op, and the MLPs' activation with down_proj's
-    # (the second trial targets all linear modules: each MLP is one op, gate and up included)
-    assert calls.count("swiglu_mlp_lora") == 3 * 2 and calls.count("lora_linear") == 3 * 2 * 4, calls
+    assert calls.count("swiglu_lora_linear") == 3 * 2 and calls.count("lora_linear") == 3 * 2 * 6, calls
     frozen.use_fp32()
     pm.close()
     print("llama autocast kernels ok")

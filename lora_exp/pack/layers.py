@@ -125,29 +125,6 @@ class PackedLoraLayer(nn.Module):
                                         self.groups.rows, self.groups.split)
         return out.reshape(*gate.shape[:-1], out.shape[-1])
 
-    def swiglu_mlp(self, gate: PackedLoraLayer, up: PackedLoraLayer, x: torch.Tensor) -> torch.Tensor | None:
-        """The whole SwiGLU MLP whose down projection this layer is, down(silu(gate(x)) * up(x)),
-        as one op (`kernels.swiglu.swiglu_mlp_lora`: the gate's and up projection's deltas added in
-        the activation's pass) in a whole-pack training step through the kernels where all three
-        are packed; None elsewhere."""
-        from lora_exp.pack.kernels import lora, swiglu
-
-        layers = (gate, up, self)
-        dtype = self.lora_A.dtype
-        autocast = torch.is_autocast_enabled(x.device.type) and torch.get_autocast_dtype(x.device.type) == dtype
-        if not (lora.SWIGLU >= 2 and (x.dtype == dtype or autocast)
-                and all(layer._whole_pack(x) and layer._plain_base() and type(layer.base_layer) is nn.Linear
-                        and layer.lora_A.dtype == dtype and layer.lora_A.shape[1] == self.lora_A.shape[1]
-                        for layer in layers)):
-            return None
-        drops = [layer._dropout_args(self.groups, dtype) for layer in layers]
-        dropout = None if drops[0] is None else (*(d[0] for d in drops), *drops[0][1:])
-        xs = x.reshape(self.rank.shape[0], -1, x.shape[-1]).to(dtype)
-        out = swiglu.swiglu_mlp_lora(xs, tuple((layer.base_layer.weight, layer.base_layer.bias, layer.lora_A,
-                                                layer.lora_B, layer.scale, layer.rank) for layer in layers),
-                                     dropout, self.groups.rows, self.groups.split)
-        return out.reshape(*x.shape[:-1], out.shape[-1])
-
     def _kernel_linear(self, x: torch.Tensor, g: Groups) -> torch.Tensor | None:
         """The base layer and the LoRA kernels' delta as one op (`kernels.lora.lora_linear`): the
         delta added in place where a slot targets the module, nothing done where it does not.
@@ -188,14 +165,8 @@ def swiglu_mlp(module: nn.Module) -> bool:
 
 
 def swiglu_forward(mlp: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """A SwiGLU MLP's forward (`swiglu_mlp`) in a whole-pack training step through the kernels:
-    as one op where the gate and up projection are packed too (`PackedLoraLayer.swiglu_mlp`), else
-    the activation fused with the down projection's LoRA delta where `PackedLoraLayer.swiglu`
-    can; elsewhere as the MLP is."""
-    if isinstance(mlp.gate_proj, PackedLoraLayer) and isinstance(mlp.up_proj, PackedLoraLayer):
-        out = mlp.down_proj.swiglu_mlp(mlp.gate_proj, mlp.up_proj, x)
-        if out is not None:
-            return out
+    """A SwiGLU MLP's forward (`swiglu_mlp`), the activation fused with the down projection's LoRA
+    delta where `PackedLoraLayer.swiglu` can (a whole-pack training step through the kernels)."""
     gate, up = mlp.gate_proj(x), mlp.up_proj(x)
     out = mlp.down_proj.swiglu(gate, up)
     return out if out is not None else mlp.down_proj(mlp.act_fn(gate) * up)

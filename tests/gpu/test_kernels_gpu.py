@@ -9,7 +9,6 @@ from kernel_checks import (
     HEAD_SCRIPT,
     LORA_SCRIPT,
     SCRIPT,
-    SWIGLU_MLP_SCRIPT,
     SWIGLU_SCRIPT,
     cuda_or_skip,
     run_checks,
@@ -32,11 +31,6 @@ def test_lora_delta_kernels_the_same_on_the_gpu_in_fp32_and_bf16():
 def test_swiglu_down_projection_op_the_same_on_the_gpu_in_fp32_and_bf16():
     cuda_or_skip()
     run_checks(SWIGLU_SCRIPT, KERNELS_DEVICE="cuda", KERNELS_DTYPES="float32,bfloat16")
-
-
-def test_whole_swiglu_mlp_op_the_same_on_the_gpu_in_fp32_and_bf16():
-    cuda_or_skip()
-    run_checks(SWIGLU_MLP_SCRIPT, KERNELS_DEVICE="cuda", KERNELS_DTYPES="float32,bfloat16")
 
 
 def test_causal_attention_kernels_the_same_on_the_gpu_in_fp32_and_bf16():

@@ -13,7 +13,6 @@ from kernel_checks import (
     PACK_LORA_SCRIPT,
     PACK_SCRIPT,
     SCRIPT,
-    SWIGLU_MLP_SCRIPT,
     SWIGLU_SCRIPT,
     run_checks,
 )
@@ -35,12 +34,6 @@ def test_swiglu_activation_fused_with_down_projections_lora_matches_torchs_ops_f
     """fp32, and fp16 (for bf16) with an fp32 output gradient; dropout on and off, a slot that
     does not target down_proj, short and long row groups."""
     run_checks(SWIGLU_SCRIPT, TRITON_INTERPRET="1", KERNELS_DEVICE="cpu", KERNELS_DTYPES="float32,float16")
-
-
-def test_whole_swiglu_mlp_with_each_projections_lora_matches_torchs_ops_and_the_modules_apart():
-    """fp32, and fp16 (for bf16): the output, x's gradient, A's and B's of gate, up and down where
-    each slot trains; the output bit for bit that of the three modules' ops apart."""
-    run_checks(SWIGLU_MLP_SCRIPT, TRITON_INTERPRET="1", KERNELS_DEVICE="cpu", KERNELS_DTYPES="float32,float16")
 
 
 def test_head_loss_kernel_matches_the_compiled_chunk_loss_and_its_gradient():

@@ -19,27 +19,17 @@ import triton
 import triton.language as tl
 
 from lora_exp.core.data import IGNORE
-from lora_exp.pack.kernels.lora import sm_count
 
 #: logits a program reads at a time, and its warps
 BLOCK, NUM_WARPS = 4096, 8
-#: programs per multiprocessor, each taking every n-th row (0: a program per row). Few enough
-#: rows in flight that a row's logits are still in L2 when the gradient's pass reads them again
-PROGRAMS_PER_SM = 0
 #: the constants here, which the benches set to time other values
-TUNABLE = ("BLOCK", "NUM_WARPS", "PROGRAMS_PER_SM")
+TUNABLE = ("BLOCK", "NUM_WARPS")
 
 
 @triton.jit
-def _head_loss_kernel(logits_ptr, target_ptr, loss_ptr, grad_ptr, N, V, stride, IGNORE_ID: tl.constexpr,
+def _head_loss_kernel(logits_ptr, target_ptr, loss_ptr, grad_ptr, V, stride, IGNORE_ID: tl.constexpr,
                       GRAD: tl.constexpr, BLOCK: tl.constexpr):
-    for row in range(tl.program_id(0).to(tl.int64), N, tl.num_programs(0)):  # int64: row * stride passes 2**31
-        _head_loss_row(logits_ptr, target_ptr, loss_ptr, grad_ptr, row, V, stride, IGNORE_ID, GRAD, BLOCK)
-
-
-@triton.jit
-def _head_loss_row(logits_ptr, target_ptr, loss_ptr, grad_ptr, row, V, stride, IGNORE_ID: tl.constexpr,
-                   GRAD: tl.constexpr, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
     base = logits_ptr + row * stride
     target = tl.load(target_ptr + row)
     valid = target != IGNORE_ID
@@ -74,7 +64,6 @@ def head_loss(logits: torch.Tensor, target: torch.Tensor, grad: bool) -> tuple[t
     assert logits.stride(1) == 1, "logits: dense rows"
     loss = torch.empty(n, device=logits.device, dtype=torch.float32)
     out = torch.empty(n, vocab, device=logits.device, dtype=logits.dtype) if grad else loss
-    programs = min(n, PROGRAMS_PER_SM * sm_count(logits.device)) if PROGRAMS_PER_SM else n
-    _head_loss_kernel[(programs,)](logits, target.contiguous(), loss, out, n, vocab, logits.stride(0),
-                                   IGNORE_ID=IGNORE, GRAD=grad, BLOCK=BLOCK, num_warps=NUM_WARPS)
+    _head_loss_kernel[(n,)](logits, target.contiguous(), loss, out, vocab, logits.stride(0), IGNORE_ID=IGNORE,
+                            GRAD=grad, BLOCK=BLOCK, num_warps=NUM_WARPS)
     return loss, (out if grad else None)

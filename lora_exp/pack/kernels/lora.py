@@ -50,8 +50,7 @@ PROGRAMS_PER_SM = 4
 #: the longest row group one program holds (the short kernels); longer ones are tiled by BM
 #: positions (32: 0.5-3% faster a Qwen2.5-0.5B step than 64), as is the input gradient of every group
 MAX_M, BM = 256, 32
-#: a SwiGLU MLP's activation fused with its down projection's LoRA delta (kernels.swiglu); 2: the
-#: gate's and up projection's deltas added in that pass too (swiglu_mlp_lora: slower, H200); 0: apart
+#: a SwiGLU MLP's activation fused with its down projection's LoRA delta (kernels.swiglu); 0: apart
 SWIGLU = 1
 #: the constants here, which the benches set to time other values
 TUNABLE = ("BK", "BN", "NUM_WARPS", "MIN_SPLIT", "MAX_M", "BM", "PROGRAMS_PER_SM", "SWIGLU")
@@ -253,23 +252,6 @@ def delta_forward(x, a, b, scale, rank, keys, thr, kscale, rows, split, out, add
                                    a.stride(1), b.stride(0), b.stride(1), rmax, SPLIT=split, DROPOUT=dropout, ADD=add,
                                    BM=bm, BR=block_r(rmax), BK=BK, BN=BN, PREC=precision(x.dtype), GIVEN_H=given,
                                    **launch_options())
-    return h
-
-
-def project(x, a, rank, keys, thr, kscale, rows):
-    """h = drop(x) A^T [K, M, R] alone (the forward kernel with no outputs), for a delta whose
-    B side another kernel applies (kernels.swiglu); columns past a slot's rank are zero, and a
-    slot that does not target the module gets nothing written."""
-    _check(x, a, a)
-    k, m, fin = x.shape
-    rmax = a.shape[1]
-    h = torch.empty(k, m, rmax, device=x.device, dtype=x.dtype)
-    dropout = keys is not None
-    _fwd_kernel[(k, 1, triton.cdiv(m, BM))](x, a, a, h, h, h, rank, keys if dropout else x, thr if dropout else x,
-                                            kscale if dropout else x, m, m // rows, fin, 0, rows, x.stride(0),
-                                            a.stride(0), a.stride(1), a.stride(0), a.stride(1), rmax, SPLIT=1,
-                                            DROPOUT=dropout, ADD=True, BM=BM, BR=block_r(rmax), BK=BK, BN=BN,
-                                            PREC=precision(x.dtype), **launch_options())
     return h
 
 

@@ -178,22 +178,15 @@ def sum_parts(grad: torch.Tensor, partial: torch.Tensor, parts: int) -> None:
         grad.copy_(total)
 
 
-def backward_dh(g, b, scale, rank, *, bm, bn, br, prec, launch):
-    """dh = g_s B^T [K, M, br] (fp32) per position tile: the delta's backward through B."""
-    k, m, fout = g.shape
-    dh = torch.empty(k, m, br, device=g.device, dtype=torch.float32)
-    _bwd_dh_tiled[(k, triton.cdiv(m, bm))](g, b, dh, scale, rank, m, fout, b.stride(0), b.stride(1), b.shape[1],
-                                           BM=bm, BR=br, BN=bn, PREC=prec, **launch)
-    return dh
-
-
 def backward_b(g, b, h, scale, rank, split, *, bm, bn, br, prec, programs, launch):
     """The delta's B side of a long row group's backward: (dh = g_s B^T [K, M, br] fp32 per
     position tile, B's gradient h^T g_s per output block over the group's positions)."""
     k, m, fout = g.shape
     rmax = b.shape[1]
     tiles = triton.cdiv(m, bm)
-    dh = backward_dh(g, b, scale, rank, bm=bm, bn=bn, br=br, prec=prec, launch=launch)
+    dh = torch.empty(k, m, br, device=g.device, dtype=torch.float32)
+    _bwd_dh_tiled[(k, tiles)](g, b, dh, scale, rank, m, fout, b.stride(0), b.stride(1), rmax,
+                              BM=bm, BR=br, BN=bn, PREC=prec, **launch)
     blocks, parts = parts_for(k, fout, bn, tiles, split, programs)
     gb, partial = grad_buffers(k, rmax, fout, parts, br, b)
     _bwd_b_tiled[(k, blocks, parts)](g, h, gb, partial, scale, rank, m, fout, rmax, PARTS=parts, BM=bm, BR=br,
@@ -203,22 +196,19 @@ def backward_b(g, b, h, scale, rank, split, *, bm, bn, br, prec, programs, launc
 
 
 def backward(g, x, a, b, h, scale, rank, keys, thr, kscale, rows, split, dx, acc, *, bm, bk, bn, br, prec, programs,
-             launch, gb=None):
+             launch):
     """The backward of a long row group: dh per position tile, then B's gradient per output
     block and A's per input block, each over the group's positions, and the input's gradient.
     Where slots x blocks are too few programs for the GPU, each block's positions are split in
     up to `split` parts whose fp32 partial sums are added in a fixed order (deterministic).
     `dx` is the input gradient's buffer (None: not needed), added to in place with `acc`
-    (`input_grad`). A `gb` given is B's gradient made elsewhere (kernels.swiglu): only dh is."""
+    (`input_grad`)."""
     k, m, fin = x.shape
     rmax = a.shape[1]
     tiles = triton.cdiv(m, bm)
     dropout = keys is not None
-    if gb is None:
-        dh, gb = backward_b(g, b, h, scale, rank, split, bm=bm, bn=bn, br=br, prec=prec, programs=programs,
-                            launch=launch)
-    else:
-        dh = backward_dh(g, b, scale, rank, bm=bm, bn=bn, br=br, prec=prec, launch=launch)
+    dh, gb = backward_b(g, b, h, scale, rank, split, bm=bm, bn=bn, br=br, prec=prec, programs=programs,
+                        launch=launch)
     blocks, parts = parts_for(k, fin, bk, tiles, split, programs)
     ga, partial = grad_buffers(k, rmax, fin, parts, br, a)
     _bwd_a_tiled[(k, blocks, parts)](x, dh, ga, partial, rank, keys if dropout else x, thr if dropout else x,
