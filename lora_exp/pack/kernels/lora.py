@@ -269,17 +269,6 @@ def base_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, con
     return torch.nn.functional.linear(x, w, bias)
 
 
-def add_base(out: torch.Tensor, x: torch.Tensor, w: torch.Tensor, conv: bool) -> None:
-    """out [N, out] += x [N, in] times the frozen base layer's weight (no bias), in cuBLAS's
-    epilogue (ADD_IN_GEMM)."""
-    out.addmm_(x, w if conv else w.t())
-
-
-def add_base_input_grad(dx: torch.Tensor, g: torch.Tensor, w: torch.Tensor, conv: bool) -> None:
-    """dx [N, in] += the base layer's input gradient, g [N, out] times its weight, in cuBLAS's epilogue."""
-    dx.addmm_(g, w.t() if conv else w)
-
-
 @torch.library.custom_op("lora_exp::lora_delta", mutates_args=(),
                          schema="(Tensor x, Tensor a, Tensor b, Tensor scale, Tensor rank, Tensor? keys, Tensor? thr, "
                                 "Tensor? kscale, int rows, int split) -> (Tensor, Tensor)")
@@ -305,7 +294,7 @@ def _linear(x, w, bias, a, b, scale, rank, keys, thr, kscale, rows, split, conv)
     if ADD_IN_GEMM and bias is None:  # the delta first (zero where a slot does not train), then + x W^T
         out = torch.empty(k, m, w.shape[1] if conv else w.shape[0], device=x.device, dtype=x.dtype)
         h = delta_forward(x, a, b, scale, rank, keys, thr, kscale, rows, split, out, False)
-        add_base(out.view(k * m, -1), x.view(k * m, fin), w, conv)
+        out.view(k * m, -1).addmm_(x.view(k * m, fin), w if conv else w.t())
         return out, h
     out = base_linear(x.view(k * m, fin), w, bias, conv).view(k, m, -1)
     return out, delta_forward(x, a, b, scale, rank, keys, thr, kscale, rows, split, out, True)
@@ -336,13 +325,22 @@ def _delta_backward(g, x, a, b, h, scale, rank, keys, thr, kscale, rows, split, 
     if need_dx:
         dx = ((torch.mm(g.view(k * m, fout), w.t() if conv else w).view(k, m, fin)) if acc
               else torch.empty(k, m, fin, device=x.device, dtype=x.dtype))
-    if not _short(m, rmax, x):
+    if _short(m, rmax, x):
+        ga, gb = _short_backward(g, x, a, b, h, scale, rank, keys, thr, kscale, rows, split, dx, acc)
+    else:
         ga, gb = lora_tiled.backward(g, x, a, b, h, scale, rank, keys, thr, kscale, rows, split, dx, acc, bm=BM, bk=BK,
                                      bn=BN, br=block_r(rmax), prec=precision(x.dtype),
                                      programs=PROGRAMS_PER_SM * sm_count(x.device), launch=launch_options())
-        if need_dx and in_gemm:
-            add_base_input_grad(dx.view(k * m, fin), g.view(k * m, fout), w, conv)
-        return (dx if need_dx else x.new_empty(0)), ga, gb
+    if need_dx and in_gemm:  # the base layer's, added by cuBLAS in its epilogue
+        dx.view(k * m, fin).addmm_(g.view(k * m, fout), w.t() if conv else w)
+    return (dx if need_dx else x.new_empty(0)), ga, gb
+
+
+def _short_backward(g, x, a, b, h, scale, rank, keys, thr, kscale, rows, split, dx, acc):
+    """A's and B's gradients of a short row group (one program holds it), and the delta's input
+    gradient into `dx` (None: not needed), added in place with `acc`."""
+    k, m, fin = x.shape
+    fout, rmax = b.shape[2], a.shape[1]
     bm, br = block_m(m), block_r(rmax)
     # written only where a slot trains (its first r rows of the modules it targets): the
     # optimizer reads nothing else
@@ -356,12 +354,10 @@ def _delta_backward(g, x, a, b, h, scale, rank, keys, thr, kscale, rows, split, 
     _bwd_a_kernel[(k, split)](x, dh, ga, rank, keys if dropout else x, thr if dropout else x,
                               kscale if dropout else x, m, m // rows, fin, rows, x.stride(0), rmax, SPLIT=split,
                               DROPOUT=dropout, BM=bm, BR=br, BK=BK, PREC=prec, **launch_options())
-    if need_dx:
+    if dx is not None:
         lora_tiled.input_grad(a, dh, split, dx, rank, keys, thr, kscale, rows, acc, bm=min(bm, BM), br=br, bk=BK,
                               prec=prec, launch=launch_options())
-        if in_gemm:
-            add_base_input_grad(dx.view(k * m, fin), g.view(k * m, fout), w, conv)
-    return (dx if need_dx else x.new_empty(0)), ga, gb
+    return ga, gb
 
 
 @_delta_backward.register_fake

@@ -164,7 +164,7 @@ def _swiglu_linear(g, u, w, bias, a, b, scale, rank, keys, thr, kscale, rows, sp
     if lora.ADD_IN_GEMM and bias is None:  # (z B) * scale first, then + h W^T in cuBLAS's epilogue
         out = torch.empty(k, m, fout, device=g.device, dtype=g.dtype)
         lora.delta_forward(g, a, b, scale, rank, None, None, None, rows, split, out, False, h=z)
-        lora.add_base(out.view(k * m, fout), h.view(k * m, width), w, False)
+        out.view(k * m, fout).addmm_(h.view(k * m, width), w.t())
         return out, z
     out = lora.base_linear(h.view(k * m, width), w, bias, False).view(k, m, fout)
     del h
@@ -203,7 +203,7 @@ def _swiglu_linear_backward(dout, g, u, w, a, b, z, scale, rank, keys, thr, ksca
     lora_tiled.input_grad(a, dz.view(k, 1, m, br), 1, dh, rank, keys, thr, kscale, rows, not in_gemm, bm=bm, br=br,
                           bk=lora.BK, prec=prec, launch=lora.launch_options())
     if in_gemm:
-        lora.add_base_input_grad(dh.view(k * m, width), dout.view(k * m, fout), w, False)
+        dh.view(k * m, width).addmm_(dout.view(k * m, fout), w)
     du = torch.empty_like(g)
     tiles = triton.cdiv(m, BM)
     blocks, parts = lora_tiled.parts_for(k, width, BK, tiles, split, programs)
