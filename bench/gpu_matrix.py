@@ -216,6 +216,8 @@ def main() -> None:
     parser.add_argument("--cells", default=",".join(cells()))
     parser.add_argument("--parallel", type=int, default=8)
     parser.add_argument("--out", default=None)
+    parser.add_argument("--kernel-constants", default="",
+                        help="the sweeps' kernel constants, e.g. 'ADD_IN_GEMM=1' (kernels.CONSTANTS_ENV)")
     parser.add_argument("--cell", default=None, help=argparse.SUPPRESS)  # one cell, in a child process
     parser.add_argument("--data", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -227,6 +229,11 @@ def main() -> None:
                 result = {"cell": args.cell, "ok": False, "why": f"{type(exc).__name__}: {exc}"[:400]}
         print("RESULT " + json.dumps(result), flush=True)
         return
+    if args.kernel_constants:  # checked here, then every cell's sweep (and its pack) takes them
+        from lora_exp.pack.kernels import CONSTANTS_ENV, set_constants
+
+        set_constants(args.kernel_constants)
+        os.environ[CONSTANTS_ENV] = args.kernel_constants
     folder = Path(tempfile.mkdtemp(prefix="matrix-data-"))
     data = {rows: write_data(folder, rows) for rows in ROWS}
     chosen = args.cells.split(",")
@@ -260,7 +267,8 @@ def main() -> None:
               f"{r.get('ms_step', float('nan')):>8.1f} {r.get('peak_gib', float('nan')):>8.2f} "
               f"{r.get('sweep_s', float('nan')):>7}" + ("" if r.get("ok") else f"  {r.get('why', '')}"))
     passed = sum(bool(r.get("ok")) for r in results)
-    print(f"{passed}/{len(results)} cells pass in {time.time() - start:.0f} s")
+    print(f"{passed}/{len(results)} cells pass in {time.time() - start:.0f} s"
+          + (f" (kernel constants {args.kernel_constants})" if args.kernel_constants else ""))
 
 
 if __name__ == "__main__":

@@ -51,6 +51,7 @@ def main() -> None:
 
     from lora_exp.core.randomness import module_keys, row_keys
     from lora_exp.pack.kernels import lora as pack_lora
+    from lora_exp.pack.kernels import restore_constants, set_constants
 
     torch.manual_seed(0)
     dev, dtype, k, m, rank = args.device, torch.bfloat16, args.k, args.m, args.rank
@@ -165,11 +166,10 @@ def main() -> None:
                           "traffic_bound_ms": round(bound, 3)}), flush=True)
         if dev == "cuda":
             kernel_times(unfused, "unfused")
-        saved = {name: getattr(swiglu, name) for name in swiglu.TUNABLE}
         for config in [""] + [c for c in configs.split(";") if c]:
-            for item in filter(None, config.split(",")):
-                name, value = item.split("=")
-                setattr(swiglu, name, int(value))
+            # its names are kernels.swiglu's (others as kernels.set_constants takes them: lora's, head.NAME)
+            saved = set_constants(",".join(i if "." in i or i.split("=")[0] not in swiglu.TUNABLE else f"swiglu.{i}"
+                                           for i in filter(None, config.split(","))))
             try:
                 print(json.dumps({"what": "swiglu fused", "config": config or "default",
                                   "fused_ms": round(timed(fused), 3)}), flush=True)
@@ -178,25 +178,20 @@ def main() -> None:
             except Exception as exc:  # noqa: BLE001 - a setting the GPU cannot run is reported
                 print(json.dumps({"what": "config", "config": config, "error": repr(exc)[:300]}), flush=True)
             finally:
-                for name, value in saved.items():
-                    setattr(swiglu, name, value)
+                restore_constants(saved)
 
     if args.swiglu is not None:
         swiglu_times(args.swiglu)
         return
     run_config("default")
-    saved = {name: getattr(pack_lora, name) for name in pack_lora.TUNABLE}
     for config in filter(None, args.configs.split(";")):
-        for item in config.split(","):
-            name, value = item.split("=")
-            setattr(pack_lora, name, int(value))
+        saved = set_constants(config)
         try:
             run_config(config)
         except Exception as exc:  # noqa: BLE001 - a setting the GPU cannot run is reported
             print(json.dumps({"what": "config", "config": config, "error": repr(exc)[:300]}), flush=True)
         finally:
-            for name, value in saved.items():
-                setattr(pack_lora, name, value)
+            restore_constants(saved)
 
 
 if __name__ == "__main__":

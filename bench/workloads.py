@@ -216,16 +216,10 @@ def time_lora_configs(trainer, args: argparse.Namespace, sync) -> None:
     """The packed step under other settings of the LoRA kernels' module constants (`BM=128,BK=64;...`;
     `head.NAME=` and `swiglu.NAME=` set those kernels' own); the kernels read them at each launch,
     so no recompile (SWIGLU=0/1/2: the compiled layers' graph is remade in the two warm-up steps)."""
-    from lora_exp.pack.kernels import head, swiglu
-    from lora_exp.pack.kernels import lora as pack_lora
+    from lora_exp.pack.kernels import restore_constants, set_constants
 
-    modules = {"head": head, "swiglu": swiglu}
-    saved = {(module, name): getattr(module, name) for module in (pack_lora, head, swiglu) for name in module.TUNABLE}
     for config in args.lora_configs.split(";"):
-        values = dict(item.split("=") for item in config.split(","))
-        for name, value in values.items():
-            module, _, name = name.rpartition(".")
-            setattr(modules.get(module, pack_lora), name, int(value))
+        saved = set_constants(config)
         try:
             for _ in range(2):
                 trainer._train_step()
@@ -239,8 +233,7 @@ def time_lora_configs(trainer, args: argparse.Namespace, sync) -> None:
         except Exception as exc:  # noqa: BLE001 - a config the GPU cannot run is reported
             print(json.dumps({"what": "LoRA kernel config", "config": config, "error": repr(exc)[:300]}), flush=True)
         finally:
-            for (module, name), value in saved.items():
-                setattr(module, name, value)
+            restore_constants(saved)
 
 
 def cmd_sweep(args: argparse.Namespace, sweep: str, overrides: list[str], tmp: str) -> None:

@@ -67,3 +67,29 @@ def test_a_llama_pack_steps_under_bf16_autocast_through_every_kernel():
     dtype"), reproduced on the CPU: tiny Llama (GQA), bf16 autocast, the optimizer, LoRA and
     attention kernels under the interpreter."""
     run_checks(LLAMA_AUTOCAST_SCRIPT, TRITON_INTERPRET="1")
+
+
+def test_the_kernels_constants_are_set_from_the_benches_syntax_and_from_the_environment():
+    """`set_constants` (the benches' `NAME=VALUE,...`, and LORA_EXP_KERNEL_CONSTANTS, which the GPU
+    matrix hands its sweeps): the values set and put back, a wrong item refused with nothing set."""
+    import os
+    import subprocess
+    import sys
+
+    from lora_exp.pack.kernels import CONSTANTS_ENV, lora, restore_constants, set_constants, swiglu
+
+    defaults = lora.ADD_IN_GEMM, lora.BM, swiglu.BM
+    saved = set_constants("ADD_IN_GEMM=1, BM=64,swiglu.BM=32")
+    try:
+        assert (lora.ADD_IN_GEMM, lora.BM, swiglu.BM) == (1, 64, 32)
+    finally:
+        restore_constants(saved)
+    assert (lora.ADD_IN_GEMM, lora.BM, swiglu.BM) == defaults
+    for bad in ("ADD_IN_GEMM=1,NOPE=2", "BM", "BM=x", "adamw.BLOCK=4", "swiglu.ADD_IN_GEMM=1"):
+        with pytest.raises(ValueError, match="not NAME=INTEGER"):
+            set_constants(bad)
+        assert (lora.ADD_IN_GEMM, lora.BM, swiglu.BM) == defaults, bad   # nothing set
+    env = {**os.environ, CONSTANTS_ENV: "ADD_IN_GEMM=1,swiglu.NUM_WARPS=8"}
+    done = subprocess.run([sys.executable, "-c", "from lora_exp.pack.kernels import lora, swiglu; "
+                           "print(lora.ADD_IN_GEMM, swiglu.NUM_WARPS)"], env=env, capture_output=True, text=True)
+    assert done.returncode == 0 and done.stdout.split() == ["1", "8"], done.stderr[-2000:]
