@@ -171,13 +171,24 @@ LORA_SCRIPT = textwrap.dedent('''
                     size = size + wb[1].abs() if conv else size
                     size = size + out.detach().abs()
                     assert near(summed, y.float() + out.float(), size, 4), (case, conv)
-                    same = pack_lora.base_linear(xk.detach().reshape(-1, fin), *wb, conv).view(k, m, fout)
-                    assert near(summed, same.float() + out.float(), same.abs() + out.detach().abs(), 1), case
+                    # (ADD_IN_GEMM: the same addmm on the delta, whose product may be another cuBLAS kernel's)
+                    x2, w2 = xk.detach().reshape(-1, fin), wb[0] if conv else wb[0].t()
+                    if in_gemm and wb[1] is None:
+                        same = torch.addmm(out.detach().reshape(-1, fout), x2, w2).view(k, m, fout)
+                        assert near(summed, same, same.abs(), 1), case
+                    else:
+                        same = pack_lora.base_linear(x2, *wb, conv).view(k, m, fout)
+                        assert near(summed, same.float() + out.float(), same.abs() + out.detach().abs(), 1), case
                     got_y = torch.autograd.grad(summed, [xk, a_k, b_k], g)
                     size = g.abs() @ w.abs() + got[0].abs()
                     assert near(got_y[0], (g @ w).float() + got[0].float(), size, 4), (case, conv)
-                    same = torch.mm(g.reshape(-1, fout), wb[0].t() if conv else wb[0]).view(k, m, fin)
-                    assert near(got_y[0], same.float() + got[0].float(), same.abs() + got[0].abs(), 1), case
+                    w2 = wb[0].t() if conv else wb[0]
+                    if in_gemm:
+                        same = torch.addmm(got[0].reshape(-1, fin), g.reshape(-1, fout), w2).view(k, m, fin)
+                        assert near(got_y[0], same, same.abs(), 1), case
+                    else:
+                        same = torch.mm(g.reshape(-1, fout), w2).view(k, m, fin)
+                        assert near(got_y[0], same.float() + got[0].float(), same.abs() + got[0].abs(), 1), case
                     for s in range(k):                              # A's and B's where the slot trains
                         r = int(ranks[s])
                         assert torch.equal(got_y[1][s, :r], got[1][s, :r]), case
