@@ -217,7 +217,7 @@ def main() -> None:
     parser.add_argument("--parallel", type=int, default=8)
     parser.add_argument("--out", default=None)
     parser.add_argument("--kernel-constants", default="",
-                        help="the sweeps' kernel constants, e.g. 'ADD_IN_GEMM=1' (kernels.CONSTANTS_ENV)")
+                        help="the sweeps' kernel constants (pack.kernel_constants), e.g. 'ADD_IN_GEMM=1'")
     parser.add_argument("--cell", default=None, help=argparse.SUPPRESS)  # one cell, in a child process
     parser.add_argument("--data", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -229,11 +229,11 @@ def main() -> None:
                 result = {"cell": args.cell, "ok": False, "why": f"{type(exc).__name__}: {exc}"[:400]}
         print("RESULT " + json.dumps(result), flush=True)
         return
-    if args.kernel_constants:  # checked here, then every cell's sweep (and its pack) takes them
-        from lora_exp.pack.kernels import CONSTANTS_ENV, set_constants
+    if args.kernel_constants:  # checked here; every cell's sweep takes them as pack.kernel_constants
+        from lora_exp.pack.kernels import parse_constants
 
-        set_constants(args.kernel_constants)
-        os.environ[CONSTANTS_ENV] = args.kernel_constants
+        parse_constants(args.kernel_constants)
+        os.environ["LORA_EXP_PACK_KERNEL_CONSTANTS"] = args.kernel_constants
     folder = Path(tempfile.mkdtemp(prefix="matrix-data-"))
     data = {rows: write_data(folder, rows) for rows in ROWS}
     chosen = args.cells.split(",")

@@ -79,9 +79,13 @@ def env_overrides() -> list[str]:
     allowed = {"compile": PACK_COMPILE, "lora": PACK_LORA, "attention": PACK_ATTENTION}
     out = []
     for var, key in PACK_ENV.items():
-        value = os.environ.get(var, "").strip().lower()
+        value = os.environ.get(var, "").strip()
         if not value:
             continue
+        if key == "kernel_constants":  # NAME=VALUE,...: one quoted value (checked with the config)
+            out.append(f"pack.{key}='{value}'")
+            continue
+        value = value.lower()
         if key == "compile":
             value = {"0": "off", "1": "full"}.get(value, value)
         if key in allowed and value not in allowed[key]:

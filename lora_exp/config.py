@@ -47,7 +47,7 @@ PACK_LORA = ("kernels", "bmm")
 PACK_ATTENTION = ("rows", "model")
 #: environment variables that override a pack setting (documented in docs/packed-trials.md)
 PACK_ENV = {"LORA_EXP_PACK_COMPILE": "compile", "LORA_EXP_PACK_LORA": "lora", "LORA_EXP_PACK_ATTENTION": "attention",
-            "LORA_EXP_PACK_TRACKERS": "trackers"}
+            "LORA_EXP_PACK_TRACKERS": "trackers", "LORA_EXP_PACK_KERNEL_CONSTANTS": "kernel_constants"}
 
 
 def resolve_path(path: str) -> Path:
@@ -299,6 +299,9 @@ class PackConfig:
     #: unsaved (a killed sweep's retried trial resumes there; checkpoints take at most 5% of the
     #: pack's time); 0 = at every eval, null = never.
     checkpoint_seconds: Optional[float] = 60.0
+    #: other values of the CUDA kernels' tunable constants, `NAME=VALUE,...` (kernels.parse_constants:
+    #: kernels.lora's, or swiglu.NAME / head.NAME), for timing and checking them; "" = their own
+    kernel_constants: str = ""
 
     @property
     def packs(self) -> bool:
@@ -319,6 +322,13 @@ class PackConfig:
         if self.checkpoint_seconds is not None:
             _check(self.checkpoint_seconds >= 0, "pack.checkpoint_seconds",
                    f"must be >= 0 (0 = at every eval) or null (never), got {self.checkpoint_seconds}")
+        if self.kernel_constants:
+            from lora_exp.pack.kernels import parse_constants  # (no triton: the names alone)
+
+            try:
+                parse_constants(str(self.kernel_constants))
+            except ValueError as exc:
+                _check(False, "pack.kernel_constants", str(exc))
 
 
 @dataclass(frozen=True)

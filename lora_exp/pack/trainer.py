@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import time
 from typing import Any, Sequence
 
@@ -68,6 +69,13 @@ class PackTrainer:
         if cfg.lora.bias != "none":
             raise ConfigError(f"pack: lora.bias={cfg.lora.bias} trains the base model's biases, which the trials "
                               f"of a pack share; use lora.bias=none or pack=1")
+        #: the kernels' constants this pack sets (pack.kernel_constants; the interpreter runs the
+        #: kernels on the CPU), put back by close()
+        self._constants = {}
+        if cfg.pack.kernel_constants and (base.device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"):
+            from lora_exp.pack.kernels import set_constants
+
+            self._constants = set_constants(cfg.pack.kernel_constants)
         self.rt = PackRuntime(base, data, cfg, slots, max_rank, modules, compile)
         self.key, self.k = pack_key(cfg), slots
         self.table = SlotTable(slots, cfg.trainer.eval_steps, self.rt.eval_table is not None)
@@ -329,6 +337,10 @@ class PackTrainer:
     def close(self) -> None:
         self.stepper.close()
         self.rt.close()
+        if self._constants:
+            from lora_exp.pack.kernels import restore_constants
+
+            restore_constants(self._constants)
 
 
 def train_packed(cfgs: list[RunConfig], base: BaseModel, data: PreparedData, trackers: Sequence[Tracker] | None = None,

@@ -69,14 +69,38 @@ def test_a_llama_pack_steps_under_bf16_autocast_through_every_kernel():
     run_checks(LLAMA_AUTOCAST_SCRIPT, TRITON_INTERPRET="1")
 
 
-def test_the_kernels_constants_are_set_from_the_benches_syntax_and_from_the_environment():
-    """`set_constants` (the benches' `NAME=VALUE,...`, and LORA_EXP_KERNEL_CONSTANTS, which the GPU
-    matrix hands its sweeps): the values set and put back, a wrong item refused with nothing set."""
+CONSTANTS_SCRIPT = """
+import torch
+from lora_exp.compose import compose
+from lora_exp.core.data import load_rows, tokenize
+from lora_exp.core.models import load_base
+from lora_exp.pack.kernels import lora, swiglu
+from lora_exp.pack.trainer import PackTrainer
+
+cfg = compose(["model=tiny_llama", "data=seed", "tracking=none"])   # the constants from the environment
+assert cfg.pack.kernel_constants == "ADD_IN_GEMM=1,swiglu.NUM_WARPS=8", cfg.pack.kernel_constants
+base = load_base(cfg.model, torch.device("cpu"))
+data = tokenize(load_rows(cfg.data), cfg.data, base.tokenizer)
+defaults = lora.ADD_IN_GEMM, swiglu.NUM_WARPS
+trainer = PackTrainer(base, data, cfg, 2, cfg.lora.r, cfg.target_modules)
+assert (lora.ADD_IN_GEMM, swiglu.NUM_WARPS) == (1, 8)      # set while the pack runs
+trainer.close()
+assert (lora.ADD_IN_GEMM, swiglu.NUM_WARPS) == defaults, (lora.ADD_IN_GEMM, swiglu.NUM_WARPS)
+print("constants ok")
+"""
+
+
+def test_the_kernels_constants_are_set_from_the_benches_syntax_and_for_a_whole_pack():
+    """`set_constants` (the benches' `NAME=VALUE,...`): the values set and put back, a wrong item
+    refused with nothing set; `pack.kernel_constants` (from LORA_EXP_PACK_KERNEL_CONSTANTS, as the
+    GPU matrix hands it to its sweeps) checked with the config and set while a pack runs."""
     import os
     import subprocess
     import sys
 
-    from lora_exp.pack.kernels import CONSTANTS_ENV, lora, restore_constants, set_constants, swiglu
+    from lora_exp.compose import compose
+    from lora_exp.errors import ConfigError
+    from lora_exp.pack.kernels import lora, restore_constants, set_constants, swiglu
 
     defaults = lora.ADD_IN_GEMM, lora.BM, swiglu.BM
     saved = set_constants("ADD_IN_GEMM=1, BM=64,swiglu.BM=32")
@@ -89,7 +113,9 @@ def test_the_kernels_constants_are_set_from_the_benches_syntax_and_from_the_envi
         with pytest.raises(ValueError, match="not NAME=INTEGER"):
             set_constants(bad)
         assert (lora.ADD_IN_GEMM, lora.BM, swiglu.BM) == defaults, bad   # nothing set
-    env = {**os.environ, CONSTANTS_ENV: "ADD_IN_GEMM=1,swiglu.NUM_WARPS=8"}
-    done = subprocess.run([sys.executable, "-c", "from lora_exp.pack.kernels import lora, swiglu; "
-                           "print(lora.ADD_IN_GEMM, swiglu.NUM_WARPS)"], env=env, capture_output=True, text=True)
-    assert done.returncode == 0 and done.stdout.split() == ["1", "8"], done.stderr[-2000:]
+        with pytest.raises(ConfigError, match="pack.kernel_constants: .*not NAME=INTEGER"):
+            compose(["model=tiny_llama", f"pack.kernel_constants='{bad}'"])
+    env = {**os.environ, "LORA_EXP_PACK_KERNEL_CONSTANTS": "ADD_IN_GEMM=1,swiglu.NUM_WARPS=8", "TRITON_INTERPRET": "1"}
+    done = subprocess.run([sys.executable, "-c", CONSTANTS_SCRIPT], env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0 and "constants ok" in done.stdout, done.stderr[-2000:]

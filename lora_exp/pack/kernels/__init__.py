@@ -6,30 +6,38 @@ and `hash` (the counter hash of `core.randomness`, bit for bit, and the dropout 
 from __future__ import annotations
 
 import importlib
-import os
+import re
 
-#: where a process takes other values of the kernels' tunable constants from (benches and the GPU
-#: correctness matrix): `NAME=VALUE,...`, NAME one of kernels.lora's TUNABLE, or `swiglu.NAME` /
-#: `head.NAME` for those kernels' own; read when the kernels are first imported
-CONSTANTS_ENV = "LORA_EXP_KERNEL_CONSTANTS"
+#: each kernel module's constants that the benches time other values of and `pack.kernel_constants`
+#: sets for a sweep (each module's TUNABLE); here so a config is checked without importing triton
+TUNABLES = {
+    "lora": ("BK", "BN", "NUM_WARPS", "MIN_SPLIT", "MAX_M", "BM", "PROGRAMS_PER_SM", "SWIGLU", "ADD_IN_GEMM"),
+    "swiglu": ("BM", "BK", "NUM_WARPS"),
+    "head": ("BLOCK", "NUM_WARPS"),
+}
+
+
+def parse_constants(text: str) -> list[tuple[str, str, int]]:
+    """(module, name, value) for each item of `NAME=VALUE,...`: NAME one of kernels.lora's TUNABLE,
+    or `swiglu.NAME` / `head.NAME` for those kernels' own; ValueError naming a wrong item."""
+    out = []
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        match = re.fullmatch(r"(?:(\w+)\.)?(\w+)=(-?\d+)", item)
+        module, name = (match.group(1) or "lora", match.group(2)) if match else ("", "")
+        if name not in TUNABLES.get(module, ()):
+            raise ValueError(f"{item!r}: not NAME=INTEGER with NAME one of {', '.join(TUNABLES['lora'])} "
+                             f"(kernels.lora), swiglu.NAME or head.NAME")
+        out.append((module, name, int(match.group(3))))
+    return out
 
 
 def set_constants(text: str) -> dict[tuple[str, str], int]:
-    """Set the kernels' tunable constants from `NAME=VALUE,...` (see CONSTANTS_ENV); returns the
-    values they had, keyed by (module, name), to put back."""
-    values = []
-    for item in filter(None, (part.strip() for part in text.split(","))):
-        name, sep, value = item.partition("=")
-        module_name, _, name = name.rpartition(".")
-        module_name = module_name or "lora"
-        module = importlib.import_module(f"{__name__}.{module_name}") if module_name in ("lora", "swiglu", "head") \
-            else None
-        if not sep or module is None or name not in module.TUNABLE or not value.lstrip("-").isdigit():
-            raise ValueError(f"{item!r}: not NAME=INTEGER with NAME one of kernels.lora's tunable constants "
-                             f"(or swiglu.NAME, head.NAME)")
-        values.append((module, module_name, name, int(value)))
+    """Set the kernels' tunable constants from `NAME=VALUE,...` (`parse_constants`: every item is
+    checked before any is set); returns the values they had, keyed by (module, name), for
+    `restore_constants`."""
     before: dict[tuple[str, str], int] = {}
-    for module, module_name, name, value in values:
+    for module_name, name, value in parse_constants(text):
+        module = importlib.import_module(f"{__name__}.{module_name}")
         before.setdefault((module_name, name), getattr(module, name))
         setattr(module, name, value)
     return before
@@ -38,7 +46,3 @@ def set_constants(text: str) -> dict[tuple[str, str], int]:
 def restore_constants(before: dict[tuple[str, str], int]) -> None:
     for (module_name, name), value in before.items():
         setattr(importlib.import_module(f"{__name__}.{module_name}"), name, value)
-
-
-if os.environ.get(CONSTANTS_ENV):
-    set_constants(os.environ[CONSTANTS_ENV])

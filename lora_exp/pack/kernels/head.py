@@ -19,11 +19,12 @@ import triton
 import triton.language as tl
 
 from lora_exp.core.data import IGNORE
+from lora_exp.pack.kernels import TUNABLES
 
 #: logits a program reads at a time, and its warps
 BLOCK, NUM_WARPS = 4096, 8
 #: the constants here, which the benches set to time other values
-TUNABLE = ("BLOCK", "NUM_WARPS")
+TUNABLE = TUNABLES["head"]
 
 
 @triton.jit

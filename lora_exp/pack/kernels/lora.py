@@ -40,7 +40,7 @@ import torch
 import triton
 import triton.language as tl
 
-from lora_exp.pack.kernels import lora_tiled
+from lora_exp.pack.kernels import TUNABLES, lora_tiled
 from lora_exp.pack.kernels.hash import masked
 
 #: the tiles a program steps through the inputs (BK) and outputs (BN) by, its warps, and the
@@ -59,8 +59,8 @@ SWIGLU = 1
 #: rounding of y + delta instead of two. A forward with a bias keeps the in-place add.
 #: 0: the delta added in place to the base layer's output and input gradient
 ADD_IN_GEMM = 0
-#: the constants here, which the benches set to time other values
-TUNABLE = ("BK", "BN", "NUM_WARPS", "MIN_SPLIT", "MAX_M", "BM", "PROGRAMS_PER_SM", "SWIGLU", "ADD_IN_GEMM")
+#: the constants here, which the benches set to time other values (and `pack.kernel_constants` for a sweep)
+TUNABLE = TUNABLES["lora"]
 
 
 @triton.jit
