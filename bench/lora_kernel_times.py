@@ -8,7 +8,7 @@ read and written once: the bound a fused delta cannot beat).
     python bench/lora_kernel_times.py --k 16 --m 2048 --rank 16
     TRITON_INTERPRET=1 python bench/lora_kernel_times.py --device cpu --k 2 --m 260 --rank 8   # smoke
     python bench/lora_kernel_times.py --configs "BM=32;BK=64;NUM_WARPS=8"   # other kernel constants
-    python bench/lora_kernel_times.py --swiglu "NUM_WARPS=8;BM=32"   # the MLP's down side, fused or not
+    python bench/lora_kernel_times.py --swiglu "NUM_WARPS=8;BM=32;lora.ADD_IN_GEMM=1"   # the MLP's down side
 
 `--swiglu` times a SwiGLU MLP's down side (silu(g) * u into down_proj with its LoRA delta, forward +
 backward to g, u, A, B) as the pack ran it before (the activation compiled by torch.compile, then
@@ -167,9 +167,8 @@ def main() -> None:
         if dev == "cuda":
             kernel_times(unfused, "unfused")
         for config in [""] + [c for c in configs.split(";") if c]:
-            # its names are kernels.swiglu's (others as kernels.set_constants takes them: lora's, head.NAME)
-            saved = set_constants(",".join(i if "." in i or i.split("=")[0] not in swiglu.TUNABLE else f"swiglu.{i}"
-                                           for i in filter(None, config.split(","))))
+            # a bare NAME is kernels.swiglu's; lora.NAME and head.NAME the other kernels'
+            saved = set_constants(",".join(i if "." in i else f"swiglu.{i}" for i in filter(None, config.split(","))))
             try:
                 print(json.dumps({"what": "swiglu fused", "config": config or "default",
                                   "fused_ms": round(timed(fused), 3)}), flush=True)
