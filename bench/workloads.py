@@ -215,7 +215,8 @@ def cmd_engine(args: argparse.Namespace, sweep: str, overrides: list[str]) -> No
 def time_lora_configs(trainer, args: argparse.Namespace, sync) -> None:
     """The packed step under other settings of the LoRA kernels' module constants (`BM=128,BK=64;...`;
     `head.NAME=` and `swiglu.NAME=` set those kernels' own); the kernels read them at each launch,
-    so no recompile (SWIGLU=0/1/2: the compiled layers' graph is remade in the two warm-up steps)."""
+    so no recompile (SWIGLU=0/1/2: the compiled layers' graph is remade in the two warm-up steps).
+    With --profile, each config is profiled too."""
     from lora_exp.pack.kernels import restore_constants, set_constants
 
     for config in args.lora_configs.split(";"):
@@ -230,6 +231,10 @@ def time_lora_configs(trainer, args: argparse.Namespace, sync) -> None:
             sync()
             print(json.dumps({"what": "packed step, LoRA kernel config", "config": config,
                               "step_ms": round((time.perf_counter() - start) / args.steps * 1e3, 1)}), flush=True)
+            if args.profile:  # each kernel's GPU time under this config, apart from the wall's noise
+                from sweep_throughput import profile
+
+                profile(trainer)
         except Exception as exc:  # noqa: BLE001 - a config the GPU cannot run is reported
             print(json.dumps({"what": "LoRA kernel config", "config": config, "error": repr(exc)[:300]}), flush=True)
         finally:
