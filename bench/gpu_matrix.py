@@ -222,7 +222,7 @@ def main() -> None:
     parser.add_argument("--parallel", type=int, default=8)
     parser.add_argument("--out", default=None)
     parser.add_argument("--kernel-constants", default="",
-                        help="the sweeps' kernel constants (pack.kernel_constants), e.g. 'ADD_IN_GEMM=1'")
+                        help="the sweeps' kernel constants (pack.kernel_constants), e.g. 'BM=64,swiglu.NUM_WARPS=8'")
     parser.add_argument("--cell", default=None, help=argparse.SUPPRESS)  # one cell, in a child process
     parser.add_argument("--data", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()

@@ -8,7 +8,7 @@ read and written once: the bound a fused delta cannot beat).
     python bench/lora_kernel_times.py --k 16 --m 2048 --rank 16
     TRITON_INTERPRET=1 python bench/lora_kernel_times.py --device cpu --k 2 --m 260 --rank 8   # smoke
     python bench/lora_kernel_times.py --configs "BM=32;BK=64;NUM_WARPS=8"   # other kernel constants
-    python bench/lora_kernel_times.py --swiglu "NUM_WARPS=8;BM=32;lora.ADD_IN_GEMM=1"   # the MLP's down side
+    python bench/lora_kernel_times.py --swiglu "NUM_WARPS=8;BM=32;lora.BK=64"   # the MLP's down side
 
 `--swiglu` times a SwiGLU MLP's down side (silu(g) * u into down_proj with its LoRA delta, forward +
 backward to g, u, A, B) as the pack ran it before (the activation compiled by torch.compile, then

@@ -149,51 +149,32 @@ LORA_SCRIPT = textwrap.dedent('''
                         r = int(ranks[s])
                         assert close(gw[s, :r], ww[s, :r], tol), (what, i, s)
                 # with the frozen base layer in the same op (nn.Linear's layout for one split,
-                # Conv1D's with the bias for the other): y + delta, rounded as torch rounds it (or once,
-                # where cuBLAS adds the base layer's product to the delta: ADD_IN_GEMM), and the input
-                # gradient the base layer's plus the delta's (the base layer's alone where a slot does
-                # not train)
+                # Conv1D's with the bias for the other): y + delta, rounded as torch rounds it, and
+                # the input gradient the base layer's plus the delta's (the base layer's alone
+                # where a slot does not train)
                 w = torch.randn(fout, fin, dtype=dtype) * 0.2
                 bias = torch.randn(fout, dtype=dtype)
                 conv = split != splits[0]
                 wb = (w.t().contiguous(), bias) if conv else (w, None)
                 y = torch.nn.functional.linear(xk.detach(), w, wb[1])
-                for in_gemm in (0, 1):
-                    pack_lora.ADD_IN_GEMM = in_gemm
-                    case = what + (in_gemm,)
-                    summed, _ = torch.ops.lora_exp.lora_linear(xk, *wb, a_k, b_k, scale, ranks, *args, rows, split,
-                                                               conv)
-                    assert summed.dtype == dtype
-                    # the base product's roundings depend on the CPU's kernels (a transposed weight, another
-                    # order of sums): against F.linear within a few roundings of its terms' magnitudes;
-                    # against the same product as the op's, within the one rounding of the add
-                    size = xk.detach().abs() @ w.abs().t()
-                    size = size + wb[1].abs() if conv else size
-                    size = size + out.detach().abs()
-                    assert near(summed, y.float() + out.float(), size, 4), (case, conv)
-                    # (ADD_IN_GEMM: the same addmm on the delta, whose product may be another cuBLAS kernel's)
-                    x2, w2 = xk.detach().reshape(-1, fin), wb[0] if conv else wb[0].t()
-                    if in_gemm and wb[1] is None:
-                        same = torch.addmm(out.detach().reshape(-1, fout), x2, w2).view(k, m, fout)
-                        assert near(summed, same, same.abs(), 1), case
-                    else:
-                        same = pack_lora.base_linear(x2, *wb, conv).view(k, m, fout)
-                        assert near(summed, same.float() + out.float(), same.abs() + out.detach().abs(), 1), case
-                    got_y = torch.autograd.grad(summed, [xk, a_k, b_k], g)
-                    size = g.abs() @ w.abs() + got[0].abs()
-                    assert near(got_y[0], (g @ w).float() + got[0].float(), size, 4), (case, conv)
-                    w2 = wb[0].t() if conv else wb[0]
-                    if in_gemm:
-                        same = torch.addmm(got[0].reshape(-1, fin), g.reshape(-1, fout), w2).view(k, m, fin)
-                        assert near(got_y[0], same, same.abs(), 1), case
-                    else:
-                        same = torch.mm(g.reshape(-1, fout), w2).view(k, m, fin)
-                        assert near(got_y[0], same.float() + got[0].float(), same.abs() + got[0].abs(), 1), case
-                    for s in range(k):                              # A's and B's where the slot trains
-                        r = int(ranks[s])
-                        assert torch.equal(got_y[1][s, :r], got[1][s, :r]), case
-                        assert torch.equal(got_y[2][s, :r], got[2][s, :r]), case
-                pack_lora.ADD_IN_GEMM = 0
+                summed, _ = torch.ops.lora_exp.lora_linear(xk, *wb, a_k, b_k, scale, ranks, *args, rows, split, conv)
+                assert summed.dtype == dtype
+                # the base product's roundings depend on the CPU's kernels (a transposed weight, another
+                # order of sums): against F.linear within a few roundings of its terms' magnitudes;
+                # against the same product as the op's, within the one rounding of the in-place add
+                size = xk.detach().abs() @ w.abs().t() + wb[1].abs() if conv else xk.detach().abs() @ w.abs().t()
+                size = size + out.detach().abs()
+                assert near(summed, y.float() + out.float(), size, 4), (what, conv)
+                same = pack_lora.base_linear(xk.detach().reshape(-1, fin), *wb, conv).view(k, m, fout)
+                assert near(summed, same.float() + out.float(), same.abs() + out.detach().abs(), 1), (what, conv)
+                got_y = torch.autograd.grad(summed, [xk, a_k, b_k], g)
+                size = g.abs() @ w.abs() + got[0].abs()
+                assert near(got_y[0], (g @ w).float() + got[0].float(), size, 4), (what, conv)
+                same = torch.mm(g.reshape(-1, fout), wb[0].t() if conv else wb[0]).view(k, m, fin)
+                assert near(got_y[0], same.float() + got[0].float(), same.abs() + got[0].abs(), 1), (what, conv)
+                for s in range(k):                              # A's and B's where the slot trains
+                    r = int(ranks[s])
+                    assert torch.equal(got_y[1][s, :r], got[1][s, :r]) and torch.equal(got_y[2][s, :r], got[2][s, :r])
                 if dtype != torch.float32:  # the output's gradient in fp32 beside low-precision inputs
                     _, h = torch.ops.lora_exp.lora_delta(xk, a_k, b_k, scale, ranks, *args, rows, split)
                     dx, ga, gb = torch.ops.lora_exp.lora_delta_backward(g.float(), xk, a_k, b_k, h, scale, ranks, *args,
@@ -229,12 +210,9 @@ SWIGLU_SCRIPT = textwrap.dedent("""
     p = torch.tensor([0.1, 0.0, 0.3, 0.05, 0.2]).repeat_interleave(rows)
     short, long = 7, pack_lora.MAX_M // 2 + 9
     dtypes = [getattr(torch, d) for d in os.environ["KERNELS_DTYPES"].split(",")]
-    # (A's gradient summed from parts: long groups with split 3; the delta added to the base product in
-    # place, or the base product added to the delta by cuBLAS, with no bias: ADD_IN_GEMM)
-    cases = [(dtypes[0], short, 1, True, 0), (dtypes[0], long, 3, False, 1), (dtypes[0], long, 3, True, 1)]
-    cases += [(d, long, 3, True, 0) for d in dtypes[1:]] + [(d, short, 1, True, 1) for d in dtypes[1:]]
-    for dtype, t, split, drop, in_gemm in cases:
-        pack_lora.ADD_IN_GEMM = in_gemm
+    # (A's gradient summed from parts: long groups with split 3)
+    cases = [(dtypes[0], short, 1, True), (dtypes[0], long, 3, False)] + [(d, long, 3, True) for d in dtypes[1:]]
+    for dtype, t, split, drop in cases:
         m = rows * t
         a, b = torch.randn(k, R, width, dtype=dtype) * 0.3, torch.randn(k, R, fout, dtype=dtype) * 0.3
         # the reference sees the pack's zero padding; the op gets random values there and must not read them
@@ -242,7 +220,7 @@ SWIGLU_SCRIPT = textwrap.dedent("""
         a_k, b_k = [x.detach().clone().requires_grad_() for x in (a, b)]
         g0, u0 = torch.randn(k, m, width, dtype=dtype), torch.randn(k, m, width, dtype=dtype)
         gr, ur, gk, uk = [x.clone().requires_grad_() for x in (g0, u0, g0, u0)]
-        w, bias = torch.randn(fout, width, dtype=dtype) * 0.1, None if in_gemm else torch.randn(fout, dtype=dtype)
+        w, bias = torch.randn(fout, width, dtype=dtype) * 0.1, torch.randn(fout, dtype=dtype)
         h = torch.nn.functional.silu(gr) * ur
         hs = h
         if drop:
@@ -252,7 +230,7 @@ SWIGLU_SCRIPT = textwrap.dedent("""
         args = pack_lora.dropout_args(keys, p, dtype) if drop else None
         out = swiglu.swiglu_lora_linear(gk, uk, w, bias, a_k, b_k, scale, ranks, args, rows, split)
         tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=5e-2)
-        what = (str(dtype), m, split, drop, in_gemm)
+        what = (str(dtype), m, split, drop)
         assert out.dtype == dtype and torch.allclose(out.float(), ref.float(), **tol), \\
             (what, (out.float() - ref.float()).abs().max())
         go = torch.randn(k, m, fout, dtype=dtype)
@@ -489,8 +467,7 @@ PACK_LORA_SCRIPT = textwrap.dedent('''
     # Packed trials whose LoRA deltas go through the kernels (with the base layer, as one op) train
     # as through the bmm's: fp32, dropout on, tiny Llama (GQA), a slot at rank 4 on
     # attention beside one at rank 8 on every linear module; row groups of 2 rows (one program
-    # each) and of 3 (more than MAX_M positions: the tiled kernels, weight gradients in parts); the
-    # deltas added in place to the base products, and the base products added by cuBLAS (ADD_IN_GEMM).
+    # each) and of 3 (more than MAX_M positions: the tiled kernels, weight gradients in parts).
     import torch
     from lora_exp.pack import model as packed
     from lora_exp.compose import compose
@@ -521,14 +498,13 @@ PACK_LORA_SCRIPT = textwrap.dedent('''
         base = load_base(cfgs[0].model, torch.device("cpu"))
         data = tokenize(load_rows(cfgs[0].data), cfgs[0].data, base.tokenizer)
         curves = {}
-        for LORA, IN_GEMM in ((False, 0), (True, 0), (True, 1)):
+        for LORA in (False, True):
             calls.clear()
-            pack_lora.ADD_IN_GEMM = IN_GEMM
-            curves[LORA, IN_GEMM] = [(r.loss_curve, r.eval_curve) for r in train_packed(cfgs, base, data)]
+            curves[LORA] = [(r.loss_curve, r.eval_curve) for r in train_packed(cfgs, base, data)]
             if LORA:
                 longest = max(calls)
                 assert calls and (longest > pack_lora.MAX_M) == (batch == 3), (batch, longest)
-        for (a, ea), (b, eb) in [pair for in_gemm in (0, 1) for pair in zip(curves[False, 0], curves[True, in_gemm])]:
+        for (a, ea), (b, eb) in zip(curves[False], curves[True]):
             for x, y in ((a, b), (ea, eb)):
                 assert [s for s, _ in x] == [s for s, _ in y] and len(x) >= 1
                 assert all(abs(u - v) <= 1e-5 * abs(u) for (_, u), (_, v) in zip(x, y)), (batch, x, y)

@@ -78,14 +78,14 @@ from lora_exp.pack.kernels import lora, swiglu
 from lora_exp.pack.trainer import PackTrainer
 
 cfg = compose(["model=tiny_llama", "data=seed", "tracking=none"])   # the constants from the environment
-assert cfg.pack.kernel_constants == "ADD_IN_GEMM=1,swiglu.NUM_WARPS=8", cfg.pack.kernel_constants
+assert cfg.pack.kernel_constants == "BN=64,swiglu.NUM_WARPS=8", cfg.pack.kernel_constants
 base = load_base(cfg.model, torch.device("cpu"))
 data = tokenize(load_rows(cfg.data), cfg.data, base.tokenizer)
-defaults = lora.ADD_IN_GEMM, swiglu.NUM_WARPS
+defaults = lora.BN, swiglu.NUM_WARPS
 trainer = PackTrainer(base, data, cfg, 2, cfg.lora.r, cfg.target_modules)
-assert (lora.ADD_IN_GEMM, swiglu.NUM_WARPS) == (1, 8)      # set while the pack runs
+assert (lora.BN, swiglu.NUM_WARPS) == (64, 8)      # set while the pack runs
 trainer.close()
-assert (lora.ADD_IN_GEMM, swiglu.NUM_WARPS) == defaults, (lora.ADD_IN_GEMM, swiglu.NUM_WARPS)
+assert (lora.BN, swiglu.NUM_WARPS) == defaults, (lora.BN, swiglu.NUM_WARPS)
 print("constants ok")
 """
 
@@ -102,20 +102,20 @@ def test_the_kernels_constants_are_set_from_the_benches_syntax_and_for_a_whole_p
     from lora_exp.errors import ConfigError
     from lora_exp.pack.kernels import lora, restore_constants, set_constants, swiglu
 
-    defaults = lora.ADD_IN_GEMM, lora.BM, swiglu.BM
-    saved = set_constants("ADD_IN_GEMM=1, BM=64,swiglu.BM=32")
+    defaults = lora.BN, lora.BM, swiglu.BM
+    saved = set_constants("BN=64, BM=64,swiglu.BM=32")
     try:
-        assert (lora.ADD_IN_GEMM, lora.BM, swiglu.BM) == (1, 64, 32)
+        assert (lora.BN, lora.BM, swiglu.BM) == (64, 64, 32)
     finally:
         restore_constants(saved)
-    assert (lora.ADD_IN_GEMM, lora.BM, swiglu.BM) == defaults
-    for bad in ("ADD_IN_GEMM=1,NOPE=2", "BM", "BM=x", "adamw.BLOCK=4", "swiglu.ADD_IN_GEMM=1"):
+    assert (lora.BN, lora.BM, swiglu.BM) == defaults
+    for bad in ("BN=64,NOPE=2", "BM", "BM=x", "adamw.BLOCK=4", "swiglu.SWIGLU=1"):
         with pytest.raises(ValueError, match="not NAME=INTEGER"):
             set_constants(bad)
-        assert (lora.ADD_IN_GEMM, lora.BM, swiglu.BM) == defaults, bad   # nothing set
+        assert (lora.BN, lora.BM, swiglu.BM) == defaults, bad   # nothing set
         with pytest.raises(ConfigError, match="pack.kernel_constants: .*not NAME=INTEGER"):
             compose(["model=tiny_llama", f"pack.kernel_constants='{bad}'"])
-    env = {**os.environ, "LORA_EXP_PACK_KERNEL_CONSTANTS": "ADD_IN_GEMM=1,swiglu.NUM_WARPS=8", "TRITON_INTERPRET": "1"}
+    env = {**os.environ, "LORA_EXP_PACK_KERNEL_CONSTANTS": "BN=64,swiglu.NUM_WARPS=8", "TRITON_INTERPRET": "1"}
     done = subprocess.run([sys.executable, "-c", CONSTANTS_SCRIPT], env=env, capture_output=True, text=True,
                           timeout=600)
     assert done.returncode == 0 and "constants ok" in done.stdout, done.stderr[-2000:]

@@ -24,8 +24,7 @@ pack's optimizer (kernels.adamw) never reads.
 training step uses: the base layer's product (cuBLAS), then the delta added to it in place, and
 in the backward the delta's input gradient added in place to the base layer's. A slot that does
 not target the module costs nothing there: no copy of the base output, no zero gradient written
-and then summed. With ADD_IN_GEMM the order turns: the delta (zero where a slot does not train)
-is written first and cuBLAS adds the base layer's product to it, reading it in its epilogue.
+and then summed.
 
 A slot's row group of at most `MAX_M` positions (the seed's short rows, batch 1-8) whose tiles fit
 in shared memory is one program's: it holds the whole group, so a backward program sums B's and A's gradients over it in
@@ -53,12 +52,6 @@ PROGRAMS_PER_SM = 4
 MAX_M, BM = 256, 32
 #: a SwiGLU MLP's activation fused with its down projection's LoRA delta (kernels.swiglu); 0: apart
 SWIGLU = 1
-#: 1: the delta (and the delta's input gradient) is written first and cuBLAS adds the base layer's
-#: product to it in its epilogue (C = C + x W^T), which reads it while the product computes: one
-#: pass over the output (and over the input gradient) fewer than adding the delta in place, and one
-#: rounding of y + delta instead of two. A forward with a bias keeps the in-place add.
-#: 0: the delta added in place to the base layer's output and input gradient
-ADD_IN_GEMM = 0
 #: the constants here, which the benches set to time other values (and `pack.kernel_constants` for a sweep)
 TUNABLE = TUNABLES["lora"]
 
@@ -291,11 +284,6 @@ def _delta_fake(x, a, b, scale, rank, keys, thr, kscale, rows, split):
 def _linear(x, w, bias, a, b, scale, rank, keys, thr, kscale, rows, split, conv):
     x = x.contiguous()
     k, m, fin = x.shape
-    if ADD_IN_GEMM and bias is None:  # the delta first (zero where a slot does not train), then + x W^T
-        out = torch.empty(k, m, w.shape[1] if conv else w.shape[0], device=x.device, dtype=x.dtype)
-        h = delta_forward(x, a, b, scale, rank, keys, thr, kscale, rows, split, out, False)
-        out.view(k * m, -1).addmm_(x.view(k * m, fin), w if conv else w.t())
-        return out, h
     out = base_linear(x.view(k * m, fin), w, bias, conv).view(k, m, -1)
     return out, delta_forward(x, a, b, scale, rank, keys, thr, kscale, rows, split, out, True)
 
@@ -317,30 +305,16 @@ def _delta_backward(g, x, a, b, h, scale, rank, keys, thr, kscale, rows, split, 
     split = max(split, MIN_SPLIT)
     k, m, fin = x.shape
     fout, rmax = b.shape[2], a.shape[1]
-    # the base layer's input gradient first, the delta's added to it in place (acc); or the delta's
-    # first, and the base layer's added by cuBLAS (ADD_IN_GEMM)
-    in_gemm = w is not None and bool(ADD_IN_GEMM)
-    acc = w is not None and not in_gemm
+    acc = w is not None
     dx = None
     if need_dx:
         dx = ((torch.mm(g.view(k * m, fout), w.t() if conv else w).view(k, m, fin)) if acc
               else torch.empty(k, m, fin, device=x.device, dtype=x.dtype))
-    if _short(m, rmax, x):
-        ga, gb = _short_backward(g, x, a, b, h, scale, rank, keys, thr, kscale, rows, split, dx, acc)
-    else:
+    if not _short(m, rmax, x):
         ga, gb = lora_tiled.backward(g, x, a, b, h, scale, rank, keys, thr, kscale, rows, split, dx, acc, bm=BM, bk=BK,
                                      bn=BN, br=block_r(rmax), prec=precision(x.dtype),
                                      programs=PROGRAMS_PER_SM * sm_count(x.device), launch=launch_options())
-    if need_dx and in_gemm:  # the base layer's, added by cuBLAS in its epilogue
-        dx.view(k * m, fin).addmm_(g.view(k * m, fout), w.t() if conv else w)
-    return (dx if need_dx else x.new_empty(0)), ga, gb
-
-
-def _short_backward(g, x, a, b, h, scale, rank, keys, thr, kscale, rows, split, dx, acc):
-    """A's and B's gradients of a short row group (one program holds it), and the delta's input
-    gradient into `dx` (None: not needed), added in place with `acc`."""
-    k, m, fin = x.shape
-    fout, rmax = b.shape[2], a.shape[1]
+        return (dx if need_dx else x.new_empty(0)), ga, gb
     bm, br = block_m(m), block_r(rmax)
     # written only where a slot trains (its first r rows of the modules it targets): the
     # optimizer reads nothing else
@@ -354,10 +328,10 @@ def _short_backward(g, x, a, b, h, scale, rank, keys, thr, kscale, rows, split, 
     _bwd_a_kernel[(k, split)](x, dh, ga, rank, keys if dropout else x, thr if dropout else x,
                               kscale if dropout else x, m, m // rows, fin, rows, x.stride(0), rmax, SPLIT=split,
                               DROPOUT=dropout, BM=bm, BR=br, BK=BK, PREC=prec, **launch_options())
-    if dx is not None:
+    if need_dx:
         lora_tiled.input_grad(a, dh, split, dx, rank, keys, thr, kscale, rows, acc, bm=min(bm, BM), br=br, bk=BK,
                               prec=prec, launch=launch_options())
-    return ga, gb
+    return (dx if need_dx else x.new_empty(0)), ga, gb
 
 
 @_delta_backward.register_fake

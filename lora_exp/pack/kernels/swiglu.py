@@ -161,11 +161,6 @@ def _swiglu_linear(g, u, w, bias, a, b, scale, rank, keys, thr, kscale, rows, sp
     _fwd[(k, triton.cdiv(m, BM))](g, u, h, a, z, rank, *_args(g, keys, thr, kscale), m, m // rows, width, rows,
                                   a.stride(0), a.stride(1), rmax, DROPOUT=keys is not None, BM=BM, BR=br, BK=BK,
                                   PREC=prec, num_warps=NUM_WARPS)
-    if lora.ADD_IN_GEMM and bias is None:  # (z B) * scale first, then + h W^T in cuBLAS's epilogue
-        out = torch.empty(k, m, fout, device=g.device, dtype=g.dtype)
-        lora.delta_forward(g, a, b, scale, rank, None, None, None, rows, split, out, False, h=z)
-        out.view(k * m, fout).addmm_(h.view(k * m, width), w.t())
-        return out, z
     out = lora.base_linear(h.view(k * m, width), w, bias, False).view(k, m, fout)
     del h
     lora.delta_forward(g, a, b, scale, rank, None, None, None, rows, split, out, True, h=z)  # + (z B) * scale
@@ -194,16 +189,11 @@ def _swiglu_linear_backward(dout, g, u, w, a, b, z, scale, rank, keys, thr, ksca
     bm = min(lora.BM, lora.block_m(m))
     dz, gb = lora_tiled.backward_b(dout, b, z, scale, rank, split, bm=bm, bn=lora.BN, br=br, prec=prec,
                                    programs=programs, launch=lora.launch_options())
-    # the base layer's input gradient and the delta's (kernels.lora's kernel: a product in the pass
-    # below as well made it twice as slow, H200): the delta's added to the base's in place, or
-    # (ADD_IN_GEMM) written first and the base's added by cuBLAS
-    in_gemm = bool(lora.ADD_IN_GEMM)
-    dh = (torch.empty(k, m, width, device=g.device, dtype=g.dtype) if in_gemm
-          else torch.mm(dout.view(k * m, fout), w).view(k, m, width))
-    lora_tiled.input_grad(a, dz.view(k, 1, m, br), 1, dh, rank, keys, thr, kscale, rows, not in_gemm, bm=bm, br=br,
+    dh = torch.mm(dout.view(k * m, fout), w).view(k, m, width)  # the base layer's input gradient
+    # the delta's input gradient added to it in place (kernels.lora's kernel: a product in the
+    # pass below as well made it twice as slow, H200)
+    lora_tiled.input_grad(a, dz.view(k, 1, m, br), 1, dh, rank, keys, thr, kscale, rows, True, bm=bm, br=br,
                           bk=lora.BK, prec=prec, launch=lora.launch_options())
-    if in_gemm:
-        dh.view(k * m, width).addmm_(dout.view(k * m, fout), w)
     du = torch.empty_like(g)
     tiles = triton.cdiv(m, BM)
     blocks, parts = lora_tiled.parts_for(k, width, BK, tiles, split, programs)
