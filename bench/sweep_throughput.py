@@ -242,9 +242,10 @@ def time_configs(trainer, args: argparse.Namespace, k: int, sync, module, names:
             setattr(module, name, value)
 
 
-def profile(trainer, trace: str = "") -> None:
+def profile(trainer, trace: str = "", kernels: str = "") -> None:
     """Where a packed step's time goes: top CUDA kernels over 3 steps, and GPU busy vs wall (and
-    the whole timeline as a Chrome trace, gzipped, where `trace` names a file)."""
+    the whole timeline as a Chrome trace, gzipped, where `trace` names a file; every kernel's GPU
+    time and launches a step, as tab-separated lines, where `kernels` does)."""
     import torch
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity
@@ -264,6 +265,13 @@ def profile(trainer, trace: str = "") -> None:
     print(f"profile: wall {wall * 1e3:.1f} ms/step, GPU busy {gpu:.1f} ms/step "
           f"({100 * gpu / (wall * 1e3):.0f}%)", flush=True)
     print(events.table(sort_by="self_cuda_time_total", row_limit=45, max_name_column_width=70), flush=True)
+    if kernels:
+        rows = sorted(((e.self_device_time_total / 3 / 1e3, e.count / 3, e.key) for e in events
+                       if e.device_type == DeviceType.CUDA and not getattr(e, "is_user_annotation", False)),
+                      reverse=True)
+        with open(kernels, "w") as f:
+            f.write("ms_per_step\tlaunches_per_step\tkernel\n")
+            f.writelines(f"{ms:.3f}\t{n:g}\t{name}\n" for ms, n, name in rows)
     phases = {e.key: e.device_time_total / 3 / 1e3 for e in events if e.key.startswith("pack.")}
     print("profile phases (GPU ms/step): " + json.dumps({k: round(v, 1) for k, v in phases.items()}), flush=True)
     with tempfile.TemporaryDirectory() as tmp:

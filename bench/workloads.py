@@ -131,6 +131,29 @@ def sampled_configs(sweep: str, overrides: list[str], n: int, seed: int = 0) -> 
     return [trial_config(base, base_overrides, suggest(study.ask(), spec.space, values)) for _ in range(n)]
 
 
+def matmul_rates(shapes: list[tuple[int, int, int]]) -> dict[str, float]:
+    """cuBLAS's bf16 rate (TFLOP/s, median of 20 after 5 warm-ups, random data) on this card for
+    each (m, k, n): the card's own ceiling, beside the datasheet's 989."""
+    import torch
+
+    rates = {}
+    for m, k, n in shapes:
+        a = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+        b = torch.randn(k, n, device="cuda", dtype=torch.bfloat16)
+        times = []
+        for i in range(25):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            a @ b
+            end.record()
+            end.synchronize()
+            if i >= 5:
+                times.append(start.elapsed_time(end) / 1e3)
+        rates[f"{m}x{k}x{n}"] = round(2 * m * k * n / sorted(times)[len(times) // 2] / 1e12, 1)
+        del a, b
+    return rates
+
+
 def cmd_engine(args: argparse.Namespace, sweep: str, overrides: list[str]) -> None:
     """The packed step alone: ms/step, trial-steps/s, memory, and the bf16 rate reached."""
     import dataclasses
@@ -152,6 +175,9 @@ def cmd_engine(args: argparse.Namespace, sweep: str, overrides: list[str]) -> No
     cuda = device.type == "cuda"
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     cfgs = sampled_configs(sweep, overrides, max(int(k) for k in args.k.split(",")))
+    if cuda:  # the card's matmul ceiling: a large square product, and the MLP's and the head's shapes at 64 x 512 rows
+        print(json.dumps({"what": "cuBLAS bf16 TFLOP/s", **matmul_rates(
+            [(8192, 8192, 8192), (32768, 896, 4864), (32768, 4864, 896), (32768, 896, 151936)])}), flush=True)
     base = load_base(cfgs[0].model, device)
     data = tokenize(load_rows(cfgs[0].data), cfgs[0].data, base.tokenizer)
     from lora_exp.sweep.spec import load_sweep
@@ -203,7 +229,7 @@ def cmd_engine(args: argparse.Namespace, sweep: str, overrides: list[str]) -> No
             if args.profile:
                 from sweep_throughput import profile
 
-                profile(trainer)
+                profile(trainer, kernels=args.kernels)
         except Exception as exc:  # noqa: BLE001 - a variant that cannot run here is reported, not fatal
             print(json.dumps({"what": "packed step", "compile": mode, "k": k, "error": repr(exc)[:400]}),
                   flush=True)
@@ -234,7 +260,7 @@ def time_lora_configs(trainer, args: argparse.Namespace, sync) -> None:
             if args.profile:  # each kernel's GPU time under this config, apart from the wall's noise
                 from sweep_throughput import profile
 
-                profile(trainer)
+                profile(trainer, kernels=args.kernels and f"{args.kernels}." + re.sub(r"[^\w.-]", "_", config))
         except Exception as exc:  # noqa: BLE001 - a config the GPU cannot run is reported
             print(json.dumps({"what": "LoRA kernel config", "config": config, "error": repr(exc)[:300]}), flush=True)
         finally:
@@ -301,6 +327,8 @@ def main() -> None:
     parser.add_argument("--lora-configs", default="",
                         help="engine: LoRA kernel constants to time, e.g. 'BM=64;BM=128,BK=64'")
     parser.add_argument("--profile", action="store_true")
+    parser.add_argument("--kernels", default="", help="with --profile: write every kernel's GPU time a step here "
+                        "(tab-separated; a config's under FILE.CONFIG)")
     parser.add_argument("--sdpa", choices=["flash", "cudnn", "mem_efficient", "math"], default=None,
                         help="engine: the only sdpa backend left on (for rows longer than the pack's attention "
                              "kernels take)")
