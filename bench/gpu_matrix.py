@@ -5,6 +5,8 @@
 Cells: {GPT-2, Llama with grouped-query attention (4 query heads, 2 key/value heads)} x {fp32,
 bf16} x {pack.compile off, full} x {rows of <= 64 tokens, rows of 65-1024 tokens} x {batch 1, 8};
 tiny random models (2 layers) with the byte-level tokenizer, generated Q/A text of those lengths.
+Beyond these 32, a cell's precision may be `bf16base`: bf16 autocast on a base loaded in bf16
+(`model.dtype=bf16`), its fp32 reference the trial alone on the fp32 base in fp32.
 
 Each cell runs `lora-exp sweep ... pack=4` end to end (6 trials through 4 slots, so slots are
 reused; random search over r, alpha, dropout, targets and lr; 16 steps, evals every 8; a real
@@ -81,7 +83,8 @@ def write_data(folder: Path, rows: str) -> list[str]:
 def cell_overrides(cell: str, data: dict[str, list[str]]) -> list[str]:
     model, precision, compile_, rows, batch = cell.split("-")
     train, validation = data[rows]
-    return [*MODELS[model], f"trainer.precision={precision}", f"pack.compile={compile_}",
+    dtype = ["model.dtype=bf16"] if precision == "bf16base" else []
+    return [*MODELS[model], *dtype, f"trainer.precision={precision[:4]}", f"pack.compile={compile_}",
             f"trainer.batch_size={batch[1:]}", "data=qa_demo", f"data.train_files=[{train}]",
             f"data.validation_files=[{validation}]", "data.max_length=1024", "data.n_generate=4",
             f"trainer.max_steps={STEPS}", f"trainer.eval_steps={EVAL_STEPS}", "trainer.logging_steps=1",
@@ -174,7 +177,7 @@ def compare(cell: str, client, trials, uri: str) -> list[dict]:
     from lora_exp.runs.recorded import load_recorded
 
     precision = cell.split("-")[1]
-    results, base, data = [], None, None
+    results, base, base32, data = [], None, None, None
     for t in trials:
         run_id = t.user_attrs["mlflow_run_id"]
         _, recorded = load_recorded(run_id, TrackingConfig(uri=uri))
@@ -202,8 +205,11 @@ def compare(cell: str, client, trials, uri: str) -> list[dict]:
             entry["tolerance"] = FP32_TOL
         else:
             again = [v for _, v in run_trial(cfg, base, data, NullTracker()).loss_curve]
-            fp32_cfg = dataclasses.replace(cfg, trainer=dataclasses.replace(cfg.trainer, precision="fp32"))
-            fp32_run = run_trial(fp32_cfg, base, data, NullTracker())
+            fp32_cfg = dataclasses.replace(cfg, trainer=dataclasses.replace(cfg.trainer, precision="fp32"),
+                                           model=dataclasses.replace(cfg.model, dtype="fp32"))
+            if fp32_cfg.model != cfg.model and base32 is None:  # bf16base: the reference on the fp32 base
+                base32 = load_base(fp32_cfg.model, pick_device("auto"))
+            fp32_run = run_trial(fp32_cfg, base32 if fp32_cfg.model != cfg.model else base, data, NullTracker())
             fp32 = [v for _, v in fp32_run.loss_curve]
             tol = 2 * max_rel(fp32, curve) + max_rel(curve, again)
             # (the eval loss's own bf16-vs-fp32 difference, reported beside: the tolerance is the train losses')

@@ -87,8 +87,12 @@ class ModelConfig:
     #: attention implementation (eager, sdpa, ...); null = transformers' default (sdpa). Packed
     #: trials on a GPU may gain from eager: the compiled step fuses it (sequences are short).
     attn_implementation: Optional[str] = None
+    #: the frozen base's weights: fp32, or bf16 (half the memory; what transformers loads
+    #: Llama-family checkpoints in by default). The LoRA weights are fp32 either way, as peft keeps them.
+    dtype: str = "fp32"
 
     def __post_init__(self) -> None:
+        _check(self.dtype in PRECISIONS, "model.dtype", f"must be one of {', '.join(PRECISIONS)}, got {self.dtype!r}")
         _check(self.attn_implementation is None or self.attn_implementation in ATTENTION,
                "model.attn_implementation", f"must be one of {', '.join(ATTENTION)} or null, "
                f"got {self.attn_implementation!r}")

@@ -77,6 +77,7 @@ BAD = [
     (["trainer.precision=fp8"], "trainer.precision: must be one of fp32, bf16"),
     (["lora.r=[1"], "cannot parse override"),
     (["model.attn_implementation=flash"], "model.attn_implementation: must be one of eager, sdpa"),
+    (["model.dtype=fp16"], "model.dtype: must be one of fp32, bf16, got 'fp16'"),
 ]
 
 
@@ -113,6 +114,20 @@ def test_attention_implementation_reaches_the_model():
     assert load_base(cfg.model, torch.device("cpu")).model.config._attn_implementation == "eager"
     default = compose(["model=tiny_gpt2"])
     assert load_base(default.model, torch.device("cpu")).model.config._attn_implementation == "sdpa"
+
+
+def test_model_dtype_loads_the_base_in_it_and_leaves_the_lora_weights_fp32():
+    from lora_exp.core.adapters import attach_adapter
+    from lora_exp.core.models import load_base
+
+    cfg = compose(["model=tiny_llama", "model.dtype=bf16"])
+    base = load_base(cfg.model, torch.device("cpu"))
+    assert {p.dtype for p in base.model.parameters()} == {torch.bfloat16}
+    assert base.model.model.rotary_emb.inv_freq.dtype == torch.float32  # as from_pretrained keeps it
+    lora = [p for n, p in attach_adapter(base, cfg).named_parameters() if "lora_" in n]
+    assert lora and {p.dtype for p in lora} == {torch.float32}
+    assert {p.dtype for p in load_base(compose(["model=tiny_llama"]).model, torch.device("cpu")).model.parameters()} \
+        == {torch.float32}
 
 
 TRIAL_OVERRIDES = [["trainer.lr=1e-05"], ["trainer.lr=1e-3", "lora.r=8", "lora.lora_alpha=16"], ["lora.preset=all"],

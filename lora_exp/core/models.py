@@ -122,7 +122,7 @@ def _from_pretrained(path: str, cfg: ModelConfig) -> Any:
     from transformers import AutoModelForCausalLM
 
     try:
-        return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32,
+        return AutoModelForCausalLM.from_pretrained(path, dtype=weights_dtype(cfg),
                                                     trust_remote_code=cfg.trust_remote_code)
     except (OSError, ValueError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
@@ -130,6 +130,11 @@ def _from_pretrained(path: str, cfg: ModelConfig) -> Any:
             f"cannot load model {path!r} (model={cfg.name}): {first} -- the Hugging Face hub may be "
             f"unreachable; use a local folder (model.path=DIR) or the offline default model=smollm2_135m"
         ) from exc
+
+
+def weights_dtype(cfg: ModelConfig) -> torch.dtype:
+    """The dtype `model.dtype` loads the base in."""
+    return torch.bfloat16 if cfg.dtype == "bf16" else torch.float32
 
 
 def load_tokenizer(name: str, cfg: ModelConfig) -> Any:
@@ -175,7 +180,8 @@ def build_random_model(cfg: ModelConfig, tokenizer: Any) -> Any:
                           f"tokenizer's {len(tokenizer)} tokens")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.init_seed)
-        return AutoModelForCausalLM.from_config(config, dtype=torch.float32,
+        # built in the dtype, as from_pretrained builds it (buffers such as rotary frequencies stay fp32)
+        return AutoModelForCausalLM.from_config(config, dtype=weights_dtype(cfg),
                                                 trust_remote_code=cfg.trust_remote_code)
 
 

@@ -70,6 +70,9 @@ class PackedLoraLayer(nn.Module):
         xs = x.reshape(n_groups, -1, x.shape[-1])
         if whole:
             return y + self._kernel_delta(xs, g).reshape(y.shape).to(y.dtype)
+        # the input in the LoRA weights' own dtype (fp32), as peft casts it before its dropout: a bf16
+        # base's activations, or a bf16 output of autocast (attention's, the MLP's activation)
+        xs = xs.to(self.master[0].dtype)
         if g.dropout is not None and self.training:
             keys, p = g.dropout
             xr = xs.reshape(x.shape[0], -1)
@@ -79,21 +82,23 @@ class PackedLoraLayer(nn.Module):
                 mask = masker(xr.detach(), module_keys(keys, self.key_t), p)
             xs = (xr * mask).view_as(xs)
         a, b, s = self.lora_A, self.lora_B, self.scale
-        if a.dtype != x.dtype and not torch.is_autocast_enabled(x.device.type):
+        if a.dtype != xs.dtype and not torch.is_autocast_enabled(x.device.type):
             a, b = self.master  # fp32 work (generation) of a bf16 pack: the fp32 weights
         if g.slots is not None:
             a, b, s = a.index_select(0, g.slots), b.index_select(0, g.slots), s.index_select(0, g.slots)
         delta = torch.bmm(torch.bmm(xs, a.transpose(1, 2)), b)  # autocast runs both in bf16 when asked
         delta = delta * s.to(delta.dtype).view(-1, 1, 1)
-        return y + delta.reshape(y.shape).to(y.dtype)
+        return (y + delta.reshape(y.shape)).to(y.dtype)  # added in the wider dtype, then rounded, as peft does
 
-    def _dropout_args(self, g: Groups, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    def _dropout_args(self, g: Groups) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """The kernels' dropout: its scale rounded in the LoRA weights' dtype (fp32), where peft's
+        dropout sees the input (cast to that dtype before it), whatever dtype the kernels read."""
         from lora_exp.pack.kernels import lora
 
         if g.dropout is None or not self.training:
             return None
         keys, p = g.dropout
-        return lora.dropout_args(module_keys(keys, self.key_t), p, dtype)
+        return lora.dropout_args(module_keys(keys, self.key_t), p, self.master[0].dtype)
 
     def _whole_pack(self, x: torch.Tensor) -> bool:
         """A whole-pack training forward through the LoRA kernels (every slot's rows, in order)."""
@@ -121,7 +126,7 @@ class PackedLoraLayer(nn.Module):
         k = self.rank.shape[0]
         out = swiglu.swiglu_lora_linear(gate.reshape(k, -1, gate.shape[-1]), up.reshape(k, -1, up.shape[-1]),
                                         self.base_layer.weight, self.base_layer.bias, self.lora_A, self.lora_B,
-                                        self.scale, self.rank, self._dropout_args(self.groups, gate.dtype),
+                                        self.scale, self.rank, self._dropout_args(self.groups),
                                         self.groups.rows, self.groups.split)
         return out.reshape(*gate.shape[:-1], out.shape[-1])
 
@@ -140,7 +145,7 @@ class PackedLoraLayer(nn.Module):
             return None
         xs = x.reshape(self.rank.shape[0], -1, x.shape[-1]).to(dtype)
         out = lora.lora_linear(xs, weight, bias, conv, self.lora_A, self.lora_B, self.scale, self.rank,
-                               self._dropout_args(g, x.dtype), g.rows, g.split)
+                               self._dropout_args(g), g.rows, g.split)
         return out.reshape(*x.shape[:-1], out.shape[-1])
 
     def _kernel_delta(self, xs: torch.Tensor, g: Groups) -> torch.Tensor:
@@ -149,7 +154,7 @@ class PackedLoraLayer(nn.Module):
         from lora_exp.pack.kernels import lora
 
         return lora.lora_delta(xs.to(self.lora_A.dtype), self.lora_A, self.lora_B, self.scale, self.rank,
-                               self._dropout_args(g, xs.dtype), g.rows, g.split)
+                               self._dropout_args(g), g.rows, g.split)
 
 
 #: the MLPs whose forward is exactly down_proj(act_fn(gate_proj(x)) * up_proj(x)): with SiLU as

@@ -77,7 +77,8 @@ class PackRuntime:
         bf16 = self.precision == "bf16" and self.device.type == "cuda"
         self.pm = PackedModel(base, slots, max_rank, modules, compile=compile or cfg.pack.compile, low_precision=bf16,
                               lora=cfg.pack.lora)
-        self.head = OutputHead(base.model, torch.bfloat16 if bf16 else torch.float32)
+        # the head in the compute dtype: bf16 under autocast, else the base's own (a bf16 base's bf16)
+        self.head = OutputHead(base.model, torch.bfloat16 if bf16 else base.model.get_output_embeddings().weight.dtype)
         self.weights = FrozenWeights(base.model) if bf16 else None
         self.train_table = TokenTable.build(data.train, self.pad, self.device)
         self.eval_table = (TokenTable.build(data.validation, self.pad, self.device, "answer_labels")
