@@ -175,9 +175,11 @@ def cmd_engine(args: argparse.Namespace, sweep: str, overrides: list[str]) -> No
     cuda = device.type == "cuda"
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     cfgs = sampled_configs(sweep, overrides, max(int(k) for k in args.k.split(",")))
+    ceiling = 0.0
     if cuda:  # the card's matmul ceiling: a large square product, and the MLP's and the head's shapes at 64 x 512 rows
-        print(json.dumps({"what": "cuBLAS bf16 TFLOP/s", **matmul_rates(
-            [(8192, 8192, 8192), (32768, 896, 4864), (32768, 4864, 896), (32768, 896, 151936)])}), flush=True)
+        rates = matmul_rates([(8192, 8192, 8192), (32768, 896, 4864), (32768, 4864, 896), (32768, 896, 151936)])
+        ceiling = rates["8192x8192x8192"] * 1e12
+        print(json.dumps({"what": "cuBLAS bf16 TFLOP/s", **rates}), flush=True)
     base = load_base(cfgs[0].model, device)
     data = tokenize(load_rows(cfgs[0].data), cfgs[0].data, base.tokenizer)
     from lora_exp.sweep.spec import load_sweep
@@ -222,6 +224,8 @@ def cmd_engine(args: argparse.Namespace, sweep: str, overrides: list[str]) -> No
                               "step_ms": round(step_s * 1e3, 1), "trial_steps_per_s": round(k / step_s, 1),
                               "tflops": round(flops / step_s / 1e12, 1),
                               "bf16_peak_fraction": round(flops / step_s / BF16_PEAK, 3),
+                              # against this card's own cuBLAS rate on an 8192^3 product (measured above)
+                              "cublas_8192_fraction": round(flops / step_s / ceiling, 3) if ceiling else None,
                               "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0, 1)}),
                   flush=True)
             if args.lora_configs and trainer.pm.groups.kernels:
