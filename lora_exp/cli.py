@@ -48,8 +48,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     warnings.filterwarnings("ignore", message=".*loss_type=None.*")
     for noisy in NOISY_LIBRARIES:
         logging.getLogger(noisy).setLevel(logging.INFO if verbose else logging.WARNING)
+    from lora_exp.core import interrupts
+
     try:
-        return dispatch(args)
+        with interrupts.answering():
+            return dispatch(args)
     except LoraExpError as exc:
         print(f"lora-exp: error: {exc}", file=sys.stderr)
         return exc.exit_code

@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 
+from lora_exp.core import interrupts
 from lora_exp.core.data import Example, Prompt, collate
 from lora_exp.core.loss import causal_lm_loss
 
@@ -30,6 +31,7 @@ def eval_loss(model: Any, examples: list[Example], pad_id: int, device: torch.de
     model.eval()
     total, tokens = 0.0, 0
     for start in range(0, len(examples), batch_size):
+        interrupts.check()
         batch = collate(examples[start:start + batch_size], pad_id, field="answer_labels")
         batch = {k: v.to(device) for k, v in batch.items()}
         n = int((batch["labels"][:, 1:] != -100).sum())
@@ -59,6 +61,7 @@ def generate(model: Any, tokenizer: Any, prompts: list[Prompt], device: torch.de
     budget = prompt_budget(model, max_new_tokens)
     try:
         for start in range(0, len(prompts), batch_size):
+            interrupts.check()
             texts = [p.text for p in prompts[start:start + batch_size]]
             enc = encode_prompts(tokenizer, texts, budget).to(device)
             out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,

@@ -15,6 +15,7 @@ from typing import Any, Protocol, Sequence
 import torch
 
 from lora_exp.config import RunConfig
+from lora_exp.core import interrupts
 from lora_exp.core.adapters import (
     attach_adapter,
     count_parameters,
@@ -115,6 +116,7 @@ def _train(cfg: RunConfig, base: BaseModel, model: Any, data: PreparedData, trac
     if first > 1:
         progress.note(first - 1, "resumed from its checkpoint")
     for step in range(first, steps + 1):
+        interrupts.check()
         batch = {k: v.to(device, non_blocking=True) for k, v in collate(next(batches), pad_id).items()}
         tokens += int(batch["attention_mask"].sum())
         if dropout is not None:

@@ -19,6 +19,7 @@ import time
 from typing import Any
 
 from lora_exp.config import RunConfig
+from lora_exp.core import interrupts
 from lora_exp.core.status import TrialStatus
 from lora_exp.core.training import total_steps
 from lora_exp.pack import checkpoints as pack_checkpoints
@@ -157,6 +158,7 @@ class PackedSweep:
 
     def _loop(self) -> None:
         while True:
+            interrupts.check()
             if self.trainer is None:
                 self.trainer = self._new_pack(self.cfg)
             trainer = self.trainer

@@ -18,6 +18,7 @@ import threading
 import time
 from typing import Any, Callable, Iterator
 
+from lora_exp.core import interrupts
 from lora_exp.core.status import TrialStatus
 from lora_exp.errors import LoraExpError
 from lora_exp.sweep.claims import claim_waiting_trial
@@ -70,14 +71,14 @@ class StopFlag:
         self._deferring = 0
         self._pending = False
 
-    def __call__(self, signum: int, frame: Any) -> None:
+    def __call__(self, signum: int, frame: Any = None) -> None:
         if not (self.requested or signum == signal.SIGTERM):
             self.requested = True
             log.warning("stopping after the trial(s) in flight (Ctrl-C again to stop now)")
         elif self._deferring:
             self.requested = self._pending = True
         else:
-            raise KeyboardInterrupt
+            interrupts.stop_now(frame)
 
     @contextlib.contextmanager
     def deferred(self) -> Iterator[None]:
@@ -88,7 +89,7 @@ class StopFlag:
             self._deferring -= 1
             if not self._deferring and self._pending:
                 self._pending = False
-                raise KeyboardInterrupt
+                interrupts.stop_now()
 
 
 class Heartbeat:
@@ -138,14 +139,13 @@ def run_worker(plan: SweepPlan, worker_index: int, n_workers: int | None = 1,
         # pack, which trains its trials here rather than in `run_trial`, takes the set count too
         torch.set_num_threads(plan.base.trainer.num_threads or max(1, (os.cpu_count() or 1) // plan.workers))
     stop = StopFlag()
-    previous = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)} \
-        if multiprocessing.current_process().name == "MainProcess" or n_workers is None else {}
-    study = open_study(plan.spec, plan.options.storage, plan.study_name, create=False)
-    from lora_exp.core.models import pick_device
+    answers = multiprocessing.current_process().name == "MainProcess" or n_workers is None
+    with interrupts.answering(stop) if answers else contextlib.nullcontext():
+        study = open_study(plan.spec, plan.options.storage, plan.study_name, create=False)
+        from lora_exp.core.models import pick_device
 
-    context = WorkerContext(device=pick_device(plan.base.trainer.device),
-                            position=worker_index if plan.workers > 1 else None, stop=stop)
-    try:
+        context = WorkerContext(device=pick_device(plan.base.trainer.device),
+                                position=worker_index if plan.workers > 1 else None, stop=stop)
         if plan.pack == "auto" and context.device.type != "cuda":
             log.info("pack=auto: one trial at a time on %s (packing pays on a GPU)", context.device)
         elif plan.packed:
@@ -153,15 +153,13 @@ def run_worker(plan: SweepPlan, worker_index: int, n_workers: int | None = 1,
                 raise LoraExpError("pack: this worker has no packed engine")
             return packed(plan, worker_index, stop, study, context)
         return _run_trials(plan, study, context, stop)
-    finally:
-        for s, h in previous.items():
-            signal.signal(s, h)
 
 
 def _run_trials(plan: SweepPlan, study: Any, context: WorkerContext, stop: StopFlag) -> bool:
     tracking = plan.base.tracking
     failures = 0
     while not stop.requested:
+        interrupts.check()
         if plan.timeout and time.time() - plan.started > plan.timeout:
             log.info("timeout reached: no new trials")
             break

@@ -138,6 +138,26 @@ def test_a_resumed_sweep_draws_new_parameters_and_leaves_no_run_running(workdir,
         assert next(r for r in children if r.data.tags["trial_number"] == str(dead[0].number)).info.status == "FAILED"
 
 
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_stopped_training_run_closes_failed_as_interrupted(workdir, store, sig):
+    """`lora-exp train` stopped by SIGTERM (a scheduler, `docker stop`) or Ctrl-C: exit 130, and its
+    run is closed FAILED with the reason tagged, not left RUNNING (SIGTERM used to end the process
+    where it stood)."""
+    from mlflow.tracking import MlflowClient
+
+    proc, seen = popen_cli("train", "model=tiny_gpt2", "data=seed", "trainer.max_steps=100000",
+                           "trainer.logging_steps=1", cwd=workdir), []
+    _wait_for(proc, "train_loss", seen)
+    time.sleep(0.5)
+    proc.send_signal(sig)
+    out = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 130, "".join(seen) + out
+    assert "locked" not in out, out[-3000:]
+    client = MlflowClient(store)
+    runs = client.search_runs([client.get_experiment_by_name("lora-exp").experiment_id])
+    assert [(r.info.status, r.data.tags.get("error")) for r in runs] == [("FAILED", "interrupted")]
+
+
 def test_a_killed_trial_resumes_at_its_last_eval_with_the_loss_curve_it_would_have_had(workdir, store):
     """SIGKILL mid-trial, once its first checkpoint is written: the retry (same parameters)
     resumes there, and its run's loss curve is that of the same trial trained without a stop (its
