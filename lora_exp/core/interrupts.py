@@ -91,6 +91,8 @@ def in_database_call(frame: Any) -> bool:
 
 
 def _on_signal(signum: int, frame: Any) -> None:
+    if _stopping and signum == signal.SIGTERM:
+        return  # stopping already: a second SIGTERM (a process group's, then a forwarded one) cuts no cleanup short
     if _pending:  # a held stop, or another signal meanwhile: stop as soon as it is safe
         stop_now(frame)
     elif _answer is not None:

@@ -232,15 +232,26 @@ def run_worker_processes(plan: SweepPlan, workers: int, packed: PackedWorker | N
     ctx = worker_processes(gpus)
     procs = [ctx.Process(target=worker_entry, args=(plan, i, gpus[i % len(gpus)] if gpus else None, packed),
                          name=f"lora-exp-worker-{i}") for i in range(workers)]
-    for p in procs:
-        p.start()
-    try:
+
+    def forward(signum: int, frame: Any) -> None:
+        """Ctrl-C reaches the workers from the terminal (one process group); SIGTERM (`kill`,
+        `docker stop`) reaches this process only: the workers get it from here."""
+        if signum == signal.SIGTERM:
+            for p in procs:
+                if p.pid is not None and p.is_alive():
+                    os.kill(p.pid, signal.SIGTERM)
+        interrupts.stop_now(frame)
+
+    with interrupts.answering(forward):
         for p in procs:
-            p.join()
-    except KeyboardInterrupt:  # the children got the same Ctrl-C and stop after their trial
-        for p in procs:
-            p.join()
-        raise
+            p.start()
+        try:
+            for p in procs:
+                p.join()
+        except KeyboardInterrupt:  # the workers stop too (after their trial on a first Ctrl-C)
+            for p in procs:
+                p.join()
+            raise
     failed = [p.name for p in procs if p.exitcode not in (0, None, FAILURE_LIMIT_EXIT)]
     if failed:
         log.warning("worker(s) %s exited with an error", ", ".join(failed))
@@ -267,5 +278,9 @@ def worker_entry(plan: SweepPlan, index: int, gpu: str | None = None, packed: Pa
     for noisy in NOISY_LOGGERS:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     quiet_libraries()
-    if not run_worker(plan, index, n_workers=None, packed=packed):
+    try:
+        finished = run_worker(plan, index, n_workers=None, packed=packed)
+    except KeyboardInterrupt:  # stopped now: its trial is recorded FAILED (interrupted); no traceback
+        raise SystemExit(130) from None
+    if not finished:
         raise SystemExit(FAILURE_LIMIT_EXIT)

@@ -111,3 +111,14 @@ def test_a_sweeps_first_ctrl_c_asks_to_finish_and_sigterm_stops_now():
             signal.raise_signal(signal.SIGTERM)
             time.sleep(0.1)
         assert interrupts.stopping()
+
+
+def test_once_stopping_a_second_sigterm_cuts_no_cleanup_short_but_ctrl_c_still_does():
+    """A process group's SIGTERM and the one a sweep passes on to its workers both arrive: the
+    second must not interrupt the recording of the first. A user's further Ctrl-C still does."""
+    with interrupts.answering():
+        with pytest.raises(KeyboardInterrupt):
+            signal.raise_signal(signal.SIGTERM)
+        signal.raise_signal(signal.SIGTERM)  # ignored: the cleanup goes on
+        with pytest.raises(KeyboardInterrupt):
+            signal.raise_signal(signal.SIGINT)

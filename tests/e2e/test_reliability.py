@@ -158,6 +158,31 @@ def test_a_stopped_training_run_closes_failed_as_interrupted(workdir, store, sig
     assert [(r.info.status, r.data.tags.get("error")) for r in runs] == [("FAILED", "interrupted")]
 
 
+def test_sigterm_to_a_multi_worker_sweep_stops_its_workers_now(workdir, store):
+    """`kill PID` or `docker stop` signal the sweep's own process, not its worker processes (a
+    terminal's Ctrl-C reaches them all): the sweep passes the SIGTERM on, so the workers fail their
+    trials in flight (`interrupted`) and stop, instead of training the rest of the study while the
+    sweep waits for them."""
+    storage = f"sqlite:///{workdir}/mlruns/optuna.db"
+    args = ["sweep=tiny", "n_trials=8", "workers=2", "trainer.max_steps=300", "trainer.eval_steps=100"]
+    proc, seen = _start(workdir, *args), []
+    _wait_for(proc, "[1/8]", seen)
+    time.sleep(0.5)
+    start = time.perf_counter()
+    proc.send_signal(signal.SIGTERM)
+    out = proc.communicate(timeout=180)[0]
+    stopped_in = time.perf_counter() - start
+    assert proc.returncode == 130, "".join(seen) + out
+    assert "Traceback" not in out, out[-3000:]
+    trials = load_study(storage).trials
+    states = [t.state.name for t in trials]
+    assert "RUNNING" not in states and states.count("COMPLETE") + states.count("PRUNED") < 8, (states, stopped_in)
+    assert all(t.user_attrs.get("failure") == "interrupted" for t in trials if t.state.name == "FAIL")
+    _, parents, children = sweep_runs(store)
+    assert parents[0].info.status == "KILLED", out[-3000:]
+    assert not [r for r in children if r.info.status == "RUNNING"]
+
+
 def test_a_killed_trial_resumes_at_its_last_eval_with_the_loss_curve_it_would_have_had(workdir, store):
     """SIGKILL mid-trial, once its first checkpoint is written: the retry (same parameters)
     resumes there, and its run's loss curve is that of the same trial trained without a stop (its
