@@ -43,10 +43,6 @@ def main() -> None:
     p.add_argument("--swiglu", default=None,
                    help="time the MLP's down side instead, unfused vs kernels.swiglu under these ';'-separated "
                         "settings of its constants ('' = its defaults only)")
-    p.add_argument("--gemm", default=None,
-                   help="time the base product with the delta in its epilogue (kernels.gemm) against cuBLAS + the "
-                        "in-place delta, forward and input gradient, under ';'-separated BM=..,BN=..,BK=..,"
-                        "num_warps=..,num_stages=.. settings ('' = its defaults)")
     p.add_argument("--kernels", action="store_true",
                    help="also each kernel's GPU time per call (torch.profiler), with dropout: host time left out")
     args = p.parse_args()
@@ -183,81 +179,6 @@ def main() -> None:
             finally:
                 restore_constants(saved)
 
-    def gemm_times(configs: str) -> None:
-        from lora_exp.pack.kernels import gemm, lora_tiled
-
-        rows = 1
-        for name, (fin, fout) in QWEN.items():
-            w = torch.randn(fout, fin, device=dev, dtype=dtype) * 0.02
-            a = torch.randn(k, rank, fin, device=dev, dtype=dtype) * 0.02
-            b = torch.randn(k, rank, fout, device=dev, dtype=dtype) * 0.02
-            x = torch.randn(k, m, fin, device=dev, dtype=dtype)
-            g = torch.randn(k, m, fout, device=dev, dtype=dtype)
-            drop = pack_lora.dropout_args(keys, p_drop, dtype)
-            br = pack_lora.block_r(rank)
-            dh = torch.randn(k, m, br, device=dev, dtype=torch.float32) * 0.1
-            x2, g2 = x.view(k * m, fin), g.view(k * m, fout)
-
-            def base_fwd():
-                return torch.nn.functional.linear(x2, w)
-
-            def lora_fwd():
-                out = torch.nn.functional.linear(x2, w).view(k, m, fout)
-                pack_lora.delta_forward(x, a, b, scale, ranks, *drop, rows, split, out, True)
-                return out
-
-            def base_dx():
-                return torch.mm(g2, w)
-
-            def lora_dx():
-                dx = torch.mm(g2, w).view(k, m, fin)
-                lora_tiled.input_grad(a, dh.view(k, 1, m, br), 1, dx, ranks, *drop, rows, True, bm=pack_lora.BM,
-                                      br=br, bk=pack_lora.BK, prec="tf32", launch=pack_lora.launch_options())
-                return dx
-
-            ref = {"plain": base_fwd(), "fwd": lora_fwd(), "dx": lora_dx()}
-            h = pack_lora.delta_forward(x, a, b, scale, ranks, *drop, rows, split, None, True)
-            times = {"cublas_plain": timed(base_fwd), "cublas_fwd": timed(lora_fwd), "h_only": timed(
-                lambda: pack_lora.delta_forward(x, a, b, scale, ranks, *drop, rows, split, None, True)),
-                     "cublas_dx_plain": timed(base_dx), "cublas_dx": timed(lora_dx)}
-            print(json.dumps({"what": "gemm baseline", "module": name, "in_out": [fin, fout],
-                              **{key: round(v, 4) for key, v in times.items()}}), flush=True)
-            for config in [""] + [c for c in configs.split(";") if c]:
-                opts = {kv.split("=")[0]: int(kv.split("=")[1]) for kv in filter(None, config.split(","))}
-                fwd_op, dx_op = (gemm.forward_tma, gemm.input_grad_tma) if opts.pop("TMA", 0) else (
-                    gemm.forward, gemm.input_grad)
-                try:
-                    out = torch.empty(k * m, fout, device=dev, dtype=dtype)
-                    dx = torch.empty(k * m, fin, device=dev, dtype=dtype)
-
-                    def plain():
-                        return fwd_op(x2, w, None, None, None, None, None, m, out, opts)
-
-                    def fused_fwd():
-                        return fwd_op(x2, w, None, h.view(k * m, -1), b, scale, ranks, m, out, opts)
-
-                    def fused_dx():
-                        return dx_op(g2, w, dh, a, ranks, drop, m, rows, dx, opts)
-
-                    def err(got, want):
-                        return float((got.float() - want.float().view_as(got)).abs().max() /
-                                     want.float().abs().max())
-
-                    row = {"plain": timed(plain), "fwd": timed(fused_fwd), "dx": timed(fused_dx)}
-                    errs = {"plain": err(plain(), ref["plain"]), "fwd": err(fused_fwd(), ref["fwd"]),
-                            "dx": err(fused_dx(), ref["dx"])}
-                    print(json.dumps({"what": "gemm", "module": name, "config": config or "default",
-                                      **{f"{key}_ms": round(v, 4) for key, v in row.items()},
-                                      "fwd_total_ms": round(row["fwd"] + times["h_only"], 4),
-                                      "max_rel_err": {key: float(f"{v:.2e}") for key, v in errs.items()}}),
-                          flush=True)
-                except Exception as exc:  # noqa: BLE001 - a setting the GPU cannot run is reported
-                    print(json.dumps({"what": "gemm", "module": name, "config": config, "error": repr(exc)[:300]}),
-                          flush=True)
-
-    if args.gemm is not None:
-        gemm_times(args.gemm)
-        return
     if args.swiglu is not None:
         swiglu_times(args.swiglu)
         return

@@ -235,16 +235,12 @@ def _check(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
 
 def delta_forward(x, a, b, scale, rank, keys, thr, kscale, rows, split, out, add, h=None):
     """The forward kernel: each slot's delta written to `out` (added to it in place with `add`);
-    returns h = drop(x) A^T, kept for the backward (given as `h`: read, x and A not). With `out`
-    None, h alone."""
+    returns h = drop(x) A^T, kept for the backward (given as `h`: read, x and A not)."""
     _check(x, a, b)
     split = max(split, MIN_SPLIT)
     k, m, fin = x.shape
     fout, rmax = b.shape[2], a.shape[1]
-    if out is None:  # h alone (the delta made in another kernel's epilogue: kernels.gemm)
-        out, fout, add, split = x, 0, True, 1
-    assert fout == 0 or out.shape == (k, m, fout) and out.dtype == x.dtype and out.is_contiguous(), (out.shape,
-                                                                                                   out.dtype)
+    assert out.shape == (k, m, fout) and out.dtype == x.dtype and out.is_contiguous(), (out.shape, out.dtype)
     given = h is not None
     if not given:
         h = torch.empty(k, m, rmax, device=x.device, dtype=x.dtype)  # read back only where a slot trains
