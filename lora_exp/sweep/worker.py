@@ -234,12 +234,15 @@ def run_worker_processes(plan: SweepPlan, workers: int, packed: PackedWorker | N
                          name=f"lora-exp-worker-{i}") for i in range(workers)]
 
     def forward(signum: int, frame: Any) -> None:
-        """Ctrl-C reaches the workers from the terminal (one process group); SIGTERM (`kill`,
-        `docker stop`) reaches this process only: the workers get it from here."""
-        if signum == signal.SIGTERM:
+        """A terminal's Ctrl-C reaches every process of its foreground group, the workers
+        included; a signal sent to this process (SIGTERM from `kill` or `docker stop`, SIGINT from
+        `kill -INT`, `timeout -s INT` or a job scheduler) reaches it alone: the workers get it
+        from here. A SIGINT while this group is the terminal's foreground group is taken for a
+        Ctrl-C there (a worker that got it twice would stop now instead of finishing its trial)."""
+        if signum == signal.SIGTERM or not terminal_foreground():
             for p in procs:
                 if p.pid is not None and p.is_alive():
-                    os.kill(p.pid, signal.SIGTERM)
+                    os.kill(p.pid, signum)
         interrupts.stop_now(frame)
 
     with interrupts.answering(forward):
@@ -256,6 +259,21 @@ def run_worker_processes(plan: SweepPlan, workers: int, packed: PackedWorker | N
     if failed:
         log.warning("worker(s) %s exited with an error", ", ".join(failed))
     return not any(p.exitcode == FAILURE_LIMIT_EXIT for p in procs)
+
+
+def terminal_foreground() -> bool:
+    """Whether this process's group is the foreground group of its controlling terminal (where a
+    Ctrl-C reaches every process of the group); False without a terminal."""
+    try:
+        fd = os.open("/dev/tty", os.O_RDONLY | os.O_NOCTTY)
+    except OSError:
+        return False
+    try:
+        return os.tcgetpgrp(fd) == os.getpgrp()
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
 
 
 def worker_gpus() -> list[str]:

@@ -8,6 +8,7 @@ import json
 import os
 import re
 import signal
+import sys
 import time
 
 import pytest
@@ -166,7 +167,7 @@ def test_sigterm_to_a_multi_worker_sweep_stops_its_workers_now(workdir, store):
     storage = f"sqlite:///{workdir}/mlruns/optuna.db"
     args = ["sweep=tiny", "n_trials=8", "workers=2", "trainer.max_steps=300", "trainer.eval_steps=100"]
     proc, seen = _start(workdir, *args), []
-    _wait_for(proc, "[1/8]", seen)
+    _wait_for(proc, "/8] trial", seen)  # a first trial done (two that end at once may both print [2/8])
     time.sleep(0.5)
     start = time.perf_counter()
     proc.send_signal(signal.SIGTERM)
@@ -181,6 +182,82 @@ def test_sigterm_to_a_multi_worker_sweep_stops_its_workers_now(workdir, store):
     _, parents, children = sweep_runs(store)
     assert parents[0].info.status == "KILLED", out[-3000:]
     assert not [r for r in children if r.info.status == "RUNNING"]
+
+
+def _start_in_own_session(workdir, *args, terminal=False, argv=None):
+    """The sweep in a session of its own, as a service manager or a job scheduler starts it (no
+    controlling terminal), or, with `terminal`, as a shell starts it in the foreground of a
+    terminal (a pseudo-terminal its session leader takes as its controlling one). Returns
+    (process, the terminal's master end or None)."""
+    import fcntl
+    import subprocess
+    import termios
+    from pathlib import Path
+
+    master = slave = None
+    if terminal:
+        master, slave = os.openpty()
+
+    def take_terminal():  # in the child, after setsid(): the pty becomes its controlling terminal
+        fcntl.ioctl(slave, termios.TIOCSCTTY, 0)
+
+    argv = argv or [str(Path(sys.executable).parent / "lora-exp"), "sweep", *args]
+    proc = subprocess.Popen(argv, cwd=workdir, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True, preexec_fn=take_terminal if terminal else None)
+    if slave is not None:
+        os.close(slave)
+    return proc, master
+
+
+@pytest.mark.parametrize("where", ["kill -INT PID", "Ctrl-C at the terminal"])
+def test_sigint_to_a_multi_worker_sweep_finishes_the_trials_in_flight_whoever_sends_it(workdir, store, where):
+    """A first SIGINT finishes the trials in flight, then stops, in every worker: sent to the
+    sweep's process alone (no terminal: `kill -INT`, a scheduler), the sweep passes it on (without
+    that, the workers train the whole study while the sweep waits); a Ctrl-C at the terminal
+    reaches the whole foreground group, the workers included, and the sweep does not pass it on
+    again (`terminal_foreground`: a worker whose handler ran between the two would stop now)."""
+    storage = f"sqlite:///{workdir}/mlruns/optuna.db"
+    args = ["sweep=tiny", "n_trials=8", "workers=2", "trainer.max_steps=300", "trainer.eval_steps=100"]
+    terminal = where.startswith("Ctrl-C")
+    proc, master = _start_in_own_session(workdir, *args, terminal=terminal)
+    seen = []
+    try:
+        _wait_for(proc, "/8] trial", seen)  # a first trial done (two that end at once may both print [2/8])
+        time.sleep(0.5)
+        if terminal:
+            os.killpg(proc.pid, signal.SIGINT)  # what the terminal sends on Ctrl-C: its foreground group
+        else:
+            proc.send_signal(signal.SIGINT)
+        out = proc.communicate(timeout=180)[0]
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        if master is not None:
+            os.close(master)
+    assert proc.returncode == 130, "".join(seen) + out
+    assert "Traceback" not in out, out[-3000:]
+    states = [t.state.name for t in load_study(storage).trials]
+    assert "RUNNING" not in states and "FAIL" not in states, states
+    assert states.count("COMPLETE") + states.count("PRUNED") < 8, states
+    _, parents, children = sweep_runs(store)
+    assert parents[0].info.status == "KILLED", out[-3000:]
+    assert not [r for r in children if r.info.status != "FINISHED"], [r.info.status for r in children]
+
+
+def test_terminal_foreground_tells_a_terminals_foreground_group_from_a_process_without_one(workdir):
+    """What decides whether the sweep passes a SIGINT on to its workers, in real sessions: a
+    process whose controlling terminal's foreground group is its own (a Ctrl-C there reaches its
+    workers too), and one without a terminal."""
+    script = "from lora_exp.sweep.worker import terminal_foreground; print(terminal_foreground())"
+    answers = []
+    for terminal in (True, False):
+        proc, master = _start_in_own_session(workdir, terminal=terminal, argv=[sys.executable, "-c", script])
+        try:
+            answers.append(proc.communicate(timeout=120)[0].strip())
+        finally:
+            if master is not None:
+                os.close(master)
+    assert answers == ["True", "False"], answers
 
 
 def test_a_killed_trial_resumes_at_its_last_eval_with_the_loss_curve_it_would_have_had(workdir, store):
