@@ -16,11 +16,13 @@ Workloads (random weights of the real architectures; speed does not depend on we
 
 `sweep` runs the whole `lora-exp sweep` command (sampling, MLflow runs, evals, generations,
 adapters) and prints its wall time and trials/hour; `engine` times the packed step alone and
-its share of the H200's bf16 rate. FLOPs are counted as 4 x (matmul parameters of the base,
-LM head included, embeddings not) x tokens for the frozen base (forward, and the backward's
-input gradients) plus 6 x r x (in + out) x tokens for each module a trial's LoRA targets
-(forward, input and weight gradients); attention scores are left out (a few percent at 512).
-Tokens are the rows' real tokens, padding not counted.
+its share of the H200's bf16 rate. FLOPs are counted as 4 x (matmul parameters of the base's
+layers, embeddings not) x tokens for the frozen base (forward, and the backward's input
+gradients), 4 x (the LM head's parameters) x the tokens whose next token is scored (the loss needs
+no other logits: answer-only loss leaves the prompt out, and the pack's head skips it), plus 6 x r
+x (in + out) x tokens for each module a trial's LoRA targets (forward, input and weight
+gradients); attention scores are left out (a few percent at 512). Tokens are the rows' real
+tokens, padding not counted.
 """
 from __future__ import annotations
 
@@ -99,10 +101,12 @@ def counted_flops(base, data, cfg) -> float:
     """FLOPs of one trial-step as the module docstring counts them, for `cfg`'s LoRA."""
     import torch
 
+    from lora_exp.core.data import IGNORE
     from lora_exp.pack.layers import matches
 
     head = base.model.get_output_embeddings()
     tokens = sum(len(e.input_ids) for e in data.train) / len(data.train) * cfg.trainer.batch_size
+    scored = sum(sum(t != IGNORE for t in e.labels[1:]) for e in data.train) / len(data.train) * cfg.trainer.batch_size
     total = 0.0
     for name, module in base.model.named_modules():
         weight = getattr(module, "weight", None)
@@ -111,7 +115,7 @@ def counted_flops(base, data, cfg) -> float:
         total += 4 * weight.numel() * tokens
         if matches(name, cfg.target_modules):
             total += 6 * cfg.lora.r * sum(weight.shape) * tokens
-    return total + 4 * head.weight.numel() * tokens
+    return total + 4 * head.weight.numel() * scored
 
 
 def sampled_configs(sweep: str, overrides: list[str], n: int, seed: int = 0) -> list:

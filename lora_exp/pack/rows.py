@@ -21,6 +21,10 @@ class TokenTable:
     labels: torch.Tensor
     mask: torch.Tensor
     lengths: list[int] = field(default_factory=list)
+    #: each row's first position whose next token is scored, and the most positions from a row's
+    #: first scored one to its last (every row's): where `slot_losses` makes the head's logits
+    first: torch.Tensor | None = None
+    span: int = 0
 
     @classmethod
     def build(cls, examples: list[Example], pad_id: int, device: torch.device,
@@ -34,11 +38,27 @@ class TokenTable:
             ids[i, :k] = torch.tensor(e.input_ids)
             labels[i, :k] = torch.tensor(getattr(e, field_name))
             mask[i, :k] = 1
-        return cls(ids.to(device), labels.to(device), mask.to(device), [len(e.input_ids) for e in examples])
+        first, span = scored_span(labels[:, 1:] != IGNORE)
+        return cls(ids.to(device), labels.to(device), mask.to(device), [len(e.input_ids) for e in examples],
+                   first.to(device), span)
 
     @property
     def empty(self) -> int:
         return self.ids.shape[0] - 1
+
+
+def scored_span(scored: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """(each row's first scored position, 0 where none is; the most positions from a row's first
+    scored one to its last, over every row) of `scored` [rows, positions]: with answer-only loss
+    a row's prompt and padding are not scored, and the head need not make their logits."""
+    n = scored.shape[1]
+    if n == 0 or not bool(scored.any()):
+        return torch.zeros(scored.shape[0], dtype=torch.long), max(n, 1)
+    pos = torch.arange(n)
+    first = torch.where(scored, pos, n).min(dim=1).values
+    last = torch.where(scored, pos, -1).max(dim=1).values
+    has = last >= 0
+    return torch.where(has, first, 0), int((last - first + 1)[has].max())
 
 
 @functools.lru_cache(maxsize=64)
@@ -163,16 +183,25 @@ def head_token_losses(hidden: torch.Tensor, head: OutputHead, target: torch.Tens
 
 
 def slot_losses(model: Any, ids: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor, n_groups: int,
-                rows: int, head: OutputHead | None = None, compile: bool = False) -> torch.Tensor:
+                rows: int, head: OutputHead | None = None, compile: bool = False, first: torch.Tensor | None = None,
+                span: int = 0) -> torch.Tensor:
     """Mean next-token loss of each row group (one per slot), as HF's causal-LM loss computes it
-    for that group alone. Logits at every position (no data-dependent shapes: no host sync);
-    through a frozen `head`, a chunk at a time (`head_token_losses`)."""
+    for that group alone. Through a frozen `head`, a chunk at a time (`head_token_losses`), and
+    with `first` and `span` (the rows' TokenTable's) only at each row's `span` positions from its
+    first scored one: the prompt and padding of answer-only loss make no logits (a fixed count a
+    row, so no data-dependent shape and no host sync). Without them, logits at every position."""
     # no key/value cache: filling one copies every layer's keys and values, and nothing reads it
     hidden = model.base_model(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
     target = labels[:, 1:]
     if head is not None:
-        token_loss = head_token_losses(hidden[:, :-1].reshape(-1, hidden.shape[-1]), head, target.reshape(-1),
-                                       compile)
+        states, scored = hidden[:, :-1], target
+        if first is not None and 0 < span < target.shape[1]:
+            pos = first.view(-1, 1) + torch.arange(span, device=first.device)
+            inside = pos < target.shape[1]
+            pos = pos.clamp(max=target.shape[1] - 1)  # past a row's end: a repeated position, not scored
+            scored = torch.where(inside, target.gather(1, pos), IGNORE)
+            states = states.gather(1, pos.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
+        token_loss = head_token_losses(states.reshape(-1, hidden.shape[-1]), head, scored.reshape(-1), compile)
     else:
         logits = model.get_output_embeddings()(hidden[:, :-1])
         token_loss = nn.functional.cross_entropy(logits.float().flatten(0, 1), target.flatten(), ignore_index=IGNORE,

@@ -122,7 +122,8 @@ class PackRuntime:
                 g.slots, g.rows, g.enabled = self.pm.to_device(torch.tensor(chunk)), n_val, True
                 ids, mask, labels = (x[:n_val].repeat(len(chunk), 1) for x in (table.ids, table.mask, table.labels))
                 with autocast(self.device, self.precision):
-                    out.append(slot_losses(self.base.model, ids, mask, labels, len(chunk), n_val, self.head))
+                    out.append(slot_losses(self.base.model, ids, mask, labels, len(chunk), n_val, self.head,
+                                           first=table.first[:n_val].repeat(len(chunk)), span=table.span))
         finally:
             g.slots, g.rows = None, self.batch
             self.train_mode()

@@ -22,10 +22,11 @@ from lora_exp.pack.runtime import PackRuntime
 
 
 def train_loss(model: Any, head: Any, ids: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor, live: torch.Tensor,
-               k: int, rows: int, compile: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+               k: int, rows: int, compile: bool = False, first: torch.Tensor | None = None,
+               span: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """Every slot's mean loss and the sum that backward starts from (compiled as one graph in
     the `full` mode)."""
-    losses = slot_losses(model, ids, mask, labels, k, rows, head, compile)
+    losses = slot_losses(model, ids, mask, labels, k, rows, head, compile, first, span)
     return losses, (losses * live).sum()
 
 
@@ -77,7 +78,7 @@ class PackStep:
         idx = self.schedule[self.arange, position]  # [K, batch]
         idx = torch.where(pm.live.bool().view(-1, 1), idx, rt.train_table.empty).view(-1)
         table = rt.train_table
-        ids, mask, labels = table.ids[idx], table.mask[idx], table.labels[idx]
+        ids, mask, labels, first = table.ids[idx], table.mask[idx], table.labels[idx], table.first[idx]
         g = pm.groups
         g.slots, g.rows, g.enabled = None, rt.batch, True
         if self.dropout_on:
@@ -89,7 +90,7 @@ class PackStep:
         with autocast(rt.device, rt.precision), record_function("pack.forward"), \
                 self.layers.active() if self.layers is not None else contextlib.nullcontext():
             losses, total = self.train_loss(rt.base.model, rt.head, ids, mask, labels, pm.live, self.k, rt.batch,
-                                            pm.compile)
+                                            pm.compile, first, table.span)
         with record_function("pack.backward"):
             grads = gradients(pm, total)
         sums += losses.detach().double() * pm.live

@@ -278,6 +278,48 @@ def test_the_bf16_compute_copy_holds_what_autocast_would_cast_the_master_weights
     assert not torch.equal(loss_a[0], loss_a[-1])  # it trained
 
 
+def test_the_head_makes_logits_only_from_each_rows_first_scored_position_with_the_same_losses_and_gradients():
+    """With answer-only loss a row's prompt and padding are not scored: the pack's head makes
+    logits for each row's `span` positions from its first scored one (a fixed count a row), and
+    each slot's loss and the gradients behind it are those of the logits at every position."""
+    import lora_exp.pack.rows as rows_module
+    from lora_exp.pack.rows import OutputHead, slot_losses
+
+    cfg = compose(["model=tiny_llama", "data=qa_demo", "tracking=none", "trainer.batch_size=2"])
+    base = load_base(cfg.model, torch.device("cpu"))
+    data = tokenize(load_rows(cfg.data), cfg.data, base.tokenizer)
+    table = TokenTable.build(data.train, base.tokenizer.pad_token_id, torch.device("cpu"))
+    positions = table.ids.shape[1] - 1
+    assert 0 < table.span < positions and int(table.first.max()) > 0, (table.span, positions)
+    head = OutputHead(base.model, torch.float32)
+    norm = base.model.get_decoder().norm.weight
+    norm.requires_grad_(True)
+    made, real = [], rows_module.head_token_losses
+
+    def counted(hidden, *args, **kwargs):  # the rows the head makes logits for
+        made.append(hidden.shape[0])
+        return real(hidden, *args, **kwargs)
+
+    rows_module.head_token_losses = counted
+    try:
+        idx = torch.tensor([0, 5, 17, 40, 41, 90])
+        results = []
+        for first, span in ((None, 0), (table.first[idx], table.span)):
+            norm.grad = None
+            losses = slot_losses(base.model, table.ids[idx], table.mask[idx], table.labels[idx], 3, 2, head,
+                                 first=first, span=span)
+            losses.sum().backward()
+            results.append((losses.detach(), norm.grad.clone()))
+    finally:
+        rows_module.head_token_losses = real
+        norm.requires_grad_(False)
+    assert made == [6 * positions, 6 * table.span]
+    (full_loss, full_grad), (loss, grad) = results
+    assert torch.allclose(loss, full_loss, rtol=1e-6, atol=0), (loss, full_loss)
+    assert torch.allclose(grad, full_grad, rtol=1e-5, atol=1e-9), (grad - full_grad).abs().max()
+    assert full_grad.abs().sum() > 0
+
+
 class _AdapterTracker(NullTracker):
     """Keeps the adapter folder a trial logs (what MLflow would store as its `adapter` artifact)."""
 
