@@ -7,14 +7,15 @@ places are unsafe:
   statement's cursor lives on in the exception's traceback, and with it its sqlite lock, so every
   write that records the stop (the trial's run FAILED, the sweep's parent KILLED) waits 20 s and
   fails with "database is locked";
-- **inside a `__del__`** (or a library's callback that swallows it): Python prints "Exception
-  ignored" and goes on, and the stop is lost.
+- **inside a `__del__`** (a finalizer the collector runs wherever it runs: the `regex` module's,
+  during ROUGE scoring, say): Python prints "Exception ignored" with a traceback and goes on,
+  and the stop is lost.
 
-So a stop that lands while the main thread runs SQLAlchemy's code (the handler's frame and its
-callers say so) is held until that call is over, then raised: the signal is re-sent to the main
-thread every few milliseconds, and its handler looks again at where it lands. And a stop once
-raised is raised again by `check()`, which the training, evaluation and pack loops call at each
-step, in case it was swallowed.
+So a stop that lands while the main thread runs SQLAlchemy's code or a finalizer (the handler's
+frame and its callers say so) is held until that call is over, then raised: the signal is
+re-sent to the main thread every few milliseconds, and its handler looks again at where it
+lands. And a stop once raised is raised again by `check()`, which the training, evaluation and
+pack loops call at each step, in case a library swallowed it.
 
 The CLI's main runs every command in `answering()`: both signals stop it now. A command with its
 own answer (a sweep: the first Ctrl-C finishes the trial in flight) nests its own `answering()`."""
@@ -32,7 +33,7 @@ from typing import Any, Callable, Iterator
 RETRY_S = 0.02
 
 _answer: Callable[[int, Any], None] | None = None
-_pending = False  # a stop decided while the main thread was inside a database call
+_pending = False  # a stop decided while the main thread was inside a database call or a finalizer
 _stopping = False  # a stop raised: `check()` raises it again if something swallowed it
 _retrying = False
 _depth = 0
@@ -62,7 +63,7 @@ def stop_now(frame: Any = None) -> None:
     """Raise KeyboardInterrupt here, or, inside a database call, as soon as the call ends.
     `frame`: where the signal landed (a handler's argument); by default the caller's."""
     global _pending, _stopping
-    if in_database_call(frame if frame is not None else sys._getframe(1)):
+    if unsafe(frame if frame is not None else sys._getframe(1)):
         _pending = True
         _start_retry()
         return
@@ -81,10 +82,11 @@ def stopping() -> bool:
     return _stopping
 
 
-def in_database_call(frame: Any) -> bool:
-    """`frame`, or a caller of it, is SQLAlchemy's (under MLflow's and Optuna's stores)."""
+def unsafe(frame: Any) -> bool:
+    """`frame`, or a caller of it, is SQLAlchemy's (under MLflow's and Optuna's stores) or a
+    finalizer's (`__del__`): no place to raise a stop."""
     while frame is not None:
-        if frame.f_globals.get("__name__", "").startswith("sqlalchemy"):
+        if frame.f_code.co_name == "__del__" or frame.f_globals.get("__name__", "").startswith("sqlalchemy"):
             return True
         frame = frame.f_back
     return False
