@@ -60,7 +60,8 @@ def answering(answer: Callable[[int, Any], None] | None = None) -> Iterator[None
 
 
 def stop_now(frame: Any = None) -> None:
-    """Raise KeyboardInterrupt here, or, inside a database call, as soon as the call ends.
+    """Raise KeyboardInterrupt here, or, inside a database call or a finalizer (`unsafe`), as
+    soon as it returns.
     `frame`: where the signal landed (a handler's argument); by default the caller's."""
     global _pending, _stopping
     if unsafe(frame if frame is not None else sys._getframe(1)):
