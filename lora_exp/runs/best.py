@@ -10,7 +10,7 @@ from lora_exp.errors import ConfigError
 from lora_exp.runs.recorded import tracking_for
 from lora_exp.sweep.plan import default_storage
 from lora_exp.sweep.storage import rdb_storage
-from lora_exp.tracking.parent import publish_adapter
+from lora_exp.tracking.parent import publish_adapter, trial_params
 from lora_exp.tracking.provenance import redact_uri
 from lora_exp.tracking.store import connect
 
@@ -78,10 +78,18 @@ def describe_best(study: Any, store: list[str] | None = None) -> str:
         f"study {study.study_name}: best trial {best.number} of {len(study.trials)}",
         f"run id:     {best.user_attrs.get('mlflow_run_id', '-')}",
         f"objective:  {best.value:.6g}",
-        f"params:     {json.dumps(best.params)}",
+        f"params:     {trained_params(best)}",
         f"reproduce:  lora-exp train {' '.join([*base, *overrides])}",
         f"rerun:      lora-exp rerun {' '.join([best.user_attrs.get('mlflow_run_id', '-'), *store])}",
     ])
+
+
+def trained_params(trial: Any) -> str:
+    """The searched parameters as the trial trained with them (`trial_params`), with those
+    Optuna sampled as a ratio noted beside them."""
+    shown, sampled = trial_params(trial)
+    note = ", ".join(f"{k}={v}" for k, v in sampled.items())
+    return json.dumps(shown) + (f"  (sampled as a ratio: {note})" if note else "")
 
 
 def describe_front(study: Any) -> str:

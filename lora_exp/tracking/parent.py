@@ -179,13 +179,34 @@ def pareto_front(study: Any) -> list[Any]:
     return sorted(study.best_trials, key=lambda t: t.number)
 
 
+def trial_params(trial: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A trial's searched parameters as it trained with them (its overrides: what its MLflow run
+    and the progress lines show), and Optuna's own value of those it sampled as something else:
+    a `ratio_of` parameter trains lora_alpha 16 where Optuna sampled 2 (x r)."""
+    given = dict(o.split("=", 1) for o in trial.user_attrs.get("overrides", []) if "=" in o)
+    trained, sampled = {}, {}
+    for key, value in trial.params.items():
+        trained[key] = _override_value(given[key]) if key in given else value
+        if trained[key] != value:
+            sampled[key] = value
+    return trained, sampled
+
+
+def _override_value(text: str) -> Any:
+    """An override's value as the sweep wrote it: a number, true/false/null, else the text."""
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
 def trials_table(trials: list[Any]) -> dict[str, list[Any]]:
     rows = sorted(trials, key=lambda t: t.number)
     return {
         "number": [t.number for t in rows],
         "state": [t.state.name for t in rows],
         "value": [t.value if t.values is None or len(t.values) == 1 else t.values for t in rows],
-        "params": [json.dumps(t.params) for t in rows],
+        "params": [json.dumps(trial_params(t)[0]) for t in rows],
         "overrides": [" ".join(t.user_attrs.get("overrides", [])) for t in rows],
         "duration_s": [round(t.duration.total_seconds(), 2) if t.duration else None for t in rows],
         "compute_s": [t.user_attrs.get("compute_s") for t in rows],
@@ -204,7 +225,8 @@ def _log_summary(client: Any, record: SweepRecord, study: Any, trials: list[Any]
     best = best_trial(study)
     if best is not None:
         tags.update({"best_trial_number": best.number, "best_value": best.value,
-                     "best_params": json.dumps(best.params), "best_run_id": best.user_attrs.get("mlflow_run_id"),
+                     "best_params": json.dumps(trial_params(best)[0]),
+                     "best_run_id": best.user_attrs.get("mlflow_run_id"),
                      "best_overrides": " ".join(best.user_attrs.get("overrides", []))})
         finished = counts["COMPLETE"] + counts["PRUNED"] + counts["FAIL"]
         metrics.append(Metric("best_value", best.value, now, finished))

@@ -155,6 +155,14 @@ def test_best_and_generate(swept):
     assert f"run id:     {run_id}" in proc.stdout
     assert "reproduce:  lora-exp train model=tiny_gpt2" in proc.stdout
     assert " ".join(study.best_trial.user_attrs["overrides"]) in proc.stdout
+    # the parameters as the trial trained with them: lora_alpha's value, not the ratio of r sampled
+    params = next(line for line in proc.stdout.splitlines() if line.startswith("params: "))
+    shown = json.loads(params.split(":", 1)[1].split("  (")[0])
+    trained = dict(o.split("=", 1) for o in study.best_trial.user_attrs["overrides"])
+    assert shown["lora.lora_alpha"] == int(trained["lora.lora_alpha"]) == shown["lora.r"] * \
+        study.best_trial.params["lora.lora_alpha"]
+    assert shown["lora.r"] == int(trained["lora.r"]) and shown["trainer.lr"] == float(trained["trainer.lr"])
+    assert f"(sampled as a ratio: lora.lora_alpha={study.best_trial.params['lora.lora_alpha']})" in params
     assert run_cli("best", "study=nope", cwd=work).returncode == 2
     proc = run_cli("generate", run_id, "Q: What is self-attention?\\nA:", "--max-new-tokens", "5", cwd=work)
     assert proc.returncode == 0, proc.stderr

@@ -46,11 +46,20 @@ def test_tiny_sweep_prunes_and_mlflow_matches_optuna(workdir, store, capsys, mon
     assert parent.info.status == "FINISHED"
     assert parent.data.tags["best_trial_number"] == str(best.number)
     assert parent.data.tags["best_run_id"] == best.user_attrs["mlflow_run_id"]
+    # parameters as the trials trained with them: lora_alpha's value, not the ratio of r sampled
+    best_params = json.loads(parent.data.tags["best_params"])
+    assert best_params["lora.lora_alpha"] == best_params["lora.r"] * best.params["lora.lora_alpha"]
+    assert f"lora.lora_alpha={best_params['lora.lora_alpha']}" in best.user_attrs["overrides"]
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
     assert {"sweep.yaml", "trials.json", "best_adapter", "plots"} <= artifacts
     table = json.loads(Path(client.download_artifacts(parent.info.run_id, "trials.json")).read_text())
     assert sorted(row[0] for row in table["data"]) == list(range(6)), "one row per trial, refreshed not appended"
     assert table["columns"][:3] == ["number", "state", "value"]
+    params, overrides = table["columns"].index("params"), table["columns"].index("overrides")
+    for row in table["data"]:
+        trained = json.loads(row[params])
+        assert f"lora.lora_alpha={trained['lora.lora_alpha']}" in row[overrides].split()
+        assert f"lora.r={trained['lora.r']}" in row[overrides].split()
     plots = {a.path for a in client.list_artifacts(parent.info.run_id, "plots")}
     assert {"plots/optimization_history.png", "plots/loss_curves.png", "plots/parallel_coordinate.png",
             "plots/best_per_compute_hour.png"} <= plots
