@@ -23,7 +23,7 @@ from lora_exp.sweep.enqueue import (
     trial_overrides,
 )
 from lora_exp.sweep.plan import SweepOptions, SweepPlan, default_workers, parse_options
-from lora_exp.sweep.report import study_counts
+from lora_exp.sweep.report import shown_overrides, study_counts
 from lora_exp.sweep.spec import SweepSpec, corner_overrides, load_sweep
 from lora_exp.sweep.storage import make_sampler, open_study, top_up
 from lora_exp.sweep.trial import base_values, check_ratio_anchors, trial_config
@@ -168,7 +168,8 @@ def parent_params(spec: SweepSpec, options: SweepOptions, study_name: str) -> di
 def dry_run(args: list[str], limit: int = 20) -> int:
     """What `lora-exp sweep` with these arguments would run, without training or writing: the
     checks it makes first, then the first trials' overrides as its sampler draws them for a new
-    study (an in-memory study; the trials of an existing study are not read)."""
+    study (an in-memory study; the trials of an existing study are not read), shown as the
+    sweep's trial lines show them (`shown_overrides`)."""
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -191,7 +192,7 @@ def dry_run(args: list[str], limit: int = 20) -> int:
     for _ in range(min(n_trials, limit)):
         trial = study.ask()
         source = trial.user_attrs.get(ENQUEUED)
-        print(f"trial {trial.number:>3}  {' '.join(trial_overrides(trial, spec.space, values))}"
+        print(f"trial {trial.number:>3}  {shown_overrides(trial_overrides(trial, spec.space, values))}"
               + (f"  (enqueued: {source})" if source else ""))
         study.tell(trial, state=optuna.trial.TrialState.FAIL)  # nothing trained: no value to tell
     if n_trials > limit:

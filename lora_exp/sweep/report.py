@@ -49,6 +49,23 @@ def progress_text(done: int, done_at_start: int, n_trials: int, started: float, 
     return ", ".join(parts)
 
 
+def shown_overrides(overrides: list[str]) -> str:
+    """A trial's overrides as its line shows them: a fractional number to 4 significant digits
+    (`lora.lora_dropout=0.04874`, `trainer.lr=0.0001879`); the run's tag and config and `lora-exp
+    best`'s command keep every digit."""
+    shown = []
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        try:
+            value = float(text)
+        except ValueError:
+            value = None
+        if sep and value is not None and not value.is_integer() and any(c in text for c in ".eE"):
+            item = f"{key}={value:.4g}"
+        shown.append(item)
+    return " ".join(shown)
+
+
 def trial_line(metrics: list[str], n_trials: int, done: str, number: int, status: TrialStatus, value: Any,
                overrides: list[str], wall: str, at_step: int | None = None, progress: str = "") -> str:
     """The one line a sweep prints per finished trial (packed or not)."""
@@ -59,4 +76,5 @@ def trial_line(metrics: list[str], n_trials: int, done: str, number: int, status
     if at_step is not None:
         shown += f"@{at_step}"
     tail = f"  [{progress}]" if progress else ""
-    return f"[{done}/{n_trials}] trial {number:>3} {status.value:<8} {shown}  {' '.join(overrides)}  ({wall}){tail}"
+    trial = f"trial {number:>3} {status.value:<8} {shown}  {shown_overrides(overrides)}"
+    return f"[{done}/{n_trials}] {trial}  ({wall}){tail}"

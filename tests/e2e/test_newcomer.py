@@ -86,6 +86,13 @@ def test_progress_lines_when_the_output_is_not_a_terminal(workdir):
     lines = [ln for ln in sweep.stdout.splitlines() if ln.startswith("[")]
     assert re.search(r"^\[1/2\] trial .*\[elapsed \d+s, ETA \d+s, [\d.]+ trials/h\]$", lines[0]), lines
     assert re.search(r"^\[2/2\] trial .*\[elapsed \d+s, ETA 0s", lines[1]), lines
+    # a trial's numbers to 4 significant digits on its line; the trial itself keeps every digit
+    from optuna import load_study
+
+    study = load_study(study_name="tiny", storage=f"sqlite:///{workdir}/mlruns/optuna.db")
+    full = dict(o.split("=", 1) for o in study.trials[0].user_attrs["overrides"])["trainer.lr"]
+    shown = re.search(r"trainer\.lr=(\S+)", next(ln for ln in lines if " trial   0 " in ln)).group(1)
+    assert shown == f"{float(full):.4g}" and len(full) > len(shown), (shown, full)
     assert "watch it: lora-exp ui, then http://127.0.0.1:5000/#/experiments/1/runs/" in sweep.stdout
     assert "trial 0: step 1/4" in sweep.stderr and "loading model tiny_gpt2" in sweep.stderr
 
