@@ -55,14 +55,12 @@ def shown_overrides(overrides: list[str]) -> str:
     best`'s command keep every digit."""
     shown = []
     for item in overrides:
-        key, sep, text = item.partition("=")
+        key, _, text = item.partition("=")
         try:
             value = float(text)
         except ValueError:
-            value = None
-        if sep and value is not None and not value.is_integer() and any(c in text for c in ".eE"):
-            item = f"{key}={value:.4g}"
-        shown.append(item)
+            value = 0.0
+        shown.append(item if value.is_integer() else f"{key}={value:.4g}")
     return " ".join(shown)
 
 

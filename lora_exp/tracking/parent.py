@@ -10,6 +10,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from lora_exp.compose import override_value
 from lora_exp.config import TrackingConfig
 from lora_exp.tracking.answers import log_answers, top_trials
 from lora_exp.tracking.provenance import provenance, redact_text
@@ -183,21 +184,13 @@ def trial_params(trial: Any) -> tuple[dict[str, Any], dict[str, Any]]:
     """A trial's searched parameters as it trained with them (its overrides: what its MLflow run
     and the progress lines show), and Optuna's own value of those it sampled as something else:
     a `ratio_of` parameter trains lora_alpha 16 where Optuna sampled 2 (x r)."""
-    given = dict(o.split("=", 1) for o in trial.user_attrs.get("overrides", []) if "=" in o)
+    given = {o.split("=", 1)[0]: o for o in trial.user_attrs.get("overrides", []) if "=" in o}
     trained, sampled = {}, {}
     for key, value in trial.params.items():
-        trained[key] = _override_value(given[key]) if key in given else value
+        trained[key] = override_value(given[key]) if key in given else value
         if trained[key] != value:
             sampled[key] = value
     return trained, sampled
-
-
-def _override_value(text: str) -> Any:
-    """An override's value as the sweep wrote it: a number, true/false/null, else the text."""
-    try:
-        return json.loads(text)
-    except ValueError:
-        return text
 
 
 def trials_table(trials: list[Any]) -> dict[str, list[Any]]:
