@@ -34,6 +34,10 @@ log = logging.getLogger("lora_exp")
 #: how long a worker waits for an unreachable tracking store before it stops (trials stay queued)
 TRACKING_WAIT_S = float(os.environ.get("LORA_EXP_TRACKING_WAIT_SECONDS", "600"))
 FAILURE_LIMIT_EXIT = 3
+#: how long after a SIGINT in the terminal's foreground the sweep waits for each worker to say it
+#: got it too (a Ctrl-C reaches the whole group) before passing it on (a `kill -INT` reached the
+#: sweep alone)
+PASS_ON_S = 2.0
 NOISY_LOGGERS = ("httpx", "urllib3", "alembic", "mlflow", "datasets", "filelock", "absl", "sentence_transformers")
 
 #: (plan, worker index, stop flag, study, context) -> False if the failure limit stopped it
@@ -64,14 +68,18 @@ def quiet_libraries() -> None:
 class StopFlag:
     """First Ctrl-C: finish the trial in flight, then stop. Second (or SIGTERM): stop now, except
     inside `deferred()`, which then stops as it ends: a trial claimed but not yet running, or a
-    trial being recorded in both stores, is never cut in half."""
+    trial being recorded in both stores, is never cut in half. `received` (a worker process's
+    shared counter) counts the SIGINTs it answers, for the sweep's process to read."""
 
-    def __init__(self) -> None:
+    def __init__(self, received: Any = None) -> None:
         self.requested = False
         self._deferring = 0
         self._pending = False
+        self.received = received
 
     def __call__(self, signum: int, frame: Any = None) -> None:
+        if signum == signal.SIGINT and self.received is not None:
+            self.received.value += 1
         if not (self.requested or signum == signal.SIGTERM):
             self.requested = True
             log.warning("stopping after the trial(s) in flight (Ctrl-C again to stop now)")
@@ -129,7 +137,7 @@ def in_flight_elsewhere(study: Any, plan: SweepPlan) -> bool:
 
 
 def run_worker(plan: SweepPlan, worker_index: int, n_workers: int | None = 1,
-               packed: PackedWorker | None = None) -> bool:
+               packed: PackedWorker | None = None, received: Any = None) -> bool:
     """Claim WAITING trials and run them on one base model, until none is left (`packed` runs
     them K at a time when the plan packs). Returns False when the failure limit stopped it."""
     import torch
@@ -138,7 +146,7 @@ def run_worker(plan: SweepPlan, worker_index: int, n_workers: int | None = 1,
         # a worker process shares the CPU cores with the other workers (as its trials record); a
         # pack, which trains its trials here rather than in `run_trial`, takes the set count too
         torch.set_num_threads(plan.base.trainer.num_threads or max(1, (os.cpu_count() or 1) // plan.workers))
-    stop = StopFlag()
+    stop = StopFlag(received)
     answers = multiprocessing.current_process().name == "MainProcess" or n_workers is None
     with interrupts.answering(stop) if answers else contextlib.nullcontext():
         study = open_study(plan.spec, plan.options.storage, plan.study_name, create=False)
@@ -230,19 +238,34 @@ def worker_processes(gpus: list[str]) -> Any:
 def run_worker_processes(plan: SweepPlan, workers: int, packed: PackedWorker | None = None) -> bool:
     gpus = worker_gpus()
     ctx = worker_processes(gpus)
-    procs = [ctx.Process(target=worker_entry, args=(plan, i, gpus[i % len(gpus)] if gpus else None, packed),
+    received = [ctx.RawValue("i", 0) for _ in range(workers)]  # the SIGINTs each worker answered
+    procs = [ctx.Process(target=worker_entry, args=(plan, i, gpus[i % len(gpus)] if gpus else None, packed,
+                                                    received[i]),
                          name=f"lora-exp-worker-{i}") for i in range(workers)]
+    foreground_sigints = 0
+
+    def send(signum: int, count: int | None = None) -> None:
+        """`signum` to each live worker (with `count`: each that has answered fewer SIGINTs)."""
+        for p, got in zip(procs, received):
+            if p.pid is not None and p.is_alive() and (count is None or got.value < count):
+                os.kill(p.pid, signum)
 
     def forward(signum: int, frame: Any) -> None:
         """A terminal's Ctrl-C reaches every process of its foreground group, the workers
         included; a signal sent to this process (SIGTERM from `kill` or `docker stop`, SIGINT from
         `kill -INT`, `timeout -s INT` or a job scheduler) reaches it alone: the workers get it
-        from here. A SIGINT while this group is the terminal's foreground group is taken for a
-        Ctrl-C there (a worker that got it twice would stop now instead of finishing its trial)."""
+        from here. A SIGINT while this group is the terminal's foreground group may be either (a
+        Ctrl-C there, or `kill -INT` from another shell): a worker that got it twice would stop now
+        instead of finishing its trial, so it is passed on only to the workers that have not
+        answered as many SIGINTs as this process got, `PASS_ON_S` later."""
+        nonlocal foreground_sigints
         if signum == signal.SIGTERM or not terminal_foreground():
-            for p in procs:
-                if p.pid is not None and p.is_alive():
-                    os.kill(p.pid, signum)
+            send(signum)
+        else:
+            foreground_sigints += 1
+            timer = threading.Timer(PASS_ON_S, send, args=(signal.SIGINT, foreground_sigints))
+            timer.daemon = True
+            timer.start()
         interrupts.stop_now(frame)
 
     with interrupts.answering(forward):
@@ -287,7 +310,8 @@ def worker_gpus() -> list[str]:
     return names[:torch.cuda.device_count()] or [str(i) for i in range(torch.cuda.device_count())]
 
 
-def worker_entry(plan: SweepPlan, index: int, gpu: str | None = None, packed: PackedWorker | None = None) -> None:
+def worker_entry(plan: SweepPlan, index: int, gpu: str | None = None, packed: PackedWorker | None = None,
+                 received: Any = None) -> None:
     if gpu is not None:
         # each worker sees its one GPU as cuda:0: the same compiled graphs on every GPU, so a
         # worker whose pack starts second reuses the first one's compile cache (lora_exp.pack)
@@ -297,7 +321,7 @@ def worker_entry(plan: SweepPlan, index: int, gpu: str | None = None, packed: Pa
         logging.getLogger(noisy).setLevel(logging.WARNING)
     quiet_libraries()
     try:
-        finished = run_worker(plan, index, n_workers=None, packed=packed)
+        finished = run_worker(plan, index, n_workers=None, packed=packed, received=received)
     except KeyboardInterrupt:  # stopped now: its trial is recorded FAILED (interrupted); no traceback
         raise SystemExit(130) from None
     if not finished:
