@@ -2,8 +2,9 @@
 sibling projections that read the same input in one product (q, k and v; gate and up), bf16 on
 CUDA, at the workloads' shapes (a pack's rows x the model's widths): the forward (`F.linear`,
 with the bias where the model has one) and the input's gradient (each module's product, summed,
-as autograd sums them, against one product over the concatenated output gradients). Each way is
-timed alternately over rounds; medians are printed.
+as autograd sums them, and the products alone, as a compiled step runs them with the sum fused into
+what reads it, against one product over the concatenated output gradients). Each way is timed
+alternately over rounds; medians are printed.
 
     python bench/proj_gemms.py                     # qwen (64 x 512 rows) and default (128 x 8 x 49)
     python bench/proj_gemms.py --workloads qwen --rounds 8
@@ -62,11 +63,15 @@ def cases(rows: int, width: int, qkv: tuple[int, ...], mlp: int, bias: bool):
         def bwd_cat(wcat=wcat, gcat=gcat):
             return torch.mm(gcat, wcat)
 
+        def bwd_products(ws=ws, gs=gs):  # the products alone: a compiled step fuses their sum into what follows
+            return [torch.mm(g, w) for g, w in zip(gs, ws)]
+
         sep, cat = torch.cat([y for y in fwd_sep()], dim=1), fwd_cat()
         diff_f = ((sep.float() - cat.float()).abs().max() / cat.float().abs().max()).item()
         diff_b = ((bwd_sep().float() - bwd_cat().float()).abs().max() / bwd_cat().float().abs().max()).item()
         out[f"{group} forward"] = (fwd_sep, fwd_cat, flops, diff_f)
         out[f"{group} input grad"] = (bwd_sep, bwd_cat, flops, diff_b)
+        out[f"{group} input grad, no sum"] = (bwd_products, bwd_cat, flops, diff_b)
         for n, w, b in zip(widths, ws, bs):  # each module alone: where the separate time goes
             out.setdefault(f"{group} one product, out {n}", (lambda w=w, b=b: F.linear(x, w, b), None,
                                                               2 * rows * width * n, 0.0))
