@@ -217,7 +217,7 @@ def test_sigint_to_a_multi_worker_sweep_finishes_the_trials_in_flight_whoever_se
     reaches the whole foreground group, the workers included, and the sweep does not pass it on
     again (`terminal_foreground`: a worker whose handler ran between the two would stop now); a
     `kill -INT` from another shell while the sweep is in its terminal's foreground reaches the
-    sweep alone, and its workers get it from the sweep once they have not said they got it."""
+    sweep alone, and the sweep passes it on to each worker that has not counted it."""
     storage = f"sqlite:///{workdir}/mlruns/optuna.db"
     args = ["sweep=tiny", "n_trials=8", "workers=2", "trainer.max_steps=300", "trainer.eval_steps=100"]
     terminal = "terminal" in where
