@@ -202,7 +202,7 @@ def _swiglu_linear_backward(dout, g, u, w, a, b, z, scale, rank, keys, thr, ksca
     _bwd[(k, blocks, parts)](g, u, dh, dh, du, dz, ga, partial, rank, *_args(g, keys, thr, kscale), m, m // rows,
                              width, rows, rmax, PARTS=parts, DROPOUT=keys is not None, BM=BM, BR=br, BK=BK,
                              PREC=prec, num_warps=NUM_WARPS)
-    lora_tiled.sum_parts(ga, partial, parts)
+    lora_tiled.sum_parts(ga, partial, parts, rank)
     return dh, du, ga, gb
 
 
