@@ -189,6 +189,68 @@ LORA_SCRIPT = textwrap.dedent('''
 
 
 
+GEMM_SCRIPT = textwrap.dedent('''
+    # The base layer's product with each slot's delta in its epilogue (kernels.lora_gemm, lora.GEMM)
+    # against the same op with cuBLAS's product and the delta added in place (GEMM=0): long row
+    # groups (a multiple of its row tile), nn.Linear's and Conv1D's layouts, dropout on and off, a
+    # slot that does not target the module; the output within one rounding of the product plus
+    # the delta, the input gradient within one of g W plus the delta's, A's and B's gradients equal.
+    import os
+    import torch
+    from lora_exp.pack.kernels import lora as pack_lora, lora_gemm
+    from lora_exp.core.randomness import module_keys, row_keys
+
+    torch.manual_seed(0)
+    torch.set_default_device(os.environ["KERNELS_DEVICE"])
+    dtype = getattr(torch, os.environ["KERNELS_DTYPES"])
+    k, rows, fin, fout, R = 3, 2, 72, 88, 16        # widths not multiples of the output tile
+    t = lora_gemm.BM * 3 // 2                       # a slot's 3 row tiles; past MAX_M: the tiled kernels
+    m = rows * t
+    ranks = torch.tensor([8, 0, 13], dtype=torch.int32)
+    scale = torch.tensor([0.5, 0.0, 2.0])
+    keys = module_keys(row_keys(torch.arange(k * rows) * 7 + 3, torch.full((k * rows,), 11),
+                                torch.arange(rows).repeat(k)), 12345)
+    p = torch.tensor([0.1, 0.0, 0.3]).repeat_interleave(rows)
+    eps = torch.finfo(dtype).eps
+    def near(got, want, size, ulps):
+        return bool(((got.float() - want.float()).abs() <= ulps * eps * size.float() + 1e-30).all())
+    for conv in (False, True):
+        for drop in (True, False):
+            a = torch.randn(k, R, fin, dtype=dtype) * 0.3
+            b = torch.randn(k, R, fout, dtype=dtype) * 0.3
+            w = torch.randn(fout, fin, dtype=dtype) * 0.2
+            bias = torch.randn(fout, dtype=dtype) if conv else None
+            wb = (w.t().contiguous(), bias) if conv else (w, None)
+            x = torch.randn(k, m, fin, dtype=dtype)
+            g = torch.randn(k, m, fout, dtype=dtype)
+            args = pack_lora.dropout_args(keys, p, dtype) if drop else (None,) * 3
+            assert lora_gemm.fits(x, wb[0], m) and not pack_lora._short(m, R, x)
+            outs = {}
+            for gemm in (0, 1):
+                pack_lora.GEMM = gemm
+                xk, ak, bk = [v.clone().requires_grad_() for v in (x, a, b)]
+                y, _ = torch.ops.lora_exp.lora_linear(xk, *wb, ak, bk, scale, ranks, *args, rows, 1, conv)
+                outs[gemm] = (y.detach(), *torch.autograd.grad(y, [xk, ak, bk], g))
+            (y0, dx0, ga0, gb0), (y1, dx1, ga1, gb1) = outs[0], outs[1]
+            what = (conv, drop)
+            assert y1.dtype == dx1.dtype == dtype
+            # the products' sums in another order: within a rounding of the terms' magnitudes, and
+            # the delta's rounding as the in-place add's (a missed rounding is off by more)
+            size = (x.abs() @ w.abs().t() + (bias.abs() if conv else 0)) * 2 + y0.abs()
+            assert near(y1, y0, size, 1), (what, (y1 - y0).abs().max())
+            size = (g.abs() @ w.abs()) * 2 + dx0.abs()
+            assert near(dx1, dx0, size, 1), (what, (dx1 - dx0).abs().max())
+            assert (y1 != y0).float().mean() < 0.05 and (dx1 != dx0).float().mean() < 0.05, what
+            for s in range(k):                          # A's and B's where the slot trains: the same kernels
+                r = int(ranks[s])
+                assert torch.equal(ga1[s, :r], ga0[s, :r]) and torch.equal(gb1[s, :r], gb0[s, :r]), (what, s)
+            # a slot without the module: the base layer's product and gradient alone
+            base = pack_lora.base_linear(x[1], *wb, conv)
+            assert near(y1[1], base, x[1].abs() @ w.abs().t() * 2, 1), what
+    print("gemm kernels ok")
+''')
+
+
 SWIGLU_SCRIPT = textwrap.dedent("""
     # A SwiGLU MLP's activation and its packed down projection (frozen linear + each slot's LoRA,
     # dropout on or off) as one op (kernels.swiglu), against torch's silu, product, linear and

@@ -6,6 +6,7 @@ import pytest
 
 from kernel_checks import (
     ATTENTION_SCRIPT,
+    GEMM_SCRIPT,
     HEAD_SCRIPT,
     LORA_SCRIPT,
     SCRIPT,
@@ -26,6 +27,12 @@ def test_the_same_on_the_gpu_compiled():
 def test_lora_delta_kernels_the_same_on_the_gpu_in_fp32_and_bf16():
     cuda_or_skip()
     run_checks(LORA_SCRIPT, KERNELS_DEVICE="cuda", KERNELS_DTYPES="float32,bfloat16")
+
+
+def test_the_base_product_with_the_lora_delta_in_its_epilogue_the_same_on_the_gpu_in_bf16_and_fp16():
+    cuda_or_skip()
+    run_checks(GEMM_SCRIPT, KERNELS_DEVICE="cuda", KERNELS_DTYPES="bfloat16")
+    run_checks(GEMM_SCRIPT, KERNELS_DEVICE="cuda", KERNELS_DTYPES="float16")
 
 
 def test_swiglu_down_projection_op_the_same_on_the_gpu_in_fp32_and_bf16():

@@ -7,6 +7,7 @@ import pytest
 
 from kernel_checks import (
     ATTENTION_SCRIPT,
+    GEMM_SCRIPT,
     HEAD_SCRIPT,
     LLAMA_AUTOCAST_SCRIPT,
     LORA_SCRIPT,
@@ -28,6 +29,11 @@ def test_lora_delta_kernels_match_the_bmms_forward_and_backward_skipping_what_a_
     """fp32, and fp16 with an fp32 output gradient (fp16 stands for bf16: the interpreter's bf16 dots
     are wrong; tests/gpu runs bf16)."""
     run_checks(LORA_SCRIPT, TRITON_INTERPRET="1", KERNELS_DEVICE="cpu", KERNELS_DTYPES="float32,float16")
+
+
+def test_the_base_product_with_the_lora_delta_in_its_epilogue_matches_the_product_then_the_delta():
+    """fp16 (for bf16: the interpreter's bf16 dots are wrong; tests/gpu runs bf16)."""
+    run_checks(GEMM_SCRIPT, TRITON_INTERPRET="1", KERNELS_DEVICE="cpu", KERNELS_DTYPES="float16")
 
 
 def test_swiglu_activation_fused_with_down_projections_lora_matches_torchs_ops_forward_and_backward():

@@ -11,7 +11,7 @@ import re
 #: each kernel module's constants that the benches time other values of and `pack.kernel_constants`
 #: sets for a sweep (each module's TUNABLE); here so a config is checked without importing triton
 TUNABLES = {
-    "lora": ("BK", "BN", "NUM_WARPS", "MIN_SPLIT", "MAX_M", "BM", "PROGRAMS_PER_SM", "SWIGLU"),
+    "lora": ("BK", "BN", "NUM_WARPS", "MIN_SPLIT", "MAX_M", "BM", "PROGRAMS_PER_SM", "SWIGLU", "GEMM"),
     "swiglu": ("BM", "BK", "NUM_WARPS"),
     "head": ("BLOCK", "NUM_WARPS"),
 }

@@ -39,7 +39,7 @@ import torch
 import triton
 import triton.language as tl
 
-from lora_exp.pack.kernels import TUNABLES, lora_tiled
+from lora_exp.pack.kernels import TUNABLES, lora_gemm, lora_tiled
 from lora_exp.pack.kernels.hash import masked
 
 #: the tiles a program steps through the inputs (BK) and outputs (BN) by, its warps, and the
@@ -52,6 +52,9 @@ PROGRAMS_PER_SM = 4
 MAX_M, BM = 256, 32
 #: a SwiGLU MLP's activation fused with its down projection's LoRA delta (kernels.swiglu); 0: apart
 SWIGLU = 1
+#: long row groups in bf16/fp16 on CUDA: the base layer's product and the delta in one kernel
+#: (kernels.lora_gemm), forward and input gradient; 0: cuBLAS's product, the delta added in place
+GEMM = 1
 #: the constants here, which the benches set to time other values (and `pack.kernel_constants` for a sweep)
 TUNABLE = TUNABLES["lora"]
 
@@ -284,8 +287,18 @@ def _delta_fake(x, a, b, scale, rank, keys, thr, kscale, rows, split):
 def _linear(x, w, bias, a, b, scale, rank, keys, thr, kscale, rows, split, conv):
     x = x.contiguous()
     k, m, fin = x.shape
+    if _in_gemm(x, w, a):  # h first (the forward kernel with no outputs), then the product and its delta
+        h = delta_forward(x, a, b[:, :, :0], scale, rank, keys, thr, kscale, rows, split, x.new_empty(k, m, 0), True)
+        out = lora_gemm.gemm_lora(x.view(k * m, fin), w, conv, bias, h.view(k * m, -1), b, scale, rank, m)
+        return out.view(k, m, -1), h
     out = base_linear(x.view(k * m, fin), w, bias, conv).view(k, m, -1)
     return out, delta_forward(x, a, b, scale, rank, keys, thr, kscale, rows, split, out, True)
+
+
+def _in_gemm(x: torch.Tensor, w: torch.Tensor, a: torch.Tensor) -> bool:
+    """Whether kernels.lora_gemm runs a layer's product with its delta (`GEMM`): long row groups
+    (the tiled kernels) that it takes."""
+    return bool(GEMM) and not _short(x.shape[1], a.shape[1], x) and lora_gemm.fits(x, w, x.shape[1])
 
 
 @_linear.register_fake
@@ -306,14 +319,19 @@ def _delta_backward(g, x, a, b, h, scale, rank, keys, thr, kscale, rows, split, 
     k, m, fin = x.shape
     fout, rmax = b.shape[2], a.shape[1]
     acc = w is not None
+    fused = need_dx and acc and _in_gemm(g, w, a)  # the input gradient made by kernels.lora_gemm, after dh
     dx = None
-    if need_dx:
+    if need_dx and not fused:
         dx = ((torch.mm(g.view(k * m, fout), w.t() if conv else w).view(k, m, fin)) if acc
               else torch.empty(k, m, fin, device=x.device, dtype=x.dtype))
     if not _short(m, rmax, x):
-        ga, gb = lora_tiled.backward(g, x, a, b, h, scale, rank, keys, thr, kscale, rows, split, dx, acc, bm=BM, bk=BK,
-                                     bn=BN, br=block_r(rmax), prec=precision(x.dtype),
-                                     programs=PROGRAMS_PER_SM * sm_count(x.device), launch=launch_options())
+        ga, gb, dh = lora_tiled.backward(g, x, a, b, h, scale, rank, keys, thr, kscale, rows, split, dx, acc, bm=BM,
+                                         bk=BK, bn=BN, br=block_r(rmax), prec=precision(x.dtype),
+                                         programs=PROGRAMS_PER_SM * sm_count(x.device), launch=launch_options())
+        if fused:  # g W (w's layout: Conv1D's [in, out] is W^T) + (dh A) * mask
+            dropout = (keys, thr, kscale) if keys is not None else None
+            dx = lora_gemm.gemm_lora(g.view(k * m, fout), w, not conv, None, dh.view(k * m, -1), a, None, rank, m,
+                                     dropout, rows).view(k, m, fin)
         return (dx if need_dx else x.new_empty(0)), ga, gb
     bm, br = block_m(m), block_r(rmax)
     # written only where a slot trains (its first r rows of the modules it targets): the

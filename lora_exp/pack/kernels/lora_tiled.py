@@ -219,8 +219,8 @@ def backward(g, x, a, b, h, scale, rank, keys, thr, kscale, rows, split, dx, acc
     block and A's per input block, each over the group's positions, and the input's gradient.
     Where slots x blocks are too few programs for the GPU, each block's positions are split in
     up to `split` parts whose fp32 partial sums are added in a fixed order (deterministic).
-    `dx` is the input gradient's buffer (None: not needed), added to in place with `acc`
-    (`input_grad`)."""
+    `dx` is the input gradient's buffer (None: not made here), added to in place with `acc`
+    (`input_grad`). Returns A's and B's gradients and dh [K, M, br] (fp32)."""
     k, m, fin = x.shape
     rmax = a.shape[1]
     tiles = triton.cdiv(m, bm)
@@ -236,4 +236,4 @@ def backward(g, x, a, b, h, scale, rank, keys, thr, kscale, rows, split, dx, acc
         input_grad(a, dh.view(k, 1, m, br), 1, dx, rank, keys, thr, kscale, rows, acc, bm=bm, br=br, bk=bk,
                    prec=prec, launch=launch)
     sum_parts(ga, partial, parts, rank)
-    return ga, gb
+    return ga, gb, dh

@@ -1,0 +1,242 @@
+"""The LoRA delta added in the base layer's product (a Triton GEMM whose epilogue adds each slot's
+h B x scale before the output is written) against what a packed step runs now (cuBLAS's product,
+then the LoRA kernel that reads it back, adds the delta and writes it again), bf16 on CUDA, at a
+Qwen2.5-0.5B pack's shapes (K=64 slots of 512 positions): the forward of each module of a layer,
+and its input gradient (the base layer's product plus each slot's dh A, which the LoRA kernel now
+adds in place). Also the Triton product alone against cuBLAS's, which bounds what fusing can gain.
+(A step runs down_proj's forward through kernels.swiglu, not as timed here.)
+
+Each way is timed alternately over rounds (CUDA events); medians are printed, and how far the
+fused output is from now's (the products' sums are in another order: last-bit differences).
+
+    python bench/lora_gemm.py
+    python bench/lora_gemm.py --rounds 8 --configs "128,256,64,8,3;128,128,64,4,4"
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+
+import torch
+import triton
+import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
+
+from lora_exp.pack.kernels import lora, lora_tiled
+
+#: (name, in, out) of a Qwen2.5-0.5B layer's linear modules
+MODULES = (("q", 896, 896), ("k", 896, 128), ("v", 896, 128), ("o", 896, 896),
+           ("gate", 896, 4864), ("up", 896, 4864), ("down", 4864, 896))
+
+
+@triton.jit
+def _gemm_lora_kernel(x_desc, w_desc, y_desc, bias_ptr, h_ptr, b_ptr, scale_ptr, rank_ptr,
+                      M, N, K, SLOT_M, H_S, b_s0, b_s1,
+                      BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr,
+                      GROUP_M: tl.constexpr, PROGRAMS: tl.constexpr, HAS_BIAS: tl.constexpr,
+                      LORA: tl.constexpr, SCALE: tl.constexpr, W_T: tl.constexpr, FLATTEN: tl.constexpr):
+    """y = x W^T (+ bias) (W_T: x W, W [K, N], an input gradient), and with LORA each slot's
+    delta round(round(h B) * scale) added as kernels.lora's kernels add it (in fp32 to the
+    rounded product, then rounded): the forward's h [M, R] and B, or the backward's dh [M, BR]
+    (fp32) and A. The tiles are this program's in turn (a persistent grid of PROGRAMS programs,
+    grouped GROUP_M row tiles at a time so the programs in flight share W and x in L2)."""
+    tiles_m = tl.cdiv(M, BM)
+    tiles_n = tl.cdiv(N, BN)
+    k_tiles = tl.cdiv(K, BK)
+    per_group = GROUP_M * tiles_n
+    dtype = y_desc.dtype
+    for tile in tl.range(tl.program_id(0), tiles_m * tiles_n, PROGRAMS, flatten=FLATTEN):
+        group = tile // per_group
+        first_m = group * GROUP_M
+        size_m = min(tiles_m - first_m, GROUP_M)
+        pid_m = first_m + (tile % per_group) % size_m
+        pid_n = (tile % per_group) // size_m
+        om = pid_m * BM
+        on = pid_n * BN
+        acc = tl.zeros((BM, BN), dtype=tl.float32)
+        for ki in range(k_tiles):
+            a = x_desc.load([om, ki * BK])
+            if W_T:
+                acc = tl.dot(a, w_desc.load([ki * BK, on]), acc)
+            else:
+                acc = tl.dot(a, w_desc.load([on, ki * BK]).T, acc)
+        n = on + tl.arange(0, BN)
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + n, mask=n < N, other=0.0).to(tl.float32)
+        y = acc.to(dtype)
+        if LORA:
+            slot = (om // SLOT_M).to(tl.int64)  # a row tile lies within one slot (SLOT_M % BM == 0)
+            r = tl.load(rank_ptr + slot)
+            if r > 0:
+                m = om + tl.arange(0, BM)
+                rk = tl.arange(0, BR)
+                h = tl.load(h_ptr + m[:, None].to(tl.int64) * H_S + rk[None, :],
+                            mask=(m < M)[:, None] & (rk < r)[None, :], other=0.0).to(dtype)
+                b = tl.load(b_ptr + slot * b_s0 + rk[:, None] * b_s1 + n[None, :],
+                            mask=(rk < r)[:, None] & (n < N)[None, :], other=0.0)
+                d = tl.dot(h, b).to(dtype)
+                if SCALE:
+                    d = (d * tl.load(scale_ptr + slot).to(dtype)).to(dtype)
+                y = (y.to(tl.float32) + d.to(tl.float32)).to(dtype)
+        y_desc.store([om, on], y)
+
+
+def gemm_lora(x, w, bias, h, b, scale, rank, slot_m, config, lora_on=True, w_t=False):
+    """x [M, K] W^T (+ bias) + each slot's delta (h [M, R] B[slot], B [slots, R, N]) in one
+    kernel; with w_t, x W (W [K, N]) + dh [M, BR] A[slot] (no scale: dh has it)."""
+    bm, bn, bk, warps, stages, flatten = (tuple(config) + (0,))[:6]
+    m, k = x.shape
+    n = w.shape[1] if w_t else w.shape[0]
+    assert slot_m % bm == 0
+    y = torch.empty(m, n, device=x.device, dtype=x.dtype)
+    programs = min(lora.sm_count(x.device), triton.cdiv(m, bm) * triton.cdiv(n, bn))
+    xd = TensorDescriptor.from_tensor(x, [bm, bk])
+    wd = TensorDescriptor.from_tensor(w, [bk, bn] if w_t else [bn, bk])
+    yd = TensorDescriptor.from_tensor(y, [bm, bn])
+    rmax = b.shape[1]
+    _gemm_lora_kernel[(programs,)](xd, wd, yd, bias if bias is not None else x, h, b, scale, rank,
+                                   m, n, k, slot_m, h.stride(0), b.stride(0), b.stride(1),
+                                   BM=bm, BN=bn, BK=bk, BR=lora.block_r(rmax), GROUP_M=8, PROGRAMS=programs,
+                                   HAS_BIAS=bias is not None, LORA=lora_on, SCALE=not w_t, W_T=w_t,
+                                   FLATTEN=bool(flatten), num_warps=warps, num_stages=stages)
+    return y
+
+
+def shrink(xs, a, scale, rank, b):
+    """h = x A^T per slot (kernels.lora's forward kernel with no outputs: h only)."""
+    k, m, fin = xs.shape
+    rmax = a.shape[1]
+    h = torch.empty(k, m, rmax, device=xs.device, dtype=xs.dtype)
+    dummy = torch.empty(1, device=xs.device, dtype=xs.dtype)
+    lora._fwd_kernel[(k, 1, triton.cdiv(m, lora.BM))](
+        xs, a, b, dummy, h, scale, rank, xs, xs, xs, m, m, fin, 0, 1, xs.stride(0), a.stride(0), a.stride(1),
+        b.stride(0), b.stride(1), rmax, SPLIT=1, DROPOUT=False, ADD=True, BM=lora.BM, BR=lora.block_r(rmax),
+        BK=lora.BK, BN=lora.BN, PREC=lora.precision(xs.dtype), **lora.launch_options())
+    return h
+
+
+def timed(fn, repeat: int) -> float:
+    fn()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(repeat):
+        fn()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / repeat * 1000.0
+
+
+def ways_for(direction, name, fin, fout, kslots, sm, rmax, ranks, scale, configs):
+    """(now, cuBLAS's product alone, {tiles: (fused, Triton's product alone)}) for one module's
+    forward or input gradient."""
+    dev, dt = "cuda", torch.bfloat16
+    rows = kslots * sm
+    w = torch.randn(fout, fin, device=dev, dtype=dt) * fin ** -0.5
+    a = torch.randn(kslots, rmax, fin, device=dev, dtype=dt) * fin ** -0.5
+    b = torch.randn(kslots, rmax, fout, device=dev, dtype=dt) * 0.05
+    br = lora.block_r(rmax)
+    if direction == "forward":
+        bias = torch.randn(fout, device=dev, dtype=dt) if name in "qkv" else None
+        x = torch.randn(kslots, sm, fin, device=dev, dtype=dt)
+        x2 = x.view(rows, fin)
+        h = shrink(x, a, scale, ranks, b).view(rows, rmax)
+
+        def now():
+            out = lora.base_linear(x2, w, bias, False).view(kslots, sm, fout)
+            lora.delta_forward(x, a, b, scale, ranks, None, None, None, 1, 1, out, True)
+            return out.view(rows, fout)
+
+        def cublas():
+            return lora.base_linear(x2, w, bias, False)
+
+        def fused(c):  # the shrink (h) is the step's now as well, inside delta_forward
+            shrink(x, a, scale, ranks, b)
+            return gemm_lora(x2, w, bias, h, b, scale, ranks, sm, c)
+
+        def alone(c):
+            return gemm_lora(x2, w, bias, h, b, scale, ranks, sm, c, lora_on=False)
+    else:  # the input's gradient: g [rows, out] W [out, in] + dh A, dh as the backward makes it
+        g = torch.randn(rows, fout, device=dev, dtype=dt)
+        dh = torch.randn(kslots, sm, br, device=dev, dtype=torch.float32) * 0.1
+
+        def now():
+            dx = torch.mm(g, w).view(kslots, sm, fin)
+            lora_tiled.input_grad(a, dh.view(kslots, 1, sm, br), 1, dx, ranks, None, None, None, 1, True,
+                                  bm=lora.BM, br=br, bk=lora.BK, prec=lora.precision(dt),
+                                  launch=lora.launch_options())
+            return dx.view(rows, fin)
+
+        def cublas():
+            return torch.mm(g, w)
+
+        def fused(c):
+            return gemm_lora(g, w, None, dh.view(rows, br), a, scale, ranks, sm, c, w_t=True)
+
+        def alone(c):
+            return gemm_lora(g, w, None, dh.view(rows, br), a, scale, ranks, sm, c, lora_on=False, w_t=True)
+    tiled = {c: ((lambda c=c: fused(c)), (lambda c=c: alone(c))) for c in configs if sm % c[0] == 0}
+    return now, cublas, tiled
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--slots", type=int, default=64)
+    p.add_argument("--slot-m", type=int, default=512)
+    p.add_argument("--rank", type=int, default=32, help="the pack's rank (slots get 8, 16 or this)")
+    p.add_argument("--rounds", type=int, default=6)
+    p.add_argument("--repeat", type=int, default=20)
+    p.add_argument("--configs", default="128,256,64,8,3;128,128,64,4,4;128,128,64,8,3",
+                   help="Triton tiles: BM,BN,BK,warps,stages[,flatten];...")
+    args = p.parse_args()
+    dev = "cuda"
+    torch.manual_seed(0)
+    kslots, sm, rmax = args.slots, args.slot_m, args.rank
+    rows = kslots * sm
+    configs = [tuple(int(v) for v in c.split(",")) for c in args.configs.split(";") if c]
+    ranks = torch.tensor([(8, 16, rmax)[i % 3] for i in range(kslots)], device=dev, dtype=torch.int32)
+    scale = torch.full((kslots,), 2.0, device=dev)
+    print(f"{torch.cuda.get_device_name()}, triton {triton.__version__}; {kslots} slots x {sm} positions, "
+          f"ranks 8/16/{rmax}, bf16; medians of {args.rounds} rounds of {args.repeat} calls, us")
+    for direction in ("forward", "input gradient"):
+        total_now = total_fused = total_cublas = 0.0
+        print(f"== {direction}")
+        for name, fin, fout in MODULES:
+            now, cublas, tiled = ways_for(direction, name, fin, fout, kslots, sm, rmax, ranks, scale, configs)
+            ref = now().float()
+            diffs = {}
+            for c, (fused, alone) in list(tiled.items()):
+                try:
+                    got = fused().float()
+                    alone()
+                except triton.runtime.errors.OutOfResources as err:  # tiles too large for this GPU
+                    print(f"      tiles {c}: {err}")
+                    del tiled[c]
+                    continue
+                diffs[c] = (float((got - ref).abs().max()), float((got != ref).float().mean()))
+            ways = {"now": now, "cublas": cublas}
+            for c, (fused, alone) in tiled.items():
+                ways[("fused", c)], ways[("alone", c)] = fused, alone
+            times = {key: [] for key in ways}
+            for _ in range(args.rounds):
+                for key, fn in ways.items():
+                    times[key].append(timed(fn, args.repeat))
+            med = {key: statistics.median(v) for key, v in times.items()}
+            flops = 2 * rows * fin * fout
+            best = min(tiled, key=lambda c: med[("fused", c)]) if tiled else None
+            total_now += med["now"]
+            total_cublas += med["cublas"]
+            total_fused += med[("fused", best)] if best else med["now"]
+            print(f"{name:5s} [{rows}, {fin if direction == 'forward' else fout}] -> "
+                  f"{fout if direction == 'forward' else fin}: now {med['now']:7.1f}; cuBLAS's product alone "
+                  f"{med['cublas']:7.1f} ({flops / med['cublas'] / 1e6:4.0f} TFLOP/s)")
+            for c in tiled:
+                print(f"      tiles {c}: fused {med[('fused', c)]:7.1f}, its product alone {med[('alone', c)]:7.1f} "
+                      f"({flops / med[('alone', c)] / 1e6:4.0f} TFLOP/s); against now: largest difference "
+                      f"{diffs[c][0]:.2g} (outputs up to {float(ref.abs().max()):.2g}), {diffs[c][1]:.1%} differ")
+        print(f"a layer's 7 modules, {direction}: now {total_now:.1f} us, fused (each module's best tiles) "
+              f"{total_fused:.1f} us, cuBLAS's products alone {total_cublas:.1f} us: "
+              f"{(total_now - total_fused) * 24 / 1000:+.2f} ms a step saved over 24 layers")
+
+
+if __name__ == "__main__":
+    main()
