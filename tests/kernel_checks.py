@@ -197,13 +197,13 @@ GEMM_SCRIPT = textwrap.dedent('''
     # the delta, the input gradient within one of g W plus the delta's, A's and B's gradients equal.
     import os
     import torch
-    from lora_exp.pack.kernels import lora as pack_lora, lora_gemm
+    from lora_exp.pack.kernels import lora as pack_lora, lora_gemm, swiglu
     from lora_exp.core.randomness import module_keys, row_keys
 
     torch.manual_seed(0)
     torch.set_default_device(os.environ["KERNELS_DEVICE"])
     dtype = getattr(torch, os.environ["KERNELS_DTYPES"])
-    k, rows, fin, fout, R = 3, 2, 72, 88, 16        # widths not multiples of the output tile
+    k, rows, fin, fout, R = 3, 2, 264, 280, 16      # widths past MIN_WIDTH, not multiples of the tiles
     t = lora_gemm.BM * 3 // 2                       # a slot's 3 row tiles; past MAX_M: the tiled kernels
     m = rows * t
     ranks = torch.tensor([8, 0, 13], dtype=torch.int32)
@@ -247,6 +247,32 @@ GEMM_SCRIPT = textwrap.dedent('''
             # a slot without the module: the base layer's product and gradient alone
             base = pack_lora.base_linear(x[1], *wb, conv)
             assert near(y1[1], base, x[1].abs() @ w.abs().t() * 2, 1), what
+    # a SwiGLU MLP's down projection (kernels.swiglu): its product and its input gradient (the
+    # gradient of h = silu(g) * u, before g's and u's) the same way
+    for drop in (True, False):
+        width = fin
+        a = torch.randn(k, R, width, dtype=dtype) * 0.3
+        b = torch.randn(k, R, fout, dtype=dtype) * 0.3
+        w, bias = torch.randn(fout, width, dtype=dtype) * 0.1, torch.randn(fout, dtype=dtype)
+        g0, u0 = torch.randn(k, m, width, dtype=dtype), torch.randn(k, m, width, dtype=dtype)
+        go = torch.randn(k, m, fout, dtype=dtype)
+        args = pack_lora.dropout_args(keys, p, dtype) if drop else None
+        outs = {}
+        for gemm in (0, 1):
+            pack_lora.GEMM = gemm
+            gk, uk, ak, bk = [v.clone().requires_grad_() for v in (g0, u0, a, b)]
+            out = swiglu.swiglu_lora_linear(gk, uk, w, bias, ak, bk, scale, ranks, args, 2, 1)
+            outs[gemm] = (out.detach(), *torch.autograd.grad(out, [gk, uk, ak, bk], go))
+        (o0, dg0, du0, ga0, gb0), (o1, dg1, du1, ga1, gb1) = outs[0], outs[1]
+        hmag = (torch.nn.functional.silu(g0.float()) * u0.float()).abs()
+        assert near(o1, o0, (hmag @ w.abs().t().float() + bias.abs()) * 2 + o0.abs(), 1), (drop, (o1 - o0).abs().max())
+        # g's and u's gradients go through h's (one rounding apart at most) and then the activation's
+        size = (go.abs().float() @ w.abs().float()) * 2 * (g0.abs() + u0.abs() + 1).float() + dg0.abs() + du0.abs()
+        assert near(dg1, dg0, size, 2) and near(du1, du0, size, 2), drop
+        assert (dg1 != dg0).float().mean() < 0.05 and (du1 != du0).float().mean() < 0.05, drop
+        for s in range(k):
+            r = int(ranks[s])
+            assert torch.equal(ga1[s, :r], ga0[s, :r]) and torch.equal(gb1[s, :r], gb0[s, :r]), (drop, s)
     print("gemm kernels ok")
 ''')
 

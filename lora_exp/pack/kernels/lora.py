@@ -287,7 +287,7 @@ def _delta_fake(x, a, b, scale, rank, keys, thr, kscale, rows, split):
 def _linear(x, w, bias, a, b, scale, rank, keys, thr, kscale, rows, split, conv):
     x = x.contiguous()
     k, m, fin = x.shape
-    if _in_gemm(x, w, a):  # h first (the forward kernel with no outputs), then the product and its delta
+    if in_gemm(x, w, a):  # h first (the forward kernel with no outputs), then the product and its delta
         h = delta_forward(x, a, b[:, :, :0], scale, rank, keys, thr, kscale, rows, split, x.new_empty(k, m, 0), True)
         out = lora_gemm.gemm_lora(x.view(k * m, fin), w, conv, bias, h.view(k * m, -1), b, scale, rank, m)
         return out.view(k, m, -1), h
@@ -295,9 +295,9 @@ def _linear(x, w, bias, a, b, scale, rank, keys, thr, kscale, rows, split, conv)
     return out, delta_forward(x, a, b, scale, rank, keys, thr, kscale, rows, split, out, True)
 
 
-def _in_gemm(x: torch.Tensor, w: torch.Tensor, a: torch.Tensor) -> bool:
-    """Whether kernels.lora_gemm runs a layer's product with its delta (`GEMM`): long row groups
-    (the tiled kernels) that it takes."""
+def in_gemm(x: torch.Tensor, w: torch.Tensor, a: torch.Tensor) -> bool:
+    """Whether kernels.lora_gemm runs a layer's product with its delta (`GEMM`), for x [K, M, in]
+    (or an output gradient) and A [K, R, in]: long row groups (the tiled kernels) that it takes."""
     return bool(GEMM) and not _short(x.shape[1], a.shape[1], x) and lora_gemm.fits(x, w, x.shape[1])
 
 
@@ -319,7 +319,7 @@ def _delta_backward(g, x, a, b, h, scale, rank, keys, thr, kscale, rows, split, 
     k, m, fin = x.shape
     fout, rmax = b.shape[2], a.shape[1]
     acc = w is not None
-    fused = need_dx and acc and _in_gemm(g, w, a)  # the input gradient made by kernels.lora_gemm, after dh
+    fused = need_dx and acc and in_gemm(g, w, a)  # the input gradient made by kernels.lora_gemm, after dh
     dx = None
     if need_dx and not fused:
         dx = ((torch.mm(g.view(k * m, fout), w.t() if conv else w).view(k, m, fin)) if acc

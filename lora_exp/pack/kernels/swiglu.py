@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from lora_exp.pack.kernels import TUNABLES, lora, lora_tiled
+from lora_exp.pack.kernels import TUNABLES, lora, lora_gemm, lora_tiled
 from lora_exp.pack.kernels.hash import masked
 
 #: positions x MLP columns a program's tile covers, and its warps (16 x 128, 4 warps: the fastest of
@@ -161,6 +161,9 @@ def _swiglu_linear(g, u, w, bias, a, b, scale, rank, keys, thr, kscale, rows, sp
     _fwd[(k, triton.cdiv(m, BM))](g, u, h, a, z, rank, *_args(g, keys, thr, kscale), m, m // rows, width, rows,
                                   a.stride(0), a.stride(1), rmax, DROPOUT=keys is not None, BM=BM, BR=br, BK=BK,
                                   PREC=prec, num_warps=NUM_WARPS)
+    if lora.in_gemm(h, w, a):  # the product with (z B) * scale in its epilogue (kernels.lora_gemm)
+        out = lora_gemm.gemm_lora(h.view(k * m, width), w, False, bias, z.view(k * m, rmax), b, scale, rank, m)
+        return out.view(k, m, fout), z
     out = lora.base_linear(h.view(k * m, width), w, bias, False).view(k, m, fout)
     del h
     lora.delta_forward(g, a, b, scale, rank, None, None, None, rows, split, out, True, h=z)  # + (z B) * scale
@@ -189,11 +192,16 @@ def _swiglu_linear_backward(dout, g, u, w, a, b, z, scale, rank, keys, thr, ksca
     bm = min(lora.BM, lora.block_m(m))
     dz, gb = lora_tiled.backward_b(dout, b, z, scale, rank, split, bm=bm, bn=lora.BN, br=br, prec=prec,
                                    programs=programs, launch=lora.launch_options())
-    dh = torch.mm(dout.view(k * m, fout), w).view(k, m, width)  # the base layer's input gradient
-    # the delta's input gradient added to it in place (kernels.lora's kernel: a product in the
-    # pass below as well made it twice as slow, H200)
-    lora_tiled.input_grad(a, dz.view(k, 1, m, br), 1, dh, rank, keys, thr, kscale, rows, True, bm=bm, br=br,
-                          bk=lora.BK, prec=prec, launch=lora.launch_options())
+    if lora.in_gemm(dout, w, a):  # dout W + (dz A) * mask in one kernel (kernels.lora_gemm)
+        dropout = (keys, thr, kscale) if keys is not None else None
+        dh = lora_gemm.gemm_lora(dout.view(k * m, fout), w, True, None, dz.view(k * m, br), a, None, rank, m,
+                                 dropout, rows).view(k, m, width)
+    else:
+        dh = torch.mm(dout.view(k * m, fout), w).view(k, m, width)  # the base layer's input gradient
+        # the delta's input gradient added to it in place (kernels.lora's kernel: a product in the
+        # pass below as well made it twice as slow, H200)
+        lora_tiled.input_grad(a, dz.view(k, 1, m, br), 1, dh, rank, keys, thr, kscale, rows, True, bm=bm, br=br,
+                              bk=lora.BK, prec=prec, launch=lora.launch_options())
     du = torch.empty_like(g)
     tiles = triton.cdiv(m, BM)
     blocks, parts = lora_tiled.parts_for(k, width, BK, tiles, split, programs)
