@@ -11,6 +11,9 @@ fused output is from now's (the products' sums are in another order: last-bit di
 
     python bench/lora_gemm.py
     python bench/lora_gemm.py --rounds 8 --configs "128,256,64,8,3;128,128,64,4,4"
+
+It times the package's kernel (`lora_exp/pack/kernels/lora_gemm.py`) with its tile settings set
+per config; the kernel's own are the best of these on an H100.
 """
 from __future__ import annotations
 
@@ -19,87 +22,26 @@ import statistics
 
 import torch
 import triton
-import triton.language as tl
-from triton.tools.tensor_descriptor import TensorDescriptor
 
-from lora_exp.pack.kernels import lora, lora_tiled
+from lora_exp.pack.kernels import lora, lora_gemm, lora_tiled
 
 #: (name, in, out) of a Qwen2.5-0.5B layer's linear modules
 MODULES = (("q", 896, 896), ("k", 896, 128), ("v", 896, 128), ("o", 896, 896),
            ("gate", 896, 4864), ("up", 896, 4864), ("down", 4864, 896))
 
 
-@triton.jit
-def _gemm_lora_kernel(x_desc, w_desc, y_desc, bias_ptr, h_ptr, b_ptr, scale_ptr, rank_ptr,
-                      M, N, K, SLOT_M, H_S, b_s0, b_s1,
-                      BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr,
-                      GROUP_M: tl.constexpr, PROGRAMS: tl.constexpr, HAS_BIAS: tl.constexpr,
-                      LORA: tl.constexpr, SCALE: tl.constexpr, W_T: tl.constexpr, FLATTEN: tl.constexpr):
-    """y = x W^T (+ bias) (W_T: x W, W [K, N], an input gradient), and with LORA each slot's
-    delta round(round(h B) * scale) added as kernels.lora's kernels add it (in fp32 to the
-    rounded product, then rounded): the forward's h [M, R] and B, or the backward's dh [M, BR]
-    (fp32) and A. The tiles are this program's in turn (a persistent grid of PROGRAMS programs,
-    grouped GROUP_M row tiles at a time so the programs in flight share W and x in L2)."""
-    tiles_m = tl.cdiv(M, BM)
-    tiles_n = tl.cdiv(N, BN)
-    k_tiles = tl.cdiv(K, BK)
-    per_group = GROUP_M * tiles_n
-    dtype = y_desc.dtype
-    for tile in tl.range(tl.program_id(0), tiles_m * tiles_n, PROGRAMS, flatten=FLATTEN):
-        group = tile // per_group
-        first_m = group * GROUP_M
-        size_m = min(tiles_m - first_m, GROUP_M)
-        pid_m = first_m + (tile % per_group) % size_m
-        pid_n = (tile % per_group) // size_m
-        om = pid_m * BM
-        on = pid_n * BN
-        acc = tl.zeros((BM, BN), dtype=tl.float32)
-        for ki in range(k_tiles):
-            a = x_desc.load([om, ki * BK])
-            if W_T:
-                acc = tl.dot(a, w_desc.load([ki * BK, on]), acc)
-            else:
-                acc = tl.dot(a, w_desc.load([on, ki * BK]).T, acc)
-        n = on + tl.arange(0, BN)
-        if HAS_BIAS:
-            acc += tl.load(bias_ptr + n, mask=n < N, other=0.0).to(tl.float32)
-        y = acc.to(dtype)
-        if LORA:
-            slot = (om // SLOT_M).to(tl.int64)  # a row tile lies within one slot (SLOT_M % BM == 0)
-            r = tl.load(rank_ptr + slot)
-            if r > 0:
-                m = om + tl.arange(0, BM)
-                rk = tl.arange(0, BR)
-                h = tl.load(h_ptr + m[:, None].to(tl.int64) * H_S + rk[None, :],
-                            mask=(m < M)[:, None] & (rk < r)[None, :], other=0.0).to(dtype)
-                b = tl.load(b_ptr + slot * b_s0 + rk[:, None] * b_s1 + n[None, :],
-                            mask=(rk < r)[:, None] & (n < N)[None, :], other=0.0)
-                d = tl.dot(h, b).to(dtype)
-                if SCALE:
-                    d = (d * tl.load(scale_ptr + slot).to(dtype)).to(dtype)
-                y = (y.to(tl.float32) + d.to(tl.float32)).to(dtype)
-        y_desc.store([om, on], y)
-
-
-def gemm_lora(x, w, bias, h, b, scale, rank, slot_m, config, lora_on=True, w_t=False):
-    """x [M, K] W^T (+ bias) + each slot's delta (h [M, R] B[slot], B [slots, R, N]) in one
-    kernel; with w_t, x W (W [K, N]) + dh [M, BR] A[slot] (no scale: dh has it)."""
-    bm, bn, bk, warps, stages, flatten = (tuple(config) + (0,))[:6]
-    m, k = x.shape
-    n = w.shape[1] if w_t else w.shape[0]
-    assert slot_m % bm == 0
-    y = torch.empty(m, n, device=x.device, dtype=x.dtype)
-    programs = min(lora.sm_count(x.device), triton.cdiv(m, bm) * triton.cdiv(n, bn))
-    xd = TensorDescriptor.from_tensor(x, [bm, bk])
-    wd = TensorDescriptor.from_tensor(w, [bk, bn] if w_t else [bn, bk])
-    yd = TensorDescriptor.from_tensor(y, [bm, bn])
-    rmax = b.shape[1]
-    _gemm_lora_kernel[(programs,)](xd, wd, yd, bias if bias is not None else x, h, b, scale, rank,
-                                   m, n, k, slot_m, h.stride(0), b.stride(0), b.stride(1),
-                                   BM=bm, BN=bn, BK=bk, BR=lora.block_r(rmax), GROUP_M=8, PROGRAMS=programs,
-                                   HAS_BIAS=bias is not None, LORA=lora_on, SCALE=not w_t, W_T=w_t,
-                                   FLATTEN=bool(flatten), num_warps=warps, num_stages=stages)
-    return y
+def gemm_lora(x, w, bias, h, b, scale, rank, slot_m, config, w_t=False):
+    """The package's kernel (`kernels.lora_gemm`) with its tiles set to `config` (BM, BN, BK,
+    warps, stages): x [M, K] W^T (+ bias) + each slot's delta (h [M, R] B[slot]); with w_t,
+    x W (W [K, N]) + dh [M, BR] A[slot] (no scale: dh has it). Ranks of 0: the product alone."""
+    saved = {name: getattr(lora_gemm, name) for name in ("BM", "BN", "BK", "NUM_WARPS", "NUM_STAGES")}
+    for name, value in zip(saved, config):
+        setattr(lora_gemm, name, value)
+    try:
+        return lora_gemm.gemm_lora(x, w, w_t, bias, h, b, None if w_t else scale, rank, slot_m)
+    finally:
+        for name, value in saved.items():
+            setattr(lora_gemm, name, value)
 
 
 def shrink(xs, a, scale, rank, b):
@@ -135,6 +77,7 @@ def ways_for(direction, name, fin, fout, kslots, sm, rmax, ranks, scale, configs
     a = torch.randn(kslots, rmax, fin, device=dev, dtype=dt) * fin ** -0.5
     b = torch.randn(kslots, rmax, fout, device=dev, dtype=dt) * 0.05
     br = lora.block_r(rmax)
+    none = torch.zeros_like(ranks)  # no slot's delta: the kernel's product alone
     if direction == "forward":
         bias = torch.randn(fout, device=dev, dtype=dt) if name in "qkv" else None
         x = torch.randn(kslots, sm, fin, device=dev, dtype=dt)
@@ -154,7 +97,7 @@ def ways_for(direction, name, fin, fout, kslots, sm, rmax, ranks, scale, configs
             return gemm_lora(x2, w, bias, h, b, scale, ranks, sm, c)
 
         def alone(c):
-            return gemm_lora(x2, w, bias, h, b, scale, ranks, sm, c, lora_on=False)
+            return gemm_lora(x2, w, bias, h, b, scale, none, sm, c)
     else:  # the input's gradient: g [rows, out] W [out, in] + dh A, dh as the backward makes it
         g = torch.randn(rows, fout, device=dev, dtype=dt)
         dh = torch.randn(kslots, sm, br, device=dev, dtype=torch.float32) * 0.1
@@ -173,7 +116,7 @@ def ways_for(direction, name, fin, fout, kslots, sm, rmax, ranks, scale, configs
             return gemm_lora(g, w, None, dh.view(rows, br), a, scale, ranks, sm, c, w_t=True)
 
         def alone(c):
-            return gemm_lora(g, w, None, dh.view(rows, br), a, scale, ranks, sm, c, lora_on=False, w_t=True)
+            return gemm_lora(g, w, None, dh.view(rows, br), a, scale, none, sm, c, w_t=True)
     tiled = {c: ((lambda c=c: fused(c)), (lambda c=c: alone(c))) for c in configs if sm % c[0] == 0}
     return now, cublas, tiled
 
@@ -186,7 +129,7 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=6)
     p.add_argument("--repeat", type=int, default=20)
     p.add_argument("--configs", default="128,256,64,8,3;128,128,64,4,4;128,128,64,8,3",
-                   help="Triton tiles: BM,BN,BK,warps,stages[,flatten];...")
+                   help="Triton tiles: BM,BN,BK,warps,stages;...")
     args = p.parse_args()
     dev = "cuda"
     torch.manual_seed(0)
