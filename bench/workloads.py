@@ -256,13 +256,16 @@ def time_lora_configs(trainer, args: argparse.Namespace, sync) -> None:
     for config in args.lora_configs.split(";"):
         saved = set_constants(config)
         try:
-            for _ in range(2):
-                trainer._train_step()
+            trained = all([trainer._train_step() for _ in range(2)])
             sync()
             start = time.perf_counter()
-            for _ in range(args.steps):
-                trainer._train_step()
+            trained = trained and all([trainer._train_step() for _ in range(args.steps)])
             sync()
+            if not trained:  # every slot held for its eval (nothing here runs it): steps that did nothing
+                print(json.dumps({"what": "packed step, LoRA kernel config", "config": config,
+                                  "error": f"the slots reached their eval after {trainer.steps_run} steps: "
+                                           "time fewer configs or steps"}), flush=True)
+                break
             print(json.dumps({"what": "packed step, LoRA kernel config", "config": config,
                               "step_ms": round((time.perf_counter() - start) / args.steps * 1e3, 1)}), flush=True)
             if args.profile:  # each kernel's GPU time under this config, apart from the wall's noise
