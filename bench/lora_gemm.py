@@ -23,7 +23,7 @@ import statistics
 import torch
 import triton
 
-from lora_exp.pack.kernels import lora, lora_gemm, lora_tiled
+from lora_exp.pack.kernels import lora, lora_gemm, lora_tiled, restore_constants, set_constants
 
 #: (name, in, out) of a Qwen2.5-0.5B layer's linear modules
 MODULES = (("q", 896, 896), ("k", 896, 128), ("v", 896, 128), ("o", 896, 896),
@@ -34,14 +34,12 @@ def gemm_lora(x, w, bias, h, b, scale, rank, slot_m, config, w_t=False):
     """The package's kernel (`kernels.lora_gemm`) with its tiles set to `config` (BM, BN, BK,
     warps, stages): x [M, K] W^T (+ bias) + each slot's delta (h [M, R] B[slot]); with w_t,
     x W (W [K, N]) + dh [M, BR] A[slot] (no scale: dh has it). Ranks of 0: the product alone."""
-    saved = {name: getattr(lora_gemm, name) for name in ("BM", "BN", "BK", "NUM_WARPS", "NUM_STAGES")}
-    for name, value in zip(saved, config):
-        setattr(lora_gemm, name, value)
+    names = ("BM", "BN", "BK", "NUM_WARPS", "NUM_STAGES")
+    saved = set_constants(",".join(f"lora_gemm.{n}={v}" for n, v in zip(names, config)))
     try:
         return lora_gemm.gemm_lora(x, w, w_t, bias, h, b, None if w_t else scale, rank, slot_m)
     finally:
-        for name, value in saved.items():
-            setattr(lora_gemm, name, value)
+        restore_constants(saved)
 
 
 def shrink(xs, a, scale, rank, b):

@@ -248,8 +248,9 @@ def cmd_engine(args: argparse.Namespace, sweep: str, overrides: list[str]) -> No
 
 def time_lora_configs(trainer, args: argparse.Namespace, sync) -> None:
     """The packed step under other settings of the LoRA kernels' module constants (`BM=128,BK=64;...`;
-    `head.NAME=` and `swiglu.NAME=` set those kernels' own); the kernels read them at each launch,
-    so no recompile (SWIGLU=0/1/2: the compiled layers' graph is remade in the two warm-up steps).
+    `head.NAME=`, `swiglu.NAME=` and `lora_gemm.NAME=` set those kernels' own); the kernels read
+    them at each launch, so no recompile (SWIGLU=0/1/2: the compiled layers' graph is remade in
+    the two warm-up steps).
     With --profile, each config is profiled too."""
     from lora_exp.pack.kernels import restore_constants, set_constants
 

@@ -304,7 +304,7 @@ class PackConfig:
     #: pack's time); 0 = at every eval, null = never.
     checkpoint_seconds: Optional[float] = 60.0
     #: other values of the CUDA kernels' tunable constants, `NAME=VALUE,...` (kernels.parse_constants:
-    #: kernels.lora's, or swiglu.NAME / head.NAME), for timing and checking them; "" = their own
+    #: kernels.lora's, or swiglu.NAME / head.NAME / lora_gemm.NAME), for timing and checking them; "" = their own
     kernel_constants: str = ""
 
     @property

@@ -106,19 +106,19 @@ def test_the_kernels_constants_are_set_from_the_benches_syntax_and_for_a_whole_p
 
     from lora_exp.compose import compose
     from lora_exp.errors import ConfigError
-    from lora_exp.pack.kernels import lora, restore_constants, set_constants, swiglu
+    from lora_exp.pack.kernels import lora, lora_gemm, restore_constants, set_constants, swiglu
 
-    defaults = lora.BN, lora.BM, swiglu.BM
-    saved = set_constants("BN=64, BM=64,swiglu.BM=32")
+    defaults = lora.BN, lora.BM, swiglu.BM, lora_gemm.BN
+    saved = set_constants("BN=64, BM=64,swiglu.BM=32,lora_gemm.BN=128")
     try:
-        assert (lora.BN, lora.BM, swiglu.BM) == (64, 64, 32)
+        assert (lora.BN, lora.BM, swiglu.BM, lora_gemm.BN) == (64, 64, 32, 128)
     finally:
         restore_constants(saved)
-    assert (lora.BN, lora.BM, swiglu.BM) == defaults
-    for bad in ("BN=64,NOPE=2", "BM", "BM=x", "adamw.BLOCK=4", "swiglu.SWIGLU=1"):
+    assert (lora.BN, lora.BM, swiglu.BM, lora_gemm.BN) == defaults
+    for bad in ("BN=64,NOPE=2", "BM", "BM=x", "adamw.BLOCK=4", "swiglu.SWIGLU=1", "lora_gemm.GEMM=1"):
         with pytest.raises(ValueError, match="not NAME=INTEGER"):
             set_constants(bad)
-        assert (lora.BN, lora.BM, swiglu.BM) == defaults, bad   # nothing set
+        assert (lora.BN, lora.BM, swiglu.BM, lora_gemm.BN) == defaults, bad   # nothing set
         with pytest.raises(ConfigError, match="pack.kernel_constants: .*not NAME=INTEGER"):
             compose(["model=tiny_llama", f"pack.kernel_constants='{bad}'"])
     env = {**os.environ, "LORA_EXP_PACK_KERNEL_CONSTANTS": "BN=64,swiglu.NUM_WARPS=8", "TRITON_INTERPRET": "1"}

@@ -14,19 +14,21 @@ TUNABLES = {
     "lora": ("BK", "BN", "NUM_WARPS", "MIN_SPLIT", "MAX_M", "BM", "PROGRAMS_PER_SM", "SWIGLU", "GEMM"),
     "swiglu": ("BM", "BK", "NUM_WARPS"),
     "head": ("BLOCK", "NUM_WARPS"),
+    "lora_gemm": ("BM", "BN", "BK", "NUM_WARPS", "NUM_STAGES", "GROUP_M", "MIN_WIDTH"),
 }
 
 
 def parse_constants(text: str) -> list[tuple[str, str, int]]:
     """(module, name, value) for each item of `NAME=VALUE,...`: NAME one of kernels.lora's TUNABLE,
-    or `swiglu.NAME` / `head.NAME` for those kernels' own; ValueError naming a wrong item."""
+    or `swiglu.NAME` / `head.NAME` / `lora_gemm.NAME` for those kernels' own; ValueError naming a
+    wrong item."""
     out = []
     for item in filter(None, (part.strip() for part in text.split(","))):
         match = re.fullmatch(r"(?:(\w+)\.)?(\w+)=(-?\d+)", item)
         module, name = (match.group(1) or "lora", match.group(2)) if match else ("", "")
         if name not in TUNABLES.get(module, ()):
             raise ValueError(f"{item!r}: not NAME=INTEGER with NAME one of {', '.join(TUNABLES['lora'])} "
-                             f"(kernels.lora), swiglu.NAME or head.NAME")
+                             f"(kernels.lora), or MODULE.NAME for {', '.join(m for m in TUNABLES if m != 'lora')}")
         out.append((module, name, int(match.group(3))))
     return out
 
