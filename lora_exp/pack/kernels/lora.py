@@ -54,8 +54,8 @@ MAX_M, BM = 256, 32
 SWIGLU = 1
 #: 1: long row groups in bf16/fp16 on CUDA run the base layer's product and the delta as one
 #: kernel (kernels.lora_gemm), forward and input gradient; 0 (the default): cuBLAS's product, the
-#: delta added in place. Faster per module at Qwen2.5-0.5B's shapes, but no faster a step in the
-#: one alternation timed (docs/benchmarks.md): off until a step shows the gain
+#: delta added in place. Faster per module at Qwen2.5-0.5B's shapes, but no faster a step: the
+#: passes it saves, the Triton product's gap to cuBLAS costs again (docs/benchmarks.md)
 GEMM = 0
 #: the constants here, which the benches set to time other values (and `pack.kernel_constants` for a sweep)
 TUNABLE = TUNABLES["lora"]
