@@ -28,18 +28,24 @@ def test_triton_adamw_and_norms_match_torch_on_each_slots_live_prefix_whatever_t
 def test_lora_delta_kernels_match_the_bmms_forward_and_backward_skipping_what_a_slot_does_not_train():
     """fp32, and fp16 with an fp32 output gradient (fp16 stands for bf16: the interpreter's bf16 dots
     are wrong; tests/gpu runs bf16)."""
-    run_checks(LORA_SCRIPT, TRITON_INTERPRET="1", KERNELS_DEVICE="cpu", KERNELS_DTYPES="float32,float16")
+    run_checks(LORA_SCRIPT, TRITON_INTERPRET="1", KERNELS_DEVICE="cpu", KERNELS_DTYPES="float32,float16",
+               KERNELS_CONSTANTS="MAX_M=128")   # its long group: 146 positions a slot, 5 tiles (9 at 256)
 
 
 def test_the_base_product_with_the_lora_delta_in_its_epilogue_matches_the_product_then_the_delta():
-    """fp16 (for bf16: the interpreter's bf16 dots are wrong; tests/gpu runs bf16)."""
-    run_checks(GEMM_SCRIPT, TRITON_INTERPRET="1", KERNELS_DEVICE="cpu", KERNELS_DTYPES="float16")
+    """fp16 (for bf16: the interpreter's bf16 dots are wrong; tests/gpu runs bf16 at the kernel's
+    own tiles). Tiles of 64 x 64 x 32 here, and widths past a MIN_WIDTH of 64: the same cases
+    (3 row tiles a slot, 2 column tiles, 3 steps of the product's sum, ragged edges) at a quarter
+    of the interpreter's time (row groups past a MAX_M of 128: the tiled LoRA kernels)."""
+    run_checks(GEMM_SCRIPT, TRITON_INTERPRET="1", KERNELS_DEVICE="cpu", KERNELS_DTYPES="float16",
+               KERNELS_CONSTANTS="MAX_M=128,lora_gemm.BM=64,lora_gemm.BN=64,lora_gemm.BK=32,lora_gemm.MIN_WIDTH=64")
 
 
 def test_swiglu_activation_fused_with_down_projections_lora_matches_torchs_ops_forward_and_backward():
     """fp32, and fp16 (for bf16) with an fp32 output gradient; dropout on and off, a slot that
     does not target down_proj, short and long row groups."""
-    run_checks(SWIGLU_SCRIPT, TRITON_INTERPRET="1", KERNELS_DEVICE="cpu", KERNELS_DTYPES="float32,float16")
+    run_checks(SWIGLU_SCRIPT, TRITON_INTERPRET="1", KERNELS_DEVICE="cpu", KERNELS_DTYPES="float32,float16",
+               KERNELS_CONSTANTS="MAX_M=128")   # its long groups: 146 positions a slot (274 at 256)
 
 
 def test_head_loss_kernel_matches_the_compiled_chunk_loss_and_its_gradient():
@@ -64,8 +70,8 @@ def test_a_pack_with_the_kernel_optimizer_trains_as_with_torchs_through_slot_reu
 def test_packed_trials_train_the_same_through_the_lora_kernels_as_through_the_bmms_short_and_long_row_groups():
     """fp32 with dropout: the kernels' deltas (the base output added in the same pass, each
     slot's own rank and modules) against the bmm's, in a pack that trains and evaluates, for
-    row groups one program holds and for tiled ones (3 rows, more than MAX_M positions)."""
-    run_checks(PACK_LORA_SCRIPT, TRITON_INTERPRET="1")
+    row groups one program holds (1 row) and for tiled ones (2 rows, past a MAX_M of 128)."""
+    run_checks(PACK_LORA_SCRIPT, TRITON_INTERPRET="1", KERNELS_CONSTANTS="MAX_M=128")
 
 
 def test_a_llama_pack_steps_under_bf16_autocast_through_every_kernel():
