@@ -165,7 +165,7 @@ def test_sigterm_to_a_multi_worker_sweep_stops_its_workers_now(workdir, store):
     trials in flight (`interrupted`) and stop, instead of training the rest of the study while the
     sweep waits for them."""
     storage = f"sqlite:///{workdir}/mlruns/optuna.db"
-    args = ["sweep=tiny", "n_trials=8", "workers=2", "trainer.max_steps=300", "trainer.eval_steps=100"]
+    args = ["sweep=tiny", "n_trials=8", "workers=2", "trainer.max_steps=150", "trainer.eval_steps=50"]
     proc, seen = _start(workdir, *args), []
     _wait_for(proc, "/8] trial", seen)  # a first trial done (two that end at once may both print [2/8])
     time.sleep(0.5)
@@ -219,7 +219,7 @@ def test_sigint_to_a_multi_worker_sweep_finishes_the_trials_in_flight_whoever_se
     `kill -INT` from another shell while the sweep is in its terminal's foreground reaches the
     sweep alone, and the sweep passes it on to each worker that has not counted it."""
     storage = f"sqlite:///{workdir}/mlruns/optuna.db"
-    args = ["sweep=tiny", "n_trials=8", "workers=2", "trainer.max_steps=300", "trainer.eval_steps=100"]
+    args = ["sweep=tiny", "n_trials=8", "workers=2", "trainer.max_steps=150", "trainer.eval_steps=50"]
     terminal = "terminal" in where
     proc, master = _start_in_own_session(workdir, *args, terminal=terminal)
     seen = []
