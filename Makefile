@@ -56,7 +56,7 @@ server: ## tracking server for many machines: make server BACKEND=postgresql://u
 	$(BIN)/mlflow server --backend-store-uri $(BACKEND) --serve-artifacts --artifacts-destination $(ARTIFACTS) \
 	  --host $(HOST) --port $(PORT) --workers $(SERVER_WORKERS)
 
-test: ## all tests, as CI runs them (~16-20 min on 2 cores)
+test: ## all tests, as CI runs them (~20-25 min on 2 cores)
 	$(BIN)/python -m pytest -q --durations=15
 
 test-quick: ## the fast loop: skips tests marked slow
