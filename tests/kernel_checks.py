@@ -579,7 +579,7 @@ PACK_LORA_SCRIPT = textwrap.dedent('''
         calls.append(x.shape[1])
         return real(x, *args, **kwargs)
     pack_lora.lora_linear = counted
-    short = max(1, pack_lora.MAX_M // 100)
+    short = max(1, pack_lora.MAX_M // 100)     # rows a group of at most MAX_M positions holds
     for batch in (short, short + 1):
         common = ["model=tiny_llama", "data=seed", "lora=seed", "trainer.max_steps=2", "trainer.eval_steps=2",
                   "trainer.logging_steps=1", "trainer.generation_metrics=[exact_match]", "trainer.max_new_tokens=2",

@@ -20,6 +20,10 @@ from kernel_checks import (
 
 pytest.importorskip("triton")  # installed by `make setup` on x86-64 Linux (pyproject test extra)
 
+#: the interpreter's cost is per program, so its runs take row groups past a MAX_M of 128 (256 on
+#: the GPU): the scripts' long groups follow MAX_M, and the tiled kernels run fewer tiles
+INTERPRETER_MAX_M = "MAX_M=128"
+
 
 def test_triton_adamw_and_norms_match_torch_on_each_slots_live_prefix_whatever_the_gradients_layout():
     run_checks(SCRIPT, TRITON_INTERPRET="1", KERNELS_DEVICE="cpu")
@@ -29,7 +33,7 @@ def test_lora_delta_kernels_match_the_bmms_forward_and_backward_skipping_what_a_
     """fp32, and fp16 with an fp32 output gradient (fp16 stands for bf16: the interpreter's bf16 dots
     are wrong; tests/gpu runs bf16)."""
     run_checks(LORA_SCRIPT, TRITON_INTERPRET="1", KERNELS_DEVICE="cpu", KERNELS_DTYPES="float32,float16",
-               KERNELS_CONSTANTS="MAX_M=128")   # its long group: 146 positions a slot, 5 tiles (9 at 256)
+               KERNELS_CONSTANTS=INTERPRETER_MAX_M)   # its long group: 146 positions a slot, 5 tiles (9 at 256)
 
 
 def test_the_base_product_with_the_lora_delta_in_its_epilogue_matches_the_product_then_the_delta():
@@ -38,14 +42,15 @@ def test_the_base_product_with_the_lora_delta_in_its_epilogue_matches_the_produc
     (3 row tiles a slot, 2 column tiles, 3 steps of the product's sum, ragged edges) at a quarter
     of the interpreter's time (row groups past a MAX_M of 128: the tiled LoRA kernels)."""
     run_checks(GEMM_SCRIPT, TRITON_INTERPRET="1", KERNELS_DEVICE="cpu", KERNELS_DTYPES="float16",
-               KERNELS_CONSTANTS="MAX_M=128,lora_gemm.BM=64,lora_gemm.BN=64,lora_gemm.BK=32,lora_gemm.MIN_WIDTH=64")
+               KERNELS_CONSTANTS=INTERPRETER_MAX_M
+               + ",lora_gemm.BM=64,lora_gemm.BN=64,lora_gemm.BK=32,lora_gemm.MIN_WIDTH=64")
 
 
 def test_swiglu_activation_fused_with_down_projections_lora_matches_torchs_ops_forward_and_backward():
     """fp32, and fp16 (for bf16) with an fp32 output gradient; dropout on and off, a slot that
     does not target down_proj, short and long row groups."""
     run_checks(SWIGLU_SCRIPT, TRITON_INTERPRET="1", KERNELS_DEVICE="cpu", KERNELS_DTYPES="float32,float16",
-               KERNELS_CONSTANTS="MAX_M=128")   # its long groups: 146 positions a slot (274 at 256)
+               KERNELS_CONSTANTS=INTERPRETER_MAX_M)   # its long groups: 146 positions a slot (274 at 256)
 
 
 def test_head_loss_kernel_matches_the_compiled_chunk_loss_and_its_gradient():
@@ -71,7 +76,7 @@ def test_packed_trials_train_the_same_through_the_lora_kernels_as_through_the_bm
     """fp32 with dropout: the kernels' deltas (the base output added in the same pass, each
     slot's own rank and modules) against the bmm's, in a pack that trains and evaluates, for
     row groups one program holds (1 row) and for tiled ones (2 rows, past a MAX_M of 128)."""
-    run_checks(PACK_LORA_SCRIPT, TRITON_INTERPRET="1", KERNELS_CONSTANTS="MAX_M=128")
+    run_checks(PACK_LORA_SCRIPT, TRITON_INTERPRET="1", KERNELS_CONSTANTS=INTERPRETER_MAX_M)
 
 
 def test_a_llama_pack_steps_under_bf16_autocast_through_every_kernel():
