@@ -207,16 +207,16 @@ def cmd_engine(args: argparse.Namespace, sweep: str, overrides: list[str]) -> No
         try:
             for slot in range(k):
                 trainer.start(slot, trials[slot], NullTracker())
-            trainer._train_step()
+            trainer.train_step()
             sync()
             startup = time.perf_counter() - made
             for _ in range(2):
-                trainer._train_step()
+                trainer.train_step()
             sync()
             start = time.perf_counter()
             steps = 0
             while steps < args.steps:
-                if not trainer._train_step():
+                if not trainer.train_step():
                     break
                 steps += 1
             sync()
@@ -257,10 +257,10 @@ def time_lora_configs(trainer, args: argparse.Namespace, sync) -> None:
     for config in args.lora_configs.split(";"):
         saved = set_constants(config)
         try:
-            trained = all([trainer._train_step() for _ in range(2)])
+            trained = all([trainer.train_step() for _ in range(2)])
             sync()
             start = time.perf_counter()
-            trained = trained and all([trainer._train_step() for _ in range(args.steps)])
+            trained = trained and all([trainer.train_step() for _ in range(args.steps)])
             sync()
             if not trained:  # every slot held for its eval (nothing here runs it): steps that did nothing
                 print(json.dumps({"what": "packed step, LoRA kernel config", "config": config,

@@ -85,7 +85,7 @@ def measure_slot_memory(base: BaseModel, data: PreparedData, cfg: RunConfig, max
             for slot in range(k):
                 trainer.start(slot, heavy, NullTracker())
             for _ in range(2):  # the second step has AdamW's moments and every gradient buffer
-                trainer._train_step()
+                trainer.train_step()
             torch.cuda.synchronize(device)
             peaks.append(torch.cuda.max_memory_allocated(device) - start)
         finally:

@@ -193,7 +193,7 @@ class PackTrainer:
         table, drain = self.table, self.drain
         if not any(run is not None for run in self.runs):
             return self.finisher.write_adapters(None)  # nothing left to train: close every finished trial
-        self._train_step()
+        self.train_step()
         ended: list[SlotRun] = []
         stalled = not self._trainable()  # every trial holds: wait for what they wait for
         if len(drain.snapshots) >= DRAIN_EVERY:
@@ -240,7 +240,7 @@ class PackTrainer:
     def _trainable(self) -> bool:
         return bool(self.table.training(self.pm.paused).any())
 
-    def _train_step(self) -> bool:
+    def train_step(self) -> bool:
         """One step of the slots not held; logs their losses (on the device) and holds those
         whose eval is due. False if no slot trains."""
         table, pm = self.table, self.pm
