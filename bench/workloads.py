@@ -37,6 +37,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from gpu_clocks import Clocks
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
@@ -137,10 +139,12 @@ def sampled_configs(sweep: str, overrides: list[str], n: int, seed: int = 0) -> 
 
 def matmul_rates(shapes: list[tuple[int, int, int]]) -> dict[str, float]:
     """cuBLAS's bf16 rate (TFLOP/s, median of 20 after 5 warm-ups, random data) on this card for
-    each (m, k, n): the card's own ceiling, beside the datasheet's 989."""
+    each (m, k, n): the card's own ceiling, beside the datasheet's 989; and the first shape's
+    sustained for ~2 s, with the clock and power it ran at (`gpu_clocks`)."""
     import torch
 
-    rates = {}
+    rates: dict = {}
+    sustained: dict = {}
     for m, k, n in shapes:
         a = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
         b = torch.randn(k, n, device="cuda", dtype=torch.bfloat16)
@@ -154,8 +158,30 @@ def matmul_rates(shapes: list[tuple[int, int, int]]) -> dict[str, float]:
             if i >= 5:
                 times.append(start.elapsed_time(end) / 1e3)
         rates[f"{m}x{k}x{n}"] = round(2 * m * k * n / sorted(times)[len(times) // 2] / 1e12, 1)
+        if not sustained:  # the first shape again, back to back for ~2 s: the rate once the power cap holds
+            sustained = sustained_rate(a, b, 2 * m * k * n)
+            rates["sustained"] = {"shape": f"{m}x{k}x{n}", **sustained}
         del a, b
     return rates
+
+
+def sustained_rate(a, b, flops: float, seconds: float = 2.0) -> dict:
+    """a @ b back to back for about `seconds` (one timing over all): TFLOP/s and the clocks."""
+    import torch
+
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    a @ b
+    end.record()
+    end.synchronize()
+    n = max(10, int(seconds / max(start.elapsed_time(end) / 1e3, 1e-6)))
+    with Clocks() as clocks:
+        start.record()
+        for _ in range(n):
+            a @ b
+        end.record()
+        end.synchronize()
+    return {"tflops": round(flops * n / (start.elapsed_time(end) / 1e3) / 1e12, 1), **clocks.summary()}
 
 
 def cmd_engine(args: argparse.Namespace, sweep: str, overrides: list[str]) -> None:
@@ -215,13 +241,17 @@ def cmd_engine(args: argparse.Namespace, sweep: str, overrides: list[str]) -> No
             sync()
             start = time.perf_counter()
             steps = 0
-            while steps < args.steps:
-                if not trainer.train_step():
-                    break
-                steps += 1
-            sync()
+            with Clocks() as clocks:
+                while steps < args.steps:
+                    if not trainer.train_step():
+                        break
+                    steps += 1
+                sync()
             step_s = (time.perf_counter() - start) / max(1, steps)
             flops = sum(counted_flops(base, data, c) for c in trials)
+            at_clock = clocks.summary()
+            if at_clock:  # the same rate against 989 TFLOP/s scaled to the clock the steps ran at
+                at_clock["at_clock_fraction"] = round(flops / step_s / 1e12 / at_clock["bf16_peak_at_clock_tflops"], 3)
             print(json.dumps({"what": "packed step", "workload": args.workload, "compile": mode, "lora": lora, "k": k,
                               "batch": cfgs[0].trainer.batch_size, "sdpa": args.sdpa or "torch's choice",
                               "startup_s": round(startup, 1),
@@ -230,7 +260,8 @@ def cmd_engine(args: argparse.Namespace, sweep: str, overrides: list[str]) -> No
                               "bf16_peak_fraction": round(flops / step_s / BF16_PEAK, 3),
                               # against this card's own cuBLAS rate on an 8192^3 product (measured above)
                               "cublas_8192_fraction": round(flops / step_s / ceiling, 3) if ceiling else None,
-                              "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0, 1)}),
+                              "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0, 1),
+                              **at_clock}),
                   flush=True)
             if args.lora_configs and trainer.pm.groups.kernels:
                 time_lora_configs(trainer, args, sync)
@@ -260,15 +291,17 @@ def time_lora_configs(trainer, args: argparse.Namespace, sync) -> None:
             trained = all([trainer.train_step() for _ in range(2)])
             sync()
             start = time.perf_counter()
-            trained = trained and all([trainer.train_step() for _ in range(args.steps)])
-            sync()
+            with Clocks() as clocks:
+                trained = trained and all([trainer.train_step() for _ in range(args.steps)])
+                sync()
             if not trained:  # every slot held for its eval (nothing here runs it): steps that did nothing
                 print(json.dumps({"what": "packed step, LoRA kernel config", "config": config,
                                   "error": f"the slots reached their eval after {trainer.steps_run} steps: "
                                            "time fewer configs or steps"}), flush=True)
                 break
             print(json.dumps({"what": "packed step, LoRA kernel config", "config": config,
-                              "step_ms": round((time.perf_counter() - start) / args.steps * 1e3, 1)}), flush=True)
+                              "step_ms": round((time.perf_counter() - start) / args.steps * 1e3, 1),
+                              **clocks.summary()}), flush=True)
             if args.profile:  # each kernel's GPU time under this config, apart from the wall's noise
                 from sweep_throughput import profile
 
