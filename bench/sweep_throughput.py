@@ -32,6 +32,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from gpu_clocks import Clocks
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
@@ -179,9 +181,10 @@ def cmd_engine(args: argparse.Namespace) -> None:
             sync()
             warm_s = time.perf_counter() - t0
             start = time.perf_counter()
-            for _ in range(args.steps):
-                trainer.step()
-            sync()
+            with Clocks() as clocks:
+                for _ in range(args.steps):
+                    trainer.step()
+                sync()
             step_s = (time.perf_counter() - start) / args.steps
             peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0
             print(json.dumps({"what": "packed step", "arch": args.arch, "precision": args.precision, "mode": mode,
@@ -192,7 +195,7 @@ def cmd_engine(args: argparse.Namespace) -> None:
                               "trials_per_hour": round(3600 * k / (step_s * SEED_STEPS), 1),
                               "peak_gib": round(peak, 2),
                               "bf16_peak_fraction": round(k * flops / step_s / BF16_PEAK, 4),
-                              "useful_gflop_per_trial_step": round(flops / 1e9, 2)}), flush=True)
+                              "useful_gflop_per_trial_step": round(flops / 1e9, 2), **clocks.summary()}), flush=True)
             if args.kernel_configs:
                 from lora_exp.pack.kernels import adamw as pack_kernels
 
