@@ -15,8 +15,9 @@ from __future__ import annotations
 import os
 import threading
 
-#: the SM clock (MHz) at which the datasheet's 989 TFLOP/s dense bf16 holds
-DATASHEET_MHZ = 1830
+#: the H100 / H200 SXM's dense bf16 rate (datasheet; the benches' denominator), and the SM clock
+#: (MHz) it holds at
+BF16_PEAK, DATASHEET_MHZ = 989e12, 1830
 #: NVML's clock-event reason: the software power cap holds the clock down
 SW_POWER_CAP = 0x4
 
@@ -84,4 +85,4 @@ class Clocks:
         return {"sm_mhz": round(mean), "sm_mhz_range": [min(mhz), max(mhz)],
                 "power_w": round(sum(s[1] for s in self.samples) / len(self.samples)),
                 "power_capped": round(sum(s[2] for s in self.samples) / len(self.samples), 2),
-                "bf16_peak_at_clock_tflops": round(989.0 * mean / DATASHEET_MHZ, 1)}
+                "bf16_peak_at_clock_tflops": round(BF16_PEAK / 1e12 * mean / DATASHEET_MHZ, 1)}

@@ -32,14 +32,12 @@ import tempfile
 import time
 from pathlib import Path
 
-from gpu_clocks import Clocks
+from gpu_clocks import BF16_PEAK, Clocks
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 SEED_STEPS = 2500
-#: H200 dense bf16 peak (spec sheet); the device notes measured ~790 TFLOP/s on large GEMMs
-BF16_PEAK = 989e12
 
 
 def default_tokenizer() -> str:
