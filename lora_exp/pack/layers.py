@@ -9,7 +9,7 @@ from typing import Iterable
 import torch
 from torch import nn
 
-from lora_exp.core.randomness import dropout_mask, module_key, module_keys
+from lora_exp.core.randomness import dropout_mask, dropout_mask_int32, module_key, module_keys
 from lora_exp.pack.compile import fused
 
 
@@ -77,8 +77,12 @@ class PackedLoraLayer(nn.Module):
             keys, p = g.dropout
             xr = xs.reshape(x.shape[0], -1)
             with torch.no_grad():
-                # inside a compiled step the hash fuses into the multiply; eager, it is one kernel
-                masker = dropout_mask if torch.compiler.is_compiling() else fused(dropout_mask, g.compile)
+                # inside a compiled step the hash fuses into the multiply (one kernel with `parts`);
+                # eager (the CPU, `compile=off`), the same mask in 32-bit lanes, in place
+                if torch.compiler.is_compiling() or g.compile:
+                    masker = dropout_mask if torch.compiler.is_compiling() else fused(dropout_mask, g.compile)
+                else:
+                    masker = dropout_mask_int32
                 mask = masker(xr.detach(), module_keys(keys, self.key_t), p)
             xs = (xr * mask).view_as(xs)
         a, b, s = self.lora_A, self.lora_B, self.scale
