@@ -23,8 +23,8 @@ its .pth file would). That pair of versions needs the patch in `mlp` for QuACK's
 epilogues (its cache key cannot fingerprint two objects of this cutlass-dsl).
 
     python bench/quack_epilogue.py [--ranks 8,16,32] [--rounds 5] [--reps 20]
-    python bench/quack_epilogue.py --products
-    python bench/quack_epilogue.py --mlp
+    python bench/quack_epilogue.py --products [--tuned]
+    python bench/quack_epilogue.py --mlp [--tuned]
 """
 from __future__ import annotations
 
@@ -34,6 +34,9 @@ import sys
 import time
 
 import torch
+
+#: QuACK's autotuner picks each product's tiles (`--tuned`: minutes of compiling); else its defaults
+TUNED = False
 
 
 def timed(fn, reps: int) -> float:
@@ -81,19 +84,21 @@ def products(rounds: int, reps: int) -> None:
     print(f"\n{'product':20} {'shape':26} {'cuBLAS us':>10} {'QuACK us':>10} {'ratio':>6} "
           f"{'cuBLAS TF':>9} {'QuACK TF':>9}")
     for name, m, k, n, layout in PRODUCTS:
+        if TUNED and max(k, n) > 10000:
+            continue  # the LM head's shapes: too long to tune here
         a = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
         w = (torch.randn(n, k, device=dev) / k ** 0.5).to(torch.bfloat16)
         b = w.t() if layout == "t" else w.t().contiguous()  # [k, n]: K-major (a view) or N-major (dense)
         out = torch.empty(m, n, device=dev, dtype=torch.bfloat16)
         try:
-            quack_gemm(a, b, out=out, tuned=False)
+            quack_gemm(a, b, out=out, tuned=TUNED)
         except Exception as exc:  # noqa: BLE001 - report the shape and go on
             print(f"{name:20} QuACK failed: {type(exc).__name__}: {str(exc)[:300]}")
             continue
         ts = {"cublas": [], "quack": []}
         for _ in range(rounds):
             ts["cublas"].append(timed(lambda a=a, b=b, out=out: torch.mm(a, b, out=out), reps))
-            ts["quack"].append(timed(lambda a=a, b=b, out=out: quack_gemm(a, b, out=out, tuned=False), reps))
+            ts["quack"].append(timed(lambda a=a, b=b, out=out: quack_gemm(a, b, out=out, tuned=TUNED), reps))
         cu, qu = statistics.median(ts["cublas"]), statistics.median(ts["quack"])
         f = 2 * m * k * n
         print(f"{name:20} {f'[{m}, {k}] x [{k}, {n}] {layout}':26} {cu:10.1f} {qu:10.1f} {qu / cu:6.3f} "
@@ -104,11 +109,11 @@ def products(rounds: int, reps: int) -> None:
     b = (torch.randn(n, k, device=dev) / k ** 0.5).to(torch.bfloat16).t()
     c = torch.randn(m, n, device=dev, dtype=torch.bfloat16)
     out = torch.empty(m, n, device=dev, dtype=torch.bfloat16)
-    quack_gemm_add(a, b, c, out=out, tuned=False)
+    quack_gemm_add(a, b, c, out=out, tuned=TUNED)
     ts = {"mm+add_": [], "gemm_add": []}
     for _ in range(rounds):
         ts["mm+add_"].append(timed(lambda: torch.mm(a, b, out=out).add_(c), reps))
-        ts["gemm_add"].append(timed(lambda: quack_gemm_add(a, b, c, out=out, tuned=False), reps))
+        ts["gemm_add"].append(timed(lambda: quack_gemm_add(a, b, c, out=out, tuned=TUNED), reps))
     print(f"gate's product plus a [{m}, {n}] C: torch.mm then add_ {statistics.median(ts['mm+add_']):.1f} us, "
           f"QuACK gemm_add {statistics.median(ts['gemm_add']):.1f} us", flush=True)
 
@@ -170,7 +175,7 @@ def mlp(rounds: int, reps: int, r: int = 16) -> None:
 
     def quack_fwd():
         delta_forward(x3, a[0], b[2], scale, rank, None, None, None, pos, 1, c, False)
-        return gemm_act(x, wgu.t(), C=c.view(m, 2 * inter), activation="swiglu", tuned=False)
+        return gemm_act(x, wgu.t(), C=c.view(m, 2 * inter), activation="swiglu", tuned=TUNED)
 
     def step_bwd():
         return act_bwd(torch.mm(dy, wd), g, u)
@@ -178,7 +183,7 @@ def mlp(rounds: int, reps: int, r: int = 16) -> None:
     preact = torch.randn(m, 2 * inter, device=dev, dtype=bf)
 
     def quack_bwd():
-        return gemm_dact(dy, wd, preact, activation="swiglu", tuned=False)
+        return gemm_dact(dy, wd, preact, activation="swiglu", tuned=TUNED)
 
     cases = {"step's forward": step_fwd, "QuACK forward": quack_fwd, "step's backward": step_bwd,
              "QuACK backward": quack_bwd}
@@ -208,7 +213,10 @@ def main() -> int:
     parser.add_argument("--reps", type=int, default=20)
     parser.add_argument("--products", action="store_true", help="time the step's products alone instead")
     parser.add_argument("--mlp", action="store_true", help="time the SwiGLU MLP's gate/up side instead")
+    parser.add_argument("--tuned", action="store_true", help="QuACK's autotuner picks its tiles")
     args = parser.parse_args()
+    global TUNED
+    TUNED = args.tuned
     try:
         import quack  # noqa: F401
     except ImportError as exc:
@@ -247,13 +255,13 @@ def main() -> int:
     x3 = x.view(L, M, K)
     wt3 = wt.unsqueeze(0).expand(L, K, N)  # the weight shared by every slot (batch stride 0)
     quack_cases: dict[str, object] = {}
-    quack_cases["quack"] = lambda: quack_gemm(x3, wt3, out=y.view(L, M, N), tuned=False)
+    quack_cases["quack"] = lambda: quack_gemm(x3, wt3, out=y.view(L, M, N), tuned=TUNED)
     for r, (h, b) in inputs.items():
         mod = lora_mod(r)
         hcols = h.permute(2, 0, 1).contiguous()  # [r, L, M]: column j of every slot's h, dense
         operands = {**{f"h{j}": hcols[j] for j in range(r)}, **{f"b{j}": b[:, j, :] for j in range(r)}}
         quack_cases[f"quack+delta r{r}"] = (lambda mod=mod, operands=operands:
-                                            mod(x3, wt3, out={"D": y.view(L, M, N)}, tuned=False, **operands))
+                                            mod(x3, wt3, out={"D": y.view(L, M, N)}, tuned=TUNED, **operands))
     for name, fn in quack_cases.items():
         t0 = time.perf_counter()
         try:
