@@ -79,8 +79,10 @@ class PackedLoraLayer(nn.Module):
             with torch.no_grad():
                 # inside a compiled step the hash fuses into the multiply (one kernel with `parts`);
                 # eager (the CPU, `compile=off`), the same mask in 32-bit lanes, in place
-                if torch.compiler.is_compiling() or g.compile:
-                    masker = dropout_mask if torch.compiler.is_compiling() else fused(dropout_mask, g.compile)
+                if torch.compiler.is_compiling():
+                    masker = dropout_mask
+                elif g.compile:
+                    masker = fused(dropout_mask, True)
                 else:
                     masker = dropout_mask_int32
                 mask = masker(xr.detach(), module_keys(keys, self.key_t), p)
