@@ -52,6 +52,16 @@ def load_study(storage: str, name: str = "tiny"):
     return optuna.load_study(study_name=name, storage=rdb_storage(storage) if "://" in storage else storage)
 
 
+def parent_files(client, run_id: str) -> dict[str, int]:
+    """The parent run's tables and plots as its local artifact store holds them: path -> the time
+    each file was last written (ns)."""
+    from urllib.parse import urlparse
+
+    root = Path(urlparse(client.get_run(run_id).info.artifact_uri).path)
+    return {str(f.relative_to(root)): f.stat().st_mtime_ns for f in root.rglob("*")
+            if f.is_file() and (f.suffix == ".png" or f.name in ("trials.json", "answers.json"))}
+
+
 def sweep_runs(store: str):
     """(client, parent runs, trial runs) of the default experiment of an MLflow store."""
     from mlflow.tracking import MlflowClient

@@ -3,6 +3,7 @@ after every trial with the best trial, a table of all trials, Optuna's plots and
 overlay; the best adapter as a parent artifact and as a registered model with alias `best`."""
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import tempfile
@@ -26,6 +27,10 @@ PLOT_EVERY_S = 60.0
 TABLES = ("trials.json", "pareto_front.json", "answers.json")
 #: plots are drawn (~1 s) at most every PLOT_EVERY_S, the first a minute into the process, and at the end
 _last_plots = time.monotonic()
+#: the parent's tag naming (by a digest) the trials its tables and plots were last drawn from: a
+#: refresh that finds the same trials (another process drew them, or a resumed sweep ran nothing)
+#: draws nothing again
+DRAWN_TAG = "lora_exp.drawn_from"
 
 
 @dataclass(frozen=True)
@@ -145,22 +150,39 @@ def close_orphan_runs(record: SweepRecord, study: Any,
 
 
 def refresh(record: SweepRecord, study: Any, number: int, final: bool = False) -> None:
-    """Refresh the parent run after trial `number`; if it is the new best, publish its adapter."""
+    """Refresh the parent run after trial `number`; if it is the new best, publish its adapter.
+    Its tables and plots are drawn at most every PLOT_EVERY_S and when `final`, never twice from
+    the same trials (DRAWN_TAG)."""
     global _last_plots
     if record.run_id is None:
         return
     try:
         client, _ = connect(record.tracking)
         trials = study.get_trials(deepcopy=False)
-        _log_summary(client, record, study, trials)
+        draw = final or time.monotonic() - _last_plots >= PLOT_EVERY_S  # tables and plots
+        digest = trials_digest(record, trials) if draw else ""
+        drawn = draw and client.get_run(record.run_id).data.tags.get(DRAWN_TAG) == digest  # nothing new since
+        if not drawn:
+            _log_summary(client, record, study, trials)
         best = best_trial(study)
         if best is not None and (best.number == number or final):
             _publish_best(client, record, best)
-        if final or time.monotonic() - _last_plots >= PLOT_EVERY_S:
+        if draw and not drawn:
             log_plots(client, record, study, trials)
+            client.set_tag(record.run_id, DRAWN_TAG, digest)
+        if draw:
             _last_plots = time.monotonic()
     except Exception as exc:  # noqa: BLE001 - the parent's refresh must never fail a trial
         log.warning("could not refresh the sweep's parent run: %s", exc)
+
+
+def trials_digest(record: SweepRecord, trials: list[Any]) -> str:
+    """A digest of everything the parent's tables and plots are drawn from: each trial's state,
+    values, parameters, attributes and times, and the number of trials the sweep wants."""
+    rows = [(t.number, t.state.name, t.values, t.params, t.user_attrs, t.datetime_start, t.datetime_complete)
+            for t in sorted(trials, key=lambda t: t.number)]
+    text = json.dumps([record.n_trials, rows], sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:32]
 
 
 def best_trial(study: Any) -> Any:

@@ -11,7 +11,7 @@ import pytest
 
 from lora_exp.sweep.command import cmd_sweep
 
-from helpers import REPO, load_study, popen_cli, run_cli, sweep_runs
+from helpers import REPO, load_study, parent_files, popen_cli, run_cli, sweep_runs
 
 os.environ["LORA_EXP_SWEEPS_DIR"] = str(REPO / "sweeps")
 
@@ -88,11 +88,22 @@ def test_tiny_sweep_prunes_and_mlflow_matches_optuna(workdir, store, capsys, mon
     assert (Path(path) / "MLmodel").is_file()
     assert (Path(path) / "artifacts" / "adapter" / "adapter_config.json").is_file()
 
-    # Running the same command again adds nothing and keeps one parent.
+    # Running the same command again adds nothing and keeps one parent, whose tables and plots
+    # (drawn from the same trials) are not drawn again.
+    drawn = parent_files(client, parent.info.run_id)
+    assert {"trials.json", "plots/loss_curves.png"} <= set(drawn)
     assert cmd_sweep(["sweep=tiny", "n_trials=6"]) == 0
     assert len(load_study(f"sqlite:///{workdir}/mlruns/optuna.db").trials) == 6
     _, parents, children = sweep_runs(store)
     assert len(parents) == 1 and len(children) == 6
+    assert parent_files(client, parent.info.run_id) == drawn
+    assert client.get_run(parent.info.run_id).info.status == "FINISHED"
+    # One more trial: drawn again, with it.
+    assert cmd_sweep(["sweep=tiny", "n_trials=7", "trainer.max_steps=10"]) == 0
+    again = parent_files(client, parent.info.run_id)
+    assert all(again[f] > drawn[f] for f in ("trials.json", "plots/loss_curves.png")), (drawn, again)
+    table = json.loads(Path(client.download_artifacts(parent.info.run_id, "trials.json")).read_text())
+    assert sorted(row[0] for row in table["data"]) == list(range(7))
 
 
 def best_value(study):
