@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from helpers import REPO, popen_cli, run_cli
+from helpers import REPO, parent_files, popen_cli, run_cli
 
 
 def _rel(a: float, b: float) -> float:
@@ -59,6 +59,16 @@ def test_packed_sweep_records_every_trial_and_its_best_reruns_the_same(workdir, 
     assert shares <= pack_wall * 1.05, "the trials' shares add up to at most the pack's time"
     best = study.best_trial
     assert client.get_model_version_by_alias("tiny", "best").run_id == best.user_attrs["mlflow_run_id"]
+
+    # the same command again: nothing left to run, so no pack is made (no model loaded, no helper
+    # process started) and the parent's tables and plots stay as they were drawn
+    drawn = parent_files(client, parent.info.run_id)
+    again = run_cli(*args, cwd=workdir)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "packing up to" not in again.stderr and "pack summary" not in again.stderr, again.stderr[-3000:]
+    assert "7 trials -- " in again.stdout and len(optuna.load_study(
+        study_name="tiny", storage=f"sqlite:///{workdir}/mlruns/optuna.db").trials) == 7
+    assert parent_files(client, parent.info.run_id) == drawn and "plots/loss_curves.png" in drawn
 
     # the best trial, rerun alone from its run id, gives the same curve
     rerun = run_cli("rerun", best.user_attrs["mlflow_run_id"], cwd=workdir)
