@@ -45,9 +45,33 @@ METRIC_PACKAGES = {"rouge_l": {"rouge_score": "rouge-score"},
 PACK_COMPILE = ("auto", "off", "parts", "layers", "full", "graphs")
 PACK_LORA = ("kernels", "bmm")
 PACK_ATTENTION = ("rows", "model")
+#: each pack kernel module's constants that the benches time other values of and
+#: `pack.kernel_constants` sets for a sweep (lora_exp.pack.kernels: each module's TUNABLE)
+KERNEL_TUNABLES = {
+    "lora": ("BK", "BN", "NUM_WARPS", "MIN_SPLIT", "MAX_M", "BM", "PROGRAMS_PER_SM", "SWIGLU", "GEMM"),
+    "swiglu": ("BM", "BK", "NUM_WARPS"),
+    "head": ("BLOCK", "NUM_WARPS"),
+    "lora_gemm": ("BM", "BN", "BK", "NUM_WARPS", "NUM_STAGES", "GROUP_M", "MIN_WIDTH"),
+}
 #: environment variables that override a pack setting (documented in docs/packed-trials.md)
 PACK_ENV = {"LORA_EXP_PACK_COMPILE": "compile", "LORA_EXP_PACK_LORA": "lora", "LORA_EXP_PACK_ATTENTION": "attention",
             "LORA_EXP_PACK_TRACKERS": "trackers", "LORA_EXP_PACK_KERNEL_CONSTANTS": "kernel_constants"}
+
+
+def parse_kernel_constants(text: str) -> list[tuple[str, str, int]]:
+    """(module, name, value) for each item of `NAME=VALUE,...`: NAME one of kernels.lora's tunable
+    constants, or `swiglu.NAME` / `head.NAME` / `lora_gemm.NAME` for those kernels' own
+    (KERNEL_TUNABLES); ValueError naming a wrong item."""
+    out = []
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        match = re.fullmatch(r"(?:(\w+)\.)?(\w+)=(-?\d+)", item)
+        module, name = (match.group(1) or "lora", match.group(2)) if match else ("", "")
+        if name not in KERNEL_TUNABLES.get(module, ()):
+            others = ", ".join(m for m in KERNEL_TUNABLES if m != "lora")
+            raise ValueError(f"{item!r}: not NAME=INTEGER with NAME one of {', '.join(KERNEL_TUNABLES['lora'])} "
+                             f"(kernels.lora), or MODULE.NAME for {others}")
+        out.append((module, name, int(match.group(3))))
+    return out
 
 
 def resolve_path(path: str) -> Path:
@@ -146,6 +170,15 @@ class LoraSettings:
         _check(self.bias in BIASES, "lora.bias", f"must be one of {', '.join(BIASES)}, got {self.bias!r}")
         if self.target_modules is not None:
             _check(len(self.target_modules) > 0, "lora.target_modules", "must not be empty")
+
+    def unpackable(self) -> str | None:
+        """Why a pack cannot train this adapter variant (None if it can): a pack trains plain LoRA
+        with peft's default or gaussian init (such trials of a sweep run alone after the pack)."""
+        if self.use_dora:
+            return "lora.use_dora=true (DoRA) is not trained in a pack"
+        if self.init_lora_weights not in PACKED_INITS:
+            return f"lora.init_lora_weights={self.init_lora_weights} is not trained in a pack"
+        return None
 
 
 @dataclass(frozen=True)
@@ -303,7 +336,7 @@ class PackConfig:
     #: unsaved (a killed sweep's retried trial resumes there; checkpoints take at most 5% of the
     #: pack's time); 0 = at every eval, null = never.
     checkpoint_seconds: Optional[float] = 60.0
-    #: other values of the CUDA kernels' tunable constants, `NAME=VALUE,...` (kernels.parse_constants:
+    #: other values of the CUDA kernels' tunable constants, `NAME=VALUE,...` (parse_kernel_constants:
     #: kernels.lora's, or swiglu.NAME / head.NAME / lora_gemm.NAME), for timing and checking them; "" = their own
     kernel_constants: str = ""
 
@@ -327,10 +360,8 @@ class PackConfig:
             _check(self.checkpoint_seconds >= 0, "pack.checkpoint_seconds",
                    f"must be >= 0 (0 = at every eval) or null (never), got {self.checkpoint_seconds}")
         if self.kernel_constants:
-            from lora_exp.pack.kernels import parse_constants  # (no triton: the names alone)
-
             try:
-                parse_constants(str(self.kernel_constants))
+                parse_kernel_constants(str(self.kernel_constants))
             except ValueError as exc:
                 _check(False, "pack.kernel_constants", str(exc))
 
@@ -370,6 +401,17 @@ class RunConfig:
                f"model {self.model.name} has no preset {preset!r} "
                f"(it has: {', '.join(self.model.target_presets)})")
         return list(self.model.target_presets[preset])
+
+    def check_packable(self) -> None:
+        """What rules packing out for a sweep's base config (one line, before any model loads): a
+        trained bias (the pack's trials share the base) or a variant no pack trains."""
+        if self.pack.packs and self.lora.bias != "none":
+            raise ConfigError(f"pack: lora.bias={self.lora.bias} trains the base model's biases, which the trials "
+                              f"of a pack share; use lora.bias=none or pack=1")
+        why = self.lora.unpackable()
+        if self.pack.packs and why:
+            raise ConfigError(f"pack: {why} for every trial (the base config): use pack=1, or search it in the "
+                              f"sweep's space (those trials run alone after the pack)")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -39,7 +39,7 @@ class SlotSpec:
     steps: int
     warmup: int
     scheduler: str
-    #: how A starts (config.PACKED_INITS, pack.rules)
+    #: how A starts (config.PACKED_INITS, LoraSettings.unpackable)
     init: str = "default"
 
     @property

@@ -35,7 +35,6 @@ from lora_exp.pack.finish import Finisher
 from lora_exp.pack.layers import matches
 from lora_exp.pack.model import PackedModel
 from lora_exp.pack.rows import batch_schedule
-from lora_exp.pack.rules import unpackable_variant
 from lora_exp.pack.runtime import PackRuntime
 from lora_exp.pack.slots import SlotRun, SlotTable, lr_at, pack_key, slot_spec
 from lora_exp.pack.step import PackStep
@@ -144,7 +143,7 @@ class PackTrainer:
             return f"targets {', '.join(missing)}, which this pack did not wrap"
         if cfg.lora.bias != "none":
             return "lora.bias is not none"
-        return unpackable_variant(cfg.lora)
+        return cfg.lora.unpackable()
 
     def start(self, slot: int, cfg: RunConfig, tracker: Tracker, callbacks: Sequence[Callback] = (),
               handle: Any = None, resume: dict[str, Any] | None = None) -> SlotRun:

@@ -13,7 +13,6 @@ from lora_exp.config import RunConfig, TrackingConfig
 from lora_exp.core.data import Rows, load_rows
 from lora_exp.core.recording import metric_problem
 from lora_exp.errors import ConfigError, LoraExpError
-from lora_exp.pack.rules import check_packable
 from lora_exp.sweep.enqueue import (
     ENQUEUED,
     EXTRA_OVERRIDES,
@@ -47,7 +46,7 @@ def cmd_sweep(args: list[str], packed: PackedWorker | None = None) -> int:
     base_cfg = compose(base_overrides)  # a bad base override fails here, before anything runs
     check_space(spec, base_cfg, base_overrides)  # and so does a search space the config rejects
     check_ratio_anchors(spec, base_cfg)
-    check_packable(base_cfg)
+    base_cfg.check_packable()
     rows = load_rows(base_cfg.data)
     check_objectives(spec, base_cfg, rows)
     seeded = checked_seeds(options, spec, base_cfg, base_overrides)
@@ -179,7 +178,7 @@ def dry_run(args: list[str], limit: int = 20) -> int:
     base_cfg = compose(base_overrides)
     check_space(spec, base_cfg, base_overrides)
     check_ratio_anchors(spec, base_cfg)
-    check_packable(base_cfg)
+    base_cfg.check_packable()
     check_objectives(spec, base_cfg, load_rows(base_cfg.data))
     seeded = checked_seeds(options, spec, base_cfg, base_overrides)
     n_trials = options.n_trials or spec.n_trials

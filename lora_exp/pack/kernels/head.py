@@ -18,13 +18,13 @@ import torch
 import triton
 import triton.language as tl
 
+from lora_exp.config import KERNEL_TUNABLES
 from lora_exp.core.data import IGNORE
-from lora_exp.pack.kernels import TUNABLES
 
 #: logits a program reads at a time, and its warps
 BLOCK, NUM_WARPS = 4096, 8
 #: the constants here, which the benches set to time other values
-TUNABLE = TUNABLES["head"]
+TUNABLE = KERNEL_TUNABLES["head"]
 
 
 @triton.jit

@@ -39,7 +39,8 @@ import torch
 import triton
 import triton.language as tl
 
-from lora_exp.pack.kernels import TUNABLES, lora_gemm, lora_tiled
+from lora_exp.config import KERNEL_TUNABLES
+from lora_exp.pack.kernels import lora_gemm, lora_tiled
 from lora_exp.pack.kernels.hash import masked
 
 #: the tiles a program steps through the inputs (BK) and outputs (BN) by, its warps, and the
@@ -58,7 +59,7 @@ SWIGLU = 1
 #: passes it saves, the Triton product's gap to cuBLAS costs again (docs/benchmarks.md)
 GEMM = 0
 #: the constants here, which the benches set to time other values (and `pack.kernel_constants` for a sweep)
-TUNABLE = TUNABLES["lora"]
+TUNABLE = KERNEL_TUNABLES["lora"]
 
 
 @triton.jit

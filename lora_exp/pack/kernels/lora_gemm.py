@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from lora_exp.pack.kernels import TUNABLES
+from lora_exp.config import KERNEL_TUNABLES
 from lora_exp.pack.kernels.hash import masked
 
 #: output tiles, the product's step, warps and pipelining stages (the best of bench/lora_gemm.py's
@@ -31,7 +31,7 @@ BM, BN, BK, NUM_WARPS, NUM_STAGES, GROUP_M = 128, 256, 64, 8, 3, 8
 #: the narrowest weight it takes: past it, cuBLAS then the LoRA kernel's in-place add
 MIN_WIDTH = 256
 #: set by `pack.kernel_constants=lora_gemm.NAME=VALUE` and the benches (read at each launch)
-TUNABLE = TUNABLES["lora_gemm"]
+TUNABLE = KERNEL_TUNABLES["lora_gemm"]
 
 
 @triton.jit
