@@ -36,9 +36,9 @@ PROBE = (2, 6)
 HEADROOM = 0.85
 #: never more slots than this, whatever the memory (the step's time grows with K beyond it anyway)
 MAX_SLOTS = 1024
-#: pack steps ahead from which `pack.compile=auto` compiles the layers. Measured on the H200
-#: (docs/benchmarks.md): compiling the layers takes ~30 s and saves 0.24-0.6 s a step on
-#: SmolLM2-135M (K=128, batch 8) and Qwen2.5-0.5B (K=64, 512 tokens): it pays from ~60 steps
+#: pack steps ahead from which `pack.compile=auto` compiles the layers: on the H200, making the pack
+#: and compiling them takes ~27-35 s, and at Qwen2.5-0.5B's 512-token rows (K=64) a step with them
+#: takes ~0.2 s against 0.53 s with `parts` (docs/benchmarks.md): it pays from ~64-100 steps
 COMPILE_PAYS_STEPS = 64
 #: a slot's positions a step (batch x longest row) up to which `auto` also records the step as a
 #: CUDA graph (`graphs`). Such a step is ~1,500 small kernels, which the host takes about as long
