@@ -7,6 +7,10 @@ shape. The rest of a packed step is the same code either way, so this difference
     python bench/head_span.py                          # default (SmolLM2, K=128 x 8) and qwen (K=64 x 1)
     python bench/head_span.py --workloads qwen --rounds 6
     python bench/head_span.py --device cpu --no-compile --rounds 1 --repeat 1 --k 2   # smoke
+    python bench/head_span.py --workloads qwen --chunk-rows 1728,512,128   # the span way, by chunk size
+
+`--chunk-rows` times the span way alone with the head's logits made that many rows at a time
+(`rows.HEAD_CHUNK_BYTES`; its own value first), alternately, each against the first's results.
 """
 from __future__ import annotations
 
@@ -79,6 +83,8 @@ def time_workload(name: str, args: argparse.Namespace, tokenizer, tok_path: str)
         losses.sum().backward()
         return losses.detach()
 
+    if args.chunk_rows:
+        return time_chunks(name, args, step, hidden, vocab, k, batch, sync)
     full = step(False)  # warm-up (the head kernel compiles), and the two ways' results compared
     grad_full = hidden.grad.clone()
     spanned = step(True)
@@ -103,6 +109,38 @@ def time_workload(name: str, args: argparse.Namespace, tokenizer, tok_path: str)
             "grad_max_abs_diff": (hidden.grad - grad_full).abs().max().item()}
 
 
+def time_chunks(name: str, args: argparse.Namespace, step, hidden, vocab: int, k: int, batch: int, sync) -> dict:
+    """The span way with the head's logits made `args.chunk_rows` rows at a time, alternated."""
+    from lora_exp.pack import rows
+
+    own = rows.HEAD_CHUNK_BYTES
+    sizes = [int(c) for c in args.chunk_rows.split(",")]
+    results, times = {}, {c: [] for c in sizes}
+    try:
+        for c in sizes:  # warm-up (each size compiles), results kept to compare
+            rows.HEAD_CHUNK_BYTES = c * 4 * vocab
+            results[c] = (step(True), hidden.grad.clone())
+        for _ in range(args.rounds):
+            for c in sizes:
+                rows.HEAD_CHUNK_BYTES = c * 4 * vocab
+                sync()
+                start = time.perf_counter()
+                for _ in range(args.repeat):
+                    step(True)
+                sync()
+                times[c].append((time.perf_counter() - start) / args.repeat * 1e3)
+    finally:
+        rows.HEAD_CHUNK_BYTES = own
+    ref_loss, ref_grad = results[sizes[0]]
+    return {"what": "LM head over each row's scored span, by chunk rows", "workload": name, "k": k, "batch": batch,
+            "own_chunk_rows": own // (4 * vocab),
+            "ms": {c: round(statistics.median(times[c]), 2) for c in sizes},
+            "rounds_ms": {c: [round(t, 2) for t in times[c]] for c in sizes},
+            "loss_max_rel_diff": {c: ((results[c][0] - ref_loss).abs() / ref_loss.abs().clamp(min=1e-6)).max().item()
+                                  for c in sizes},
+            "grad_max_abs_diff": {c: (results[c][1] - ref_grad).abs().max().item() for c in sizes}}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--workloads", default="default,qwen")
@@ -112,6 +150,7 @@ def main() -> None:
     p.add_argument("--repeat", type=int, default=10, help="steps timed per way per round")
     p.add_argument("--device", default="cuda")
     p.add_argument("--no-compile", action="store_true", help="the head's eager path (CPU smoke)")
+    p.add_argument("--chunk-rows", default="", help="e.g. 1728,512,128: the span way by the logits' chunk rows")
     args = p.parse_args()
 
     import workloads
