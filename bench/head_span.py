@@ -15,6 +15,7 @@ shape. The rest of a packed step is the same code either way, so this difference
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import statistics
 import sys
@@ -88,15 +89,7 @@ def time_workload(name: str, args: argparse.Namespace, tokenizer, tok_path: str)
     full = step(False)  # warm-up (the head kernel compiles), and the two ways' results compared
     grad_full = hidden.grad.clone()
     spanned = step(True)
-    times: dict[bool, list[float]] = {False: [], True: []}
-    for _ in range(args.rounds):
-        for span in (False, True):
-            sync()
-            start = time.perf_counter()
-            for _ in range(args.repeat):
-                step(span)
-            sync()
-            times[span].append((time.perf_counter() - start) / args.repeat * 1e3)
+    times = alternated({span: functools.partial(step, span) for span in (False, True)}, args, sync)
     every, only = statistics.median(times[False]), statistics.median(times[True])
     positions = ids.shape[1] - 1
     return {"what": "LM head: every position vs each row's scored span", "workload": name, "k": k, "batch": batch,
@@ -109,26 +102,36 @@ def time_workload(name: str, args: argparse.Namespace, tokenizer, tok_path: str)
             "grad_max_abs_diff": (hidden.grad - grad_full).abs().max().item()}
 
 
+def alternated(ways: dict, args: argparse.Namespace, sync) -> dict:
+    """Each way's ms a step, `args.repeat` steps a round, the ways taking turns for `args.rounds`."""
+    times: dict = {key: [] for key in ways}
+    for _ in range(args.rounds):
+        for key, way in ways.items():
+            sync()
+            start = time.perf_counter()
+            for _ in range(args.repeat):
+                way()
+            sync()
+            times[key].append((time.perf_counter() - start) / args.repeat * 1e3)
+    return times
+
+
 def time_chunks(name: str, args: argparse.Namespace, step, hidden, vocab: int, k: int, batch: int, sync) -> dict:
     """The span way with the head's logits made `args.chunk_rows` rows at a time, alternated."""
     from lora_exp.pack import rows
 
     own = rows.HEAD_CHUNK_BYTES
     sizes = [int(c) for c in args.chunk_rows.split(",")]
-    results, times = {}, {c: [] for c in sizes}
+    results = {}
+
+    def sized(c: int):
+        rows.HEAD_CHUNK_BYTES = c * 4 * vocab
+        return step(True)
+
     try:
         for c in sizes:  # warm-up (each size compiles), results kept to compare
-            rows.HEAD_CHUNK_BYTES = c * 4 * vocab
-            results[c] = (step(True), hidden.grad.clone())
-        for _ in range(args.rounds):
-            for c in sizes:
-                rows.HEAD_CHUNK_BYTES = c * 4 * vocab
-                sync()
-                start = time.perf_counter()
-                for _ in range(args.repeat):
-                    step(True)
-                sync()
-                times[c].append((time.perf_counter() - start) / args.repeat * 1e3)
+            results[c] = (sized(c), hidden.grad.clone())
+        times = alternated({c: functools.partial(sized, c) for c in sizes}, args, sync)
     finally:
         rows.HEAD_CHUNK_BYTES = own
     ref_loss, ref_grad = results[sizes[0]]
