@@ -105,7 +105,10 @@ def pack_shape(plan: SweepPlan, cfg: RunConfig) -> tuple[int, list[str]]:
 
 def run_packed_worker(plan: SweepPlan, worker_index: int, stop: StopFlag, study: Any, context: WorkerContext) -> bool:
     """Run the study's WAITING trials K at a time. Returns False when the failure limit stopped it."""
-    if not in_flight_elsewhere(study, plan):  # none WAITING or RUNNING (a resume of a finished study)
+    from optuna.trial import TrialState
+
+    # the command has failed stale trials already: none WAITING or RUNNING is a finished study
+    if not stored_trials(study, (TrialState.WAITING, TrialState.RUNNING)):
         return True  # no pack to make: no model to load, no helper process to start
     return PackedSweep(plan, worker_index, stop, study, context).run()
 
