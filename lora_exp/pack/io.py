@@ -27,7 +27,7 @@ from lora_exp.core.status import TrialStatus
 from lora_exp.errors import LoraExpError
 from lora_exp.pack.sampler import name_process
 from lora_exp.sweep.outcome import TrialOutcome, record_outcome
-from lora_exp.sweep.plan import SweepPlan
+from lora_exp.sweep.plan import SweepPlan, usable_cores
 from lora_exp.sweep.storage import open_study
 from lora_exp.sweep.trial import print_trial_line
 from lora_exp.sweep.worker import NOISY_LOGGERS, quiet_libraries
@@ -47,7 +47,7 @@ def tracking_processes(setting: int | None) -> int:
     process per four cores, up to four (one on a small machine)."""
     if setting:
         return setting
-    return min(4, max(1, (os.cpu_count() or 1) // 4))
+    return min(4, max(1, usable_cores() // 4))
 
 
 class IOClient:

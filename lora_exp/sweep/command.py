@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
 from typing import Any
 
 from lora_exp.compose import compose, replace_keys
@@ -21,7 +20,7 @@ from lora_exp.sweep.enqueue import (
     seeded_trials,
     trial_overrides,
 )
-from lora_exp.sweep.plan import SweepOptions, SweepPlan, default_workers, parse_options
+from lora_exp.sweep.plan import SweepOptions, SweepPlan, default_workers, parse_options, usable_cores
 from lora_exp.sweep.report import shown_overrides, study_counts
 from lora_exp.sweep.spec import SweepSpec, corner_overrides, load_sweep
 from lora_exp.sweep.storage import make_sampler, open_study, top_up
@@ -55,7 +54,7 @@ def cmd_sweep(args: list[str], packed: PackedWorker | None = None) -> int:
     workers = options.workers or default_workers()
     if workers > 1 and base_cfg.trainer.num_threads is None and default_workers() == 1:
         # worker processes share the CPU cores; each trial records its share (a rerun uses it)
-        base_overrides.append(f"trainer.num_threads={max(1, (os.cpu_count() or 1) // workers)}")
+        base_overrides.append(f"trainer.num_threads={max(1, usable_cores() // workers)}")
         base_cfg = compose(base_overrides)
     study, created = open_study(spec, options.storage, study_name, create=True)
     done_at_start = study_counts(study)[0]

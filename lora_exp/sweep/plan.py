@@ -112,6 +112,15 @@ def _number(opts: dict[str, Any], key: str, kind: type, what: str) -> Any:
         raise ConfigError(f"{key}: expected {what}, got {opts[key]!r}") from None
 
 
+def usable_cores() -> int:
+    """The CPU cores this process may run on: its affinity mask (what taskset, a cgroup cpuset or
+    a job scheduler such as SLURM leaves it, and what torch's default thread count follows), not
+    every core of the machine."""
+    if hasattr(os, "sched_getaffinity"):
+        return max(1, len(os.sched_getaffinity(0)))
+    return os.cpu_count() or 1
+
+
 def default_workers() -> int:
     """One worker per visible GPU on a CUDA machine, else one."""
     import torch

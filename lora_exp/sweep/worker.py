@@ -22,7 +22,7 @@ from lora_exp.core import interrupts
 from lora_exp.core.status import TrialStatus
 from lora_exp.errors import LoraExpError
 from lora_exp.sweep.claims import claim_waiting_trial
-from lora_exp.sweep.plan import SweepPlan
+from lora_exp.sweep.plan import SweepPlan, usable_cores
 from lora_exp.sweep.storage import open_study
 from lora_exp.sweep.trial import WorkerContext, run_one_trial
 from lora_exp.tracking import parent
@@ -145,7 +145,7 @@ def run_worker(plan: SweepPlan, worker_index: int, n_workers: int | None = 1,
     if n_workers is None or plan.base.trainer.num_threads:
         # a worker process shares the CPU cores with the other workers (as its trials record); a
         # pack, which trains its trials here rather than in `run_trial`, takes the set count too
-        torch.set_num_threads(plan.base.trainer.num_threads or max(1, (os.cpu_count() or 1) // plan.workers))
+        torch.set_num_threads(plan.base.trainer.num_threads or max(1, usable_cores() // plan.workers))
     stop = StopFlag(received)
     answers = multiprocessing.current_process().name == "MainProcess" or n_workers is None
     with interrupts.answering(stop) if answers else contextlib.nullcontext():

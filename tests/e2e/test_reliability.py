@@ -350,7 +350,7 @@ def test_a_trial_of_a_two_worker_sweep_reruns_bit_for_bit(workdir, store):
     assert proc.returncode == 0, proc.stderr[-3000:]
     client, _, children = sweep_runs(store)
     trial = next(r for r in children if r.data.tags.get("trial_state") == "COMPLETE")
-    threads = max(1, (os.cpu_count() or 1) // 2)
+    threads = max(1, len(os.sched_getaffinity(0)) // 2)
     assert trial.data.params["trainer.num_threads"] == str(threads)
     rerun = run_cli("rerun", trial.info.run_id, cwd=workdir)
     assert rerun.returncode == 0, rerun.stderr[-3000:]

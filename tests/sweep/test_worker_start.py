@@ -3,6 +3,8 @@ before CUDA starts), forked from one preloaded server elsewhere."""
 from __future__ import annotations
 
 import multiprocessing
+import os
+import subprocess
 import sys
 
 import pytest
@@ -22,3 +24,19 @@ def test_workers_without_cuda_fork_from_a_server_that_imported_what_a_trial_need
     for name in WORKER_PRELOAD:  # each importable: forkserver skips a failing one silently
         __import__(name)
         assert name in sys.modules
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity") or len(os.sched_getaffinity(0)) < 2,
+                    reason="needs two cores to leave one")
+def test_the_cores_workers_share_are_those_the_process_may_run_on():
+    """Under taskset, a cpuset or a job scheduler (SLURM pins a job to its cores), the workers
+    divide the cores the sweep was given, as torch's own default thread count does, not the
+    machine's."""
+    one = min(os.sched_getaffinity(0))
+    script = ("import torch; from lora_exp.sweep.plan import usable_cores; "
+              "print(usable_cores(), torch.get_num_threads())")
+    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120,
+                         preexec_fn=lambda: os.sched_setaffinity(0, {one}))
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["1", "1"], (out.stdout, os.cpu_count())
