@@ -8,6 +8,8 @@ TORCH_INDEX ?=
 HOST      ?= 127.0.0.1
 PORT      ?= 5000
 ARGS      ?=
+# pytest workers for `make test` (pytest-xdist): the tests' own processes are mostly single-threaded
+TEST_WORKERS ?= 2
 # `make server`: the tracking server many machines share (PostgreSQL in production).
 BACKEND   ?= sqlite:///mlruns/mlflow.db
 ARTIFACTS ?= mlruns/served-artifacts
@@ -56,11 +58,11 @@ server: ## tracking server for many machines: make server BACKEND=postgresql://u
 	$(BIN)/mlflow server --backend-store-uri $(BACKEND) --serve-artifacts --artifacts-destination $(ARTIFACTS) \
 	  --host $(HOST) --port $(PORT) --workers $(SERVER_WORKERS)
 
-test: ## all tests, as CI runs them (~20-25 min on 2 cores)
-	$(BIN)/python -m pytest -q --durations=15
+test: ## all tests, as CI runs them, on TEST_WORKERS=2 pytest workers (~15 min on 2 cores)
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist worksteal --durations=15
 
 test-quick: ## the fast loop: skips tests marked slow
-	$(BIN)/python -m pytest -q -m "not slow"
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist worksteal -m "not slow"
 
 lint: ## ruff over the package, tests and benchmarks (CI runs it)
 	$(BIN)/ruff check lora_exp tests bench

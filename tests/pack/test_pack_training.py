@@ -56,7 +56,6 @@ def _rel(a: float, b: float) -> float:
 
 @pytest.mark.parametrize("model", ["tiny_gpt2", "tiny_llama"])
 def test_a_trial_in_a_mixed_pack_trains_exactly_as_alone(model):
-    torch.set_num_threads(2)
     cfgs = _mixed(model)
     base = load_base(cfgs[0].model, torch.device("cpu"))
     data = tokenize(load_rows(cfgs[0].data), cfgs[0].data, base.tokenizer)
@@ -87,7 +86,6 @@ def test_on_a_bf16_base_a_packed_trial_is_as_close_to_alone_as_bf16_rounding_let
     and there: it is held to the GPU matrix's rule, within twice the distance between the same
     trial alone on the bf16 and on the fp32 base, and it must be on the bf16 base (the loss is not
     the fp32 base's)."""
-    torch.set_num_threads(2)
     cfgs, fp32 = _mixed("tiny_llama", ["model.dtype=bf16"]), _mixed("tiny_llama")
     base, base32 = (load_base(c[0].model, torch.device("cpu")) for c in (cfgs, fp32))
     assert {p.dtype for p in base.model.parameters()} == {torch.bfloat16}
@@ -176,7 +174,6 @@ def test_trials_that_hold_for_evals_and_generations_while_others_train_train_exa
 
     monkeypatch.setattr(pack_training, "EVAL_GATHER_STEPS", 3)
     monkeypatch.setattr(pack_training, "FINISH_GATHER_STEPS", 4)
-    torch.set_num_threads(2)
     cfgs = _mixed("tiny_llama")
     cfgs = [cfgs[3], cfgs[0], cfgs[1], cfgs[2], cfgs[4]]  # 20 steps first: the next trial starts out of step
     stops = {3: 20}  # the fourth trial is stopped at its eval of step 20 (of 30)
@@ -225,7 +222,6 @@ def test_the_compiled_step_trains_as_the_eager_one_through_slot_reuse_without_re
     no graph is compiled again."""
     import torch._dynamo
 
-    torch.set_num_threads(2)
     cfgs = _mixed("tiny_gpt2", [f"model.architecture.n_layer={layers}"])
     base = load_base(cfgs[0].model, torch.device("cpu"))
     data = tokenize(load_rows(cfgs[0].data), cfgs[0].data, base.tokenizer)
@@ -387,7 +383,6 @@ def test_batch_schedule_is_the_order_train_batches_yields(n, batch, seed, steps)
 def test_a_trial_whose_loss_goes_non_finite_fails_alone_and_the_pack_goes_on():
     """A trial at lr 1e30 fails (its loss becomes non-finite, found when the losses come back to
     the host) without touching its neighbours, which train as they do alone."""
-    torch.set_num_threads(2)
     cfgs = _mixed("tiny_llama")[:3]
     cfgs[1] = compose([*cfgs[1].overrides, "trainer.lr=1e30", "trainer.max_grad_norm=null"])
     base = load_base(cfgs[0].model, torch.device("cpu"))
@@ -412,7 +407,6 @@ def test_a_pack_stopped_by_an_error_closes_its_finished_trials_with_their_adapte
     from lora_exp.pack.worker import stop_pack
 
     monkeypatch.setattr(pack_training, "ADAPTER_WRITE_S", 0.0)  # one adapter a step: the others wait
-    torch.set_num_threads(2)
     cfgs = _mixed("tiny_llama")[:4]
     cfgs[3] = compose([*cfgs[3].overrides, "trainer.max_steps=3000"])  # still training at the error
 
