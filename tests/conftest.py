@@ -8,8 +8,7 @@ import pytest
 # Before anything imports torch: one intra-op thread in this process and in every process a test
 # starts (they inherit it). The tests train tiny models, whose ops are too small to split, in
 # several processes at once (`make test` runs two pytest workers); a second OpenMP thread per
-# process only spins on the cores the others need (on the 2-core CI machine, test_reliability.py
-# took 382 s of wall time and 321 s of CPU with torch's default of 2 threads, 333 s and 235 s with 1).
+# process only spins on the cores the others need (docs/benchmarks.md, the `make test` row).
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 from helpers import CONF  # noqa: E402
