@@ -241,14 +241,17 @@ class CliServer:
                    "MLFLOW_CONFIGURE_LOGGING", "MPL", "NLTK")
     _instance: "CliServer | None" = None
     _started = False
+    _starting = threading.Lock()
 
     @classmethod
     def get(cls) -> "CliServer | None":
-        if not cls._started:
-            cls._started = True
-            if os.environ.get("LORA_EXP_TEST_PRELOAD", "1") != "0" and hasattr(os, "fork"):
-                server = cls()
-                cls._instance = server if server.ready else None
+        """The server, started by the first call; calls from other threads meanwhile wait for it."""
+        with cls._starting:
+            if not cls._started:
+                cls._started = True
+                if os.environ.get("LORA_EXP_TEST_PRELOAD", "1") != "0" and hasattr(os, "fork"):
+                    server = cls()
+                    cls._instance = server if server.ready else None
         return cls._instance
 
     def __init__(self) -> None:
