@@ -49,7 +49,7 @@ PACK_ATTENTION = ("rows", "model")
 #: `pack.kernel_constants` sets for a sweep (lora_exp.pack.kernels: each module's TUNABLE)
 KERNEL_TUNABLES = {
     "lora": ("BK", "BN", "NUM_WARPS", "MIN_SPLIT", "MAX_M", "BM", "PROGRAMS_PER_SM", "SWIGLU", "GEMM"),
-    "swiglu": ("BM", "BK", "NUM_WARPS", "GRAD_B"),
+    "swiglu": ("BM", "BK", "NUM_WARPS"),
     "head": ("BLOCK", "NUM_WARPS"),
     "lora_gemm": ("BM", "BN", "BK", "NUM_WARPS", "NUM_STAGES", "GROUP_M", "MIN_WIDTH"),
 }

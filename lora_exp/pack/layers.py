@@ -120,48 +120,21 @@ class PackedLoraLayer(nn.Module):
         return ((type(base).__name__ == "Conv1D" or type(base) is nn.Linear) and weight.dtype == dtype
                 and not weight.requires_grad and (bias is None or (bias.dtype == dtype and not bias.requires_grad)))
 
-    def takes_swiglu(self, x: torch.Tensor) -> bool:
-        """Whether this layer, a SwiGLU MLP's down projection, runs the activation and its LoRA
-        delta as one op (`swiglu`) on the MLP's input x: a whole-pack training step through the kernels."""
-        from lora_exp.pack.kernels import lora
-
-        return bool(lora.SWIGLU) and self._whole_pack(x) and self._plain_base() and type(self.base_layer) is nn.Linear
-
-    def swiglu(self, gate: torch.Tensor, up: torch.Tensor,
-               deltas: tuple[tuple, tuple] | None = None) -> torch.Tensor | None:
+    def swiglu(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor | None:
         """This layer on silu(gate) * up, a SwiGLU MLP's down projection, with the activation and
-        the LoRA delta in one op (`kernels.swiglu`) where `takes_swiglu`; None elsewhere (the MLP
-        runs as it is). `deltas`: the gate's and up's B sides (`split`), added to gate and up there."""
-        from lora_exp.pack.kernels import swiglu
+        the LoRA delta in one op (`kernels.swiglu`) in a whole-pack training step through the
+        kernels; None elsewhere (the MLP runs as it is)."""
+        from lora_exp.pack.kernels import lora, swiglu
 
-        if not (self.takes_swiglu(gate) and gate.dtype == up.dtype == self.lora_A.dtype and gate.shape == up.shape):
+        if not (lora.SWIGLU and self._whole_pack(gate) and self._plain_base() and type(self.base_layer) is nn.Linear
+                and gate.dtype == up.dtype == self.lora_A.dtype and gate.shape == up.shape):
             return None
         k = self.rank.shape[0]
         out = swiglu.swiglu_lora_linear(gate.reshape(k, -1, gate.shape[-1]), up.reshape(k, -1, up.shape[-1]),
                                         self.base_layer.weight, self.base_layer.bias, self.lora_A, self.lora_B,
                                         self.scale, self.rank, self._dropout_args(self.groups),
-                                        self.groups.rows, self.groups.split, deltas)
+                                        self.groups.rows, self.groups.split)
         return out.reshape(*gate.shape[:-1], out.shape[-1])
-
-    def splits(self, x: torch.Tensor) -> bool:
-        """Whether `split` runs on x: a whole-pack training forward through the kernels, an
-        nn.Linear base in the compute dtype, x in it or autocast to it."""
-        dtype = self.lora_A.dtype
-        autocast = torch.is_autocast_enabled(x.device.type) and torch.get_autocast_dtype(x.device.type) == dtype
-        return (self._whole_pack(x) and self._plain_base() and type(self.base_layer) is nn.Linear
-                and (x.dtype == dtype or autocast))
-
-    def split(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple]:
-        """The base layer's output on x and this layer's B side, (h, B, scale, rank), with h =
-        drop(x) A^T per slot (`kernels.lora.lora_linear_a`), where `splits`: whoever takes them
-        adds each slot's (h B) * scale (a SwiGLU MLP's down projection, `swiglu`)."""
-        from lora_exp.pack.kernels import lora
-
-        g = self.groups
-        xs = x.reshape(self.rank.shape[0], -1, x.shape[-1]).to(self.lora_A.dtype)
-        y, h = lora.lora_linear_a(xs, self.base_layer.weight, self.base_layer.bias, self.lora_A, self.rank,
-                                  self._dropout_args(g), g.rows, g.split)
-        return y.reshape(*x.shape[:-1], y.shape[-1]), (h, self.lora_B, self.scale, self.rank)
 
     def _kernel_linear(self, x: torch.Tensor, g: Groups) -> torch.Tensor | None:
         """The base layer and the LoRA kernels' delta as one op (`kernels.lora.lora_linear`): the
@@ -204,18 +177,8 @@ def swiglu_mlp(module: nn.Module) -> bool:
 
 def swiglu_forward(mlp: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """A SwiGLU MLP's forward (`swiglu_mlp`), the activation fused with the down projection's LoRA
-    delta where `PackedLoraLayer.swiglu` can (a whole-pack training step through the kernels),
-    and with `kernels.lora.SWIGLU` 2 the gate's and up projection's deltas too, where both split."""
-    from lora_exp.pack.kernels import lora
-
-    down, gate_proj, up_proj = mlp.down_proj, mlp.gate_proj, mlp.up_proj
-    if (lora.SWIGLU > 1 and isinstance(gate_proj, PackedLoraLayer) and isinstance(up_proj, PackedLoraLayer)
-            and down.takes_swiglu(x) and gate_proj.splits(x) and up_proj.splits(x)):
-        (gate, gate_b), (up, up_b) = gate_proj.split(x), up_proj.split(x)
-        out = down.swiglu(gate, up, (gate_b, up_b))
-        assert out is not None, "takes_swiglu and split promise the op's dtypes and shapes"
-        return out
-    gate, up = gate_proj(x), up_proj(x)
+    delta where `PackedLoraLayer.swiglu` can (a whole-pack training step through the kernels)."""
+    gate, up = mlp.gate_proj(x), mlp.up_proj(x)
     out = mlp.down_proj.swiglu(gate, up)
     return out if out is not None else mlp.down_proj(mlp.act_fn(gate) * up)
 

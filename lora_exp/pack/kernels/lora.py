@@ -51,10 +51,8 @@ PROGRAMS_PER_SM = 4
 #: the longest row group one program holds (the short kernels); longer ones are tiled by BM
 #: positions (32: 0.5-3% faster a Qwen2.5-0.5B step than 64), as is the input gradient of every group
 MAX_M, BM = 256, 32
-#: a SwiGLU MLP's activation fused with its down projection's LoRA delta (kernels.swiglu); 2: and
-#: with the gate's and up projection's deltas (their B sides, added where the activation reads
-#: their outputs, not in a pass of their own); 0: apart
-SWIGLU = 2
+#: a SwiGLU MLP's activation fused with its down projection's LoRA delta (kernels.swiglu); 0: apart
+SWIGLU = 1
 #: 1: long row groups in bf16/fp16 on CUDA run the base layer's product and the delta as one
 #: kernel (kernels.lora_gemm), forward and input gradient; 0 (the default): cuBLAS's product, the
 #: delta added in place. Faster per module at Qwen2.5-0.5B's shapes, but no faster a step: the
@@ -263,13 +261,6 @@ def delta_forward(x, a, b, scale, rank, keys, thr, kscale, rows, split, out, add
     return h
 
 
-def project(x, a, rank, keys, thr, kscale, rows):
-    """h = drop(x) A^T alone: the forward kernel with no outputs to write (one program a slot's
-    group or tile); a slot that does not target the module leaves its rows unwritten."""
-    k, m, _ = x.shape
-    return delta_forward(x, a, a[:, :, :0], rank, rank, keys, thr, kscale, rows, 1, x.new_empty(k, m, 0), True)
-
-
 def base_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, conv: bool) -> torch.Tensor:
     """The frozen base layer's output for x [N, in]: nn.Linear's (w [out, in]) or GPT-2's Conv1D's (w [in, out])."""
     if conv:
@@ -299,8 +290,8 @@ def _delta_fake(x, a, b, scale, rank, keys, thr, kscale, rows, split):
 def _linear(x, w, bias, a, b, scale, rank, keys, thr, kscale, rows, split, conv):
     x = x.contiguous()
     k, m, fin = x.shape
-    if in_gemm(x, w, a):  # h first, then the product and its delta
-        h = project(x, a, rank, keys, thr, kscale, rows)
+    if in_gemm(x, w, a):  # h first (the forward kernel with no outputs), then the product and its delta
+        h = delta_forward(x, a, b[:, :, :0], scale, rank, keys, thr, kscale, rows, split, x.new_empty(k, m, 0), True)
         out = lora_gemm.gemm_lora(x.view(k * m, fin), w, conv, bias, h.view(k * m, -1), b, scale, rank, m)
         return out.view(k, m, -1), h
     out = base_linear(x.view(k * m, fin), w, bias, conv).view(k, m, -1)
@@ -317,60 +308,6 @@ def in_gemm(x: torch.Tensor, w: torch.Tensor, a: torch.Tensor) -> bool:
 def _linear_fake(x, w, bias, a, b, scale, rank, keys, thr, kscale, rows, split, conv):
     k, m, _ = x.shape
     return x.new_empty(k, m, b.shape[2]), x.new_empty(k, m, a.shape[1])
-
-
-@torch.library.custom_op("lora_exp::lora_linear_a", mutates_args=(),
-                         schema="(Tensor x, Tensor w, Tensor? bias, Tensor a, Tensor rank, Tensor? keys, Tensor? thr, "
-                                "Tensor? kscale, int rows, int split) -> (Tensor, Tensor)")
-def _linear_a(x, w, bias, a, rank, keys, thr, kscale, rows, split):
-    x = x.contiguous()
-    k, m, fin = x.shape
-    return base_linear(x.view(k * m, fin), w, bias, False).view(k, m, -1), project(x, a, rank, keys, thr, kscale, rows)
-
-
-@_linear_a.register_fake
-def _linear_a_fake(x, w, bias, a, rank, keys, thr, kscale, rows, split):
-    k, m, _ = x.shape
-    return x.new_empty(k, m, w.shape[0]), x.new_empty(k, m, a.shape[1])
-
-
-@torch.library.custom_op("lora_exp::lora_linear_a_backward", mutates_args=(),
-                         schema="(Tensor g, Tensor dh, Tensor x, Tensor w, Tensor a, Tensor rank, Tensor? keys, "
-                                "Tensor? thr, Tensor? kscale, int rows, int split, bool need_dx) -> (Tensor, Tensor)")
-def _linear_a_backward(g, dh, x, w, a, rank, keys, thr, kscale, rows, split, need_dx):
-    """The input's gradient (g W, plus (dh A) * mask in place) and A's (dh^T drop(x)), from the
-    output's gradient g and h's, dh (in the compute dtype: the rounding kernels.lora's backward
-    gives its fp32 dh before these products)."""
-    x = x.contiguous()
-    k, m, fin = x.shape
-    rmax, br = a.shape[1], block_r(a.shape[1])
-    dh = torch.nn.functional.pad(dh.float(), (0, br - rmax)).contiguous()  # the tiled kernels' [K, M, br] fp32
-    dx = torch.mm(g.to(x.dtype).reshape(k * m, -1), w).view(k, m, fin) if need_dx else None
-    ga = lora_tiled.backward_a(x, dh, a, rank, keys, thr, kscale, rows, max(split, MIN_SPLIT), dx, True,
-                               bm=min(BM, block_m(m)), bk=BK, br=br, prec=precision(x.dtype),
-                               programs=PROGRAMS_PER_SM * sm_count(x.device), launch=launch_options())
-    return (dx if need_dx else x.new_empty(0)), ga
-
-
-@_linear_a_backward.register_fake
-def _linear_a_backward_fake(g, dh, x, w, a, rank, keys, thr, kscale, rows, split, need_dx):
-    return (x.new_empty(x.shape) if need_dx else x.new_empty(0)), a.new_empty(a.shape)
-
-
-def _setup_linear_a(ctx, inputs, output):
-    x, w, bias, a, rank, keys, thr, kscale, rows, split = inputs
-    ctx.save_for_backward(x, w, a, rank, keys, thr, kscale)
-    ctx.rows, ctx.split = rows, split
-
-
-def _backward_a(ctx, g, dh):
-    x, w, a, rank, keys, thr, kscale = ctx.saved_tensors
-    need_dx = ctx.needs_input_grad[0]
-    dx, ga = _linear_a_backward(g, dh, x, w, a, rank, keys, thr, kscale, ctx.rows, ctx.split, need_dx)
-    return (dx if need_dx else None, None, None, ga) + (None,) * 6  # the frozen base gets no gradient
-
-
-_linear_a.register_autograd(_backward_a, setup_context=_setup_linear_a)
 
 
 @torch.library.custom_op("lora_exp::lora_delta_backward", mutates_args=(),
@@ -472,18 +409,6 @@ def lora_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, con
     copy, no zeros, no separate sum for the slots that do not)."""
     keys, thr, kscale = dropout if dropout is not None else (None, None, None)
     return _linear(x, w, bias, a, b, scale, rank, keys, thr, kscale, rows, split, conv)[0]
-
-
-def lora_linear_a(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, a: torch.Tensor, rank: torch.Tensor,
-                  dropout: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None, rows: int,
-                  split: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The frozen nn.Linear (`w` [out, in], `bias`) on x [K, M, in] and each slot's h = drop(x) A^T
-    [K, M, R], apart: `lora_linear` without its B side, which the caller adds where it reads the
-    output anyway (kernels.swiglu, for a SwiGLU MLP's gate and up projections) and whose backward
-    gives h's gradient. Rows of h past a slot's rank are zero; a slot that does not target the
-    module leaves its h unwritten and gets no gradient."""
-    keys, thr, kscale = dropout if dropout is not None else (None, None, None)
-    return _linear_a(x, w, bias, a, rank, keys, thr, kscale, rows, split)
 
 
 def dropout_args(keys: torch.Tensor, p: torch.Tensor,

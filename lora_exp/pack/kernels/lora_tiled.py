@@ -196,22 +196,15 @@ def sum_parts(grad: torch.Tensor, partial: torch.Tensor, parts: int, rank: torch
                                                              BR=partial.shape[2], BLOCK=SUM_BLOCK)
 
 
-def backward_dh(g, b, scale, rank, *, bm, bn, br, prec, launch):
-    """dh = g_s B^T [K, M, br] (fp32), a program per `bm` positions."""
-    k, m, fout = g.shape
-    dh = torch.empty(k, m, br, device=g.device, dtype=torch.float32)
-    _bwd_dh_tiled[(k, triton.cdiv(m, bm))](g, b, dh, scale, rank, m, fout, b.stride(0), b.stride(1), b.shape[1],
-                                           BM=bm, BR=br, BN=bn, PREC=prec, **launch)
-    return dh
-
-
 def backward_b(g, b, h, scale, rank, split, *, bm, bn, br, prec, programs, launch):
     """The delta's B side of a long row group's backward: (dh = g_s B^T [K, M, br] fp32 per
     position tile, B's gradient h^T g_s per output block over the group's positions)."""
     k, m, fout = g.shape
     rmax = b.shape[1]
     tiles = triton.cdiv(m, bm)
-    dh = backward_dh(g, b, scale, rank, bm=bm, bn=bn, br=br, prec=prec, launch=launch)
+    dh = torch.empty(k, m, br, device=g.device, dtype=torch.float32)
+    _bwd_dh_tiled[(k, tiles)](g, b, dh, scale, rank, m, fout, b.stride(0), b.stride(1), rmax,
+                              BM=bm, BR=br, BN=bn, PREC=prec, **launch)
     blocks, parts = parts_for(k, fout, bn, tiles, split, programs)
     gb, partial = grad_buffers(k, rmax, fout, parts, br, b)
     _bwd_b_tiled[(k, blocks, parts)](g, h, gb, partial, scale, rank, m, fout, rmax, PARTS=parts, BM=bm, BR=br,
@@ -228,21 +221,13 @@ def backward(g, x, a, b, h, scale, rank, keys, thr, kscale, rows, split, dx, acc
     up to `split` parts whose fp32 partial sums are added in a fixed order (deterministic).
     `dx` is the input gradient's buffer (None: not made here), added to in place with `acc`
     (`input_grad`). Returns A's and B's gradients and dh [K, M, br] (fp32)."""
-    dh, gb = backward_b(g, b, h, scale, rank, split, bm=bm, bn=bn, br=br, prec=prec, programs=programs,
-                        launch=launch)
-    ga = backward_a(x, dh, a, rank, keys, thr, kscale, rows, split, dx, acc, bm=bm, bk=bk, br=br, prec=prec,
-                    programs=programs, launch=launch)
-    return ga, gb, dh
-
-
-def backward_a(x, dh, a, rank, keys, thr, kscale, rows, split, dx, acc, *, bm, bk, br, prec, programs, launch):
-    """The delta's A side of a long row group's backward, from dh [K, M, br] (fp32): A's gradient
-    per input block over the group's positions (parts as in `backward`), and the input's into
-    `dx` (None: not made here; added to in place with `acc`). Returns A's gradient."""
     k, m, fin = x.shape
     rmax = a.shape[1]
+    tiles = triton.cdiv(m, bm)
     dropout = keys is not None
-    blocks, parts = parts_for(k, fin, bk, triton.cdiv(m, bm), split, programs)
+    dh, gb = backward_b(g, b, h, scale, rank, split, bm=bm, bn=bn, br=br, prec=prec, programs=programs,
+                        launch=launch)
+    blocks, parts = parts_for(k, fin, bk, tiles, split, programs)
     ga, partial = grad_buffers(k, rmax, fin, parts, br, a)
     _bwd_a_tiled[(k, blocks, parts)](x, dh, ga, partial, rank, keys if dropout else x, thr if dropout else x,
                                      kscale if dropout else x, m, m // rows, fin, rows, x.stride(0), rmax,
@@ -251,4 +236,4 @@ def backward_a(x, dh, a, rank, keys, thr, kscale, rows, split, dx, acc, *, bm, b
         input_grad(a, dh.view(k, 1, m, br), 1, dx, rank, keys, thr, kscale, rows, acc, bm=bm, br=br, bk=bk,
                    prec=prec, launch=launch)
     sum_parts(ga, partial, parts, rank)
-    return ga
+    return ga, gb, dh
