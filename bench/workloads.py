@@ -356,7 +356,8 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("command", choices=["engine", "sweep"])
     parser.add_argument("--workload", choices=["default", "qwen"], default="default")
-    parser.add_argument("--tokenizer", default=default_tokenizer())
+    parser.add_argument("--tokenizer", default=default_tokenizer(),
+                        help="a folder with SmolLM2's tokenizer and config.json (default: the one `make setup` writes)")
     parser.add_argument("--batch", type=int, default=None)
     parser.add_argument("--trials", type=int, default=256)
     parser.add_argument("--pack", default="auto")
@@ -378,6 +379,9 @@ def main() -> None:
     parser.add_argument("--verbose", action="store_true", help="sweep: run it with -v (the engine's lines, in --log)")
     parser.add_argument("--override", action="append", default=[])
     args = parser.parse_args()
+    if not (Path(args.tokenizer) / "config.json").is_file():
+        parser.error(f"no tokenizer at {args.tokenizer} (no config.json there): run `make setup`, which writes it, "
+                     "or pass --tokenizer FOLDER")
     with tempfile.TemporaryDirectory(prefix="lora-exp-workload-") as tmp:
         sweep, overrides = workload(args.workload, args.tokenizer, Path(tmp), args.batch)
         if args.command == "engine":
