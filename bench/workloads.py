@@ -6,7 +6,7 @@ Workloads (random weights of the real architectures; speed does not depend on we
   key/value heads, vocabulary 49152) with SmolLM2's tokenizer, bf16.
 - `qwen`: instruction tuning at realistic length (bench/sweeps/qwen_512.yaml): Qwen2.5-0.5B's
   architecture (24 layers, hidden 896, 14 heads, 2 key/value heads, intermediate 4864,
-  vocabulary 151936), rows of 512 tokens of generated text, batch 1 (or --batch 4), 300 steps,
+  vocabulary 151936), rows of 512 tokens of generated text (or --tokens N), batch 1 (or --batch 4), 300 steps,
   r in {8, 16, 32} on attention or all linear modules, lr and dropout searched, bf16.
 
     python bench/workloads.py sweep --workload default --trials 256 --pack auto
@@ -80,8 +80,9 @@ def write_rows(folder: Path, tokenizer: str, tokens: int = 512, n_train: int = 2
     return paths
 
 
-def workload(name: str, tokenizer: str, folder: Path, batch: int | None = None) -> tuple[str, list[str]]:
-    """(sweep file, overrides) of a workload."""
+def workload(name: str, tokenizer: str, folder: Path, batch: int | None = None,
+             tokens: int | None = None) -> tuple[str, list[str]]:
+    """(sweep file, overrides) of a workload; `tokens`: the qwen rows' length (data.max_length) other than 512."""
     common = ["model=smollm2_135m", "model.source=random", f"model.tokenizer={os.path.abspath(tokenizer)}",
               "trainer.precision=bf16",
               # the MiniLM embedding model of semantic_similarity is not on the GPU machine
@@ -90,10 +91,10 @@ def workload(name: str, tokenizer: str, folder: Path, batch: int | None = None) 
         return "default", common + [f"model.architecture={smollm2_arch(tokenizer)}"] + \
             ([f"trainer.batch_size={batch}"] if batch else [])
     if name == "qwen":
-        train, validation = write_rows(folder, tokenizer)
+        train, validation = write_rows(folder, tokenizer, tokens or 512)
         return str(ROOT / "bench" / "sweeps" / "qwen_512.yaml"), common + [
             f"model.architecture={QWEN_ARCH}", f"data.train_files=[{train}]", f"data.validation_files=[{validation}]",
-            f"trainer.batch_size={batch or 1}"]
+            f"trainer.batch_size={batch or 1}"] + ([f"data.max_length={tokens}"] if tokens else [])
     raise SystemExit(f"unknown workload {name}")
 
 
@@ -249,7 +250,8 @@ def cmd_engine(args: argparse.Namespace, sweep: str, overrides: list[str]) -> No
             if at_clock:  # the same rate against 989 TFLOP/s scaled to the clock the steps ran at
                 at_clock["at_clock_fraction"] = round(flops / step_s / 1e12 / at_clock["bf16_peak_at_clock_tflops"], 3)
             print(json.dumps({"what": "packed step", "workload": args.workload, "compile": mode, "lora": lora, "k": k,
-                              "batch": cfgs[0].trainer.batch_size, "sdpa": args.sdpa or "torch's choice",
+                              "batch": cfgs[0].trainer.batch_size,
+                              "tokens": cfgs[0].data.max_length, "sdpa": args.sdpa or "torch's choice",
                               "startup_s": round(startup, 1),
                               "step_ms": round(step_s * 1e3, 1), "trial_steps_per_s": round(k / step_s, 1),
                               "tflops": round(flops / step_s / 1e12, 1),
@@ -359,6 +361,8 @@ def main() -> None:
     parser.add_argument("--tokenizer", default=default_tokenizer(),
                         help="a folder with SmolLM2's tokenizer and config.json (default: the one `make setup` writes)")
     parser.add_argument("--batch", type=int, default=None)
+    parser.add_argument("--tokens", type=int, default=None,
+                        help="qwen: rows of this many tokens (data.max_length) instead of 512")
     parser.add_argument("--trials", type=int, default=256)
     parser.add_argument("--pack", default="auto")
     parser.add_argument("--k", default="64")
@@ -383,7 +387,9 @@ def main() -> None:
         parser.error(f"no tokenizer at {args.tokenizer} (no config.json there): run `make setup`, which writes it, "
                      "or pass --tokenizer FOLDER")
     with tempfile.TemporaryDirectory(prefix="lora-exp-workload-") as tmp:
-        sweep, overrides = workload(args.workload, args.tokenizer, Path(tmp), args.batch)
+        if args.tokens and args.workload != "qwen":
+            parser.error("--tokens sets the qwen workload's row length; the default workload's rows are qa_demo's")
+        sweep, overrides = workload(args.workload, args.tokenizer, Path(tmp), args.batch, args.tokens)
         if args.command == "engine":
             cmd_engine(args, sweep, overrides + args.override)
         else:
