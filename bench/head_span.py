@@ -160,6 +160,7 @@ def main() -> None:
     from transformers import AutoTokenizer
 
     tok_path = args.tokenizer or workloads.default_tokenizer()
+    workloads.require_tokenizer(p, tok_path)
     tokenizer = AutoTokenizer.from_pretrained(tok_path)
     for name in args.workloads.split(","):
         print(json.dumps(time_workload(name, args, tokenizer, tok_path)), flush=True)

