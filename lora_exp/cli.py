@@ -83,7 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("train", "train one adapter from the composed config, tracked in MLflow",
                 f"examples:\n  lora-exp train lora.r=16 trainer.lr=3e-4\n  lora-exp train model=tiny_llama data=seed"
                 f"\n\n{groups_help()}\n\nAll keys and their defaults: lora-exp config")
-    p.add_argument("overrides", nargs="*", help="Hydra overrides: key=value, group=option")
+    p.add_argument("overrides", nargs="*", default=[], help="Hydra overrides: key=value, group=option")
     p = command("sweep", "an Optuna search over LoRA configs: one nested MLflow run per trial, resumable",
                 f"sweep options (the rest are config overrides):\n"
                 f"  sweep=NAME|PATH.yaml   the search space and study settings ({sweeps_help()})\n"
@@ -97,30 +97,30 @@ def build_parser() -> argparse.ArgumentParser:
                 f"  enqueue=FILE.yaml      run the listed override sets first\n\n"
                 f"examples:\n  lora-exp sweep\n  lora-exp sweep sweep=tiny n_trials=20 workers=2\n"
                 f"  lora-exp sweep --dry-run        the first trials' overrides, nothing trained\n\n{groups_help()}")
-    p.add_argument("overrides", nargs="*", help="sweep options and config overrides")
+    p.add_argument("overrides", nargs="*", default=[], help="sweep options and config overrides")
     p.add_argument("--dry-run", action="store_true", help="print the first trials' overrides; train nothing")
     p = command("config", "print the composed config (YAML) the overrides give, validated",
                 f"example:\n  lora-exp config model=tiny_llama lora.r=4\n\n{groups_help()}")
-    p.add_argument("overrides", nargs="*", help="Hydra overrides")
+    p.add_argument("overrides", nargs="*", default=[], help="Hydra overrides")
     p = command("ui", "the MLflow UI over the tracking store, with the link to the latest sweep",
                 "example:\n  lora-exp ui                      (sqlite:///mlruns/mlflow.db, or $MLFLOW_TRACKING_URI)\n"
                 "  lora-exp ui tracking.uri=sqlite:///elsewhere/mlflow.db --port 5001")
-    p.add_argument("overrides", nargs="*", help="tracking.uri=...")
+    p.add_argument("overrides", nargs="*", default=[], help="tracking.uri=...")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
     p.add_argument("--port", type=int, default=5000)
     p = command("best", "the best trial of a study (its Pareto front with several objectives), and the command "
                         "that reproduces it")
-    p.add_argument("options", nargs="*", help="study=NAME storage=URL tracking.uri=URL")
+    p.add_argument("options", nargs="*", default=[], help="study=NAME storage=URL tracking.uri=URL")
     p.add_argument("--promote", metavar="RUN_ID", help="point models:/<study>@best at this trial's run")
     p = command("rerun", "retrain from the config recorded with a run", RUN_ID_HELP)
     p.add_argument("run_id")
-    p.add_argument("overrides", nargs="*", help="overrides applied to the recorded config")
+    p.add_argument("overrides", nargs="*", default=[], help="overrides applied to the recorded config")
     p = command("export", "export a run's adapter (or the model merged with it) and its tokenizer", RUN_ID_HELP)
     p.add_argument("run_id")
     p.add_argument("--out", required=True, help="output folder (must be empty unless --force)")
     p.add_argument("--merge", action="store_true", help="merge the adapter into the base (a standalone model)")
     p.add_argument("--force", action="store_true", help="overwrite a non-empty output folder")
-    p.add_argument("overrides", nargs="*", help="tracking.uri=... to read from another store")
+    p.add_argument("overrides", nargs="*", default=[], help="tracking.uri=... to read from another store")
     p = command("generate", "generate with a run's adapter", RUN_ID_HELP)
     p.add_argument("run_id")
     p.add_argument("prompts", nargs="+", help='prompts ("\\n" is a newline); tracking.uri=... picks the store')
@@ -131,7 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_ids", nargs="+", help="runs to compare (and tracking.uri=... to pick the store)")
     p.add_argument("--no-log", action="store_true", help="print only; log nothing")
     p = command("prepare", "prepare the model once (convert the offline GGUF default into the cache; make setup)")
-    p.add_argument("overrides", nargs="*")
+    p.add_argument("overrides", nargs="*", default=[])
     return parser
 
 

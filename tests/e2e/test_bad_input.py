@@ -216,6 +216,16 @@ def test_bad_input_is_one_line_exit_2_nothing_written_within_20_s(outcomes, name
     assert not store.search_runs([e.experiment_id for e in store.search_experiments()])
 
 
+def test_a_missing_argument_names_what_is_required_and_not_the_optional_overrides(tmp_path):
+    """argparse's own error for a command called without its arguments: exit 2, and the list of
+    what is missing leaves out the Hydra overrides, which every command takes but none needs."""
+    for args, missing in ((["export"], "run_id, --out"), (["generate"], "run_id, prompts"), (["rerun"], "run_id")):
+        proc = _main(args, tmp_path)
+        assert proc.returncode == 2, proc.stderr
+        assert proc.stderr.strip().splitlines()[-1].endswith(f"the following arguments are required: {missing}"), \
+            proc.stderr
+
+
 def test_the_table_is_broad():
     commands = {args[0] for _, args, _, _ in TABLE}
     assert AS_A_PROCESS <= {case[0] for case in TABLE}
