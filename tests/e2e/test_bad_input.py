@@ -6,7 +6,6 @@ import os
 import shutil
 import subprocess
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -123,7 +122,7 @@ def _files(folder: Path) -> list[Path]:
 
 
 #: rows also run as a `lora-exp` process of their own (the installed entry point's exit code and
-#: stderr, with the libraries' logging as a user gets it); the others run `cli.main` in this
+#: stderr, with the libraries' logging as a user gets it); the others run `cli.main` in the test's
 #: process: the same code from the command line on, without a process start (0.3-3 s) each
 AS_A_PROCESS = {"r zero", "server down", "unknown sweep", "unreachable storage", "enqueue unknown key",
                 "rerun not a run id", "export unwritable folder", "generate missing store", "best unknown option",
@@ -175,35 +174,29 @@ def _try(case: tuple, folder: Path, template: Path) -> Outcome:
 
 
 @pytest.fixture(scope="module")
-def outcomes(tmp_path_factory) -> dict[str, Outcome]:
-    """Every row: those run as processes two at a time (each is mostly a process starting), then
-    the others in this process, one after another (each changes the working folder)."""
+def template(tmp_path_factory) -> Path:
+    """A real MLflow store and a study storage with one study, made once per test process and
+    copied into each row's folder; and the tests' CLI server started, outside every row's time
+    (seconds when busy). Each row runs in its own test: pytest-xdist workers share the table."""
     from mlflow.tracking import MlflowClient
 
-    template = tmp_path_factory.mktemp("template") / "store"
-    MlflowClient(f"sqlite:///{template}/mlflow.db").search_experiments()  # a real store, made once
+    folder = tmp_path_factory.mktemp("template") / "store"
+    MlflowClient(f"sqlite:///{folder}/mlflow.db").search_experiments()
     import optuna
 
-    optuna.create_study(study_name="earlier", storage=f"sqlite:///{template}/optuna.db")  # and a study storage
-    folders = {case[0]: tmp_path_factory.mktemp("case") for case in TABLE}
-    processes = [case for case in TABLE if case[0] in AS_A_PROCESS]
-    CliServer.get()  # the tests' CLI server starts here, outside every row's time (seconds when busy)
-    with ThreadPoolExecutor(2) as pool:
-        done = dict(zip([c[0] for c in processes], pool.map(_try, processes, [folders[c[0]] for c in processes],
-                                                            [template] * len(processes))))
-    for case in TABLE:
-        if case[0] not in AS_A_PROCESS:
-            done[case[0]] = _try(case, folders[case[0]], template)
-    return done
+    optuna.create_study(study_name="earlier", storage=f"sqlite:///{folder}/optuna.db")
+    CliServer.get()
+    return folder
 
 
 @pytest.mark.parametrize("name,args,sweep_text,message", TABLE, ids=[t[0] for t in TABLE])
-def test_bad_input_is_one_line_exit_2_nothing_written_within_20_s(outcomes, name, args, sweep_text, message):
+def test_bad_input_is_one_line_exit_2_nothing_written_within_20_s(template, tmp_path, name, args, sweep_text,
+                                                                  message):
     """Every command, each way of getting it wrong: one line naming the problem, exit 2, no file
     written (no store created, no run added to an existing one), in seconds."""
     from mlflow.tracking import MlflowClient
 
-    got = outcomes[name]
+    got = _try((name, args, sweep_text, message), tmp_path, template)
     proc = got.proc
     assert got.seconds < 20
     assert proc.returncode == 2, proc.stdout + proc.stderr
