@@ -392,9 +392,9 @@ def main() -> None:
     parser.add_argument("--override", action="append", default=[])
     args = parser.parse_args()
     require_tokenizer(parser, args.tokenizer)
+    if args.tokens and args.workload != "qwen":
+        parser.error("--tokens sets the qwen workload's row length; the default workload's rows are qa_demo's")
     with tempfile.TemporaryDirectory(prefix="lora-exp-workload-") as tmp:
-        if args.tokens and args.workload != "qwen":
-            parser.error("--tokens sets the qwen workload's row length; the default workload's rows are qa_demo's")
         sweep, overrides = workload(args.workload, args.tokenizer, Path(tmp), args.batch, args.tokens)
         if args.command == "engine":
             cmd_engine(args, sweep, overrides + args.override)
