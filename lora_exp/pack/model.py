@@ -71,8 +71,7 @@ class PackedModel:
         self.whole_step = self.mode == "full"
         #: the step's compiled graphs (the whole step's, or the layers') stay the same as trials come
         #: and go: every wrapped layer stays on (a slot's scale 0 adds exactly nothing) and the
-        #: dropout masks, once a trial has used dropout, are computed for every slot (p=0 keeps
-        #: every element)
+        #: dropout masks are always computed (p=0 keeps every element)
         self.static = self.mode in ("layers", "full", "graphs")
         #: the Triton optimizer (kernels.adamw) on CUDA; torch ops elsewhere
         self.kernels = self.compile and self.device.type == "cuda"

@@ -163,10 +163,7 @@ class PackTrainer:
         trainable = sum(spec.r * (pm.spans[n][1] + pm.spans[n][2]) for n in pm.layers if matches(n, spec.targets))
         run = self.table.new_run(cfg, spec, tracker, callbacks, handle, slot, int(lengths[sched.numpy()].sum()),
                                  trainable)
-        # dropout masks are computed while a live trial uses dropout; a compiled step keeps them on
-        # once they were, so trials coming and going compile it at most once more
-        self.stepper.dropout_on = (any(r is not None and r.spec.dropout > 0 for r in self.runs)
-                                   or (pm.static and self.stepper.dropout_on))
+        self.stepper.dropout_on = pm.static or any(r is not None and r.spec.dropout > 0 for r in self.runs)
         record_start(tracker, cfg, trainable, trainable + rt.base_params, spec.steps, rt.data.key,
                      params={"pack_slots": self.k},
                      tags={"lora_exp.packed": f"slot {slot} of {self.k}"})

@@ -237,43 +237,6 @@ def test_the_compiled_step_trains_as_the_eager_one_through_slot_reuse_without_re
         assert a.generations["adapter_output"] == b.generations["adapter_output"]
 
 
-def test_a_compiled_pack_computes_dropout_masks_only_once_a_trial_uses_dropout(monkeypatch):
-    """A compiled pack (layers) whose trials use no dropout computes no masks (their hash is most
-    of what the LoRA kernels cost above their bytes); a trial with dropout turns them on, and they
-    stay on after it leaves, so the step is compiled at most once more. Every trial's curves and
-    generations are the eager pack's."""
-    from lora_exp.pack import trainer as pack_trainer
-
-    monkeypatch.setattr(pack_trainer, "FINISH_GATHER_STEPS", 1)  # a trial's slot is free the step after it ends
-    mixed = _mixed("tiny_gpt2", ["model.architecture.n_layer=2"])
-    # 2 slots: trial 0 runs 60 steps; 1 leaves at step 10, 2 (dropout) runs from 11 to 21, 3 from 22
-    cfgs = [dataclasses.replace(c, lora=dataclasses.replace(c.lora, lora_dropout=p),
-                                trainer=dataclasses.replace(c.trainer, max_steps=steps))
-            for c, p, steps in zip(mixed, (0.0, 0.0, 0.2, 0.0), (60, 10, 10, 10))]
-    base = load_base(cfgs[0].model, torch.device("cpu"))
-    data = tokenize(load_rows(cfgs[0].data), cfgs[0].data, base.tokenizer)
-    eager = train_packed([dataclasses.replace(c, pack=PackConfig(compile="off")) for c in cfgs], base, data, slots=2)
-    cfgs = [dataclasses.replace(c, pack=PackConfig(compile="layers")) for c in cfgs]
-    trainer = pack_trainer.PackTrainer(base, data, cfgs[0], 2, 16, sorted({m for c in cfgs for m in c.target_modules}))
-    results, queue, masks = {}, list(enumerate(cfgs)), []
-    try:
-        while queue or trainer.busy():
-            for slot in trainer.free_slots():
-                if queue:
-                    i, cfg = queue.pop(0)
-                    trainer.start(slot, cfg, NullTracker(), handle=i)
-                    masks.append(trainer.stepper.dropout_on)
-            results.update((run.handle, run.result) for run in trainer.step())
-    finally:
-        trainer.close()
-    assert masks == [False, False, True, True]  # trial 3 joins when no live trial uses dropout
-    for i, a in enumerate(eager):
-        b = results[i]
-        assert [s for s, _ in a.loss_curve] == [s for s, _ in b.loss_curve]
-        assert all(_rel(x, y) <= 1e-4 for (_, x), (_, y) in zip(a.loss_curve, b.loss_curve)), i
-        assert a.generations["adapter_output"] == b.generations["adapter_output"]
-
-
 def test_the_bf16_compute_copy_holds_what_autocast_would_cast_the_master_weights_to():
     """A bf16 pack's forward reads a bf16 copy of the LoRA weights that the optimizer keeps: the
     losses and updated fp32 weights are those of casting the fp32 weights at every use (CPU
