@@ -1,6 +1,6 @@
 """Packed trials are correct on every workload a pack accepts: the correctness matrix.
 
-    python bench/gpu_matrix.py [--parallel 8] [--cells gpt2-bf16-full-long-b8,...] [--out FILE] [--dropout P]
+    python bench/gpu_matrix.py [--parallel 8] [--cells gpt2-bf16-full-long-b8,...] [--out FILE]
 
 Cells: {GPT-2, Llama with grouped-query attention (4 query heads, 2 key/value heads)} x {fp32,
 bf16} x {pack.compile off, full} x {rows of <= 64 tokens, rows of 65-1024 tokens} x {batch 1, 8};
@@ -9,8 +9,7 @@ Beyond these 32, a cell's precision may be `bf16base`: bf16 autocast on a base l
 (`model.dtype=bf16`), its fp32 reference the trial alone on the fp32 base in fp32.
 
 Each cell runs `lora-exp sweep ... pack=4` end to end (6 trials through 4 slots, so slots are
-reused; random search over r, alpha, dropout, targets and lr (`--dropout P`: dropout P for every
-trial, not searched; 0 runs the compiled steps without dropout masks); 16 steps, evals every 8; a real
+reused; random search over r, alpha, dropout, targets and lr; 16 steps, evals every 8; a real
 sqlite MLflow store and Optuna storage). It passes when every trial is COMPLETE with a FINISHED
 run that holds its loss curve, eval loss, generations and adapter, and two sampled trials (the
 first and the last) match the same trial trained alone (`run_trial`, the config read back from
@@ -103,7 +102,7 @@ base: []
 space:
   lora.r: {type: categorical, choices: [2, 4, 8]}
   lora.lora_alpha: {type: categorical, choices: [1, 2, 4], ratio_of: lora.r}
-%s
+  lora.lora_dropout: {type: float, low: 0.0, high: 0.1}
   lora.preset: {type: categorical, choices: %s}
   trainer.lr: {type: float, low: 1.0e-4, high: 1.0e-2, log: true}
 """
@@ -114,10 +113,7 @@ def max_rel(a: list[float], b: list[float]) -> float:
     return max(abs(x - y) / max(abs(x), 1e-12) for x, y in zip(a, b))
 
 
-DROPOUT_SEARCHED = "  lora.lora_dropout: {type: float, low: 0.0, high: 0.1}"
-
-
-def run_cell(cell: str, data: dict[str, list[str]], tmp: Path, dropout: float | None = None) -> dict:
+def run_cell(cell: str, data: dict[str, list[str]], tmp: Path) -> dict:
     """One cell: the sweep (a subprocess, as a user runs it), then the comparisons in this process."""
     import mlflow
     import optuna
@@ -125,8 +121,8 @@ def run_cell(cell: str, data: dict[str, list[str]], tmp: Path, dropout: float | 
     model = cell.split("-")[0]
     presets = "[attn, all]" if model == "gpt2" else "[qv, all_linear]"
     sweep_file = tmp / "sweep.yaml"
-    sweep_file.write_text(SWEEP % (TRIALS, DROPOUT_SEARCHED if dropout is None else "", presets))
-    overrides = cell_overrides(cell, data) + ([] if dropout is None else [f"lora.lora_dropout={dropout}"])
+    sweep_file.write_text(SWEEP % (TRIALS, presets))
+    overrides = cell_overrides(cell, data)
     uri, storage = f"sqlite:///{tmp}/mlflow.db", f"sqlite:///{tmp}/optuna.db"
     command = [sys.executable, "-m", "lora_exp.cli", "sweep", "-v", f"sweep={sweep_file}", f"pack={SLOTS}",
                f"storage={storage}", f"tracking.uri={uri}", f"tracking.artifact_root={tmp}/artifacts", *overrides]
@@ -233,15 +229,13 @@ def main() -> None:
     parser.add_argument("--out", default=None)
     parser.add_argument("--kernel-constants", default="",
                         help="the sweeps' kernel constants (pack.kernel_constants), e.g. 'BM=64,swiglu.NUM_WARPS=8'")
-    parser.add_argument("--dropout", type=float, default=None,
-                        help="every trial's lora.lora_dropout, not searched (0: compiled steps without masks)")
     parser.add_argument("--cell", default=None, help=argparse.SUPPRESS)  # one cell, in a child process
     parser.add_argument("--data", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.cell:
         with tempfile.TemporaryDirectory(prefix=f"matrix-{args.cell}-") as tmp:
             try:
-                result = run_cell(args.cell, json.loads(args.data), Path(tmp), args.dropout)
+                result = run_cell(args.cell, json.loads(args.data), Path(tmp))
             except Exception as exc:  # noqa: BLE001 - a cell that breaks is a failed cell, with its reason
                 result = {"cell": args.cell, "ok": False, "why": f"{type(exc).__name__}: {exc}"[:400]}
         print("RESULT " + json.dumps(result), flush=True)
@@ -257,8 +251,7 @@ def main() -> None:
     start = time.time()
 
     def child(cell: str) -> dict:
-        extra = [] if args.dropout is None else ["--dropout", str(args.dropout)]
-        proc = subprocess.run([sys.executable, __file__, "--cell", cell, "--data", json.dumps(data), *extra],
+        proc = subprocess.run([sys.executable, __file__, "--cell", cell, "--data", json.dumps(data)],
                               capture_output=True, text=True)
         found = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
         if not found:
@@ -286,8 +279,7 @@ def main() -> None:
               f"{r.get('sweep_s', float('nan')):>7}" + ("" if r.get("ok") else f"  {r.get('why', '')}"))
     passed = sum(bool(r.get("ok")) for r in results)
     print(f"{passed}/{len(results)} cells pass in {time.time() - start:.0f} s"
-          + (f" (kernel constants {args.kernel_constants})" if args.kernel_constants else "")
-          + (f" (lora_dropout {args.dropout} for every trial)" if args.dropout is not None else ""))
+          + (f" (kernel constants {args.kernel_constants})" if args.kernel_constants else ""))
 
 
 if __name__ == "__main__":
