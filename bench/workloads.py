@@ -210,8 +210,6 @@ def cmd_engine(args: argparse.Namespace, sweep: str, overrides: list[str]) -> No
     cuda = device.type == "cuda"
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     cfgs = sampled_configs(sweep, overrides, max(int(k) for k in args.k.split(",")))
-    if args.dropout is not None:  # every trial's lora_dropout set to this one value (0: what dropout costs)
-        cfgs = [dataclasses.replace(c, lora=dataclasses.replace(c.lora, lora_dropout=args.dropout)) for c in cfgs]
     ceiling = 0.0
     if cuda:  # the card's matmul ceiling: a large square product, and the MLP's and the head's shapes at 64 x 512 rows
         rates = matmul_rates([(8192, 8192, 8192), (32768, 896, 4864), (32768, 4864, 896), (32768, 896, 151936)])
@@ -260,7 +258,6 @@ def cmd_engine(args: argparse.Namespace, sweep: str, overrides: list[str]) -> No
             if at_clock:  # the same rate against 989 TFLOP/s scaled to the clock the steps ran at
                 at_clock["at_clock_fraction"] = round(flops / step_s / 1e12 / at_clock["bf16_peak_at_clock_tflops"], 3)
             print(json.dumps({"what": "packed step", "workload": args.workload, "compile": mode, "lora": lora, "k": k,
-                              **({"dropout": args.dropout} if args.dropout is not None else {}),
                               "batch": cfgs[0].trainer.batch_size,
                               "tokens": cfgs[0].data.max_length, "sdpa": args.sdpa or "torch's choice",
                               "startup_s": round(startup, 1),
@@ -393,8 +390,6 @@ def main() -> None:
     parser.add_argument("--timeout", type=float, default=None, help="sweep: stop it after this many seconds")
     parser.add_argument("--verbose", action="store_true", help="sweep: run it with -v (the engine's lines, in --log)")
     parser.add_argument("--override", action="append", default=[])
-    parser.add_argument("--dropout", type=float, default=None,
-                        help="engine: each sampled trial's lora.lora_dropout set to this (0: no dropout)")
     args = parser.parse_args()
     require_tokenizer(parser, args.tokenizer)
     if args.tokens and args.workload != "qwen":
