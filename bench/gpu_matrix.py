@@ -241,7 +241,7 @@ def main() -> None:
         print("RESULT " + json.dumps(result), flush=True)
         return
     if args.kernel_constants:  # checked here; every cell's sweep takes them as pack.kernel_constants
-        from lora_exp.config import parse_kernel_constants
+        from lora_exp.pack.settings import parse_kernel_constants
 
         parse_kernel_constants(args.kernel_constants)
         os.environ["LORA_EXP_PACK_KERNEL_CONSTANTS"] = args.kernel_constants

@@ -122,10 +122,10 @@ def cmd_engine(args: argparse.Namespace) -> None:
 
     import torch
 
-    from lora_exp.config import PackConfig
     from lora_exp.core.data import load_rows, tokenize
     from lora_exp.core.models import load_base, pick_device
     from lora_exp.core.recording import NullTracker
+    from lora_exp.pack.settings import PackConfig
     from lora_exp.pack.trainer import PackTrainer
 
     device = pick_device("auto")

@@ -9,17 +9,9 @@ import os
 from pathlib import Path
 from typing import Any
 
-from lora_exp.config import (
-    GROUP_NAMES,
-    PACK_ATTENTION,
-    PACK_COMPILE,
-    PACK_ENV,
-    PACK_LORA,
-    PACKAGE_DIR,
-    SECTIONS,
-    RunConfig,
-)
+from lora_exp.config import GROUP_NAMES, PACKAGE_DIR, SECTIONS, RunConfig
 from lora_exp.errors import ConfigError
+from lora_exp.pack.settings import PACK_ATTENTION, PACK_COMPILE, PACK_ENV, PACK_LORA
 
 
 def shipped_dir(name: str) -> Path:

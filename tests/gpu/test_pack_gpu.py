@@ -42,8 +42,8 @@ ALL = {"tiny_gpt2": "all", "tiny_llama": "all_linear"}
 def _train(cfgs: list, base, data, slots: int, compile: str) -> tuple[list, object]:
     import dataclasses
 
-    from lora_exp.config import PackConfig
     from lora_exp.core.recording import NullTracker
+    from lora_exp.pack.settings import PackConfig
     from lora_exp.pack.trainer import PackTrainer
 
     cfgs = [dataclasses.replace(c, pack=PackConfig(compile=compile)) for c in cfgs]

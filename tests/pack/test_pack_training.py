@@ -12,7 +12,6 @@ import pytest
 import torch
 
 from lora_exp.compose import compose
-from lora_exp.config import PackConfig
 from lora_exp.core.data import Example, load_rows, tokenize, train_batches
 from lora_exp.core.models import load_base
 from lora_exp.core.randomness import dropout_mask, module_keys, row_keys
@@ -21,6 +20,7 @@ from lora_exp.core.status import TrialStatus
 from lora_exp.core.training import run_trial
 from lora_exp.pack.attention import CAUSAL_ROWS, causal_rows_attention, padded_attention
 from lora_exp.pack.rows import TokenTable, batch_schedule
+from lora_exp.pack.settings import PackConfig
 from lora_exp.pack.trainer import train_packed
 
 COMMON = ["data=seed", "lora=seed", "trainer=seed", "trainer.max_steps=30", "trainer.eval_steps=10",

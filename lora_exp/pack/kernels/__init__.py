@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import importlib
 
-from lora_exp.config import parse_kernel_constants
+from lora_exp.pack.settings import parse_kernel_constants
 
 
 def set_constants(text: str) -> dict[tuple[str, str], int]:
-    """Set the kernels' tunable constants from `NAME=VALUE,...` (`config.parse_kernel_constants`:
+    """Set the kernels' tunable constants from `NAME=VALUE,...` (`settings.parse_kernel_constants`:
     every item is checked before any is set); returns the values they had, keyed by (module, name), for
     `restore_constants`."""
     before: dict[tuple[str, str], int] = {}

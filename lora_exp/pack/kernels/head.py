@@ -18,8 +18,8 @@ import torch
 import triton
 import triton.language as tl
 
-from lora_exp.config import KERNEL_TUNABLES
 from lora_exp.core.data import IGNORE
+from lora_exp.pack.settings import KERNEL_TUNABLES
 
 #: logits a program reads at a time, and its warps
 BLOCK, NUM_WARPS = 4096, 8

@@ -39,9 +39,9 @@ import torch
 import triton
 import triton.language as tl
 
-from lora_exp.config import KERNEL_TUNABLES
 from lora_exp.pack.kernels import lora_gemm, lora_tiled
 from lora_exp.pack.kernels.hash import masked
+from lora_exp.pack.settings import KERNEL_TUNABLES
 
 #: the tiles a program steps through the inputs (BK) and outputs (BN) by, its warps, and the
 #: fewest programs per slot (the bench's `engine --lora-configs` times others)

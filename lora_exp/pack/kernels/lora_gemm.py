@@ -22,8 +22,8 @@ import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from lora_exp.config import KERNEL_TUNABLES
 from lora_exp.pack.kernels.hash import masked
+from lora_exp.pack.settings import KERNEL_TUNABLES
 
 #: output tiles, the product's step, warps and pipelining stages (the best of bench/lora_gemm.py's
 #: on an H100 at Qwen2.5-0.5B's shapes), and the row tiles grouped for L2 reuse

@@ -22,9 +22,9 @@ import torch
 import triton
 import triton.language as tl
 
-from lora_exp.config import KERNEL_TUNABLES
 from lora_exp.pack.kernels import lora, lora_gemm, lora_tiled
 from lora_exp.pack.kernels.hash import masked
+from lora_exp.pack.settings import KERNEL_TUNABLES
 
 #: positions x MLP columns a program's tile covers, and its warps (16 x 128, 4 warps: the fastest of
 #: 8 settings timed at Qwen2.5-0.5B's shapes, `bench/lora_kernel_times.py --swiglu`)
