@@ -86,25 +86,25 @@ class ModelConfig:
     def __post_init__(self) -> None:
         check(self.dtype in PRECISIONS, "model.dtype", f"must be one of {', '.join(PRECISIONS)}, got {self.dtype!r}")
         check(self.attn_implementation is None or self.attn_implementation in ATTENTION,
-               "model.attn_implementation", f"must be one of {', '.join(ATTENTION)} or null, "
-               f"got {self.attn_implementation!r}")
+              "model.attn_implementation", f"must be one of {', '.join(ATTENTION)} or null, "
+              f"got {self.attn_implementation!r}")
         check(self.source in SOURCES, "model.source", f"must be one of {', '.join(SOURCES)}, got {self.source!r}")
         if self.source == "hub":
             check(bool(self.path), "model.path", "is required when model.source=hub")
         if self.source == "gguf_package":
             check(bool(self.gguf_package and self.gguf_file), "model.gguf_file",
-                   "model.gguf_package and model.gguf_file are required when model.source=gguf_package")
+                  "model.gguf_package and model.gguf_file are required when model.source=gguf_package")
         if self.source == "random":
             check("model_type" in self.architecture, "model.architecture",
-                   "needs a model_type when model.source=random")
+                  "needs a model_type when model.source=random")
         if self.default_preset is not None:
             check(self.default_preset in self.target_presets, "model.default_preset",
-                   f"{self.default_preset!r} is not one of the presets ({', '.join(self.target_presets)})")
+                  f"{self.default_preset!r} is not one of the presets ({', '.join(self.target_presets)})")
         if self.modules is not None:
             for preset, mods in self.target_presets.items():
                 unknown = sorted(set(mods) - set(self.modules))
                 check(not unknown, f"model.target_presets.{preset}",
-                       f"names modules the model lacks: {', '.join(unknown)}")
+                      f"names modules the model lacks: {', '.join(unknown)}")
 
 
 @dataclass(frozen=True)
@@ -129,9 +129,9 @@ class LoraSettings:
         check(self.r >= 1, "lora.r", f"must be >= 1, got {self.r}")
         init = self.init_lora_weights
         check(init in LORA_INITS or bool(re.fullmatch(r"pissa_niter_\d+", str(init))), "lora.init_lora_weights",
-               f"must be one of {', '.join(LORA_INITS)} or pissa_niter_N, got {init!r}")
+              f"must be one of {', '.join(LORA_INITS)} or pissa_niter_N, got {init!r}")
         check(init != "orthogonal" or self.r % 2 == 0, "lora.init_lora_weights",
-               f"orthogonal needs an even lora.r, got {self.r}")
+              f"orthogonal needs an even lora.r, got {self.r}")
         check(self.r <= MAX_RANK, "lora.r", f"must be <= {MAX_RANK} (a rank beyond any model's width), got {self.r}")
         check(self.lora_alpha > 0, "lora.lora_alpha", f"must be > 0, got {self.lora_alpha}")
         check(0 <= self.lora_dropout < 1, "lora.lora_dropout", f"must be in [0, 1), got {self.lora_dropout}")
@@ -185,15 +185,15 @@ class TrainerConfig:
     def __post_init__(self) -> None:
         unknown = [m for m in self.generation_metrics if m not in GENERATION_METRICS]
         check(not unknown, "trainer.generation_metrics", f"unknown metric(s) {', '.join(unknown)} "
-               f"(choose from: {', '.join(GENERATION_METRICS)})")
+              f"(choose from: {', '.join(GENERATION_METRICS)})")
         for metric in self.generation_metrics:
             for module, pip_name in METRIC_PACKAGES.get(metric, {}).items():
                 check(_installed(module), "trainer.generation_metrics",
-                       f"{metric} needs the package {pip_name}, which is not installed (pip install {pip_name}, "
-                       f"or leave {metric} out of trainer.generation_metrics)")
+                      f"{metric} needs the package {pip_name}, which is not installed (pip install {pip_name}, "
+                      f"or leave {metric} out of trainer.generation_metrics)")
         check(self.lr > 0 and math.isfinite(self.lr), "trainer.lr", f"must be > 0, got {self.lr}")
         check(self.max_steps is not None or self.epochs is not None, "trainer.max_steps",
-               "set trainer.max_steps or trainer.epochs")
+              "set trainer.max_steps or trainer.epochs")
         if self.max_steps is not None:
             check(self.max_steps >= 1, "trainer.max_steps", f"must be >= 1, got {self.max_steps}")
         if self.epochs is not None:
@@ -202,7 +202,7 @@ class TrainerConfig:
         check(self.eval_batch_size >= 1, "trainer.eval_batch_size", f"must be >= 1, got {self.eval_batch_size}")
         check(self.warmup_steps >= 0, "trainer.warmup_steps", f"must be >= 0, got {self.warmup_steps}")
         check(self.lr_scheduler in SCHEDULERS, "trainer.lr_scheduler",
-               f"must be one of {', '.join(SCHEDULERS)}, got {self.lr_scheduler!r}")
+              f"must be one of {', '.join(SCHEDULERS)}, got {self.lr_scheduler!r}")
         check(self.weight_decay >= 0, "trainer.weight_decay", f"must be >= 0, got {self.weight_decay}")
         if self.max_grad_norm is not None:
             check(self.max_grad_norm >= 0, "trainer.max_grad_norm", f"must be >= 0, got {self.max_grad_norm}")
@@ -213,7 +213,7 @@ class TrainerConfig:
             check(self.num_threads >= 1, "trainer.num_threads", f"must be >= 1 or null, got {self.num_threads}")
         check(self.device in DEVICES, "trainer.device", f"must be one of {', '.join(DEVICES)}, got {self.device!r}")
         check(self.precision in PRECISIONS, "trainer.precision",
-               f"must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+              f"must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         check(self.max_new_tokens >= 1, "trainer.max_new_tokens", f"must be >= 1, got {self.max_new_tokens}")
 
 
@@ -247,12 +247,12 @@ class DataConfig:
 
     def __post_init__(self) -> None:
         check(bool(self.train_files) != bool(self.hub_path), "data.train_files",
-               "set exactly one of data.train_files and data.hub_path")
+              "set exactly one of data.train_files and data.hub_path")
         for key in ("train_files", "validation_files", "generate_files"):
             for path in getattr(self, key) or []:
                 check(resolve_path(path).is_file(), f"data.{key}", f"file not found: {path}")
                 check(resolve_path(path).suffix.lstrip(".") in ("json", "jsonl", "csv", "parquet"),
-                       f"data.{key}", f"unsupported file type (json, jsonl, csv, parquet): {path}")
+                      f"data.{key}", f"unsupported file type (json, jsonl, csv, parquet): {path}")
         check("{question}" in self.prompt_template, "data.prompt_template", "must contain {question}")
         check("{answer}" in self.answer_template, "data.answer_template", "must contain {answer}")
         check(self.max_length >= 8, "data.max_length", f"must be >= 8, got {self.max_length}")
@@ -296,8 +296,8 @@ class RunConfig:
     def __post_init__(self) -> None:
         self.target_modules  # noqa: B018 - resolves and validates the target modules
         check(not (self.lora.init_lora_weights == "olora" and self.model.fan_in_fan_out), "lora.init_lora_weights",
-               f"olora: peft's OLoRA init does not handle model {self.model.name}'s transposed (Conv1D) layers; "
-               f"use pissa or another init")
+              f"olora: peft's OLoRA init does not handle model {self.model.name}'s transposed (Conv1D) layers; "
+              f"use pissa or another init")
 
     @property
     def target_modules(self) -> list[str]:
@@ -307,14 +307,14 @@ class RunConfig:
             if self.model.modules is not None:
                 unknown = [m for m in mods if m not in self.model.modules]
                 check(not unknown, "lora.target_modules",
-                       f"model {self.model.name} has no module {', '.join(unknown)} "
-                       f"(it has: {', '.join(self.model.modules)})")
+                      f"model {self.model.name} has no module {', '.join(unknown)} "
+                      f"(it has: {', '.join(self.model.modules)})")
             return mods
         preset = self.lora.preset or self.model.default_preset
         check(preset is not None, "lora.preset", f"model {self.model.name} has no default preset: set lora.preset")
         check(preset in self.model.target_presets, "lora.preset",
-               f"model {self.model.name} has no preset {preset!r} "
-               f"(it has: {', '.join(self.model.target_presets)})")
+              f"model {self.model.name} has no preset {preset!r} "
+              f"(it has: {', '.join(self.model.target_presets)})")
         return list(self.model.target_presets[preset])
 
     def check_packable(self) -> None:

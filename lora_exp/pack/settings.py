@@ -75,18 +75,18 @@ class PackConfig:
 
     def __post_init__(self) -> None:
         check(self.slots == "auto" or (isinstance(self.slots, int) and not isinstance(self.slots, bool)
-                                         and self.slots >= 1),
-               "pack.slots", f"must be auto or a whole number >= 1 (trials trained at once), got {self.slots!r}")
+                                        and self.slots >= 1),
+              "pack.slots", f"must be auto or a whole number >= 1 (trials trained at once), got {self.slots!r}")
         check(self.compile in PACK_COMPILE, "pack.compile",
-               f"must be one of {', '.join(PACK_COMPILE)}, got {self.compile!r}")
+              f"must be one of {', '.join(PACK_COMPILE)}, got {self.compile!r}")
         check(self.lora in PACK_LORA, "pack.lora", f"must be one of {', '.join(PACK_LORA)}, got {self.lora!r}")
         check(self.attention in PACK_ATTENTION, "pack.attention",
-               f"must be one of {', '.join(PACK_ATTENTION)}, got {self.attention!r}")
+              f"must be one of {', '.join(PACK_ATTENTION)}, got {self.attention!r}")
         if self.trackers is not None:
             check(self.trackers >= 1, "pack.trackers", f"must be >= 1 or null, got {self.trackers}")
         if self.checkpoint_seconds is not None:
             check(self.checkpoint_seconds >= 0, "pack.checkpoint_seconds",
-                   f"must be >= 0 (0 = at every eval) or null (never), got {self.checkpoint_seconds}")
+                  f"must be >= 0 (0 = at every eval) or null (never), got {self.checkpoint_seconds}")
         if self.kernel_constants:
             try:
                 parse_kernel_constants(str(self.kernel_constants))
