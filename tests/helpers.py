@@ -16,6 +16,22 @@ TINY = ["model=tiny_gpt2", "data=seed", "trainer.max_steps=30", "trainer.batch_s
         "trainer.eval_steps=10", "trainer.max_new_tokens=8", "trainer.warmup_steps=0",
         "trainer.generation_metrics=[exact_match,token_f1,rouge_l]"]
 
+#: the tiny Llama's sizes, for tiny random models of other families (with the tiny Llama's modules)
+_SIZES = ("num_hidden_layers:2,hidden_size:64,intermediate_size:128,num_attention_heads:4,num_key_value_heads:2,"
+          "max_position_embeddings:512,vocab_size:257,initializer_range:0.2")
+
+
+def _tiny(family: str) -> list[str]:
+    return ["model=tiny_llama", f"model.architecture={{model_type:{family},{_SIZES}}}"]
+
+
+#: families that change their logits after the LM head: Gemma 2 soft-caps them (and its attention
+#: scores), Granite and Cohere scale them
+TRANSFORMED_LOGITS = {"gemma2": _tiny("gemma2,head_dim:16"), "granite": _tiny("granite,logits_scaling:8.0"),
+                      "cohere": _tiny("cohere")}
+#: the same sizes in families whose logits are the head's output alone
+PLAIN_LOGITS = {"qwen2": _tiny("qwen2"), "gemma": _tiny("gemma,head_dim:16")}
+
 
 def run_cli(*args: str, cwd: Path, env: dict[str, str] | None = None, timeout: int = 600):
     """The installed entry point in its own process: real exit codes, real stderr. The process is

@@ -6,6 +6,7 @@ read results back and close trials; all three share this."""
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections import Counter
 from typing import Any, Iterator, Sequence
 
@@ -23,10 +24,13 @@ from lora_exp.core.evaluation import (
     prompt_budget,
     score_outputs,
 )
+from lora_exp.core.loss import backbone_and_head
 from lora_exp.core.models import BaseModel
 from lora_exp.pack.attention import causal_rows_attention, padded_attention
 from lora_exp.pack.model import PackedModel
 from lora_exp.pack.rows import OutputHead, TokenTable, slot_losses
+
+log = logging.getLogger(__name__)
 
 #: rows per forward when evaluating or generating many slots at once
 MAX_EVAL_ROWS = 2048
@@ -75,10 +79,17 @@ class PackRuntime:
         self.pad = base.tokenizer.pad_token_id
         self.base_params = sum(p.numel() for p in base.model.parameters())
         bf16 = self.precision == "bf16" and self.device.type == "cuda"
+        #: whether the loss may take the last hidden state through the head alone (checked before
+        #: the pack wraps the model): a model that soft-caps or scales its logits makes its own
+        head_is_last = backbone_and_head(base.model) is not None
         self.pm = PackedModel(base, slots, max_rank, modules, compile=compile or cfg.pack.compile, low_precision=bf16,
                               lora=cfg.pack.lora)
         # the head in the compute dtype: bf16 under autocast, else the base's own (a bf16 base's bf16)
-        self.head = OutputHead(base.model, torch.bfloat16 if bf16 else base.model.get_output_embeddings().weight.dtype)
+        head_dtype = torch.bfloat16 if bf16 else base.model.get_output_embeddings().weight.dtype
+        self.head = OutputHead(base.model, head_dtype) if head_is_last else None
+        if not head_is_last:
+            log.info("pack: %s changes its logits after its LM head (soft-capping or scaling): the loss takes "
+                     "the model's own logits at every position", type(base.model).__name__)
         self.weights = FrozenWeights(base.model) if bf16 else None
         self.train_table = TokenTable.build(data.train, self.pad, self.device)
         self.eval_table = (TokenTable.build(data.validation, self.pad, self.device, "answer_labels")

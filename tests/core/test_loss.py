@@ -7,8 +7,10 @@ import torch
 from lora_exp.compose import compose
 from lora_exp.core.adapters import attach_adapter, detach_adapter, train_mode
 from lora_exp.core.data import collate, load_rows, tokenize
-from lora_exp.core.loss import causal_lm_loss
+from lora_exp.core.loss import backbone_and_head, causal_lm_loss
 from lora_exp.core.models import load_base
+
+from helpers import PLAIN_LOGITS, TRANSFORMED_LOGITS
 
 
 def _trial(overrides):
@@ -51,4 +53,24 @@ def test_a_model_whose_head_is_adapted_computes_its_own_loss():
     train_mode(model, False)
     with torch.no_grad():
         assert torch.equal(causal_lm_loss(model, batch), model(**batch).loss)
+    detach_adapter(model)
+
+
+@pytest.mark.parametrize("family", [*TRANSFORMED_LOGITS, *PLAIN_LOGITS])
+def test_only_a_model_whose_logits_are_its_heads_output_alone_takes_the_head_apart(family):
+    """Gemma 2 soft-caps its logits, Granite and Cohere scale them: projecting the last hidden state
+    through the head alone would train another loss. Checked by running the model, not by its name;
+    the check leaves the random state and each module's train/eval mode as they were."""
+    overrides = TRANSFORMED_LOGITS.get(family) or PLAIN_LOGITS[family]
+    base, model, batch = _trial([*overrides, "data=qa_demo", "lora.preset=all_linear", "lora.lora_dropout=0.1"])
+    train_mode(model, False)
+    modes = [m.training for m in model.modules()]
+    rng = torch.get_rng_state()
+    found = backbone_and_head(model)
+    assert (found is None) == (family in TRANSFORMED_LOGITS), family
+    assert torch.equal(torch.get_rng_state(), rng) and [m.training for m in model.modules()] == modes
+    model.eval()
+    with torch.no_grad():
+        ours, theirs = causal_lm_loss(model, batch), model(**batch).loss
+    torch.testing.assert_close(ours, theirs, rtol=1e-6, atol=0)
     detach_adapter(model)
