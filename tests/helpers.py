@@ -16,21 +16,41 @@ TINY = ["model=tiny_gpt2", "data=seed", "trainer.max_steps=30", "trainer.batch_s
         "trainer.eval_steps=10", "trainer.max_new_tokens=8", "trainer.warmup_steps=0",
         "trainer.generation_metrics=[exact_match,token_f1,rouge_l]"]
 
-#: the tiny Llama's sizes, for tiny random models of other families (with the tiny Llama's modules)
-_SIZES = ("num_hidden_layers:2,hidden_size:64,intermediate_size:128,num_attention_heads:4,num_key_value_heads:2,"
-          "max_position_embeddings:512,vocab_size:257,initializer_range:0.2")
+#: tiny random models of sixteen families, each with what it does of its own around its linear
+#: layers: family -> (its architecture beyond the shared sizes, its linear modules)
+_SIZES = ("num_hidden_layers:2,hidden_size:64,num_attention_heads:4,vocab_size:257,initializer_range:0.2,"
+          "max_position_embeddings:512")
+_LLAMA_LIKE = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+_NEOX = ("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h")
+_GQA = "intermediate_size:128,num_key_value_heads:2"
+FAMILIES = {
+    "qwen2": (_GQA, _LLAMA_LIKE),  # biases on q, k, v
+    "qwen3": (f"head_dim:16,{_GQA}", _LLAMA_LIKE),  # q and k norms
+    "mistral": (f"sliding_window:8,{_GQA}", _LLAMA_LIKE),
+    "gemma": (f"head_dim:16,{_GQA}", _LLAMA_LIKE),  # scaled embeddings
+    "gemma2": (f"head_dim:16,{_GQA}", _LLAMA_LIKE),  # soft-capped attention scores and logits
+    "gemma3_text": (f"head_dim:16,{_GQA}", _LLAMA_LIKE),
+    "olmo2": (_GQA, _LLAMA_LIKE),
+    "granite": (f"logits_scaling:8.0,{_GQA}", _LLAMA_LIKE),  # scaled logits
+    "cohere": (_GQA, _LLAMA_LIKE),  # scaled logits
+    "stablelm": (_GQA, _LLAMA_LIKE),
+    "phi3": (_GQA, ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")),  # fused projections
+    "phi": (_GQA, ("q_proj", "k_proj", "v_proj", "dense", "fc1", "fc2")),  # parallel attention and MLP
+    "starcoder2": (f"sliding_window:null,{_GQA}", ("q_proj", "k_proj", "v_proj", "o_proj", "c_fc", "c_proj")),
+    "mixtral": (f"sliding_window:null,num_local_experts:4,num_experts_per_tok:2,{_GQA}", _LLAMA_LIKE[:4]),
+    "gpt_neox": ("intermediate_size:128", _NEOX),
+    "falcon": ("new_decoder_architecture:false,multi_query:true", _NEOX),
+}
+#: the families whose logits are not their LM head's output alone (soft-capped or scaled)
+TRANSFORMED_LOGITS = ("gemma2", "granite", "cohere")
 
 
-def _tiny(family: str) -> list[str]:
-    return ["model=tiny_llama", f"model.architecture={{model_type:{family},{_SIZES}}}"]
-
-
-#: families that change their logits after the LM head: Gemma 2 soft-caps them (and its attention
-#: scores), Granite and Cohere scale them
-TRANSFORMED_LOGITS = {"gemma2": _tiny("gemma2,head_dim:16"), "granite": _tiny("granite,logits_scaling:8.0"),
-                      "cohere": _tiny("cohere")}
-#: the same sizes in families whose logits are the head's output alone
-PLAIN_LOGITS = {"qwen2": _tiny("qwen2"), "gemma": _tiny("gemma,head_dim:16")}
+def family_model(family: str) -> list[str]:
+    """Overrides for a tiny random model of `family` (FAMILIES): every preset is all its modules."""
+    arch, modules = FAMILIES[family]
+    every = "[" + ",".join(modules) + "]"
+    return ["model=tiny_llama", f"model.architecture={{model_type:{family},{_SIZES},{arch}}}",
+            f"model.modules={every}", f"model.target_presets={{qv:{every},attn:{every},all_linear:{every}}}"]
 
 
 def run_cli(*args: str, cwd: Path, env: dict[str, str] | None = None, timeout: int = 600):
