@@ -10,20 +10,38 @@ the same mean cross-entropy over the same tokens as the model's own loss.
 Only for models whose logits are exactly `head(last hidden state)` and whose head is a plain
 linear layer (`backbone_and_head`, which checks it once per model by running it); a model that
 soft-caps, scales or otherwise changes its logits (Gemma 2, Cohere, Granite) computes its own.
+`logit_transform` says what such a model does, for the pack's head (`pack.rows.OutputHead`).
 """
 from __future__ import annotations
 
 import weakref
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-#: positions of the probe that checks a model's logits are its head's output (`_head_is_last`)
+#: positions of the probe that finds what a model does to its logits after the head (`logit_transform`)
 PROBE_POSITIONS = 8
 
+
+@dataclass(frozen=True)
+class LogitTransform:
+    """What a model's forward does to its LM head's output: logits = softcap * tanh(scale * z /
+    softcap) with z the head's output (Granite divides by `logits_scaling`, Cohere multiplies by
+    `logit_scale`, Gemma 2 soft-caps at `final_logit_softcapping`); the identity for most."""
+
+    scale: float = 1.0
+    softcap: float | None = None
+
+    @property
+    def identity(self) -> bool:
+        return self.scale == 1.0 and self.softcap is None
+
+
 #: the probe's answer for each model seen (architectures do not change under a model)
-_HEAD_IS_LAST: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_TRANSFORMS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_UNKNOWN = object()
 
 
 def causal_lm_loss(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -49,16 +67,35 @@ def backbone_and_head(model: Any) -> tuple[Any, torch.nn.Linear] | None:
     head = hf.get_output_embeddings() if hasattr(hf, "get_output_embeddings") else None
     if backbone is None or type(head) is not torch.nn.Linear:  # an adapted head: let the model compute it
         return None
-    if hf not in _HEAD_IS_LAST:
-        _HEAD_IS_LAST[hf] = _head_is_last(hf, backbone, head)
-    return (backbone, head) if _HEAD_IS_LAST[hf] else None
+    transform = _transform(hf, backbone, head)
+    return (backbone, head) if transform is not None and transform.identity else None
 
 
-def _head_is_last(hf: Any, backbone: Any, head: torch.nn.Linear) -> bool:
+def logit_transform(model: Any) -> LogitTransform | None:
+    """What the model does to its plain linear head's output to make its logits, found by running
+    it (`LogitTransform`); None where the head is not a plain linear layer applied to the
+    backbone's last hidden state, or what follows it is not a LogitTransform."""
+    hf = model.get_base_model() if hasattr(model, "get_base_model") else model
+    backbone = getattr(hf, getattr(hf, "base_model_prefix", ""), None)
+    head = hf.get_output_embeddings() if hasattr(hf, "get_output_embeddings") else None
+    if backbone is None or type(head) is not torch.nn.Linear:
+        return None
+    return _transform(hf, backbone, head)
+
+
+def _transform(hf: Any, backbone: Any, head: torch.nn.Linear) -> LogitTransform | None:
+    if hf not in _TRANSFORMS:
+        _TRANSFORMS[hf] = _probe(hf, backbone, head) or _UNKNOWN
+    found = _TRANSFORMS[hf]
+    return None if found is _UNKNOWN else found
+
+
+def _probe(hf: Any, backbone: Any, head: torch.nn.Linear) -> LogitTransform | None:
     """Run the model once on a few tokens with the head's output replaced by values far from 0:
-    its logits must be those values, untouched (no soft-capping, scaling or bias after the head),
-    and the head's input the backbone's last hidden state (nothing scaled before it). In eval
-    mode and without gradients; the global random state is not used."""
+    the head's input must be the backbone's last hidden state (nothing scaled before it), and the
+    model's logits those values untouched, scaled, or soft-capped at the config's
+    `final_logit_softcapping`. In eval mode and without gradients; the global random state is not
+    used."""
     device = head.weight.device
     ids = (torch.arange(PROBE_POSITIONS, device=device) % head.out_features).unsqueeze(0)
     seen: dict[str, torch.Tensor] = {}
@@ -84,6 +121,16 @@ def _head_is_last(hf: Any, backbone: Any, head: torch.nn.Linear) -> bool:
         for module, mode in training.items():
             module.training = mode
     if "output" not in seen or logits.shape != seen["output"].shape or seen["input"].shape != hidden.shape:
-        return False
-    return (torch.equal(logits.float(), seen["output"].float())
-            and torch.allclose(seen["input"].float(), hidden.float(), rtol=1e-5, atol=1e-6))
+        return None
+    if not torch.allclose(seen["input"].float(), hidden.float(), rtol=1e-5, atol=1e-6):
+        return None
+    z, logits = seen["output"].double(), logits.double()
+    if torch.equal(logits, z):
+        return LogitTransform()
+    scale = float((logits * z).sum() / (z * z).sum())
+    if scale != 0 and torch.allclose(logits, z * scale, rtol=1e-5, atol=0):
+        return LogitTransform(scale=scale)
+    cap = getattr(getattr(hf, "config", None), "final_logit_softcapping", None)
+    if cap and torch.allclose(logits, cap * torch.tanh(z / cap), rtol=1e-5, atol=1e-5):
+        return LogitTransform(softcap=float(cap))
+    return None

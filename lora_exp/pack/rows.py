@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from lora_exp.core.data import IGNORE, Example
+from lora_exp.core.loss import LogitTransform
 from lora_exp.pack.compile import fused
 
 
@@ -79,18 +80,23 @@ def batch_schedule(n_examples: int, batch_size: int, seed: int, steps: int) -> t
 class OutputHead:
     """The model's LM head with its vocabulary padded to a multiple of 64 (padded logits are
     -inf, so the loss is unchanged): GEMMs over an odd vocabulary (GPT-2's 50257) fall back to
-    slow tensor-core kernels. For bf16 the weight is cast once, as autocast would cast it."""
+    slow tensor-core kernels. For bf16 the weight is cast once, as autocast would cast it. What
+    the model does to the head's output (`core.loss.LogitTransform`): a scale is folded into the
+    weight and bias (exact for Granite's and Cohere's powers of two), a soft cap kept for the loss."""
 
-    def __init__(self, model: Any, dtype: torch.dtype):
+    def __init__(self, model: Any, dtype: torch.dtype, transform: LogitTransform | None = None):
         head = model.get_output_embeddings()
-        weight = head.weight.detach()
+        transform = transform or LogitTransform()
+        #: the model's soft cap of its logits (Gemma 2), applied by the loss
+        self.softcap = transform.softcap
+        weight = head.weight.detach() * transform.scale
         vocab, width = weight.shape
         padded = -(-vocab // 64) * 64
         self.weight = torch.zeros(padded, width, dtype=dtype, device=weight.device)
         self.weight[:vocab] = weight.to(dtype)
         self.bias = torch.zeros(padded, dtype=dtype, device=weight.device)
         if getattr(head, "bias", None) is not None:
-            self.bias[:vocab] = head.bias.detach().to(dtype)
+            self.bias[:vocab] = (head.bias.detach() * transform.scale).to(dtype)
         self.bias[vocab:] = float("-inf")
 
     def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -102,28 +108,35 @@ class OutputHead:
 HEAD_CHUNK_BYTES = 1 << 30
 
 
-def _chunk_loss(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def _chunk_loss(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, target: torch.Tensor,
+                softcap: float | None = None) -> tuple[torch.Tensor, ...]:
     logits = nn.functional.linear(hidden, weight, bias).float()
+    capped = None
+    if softcap is not None:  # as the model's forward: softcap * tanh(z / softcap); the padding stays -inf
+        capped = torch.tanh(logits / softcap)
+        logits = torch.where(logits == float("-inf"), logits, capped * softcap)
     valid = target != IGNORE
     index = torch.where(valid, target, 0).unsqueeze(1)
     lse = torch.logsumexp(logits, dim=1)
-    return torch.where(valid, lse - logits.gather(1, index).squeeze(1), 0.0), logits, lse, valid
+    return torch.where(valid, lse - logits.gather(1, index).squeeze(1), 0.0), logits, lse, valid, capped
 
 
-def chunk_loss(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-               target: torch.Tensor) -> torch.Tensor:
+def chunk_loss(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, target: torch.Tensor,
+               softcap: float | None = None) -> torch.Tensor:
     """A chunk's next-token losses (0 where the target is IGNORE)."""
-    return _chunk_loss(hidden, weight, bias, target)[0]
+    return _chunk_loss(hidden, weight, bias, target, softcap)[0]
 
 
-def chunk_loss_and_grad(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                        target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """A chunk's losses and their gradient with respect to `hidden`: (softmax - one-hot) x head."""
-    loss, logits, lse, valid = _chunk_loss(hidden, weight, bias, target)
+def chunk_loss_and_grad(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, target: torch.Tensor,
+                        softcap: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """A chunk's losses and their gradient with respect to `hidden`: (softmax - one-hot) x head,
+    through the soft cap's derivative (1 - tanh^2) where there is one."""
+    loss, logits, lse, valid, capped = _chunk_loss(hidden, weight, bias, target, softcap)
     index = torch.where(valid, target, 0).unsqueeze(1)
     p = torch.exp(logits - lse.unsqueeze(1))
     p = p.scatter_add(1, index, -valid.unsqueeze(1).float()) * valid.unsqueeze(1)
+    if capped is not None:
+        p = p * (1 - capped * capped)
     return loss, torch.mm(p.to(weight.dtype), weight).to(hidden.dtype)
 
 
@@ -150,14 +163,15 @@ class _HeadLoss(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                target: torch.Tensor, chunk: int, compile: bool) -> torch.Tensor:
+                target: torch.Tensor, chunk: int, compile: bool, softcap: float | None) -> torch.Tensor:
         n = hidden.shape[0]
         losses = hidden.new_empty(n, dtype=torch.float32)
         grad = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
-        if compile and hidden.is_cuda:  # the softmax in two passes over the logits (kernels.head)
+        if compile and hidden.is_cuda and softcap is None:  # the softmax in two passes over the logits (kernels.head)
             step = functools.partial(kernel_chunk_loss, need_grad=grad is not None)
         else:
-            step = fused(chunk_loss_and_grad if grad is not None else chunk_loss, compile)
+            step = functools.partial(fused(chunk_loss_and_grad if grad is not None else chunk_loss, compile),
+                                     softcap=softcap)
         for i in range(0, n, chunk):
             out = step(hidden[i:i + chunk], weight, bias, target[i:i + chunk])
             if grad is not None:
@@ -168,9 +182,9 @@ class _HeadLoss(torch.autograd.Function):
         return losses
 
     @staticmethod
-    def backward(ctx: Any, g: torch.Tensor) -> tuple[torch.Tensor | None, None, None, None, None, None]:
+    def backward(ctx: Any, g: torch.Tensor) -> tuple[torch.Tensor | None, None, None, None, None, None, None]:
         (grad,) = ctx.saved_tensors
-        return (grad * g.unsqueeze(1).to(grad.dtype) if grad is not None else None), None, None, None, None, None
+        return (grad * g.unsqueeze(1).to(grad.dtype) if grad is not None else None), None, None, None, None, None, None
 
 
 def head_token_losses(hidden: torch.Tensor, head: OutputHead, target: torch.Tensor,
@@ -179,7 +193,8 @@ def head_token_losses(hidden: torch.Tensor, head: OutputHead, target: torch.Tens
     compute dtype. The logits are made a chunk at a time (`HEAD_CHUNK_BYTES`)."""
     chunk = max(64, HEAD_CHUNK_BYTES // (4 * head.weight.shape[0]) // 64 * 64)
     hidden = hidden.to(head.weight.dtype) if hidden.dtype != head.weight.dtype else hidden
-    return _HeadLoss.apply(hidden, head.weight, head.bias, target, chunk, compile and not torch.compiler.is_compiling())
+    return _HeadLoss.apply(hidden, head.weight, head.bias, target, chunk, compile and not torch.compiler.is_compiling(),
+                           head.softcap)
 
 
 def slot_losses(model: Any, ids: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor, n_groups: int,

@@ -14,7 +14,7 @@ import torch
 
 from lora_exp.config import RunConfig
 from lora_exp.core.adapters import train_mode
-from lora_exp.core.data import PreparedData
+from lora_exp.core.data import IGNORE, PreparedData
 from lora_exp.core.evaluation import (
     autocast,
     encode_prompts,
@@ -24,7 +24,7 @@ from lora_exp.core.evaluation import (
     prompt_budget,
     score_outputs,
 )
-from lora_exp.core.loss import backbone_and_head
+from lora_exp.core.loss import logit_transform
 from lora_exp.core.models import BaseModel
 from lora_exp.pack.attention import causal_rows_attention, padded_attention
 from lora_exp.pack.model import PackedModel
@@ -79,17 +79,19 @@ class PackRuntime:
         self.pad = base.tokenizer.pad_token_id
         self.base_params = sum(p.numel() for p in base.model.parameters())
         bf16 = self.precision == "bf16" and self.device.type == "cuda"
-        #: whether the loss may take the last hidden state through the head alone (checked before
-        #: the pack wraps the model): a model that soft-caps or scales its logits makes its own
-        head_is_last = backbone_and_head(base.model) is not None
+        #: what the model does to its head's output (checked before the pack wraps the model): the
+        #: identity, a scale or a soft cap (`OutputHead` does it too); None: the loss takes the
+        #: model's own logits
+        transform = logit_transform(base.model)
         self.pm = PackedModel(base, slots, max_rank, modules, compile=compile or cfg.pack.compile, low_precision=bf16,
                               lora=cfg.pack.lora)
         # the head in the compute dtype: bf16 under autocast, else the base's own (a bf16 base's bf16)
         head_dtype = torch.bfloat16 if bf16 else base.model.get_output_embeddings().weight.dtype
-        self.head = OutputHead(base.model, head_dtype) if head_is_last else None
-        if not head_is_last:
-            log.info("pack: %s changes its logits after its LM head (soft-capping or scaling): the loss takes "
-                     "the model's own logits at every position", type(base.model).__name__)
+        self.head = OutputHead(base.model, head_dtype, transform) if transform is not None else None
+        if transform is None:
+            log.info("pack: %s makes its logits other than by a linear head, scaled or soft-capped: the loss "
+                     "takes the model's own logits at every position, evals %d rows at a time",
+                     type(base.model).__name__, self.eval_batch_size)
         self.weights = FrozenWeights(base.model) if bf16 else None
         self.train_table = TokenTable.build(data.train, self.pad, self.device)
         self.eval_table = (TokenTable.build(data.validation, self.pad, self.device, "answer_labels")
@@ -128,6 +130,8 @@ class PackRuntime:
         per = max(1, MAX_EVAL_ROWS // n_val)
         g = self.pm.groups
         try:
+            if self.head is None:  # the model's own logits: a slot's rows a few at a time
+                return torch.stack([self._slot_eval_own_logits(slot) for slot in slots])
             for i in range(0, len(slots), per):
                 chunk = slots[i:i + per]
                 g.slots, g.rows, g.enabled = self.pm.to_device(torch.tensor(chunk)), n_val, True
@@ -139,6 +143,24 @@ class PackRuntime:
             g.slots, g.rows = None, self.batch
             self.train_mode()
         return torch.cat(out)
+
+    def _slot_eval_own_logits(self, slot: int) -> torch.Tensor:
+        """One slot's eval loss where the model makes its own logits (at every position, over the
+        whole vocabulary): `eval_batch_size` rows a forward, as a trial alone evaluates, the mean
+        weighted by each forward's scored tokens."""
+        table, g = self.eval_table, self.pm.groups
+        assert table is not None
+        total = torch.zeros((), dtype=torch.float32, device=self.device)
+        count = torch.zeros((), dtype=torch.long, device=self.device)
+        for start in range(0, table.empty, self.eval_batch_size):
+            ids, mask, labels = (x[start:min(start + self.eval_batch_size, table.empty)]
+                                 for x in (table.ids, table.mask, table.labels))
+            g.slots, g.rows, g.enabled = self.pm.to_device(torch.tensor([slot])), ids.shape[0], True
+            with autocast(self.device, self.precision):
+                mean = slot_losses(self.base.model, ids, mask, labels, 1, ids.shape[0])[0]
+            n = (labels[:, 1:] != IGNORE).sum()
+            total, count = total + mean * n, count + n
+        return total / count.clamp(min=1)
 
     def base_results(self) -> tuple[float | None, list[str], dict[str, list[float]]]:
         """Base-model eval loss, generations and scores: once per base (as a trial alone computes

@@ -13,6 +13,7 @@ import torch
 
 from lora_exp.compose import compose
 from lora_exp.core.data import Example, load_rows, tokenize, train_batches
+from lora_exp.core.loss import LogitTransform
 from lora_exp.core.models import load_base
 from lora_exp.core.randomness import dropout_mask, module_keys, row_keys
 from lora_exp.core.recording import NullTracker
@@ -476,17 +477,20 @@ def test_the_look_ahead_counts_trials_an_eval_may_prune_soon_and_trials_ending_s
         trainer.close()
 
 
-@pytest.mark.parametrize("vocab", [257, 1000])
-def test_the_head_loss_in_chunks_is_cross_entropy_and_its_gradient(monkeypatch, vocab):
+@pytest.mark.parametrize("vocab, transform", [(257, None), (1000, None), (257, LogitTransform(scale=0.125)),
+                                              (1000, LogitTransform(softcap=1.0))])
+def test_the_head_loss_in_chunks_is_cross_entropy_and_its_gradient(monkeypatch, vocab, transform):
     """The pack's loss through its frozen head, a few rows at a time (never the whole batch's
     logits), gives what cross_entropy over all the logits gives: each position's loss (0 where
-    the target is ignored) and the hidden states' gradient under any weights of the losses."""
+    the target is ignored) and the hidden states' gradient under any weights of the losses; also
+    where the model scales its logits or soft-caps them (a cap of 1 against logits of up to 3: tanh
+    far from linear)."""
     from lora_exp.pack import rows
 
     torch.manual_seed(0)
     monkeypatch.setattr(rows, "HEAD_CHUNK_BYTES", 4 * vocab * 64)  # 64 rows a chunk: 5 chunks, the last short
-    head = torch.nn.Linear(16, vocab, bias=False)
-    out = rows.OutputHead(type("M", (), {"get_output_embeddings": lambda self: head})(), torch.float32)
+    head = torch.nn.Linear(16, vocab, bias=True)
+    out = rows.OutputHead(type("M", (), {"get_output_embeddings": lambda self: head})(), torch.float32, transform)
     hidden = torch.randn(300, 16, dtype=torch.float64).float().requires_grad_()
     target = torch.randint(0, vocab, (300,))
     target[::7] = -100
@@ -494,7 +498,11 @@ def test_the_head_loss_in_chunks_is_cross_entropy_and_its_gradient(monkeypatch, 
     got = rows.head_token_losses(hidden, out, target)
     (got * weights).sum().backward()
     got_grad, hidden.grad = hidden.grad.clone(), None
-    want = torch.nn.functional.cross_entropy(head(hidden), target, ignore_index=-100, reduction="none")
+    logits = head(hidden) * (transform.scale if transform else 1.0)
+    if transform and transform.softcap:
+        assert logits.abs().max() > 2 * transform.softcap
+        logits = torch.tanh(logits / transform.softcap) * transform.softcap
+    want = torch.nn.functional.cross_entropy(logits, target, ignore_index=-100, reduction="none")
     (want * weights).sum().backward()
     assert torch.allclose(got, want, rtol=1e-6, atol=1e-6)
     assert (got[::7] == 0).all()
