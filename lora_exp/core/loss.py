@@ -62,25 +62,28 @@ def backbone_and_head(model: Any) -> tuple[Any, torch.nn.Linear] | None:
     """The model's backbone and its LM head where its logits are exactly `head(backbone(ids)
     .last_hidden_state)`, a plain linear layer applied to the last hidden state and nothing after;
     else None (the model must compute its own logits)."""
-    hf = model.get_base_model() if hasattr(model, "get_base_model") else model
-    backbone = getattr(hf, getattr(hf, "base_model_prefix", ""), None)
-    head = hf.get_output_embeddings() if hasattr(hf, "get_output_embeddings") else None
-    if backbone is None or type(head) is not torch.nn.Linear:  # an adapted head: let the model compute it
-        return None
-    transform = _transform(hf, backbone, head)
-    return (backbone, head) if transform is not None and transform.identity else None
+    parts = _parts(model)
+    transform = _transform(*parts) if parts is not None else None
+    return parts[1:] if parts is not None and transform is not None and transform.identity else None
 
 
 def logit_transform(model: Any) -> LogitTransform | None:
     """What the model does to its plain linear head's output to make its logits, found by running
     it (`LogitTransform`); None where the head is not a plain linear layer applied to the
     backbone's last hidden state, or what follows it is not a LogitTransform."""
+    parts = _parts(model)
+    return _transform(*parts) if parts is not None else None
+
+
+def _parts(model: Any) -> tuple[Any, Any, torch.nn.Linear] | None:
+    """The transformers model under a peft one, its backbone and its head, if that is a plain
+    linear layer (an adapted head: the model computes its own logits)."""
     hf = model.get_base_model() if hasattr(model, "get_base_model") else model
     backbone = getattr(hf, getattr(hf, "base_model_prefix", ""), None)
     head = hf.get_output_embeddings() if hasattr(hf, "get_output_embeddings") else None
     if backbone is None or type(head) is not torch.nn.Linear:
         return None
-    return _transform(hf, backbone, head)
+    return hf, backbone, head
 
 
 def _transform(hf: Any, backbone: Any, head: torch.nn.Linear) -> LogitTransform | None:
@@ -124,13 +127,15 @@ def _probe(hf: Any, backbone: Any, head: torch.nn.Linear) -> LogitTransform | No
         return None
     if not torch.allclose(seen["input"].float(), hidden.float(), rtol=1e-5, atol=1e-6):
         return None
+    # a bf16 model (or autocast) scales or caps in bf16: a tolerance of a few of its roundings
+    tol = 1e-5 if logits.dtype in (torch.float32, torch.float64) else 2e-2
     z, logits = seen["output"].double(), logits.double()
     if torch.equal(logits, z):
         return LogitTransform()
     scale = float((logits * z).sum() / (z * z).sum())
-    if scale != 0 and torch.allclose(logits, z * scale, rtol=1e-5, atol=0):
+    if scale != 0 and torch.allclose(logits, z * scale, rtol=tol, atol=0):
         return LogitTransform(scale=scale)
     cap = getattr(getattr(hf, "config", None), "final_logit_softcapping", None)
-    if cap and torch.allclose(logits, cap * torch.tanh(z / cap), rtol=1e-5, atol=1e-5):
+    if cap and torch.allclose(logits, cap * torch.tanh(z / cap), rtol=tol, atol=tol):
         return LogitTransform(softcap=float(cap))
     return None

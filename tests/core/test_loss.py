@@ -7,7 +7,7 @@ import torch
 from lora_exp.compose import compose
 from lora_exp.core.adapters import attach_adapter, detach_adapter, train_mode
 from lora_exp.core.data import collate, load_rows, tokenize
-from lora_exp.core.loss import backbone_and_head, causal_lm_loss
+from lora_exp.core.loss import LogitTransform, backbone_and_head, causal_lm_loss, logit_transform
 from lora_exp.core.models import load_base
 
 from helpers import TRANSFORMED_LOGITS, family_model
@@ -74,3 +74,15 @@ def test_only_a_model_whose_logits_are_its_heads_output_alone_takes_the_head_apa
         ours, theirs = causal_lm_loss(model, batch), model(**batch).loss
     torch.testing.assert_close(ours, theirs, rtol=1e-6, atol=0)
     detach_adapter(model)
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_what_a_model_does_to_its_heads_output_is_found_in_either_precision(dtype):
+    """The pack's head scales or caps as the model does (pack.rows.OutputHead); on a bf16 base
+    the model does it in bf16. A model that scales its hidden states before the head (MiniCPM3)
+    does something else: None, and the pack takes its own logits."""
+    expected = {"gemma2": LogitTransform(softcap=30.0), "granite": LogitTransform(scale=1 / 8),
+                "cohere": LogitTransform(scale=1 / 16), "qwen2": LogitTransform(), "minicpm3": None}
+    for family, transform in expected.items():
+        base = load_base(compose([*family_model(family), f"model.dtype={dtype}"]).model, torch.device("cpu"))
+        assert logit_transform(base.model) == transform, family
