@@ -16,7 +16,7 @@ TINY = ["model=tiny_gpt2", "data=seed", "trainer.max_steps=30", "trainer.batch_s
         "trainer.eval_steps=10", "trainer.max_new_tokens=8", "trainer.warmup_steps=0",
         "trainer.generation_metrics=[exact_match,token_f1,rouge_l]"]
 
-#: tiny random models of sixteen families, each with what it does of its own around its linear
+#: tiny random models of seventeen families, each with what it does of its own around its linear
 #: layers: family -> (its architecture beyond the shared sizes, its linear modules)
 _SIZES = ("num_hidden_layers:2,hidden_size:64,num_attention_heads:4,vocab_size:257,initializer_range:0.2,"
           "max_position_embeddings:512")
