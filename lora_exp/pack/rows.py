@@ -205,8 +205,8 @@ def slot_losses(model: Any, ids: torch.Tensor, mask: torch.Tensor, labels: torch
     with `first` and `span` (the rows' TokenTable's) only at each row's `span` positions from its
     first scored one: the prompt and padding of answer-only loss make no logits (a fixed count a
     row, so no data-dependent shape and no host sync). Without them, logits at every position;
-    without a head (a model whose logits are not its head's output alone:
-    `core.loss.backbone_and_head`), the model's own logits."""
+    without a head (a model that makes its logits other than by its head, scaled or soft-capped:
+    `core.loss.logit_transform`), the model's own logits."""
     # no key/value cache: filling one copies every layer's keys and values, and nothing reads it
     target = labels[:, 1:]
     if head is not None:
@@ -219,7 +219,7 @@ def slot_losses(model: Any, ids: torch.Tensor, mask: torch.Tensor, labels: torch
             scored = torch.where(inside, target.gather(1, pos), IGNORE)
             states = states.gather(1, pos.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
         token_loss = head_token_losses(states.reshape(-1, hidden.shape[-1]), head, scored.reshape(-1), compile)
-    else:  # the model's own logits, whatever its forward does after the head (soft-capping, scaling)
+    else:  # the model's own logits, whatever its forward does around its head
         logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, :-1]
         token_loss = nn.functional.cross_entropy(logits.float().flatten(0, 1), target.flatten(), ignore_index=IGNORE,
                                                  reduction="none")
