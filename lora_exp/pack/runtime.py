@@ -89,8 +89,8 @@ class PackRuntime:
         head_dtype = torch.bfloat16 if bf16 else base.model.get_output_embeddings().weight.dtype
         self.head = OutputHead(base.model, head_dtype, transform) if transform is not None else None
         if transform is None:
-            log.info("pack: %s makes its logits other than by a linear head, scaled or soft-capped: the loss "
-                     "takes the model's own logits at every position, evals %d rows at a time",
+            log.info("pack: %s does more to its LM head's output than a scale or a soft cap: the loss takes the "
+                     "model's own logits at every position, and evals run %d rows a forward",
                      type(base.model).__name__, self.eval_batch_size)
         self.weights = FrozenWeights(base.model) if bf16 else None
         self.train_table = TokenTable.build(data.train, self.pad, self.device)
