@@ -8,6 +8,10 @@ Workloads (random weights of the real architectures; speed does not depend on we
   architecture (24 layers, hidden 896, 14 heads, 2 key/value heads, intermediate 4864,
   vocabulary 151936), rows of 512 tokens of generated text (or --tokens N), batch 1 (or --batch 4), 300 steps,
   r in {8, 16, 32} on attention or all linear modules, lr and dropout searched, bf16.
+- `gemma3`: the same rows and search on Gemma 3 1B's architecture (26 layers, hidden 1152, 4
+  heads of 256, 1 key/value head, intermediate 6912, vocabulary 262144; a sliding window of 512
+  on five layers of six), for the pack's attention against the model's (`--override
+  pack.attention=model`).
 
     python bench/workloads.py sweep --workload default --trials 256 --pack auto
     python bench/workloads.py sweep --workload default --trials 8 --pack 1        # unpacked (workers=1)
@@ -45,6 +49,10 @@ sys.path.insert(0, str(ROOT))
 QWEN_ARCH = ("{model_type: qwen2, hidden_size: 896, intermediate_size: 4864, num_hidden_layers: 24, "
              "num_attention_heads: 14, num_key_value_heads: 2, vocab_size: 151936, max_position_embeddings: 32768, "
              "rope_theta: 1000000.0, rms_norm_eps: 1.0e-06, tie_word_embeddings: true, use_sliding_window: false}")
+GEMMA3_ARCH = ("{model_type: gemma3_text, hidden_size: 1152, intermediate_size: 6912, num_hidden_layers: 26, "
+               "num_attention_heads: 4, num_key_value_heads: 1, head_dim: 256, query_pre_attn_scalar: 256, "
+               "vocab_size: 262144, max_position_embeddings: 32768, sliding_window: 512, rope_theta: 1000000.0, "
+               "rms_norm_eps: 1.0e-06, tie_word_embeddings: true}")
 
 
 def default_tokenizer() -> str:
@@ -98,10 +106,10 @@ def workload(name: str, tokenizer: str, folder: Path, batch: int | None = None,
     if name == "default":
         return "default", common + [f"model.architecture={smollm2_arch(tokenizer)}"] + \
             ([f"trainer.batch_size={batch}"] if batch else [])
-    if name == "qwen":
+    if name in ("qwen", "gemma3"):
         train, validation = write_rows(folder, tokenizer, tokens or 512)
         return str(ROOT / "bench" / "sweeps" / "qwen_512.yaml"), common + [
-            f"model.architecture={QWEN_ARCH}", f"data.train_files=[{train}]", f"data.validation_files=[{validation}]",
+            f"model.architecture={QWEN_ARCH if name == 'qwen' else GEMMA3_ARCH}", f"data.train_files=[{train}]", f"data.validation_files=[{validation}]",
             f"trainer.batch_size={batch or 1}"] + ([f"data.max_length={tokens}"] if tokens else [])
     raise SystemExit(f"unknown workload {name}")
 
@@ -365,7 +373,7 @@ def cmd_sweep(args: argparse.Namespace, sweep: str, overrides: list[str], tmp: s
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("command", choices=["engine", "sweep"])
-    parser.add_argument("--workload", choices=["default", "qwen"], default="default")
+    parser.add_argument("--workload", choices=["default", "qwen", "gemma3"], default="default")
     parser.add_argument("--tokenizer", default=default_tokenizer(),
                         help="a folder with SmolLM2's tokenizer and config.json (default: the one `make setup` writes)")
     parser.add_argument("--batch", type=int, default=None)
@@ -392,8 +400,8 @@ def main() -> None:
     parser.add_argument("--override", action="append", default=[])
     args = parser.parse_args()
     require_tokenizer(parser, args.tokenizer)
-    if args.tokens and args.workload != "qwen":
-        parser.error("--tokens sets the qwen workload's row length; the default workload's rows are qa_demo's")
+    if args.tokens and args.workload == "default":
+        parser.error("--tokens sets the qwen and gemma3 workloads' row length; the default workload's rows are qa_demo's")
     with tempfile.TemporaryDirectory(prefix="lora-exp-workload-") as tmp:
         sweep, overrides = workload(args.workload, args.tokenizer, Path(tmp), args.batch, args.tokens)
         if args.command == "engine":

@@ -29,7 +29,8 @@ FAMILIES = {
     "mistral": (f"sliding_window:8,{_GQA}", _LLAMA_LIKE),
     "gemma": (f"head_dim:16,{_GQA}", _LLAMA_LIKE),  # scaled embeddings
     "gemma2": (f"head_dim:16,{_GQA}", _LLAMA_LIKE),  # soft-capped attention scores and logits
-    "gemma3_text": (f"head_dim:16,{_GQA}", _LLAMA_LIKE),
+    "gemma3_text": (f"head_dim:16,sliding_window:64,layer_types:[sliding_attention,full_attention],{_GQA}",
+                    _LLAMA_LIKE),  # a sliding window longer than the rows: the pack's attention
     "olmo2": (_GQA, _LLAMA_LIKE),
     "granite": (f"logits_scaling:8.0,{_GQA}", _LLAMA_LIKE),  # scaled logits
     "cohere": (_GQA, _LLAMA_LIKE),  # scaled logits

@@ -16,11 +16,16 @@ CAUSAL_ROWS = "lora_exp_causal_rows"
 
 def _causal_rows_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                            attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
-                           **kwargs: Any) -> tuple[torch.Tensor, None]:
+                           sliding_window: int | None = None, **kwargs: Any) -> tuple[torch.Tensor, None]:
     """Causal attention with no mask tensor. A pack's rows (TokenTable) are padded on the right
     only, so the causal mask alone gives every real position exactly the keys its padding mask
-    gives it (padded positions compute values no loss reads). On CUDA, rows of up to 64 positions
-    go through the pack's attention kernels; longer ones, and the CPU, through sdpa with `is_causal`."""
+    gives it (padded positions compute values no loss reads), and a sliding window no shorter than
+    the rows masks nothing more (`causal_rows_attention` checks that). On CUDA, rows of up to 64
+    positions go through the pack's attention kernels; longer ones, and the CPU, through sdpa with
+    `is_causal`."""
+    if sliding_window is not None and sliding_window < key.shape[2]:
+        raise RuntimeError(f"pack attention: rows of {key.shape[2]} positions under a sliding window of "
+                           f"{sliding_window}; the pack takes the model's own attention for such rows")
     query, key, value = attention_inputs(query, key, value)
     if query.is_cuda or os.environ.get("TRITON_INTERPRET") == "1":  # (the interpreter runs them on the CPU)
         from lora_exp.pack.kernels import attention
@@ -47,15 +52,17 @@ def attention_inputs(query: torch.Tensor, key: torch.Tensor,
     return query.to(dtype), key.to(dtype), value.to(dtype)
 
 
-def causal_rows_attention(model: Any, setting: str = "rows") -> str | None:
-    """Switch `model` to CAUSAL_ROWS if it attends through sdpa or eager attention with a plain
-    causal mask (no sliding window, no logit soft-capping); returns the implementation it had, to
-    restore, or None (unchanged). `pack.attention=model` keeps the model's own."""
+def causal_rows_attention(model: Any, setting: str = "rows", longest: int | None = None) -> str | None:
+    """Switch `model` to CAUSAL_ROWS if it attends through sdpa or eager attention with what is a
+    plain causal mask on rows of up to `longest` positions: no sliding window shorter than that
+    (Gemma 3's 512 or 1,024, Mistral 7B v0.1's 4,096 and Phi-3's 2,047 mask nothing more on shorter
+    rows), no chunked or bidirectional attention, no soft-capped scores. Returns the implementation
+    it had, to restore, or None (unchanged). `pack.attention=model` keeps the model's own."""
     config = model.config
     own = config._attn_implementation
     if (setting == "model" or own not in ("sdpa", "eager")
             or not getattr(model, "_supports_attention_backend", False)
-            or getattr(config, "sliding_window", None) is not None
+            or not _plain_causal(config, longest)
             or getattr(config, "attn_logit_softcapping", None) is not None
             or getattr(config, "reorder_and_upcast_attn", False) or getattr(config, "add_cross_attention", False)):
         return None
@@ -64,6 +71,20 @@ def causal_rows_attention(model: Any, setting: str = "rows") -> str | None:
     AttentionInterface.register(CAUSAL_ROWS, _causal_rows_attention)
     model.set_attn_implementation(CAUSAL_ROWS)
     return own
+
+
+def _plain_causal(config: Any, longest: int | None) -> bool:
+    """Whether every layer's mask is the causal one on rows of up to `longest` positions
+    (transformers' sliding window lets position i see keys i - window < j <= i); an unknown
+    `longest` takes any window as shorter."""
+    kinds = set(getattr(config, "layer_types", None) or ())
+    if not kinds <= {"full_attention", "sliding_attention"} or getattr(config, "use_bidirectional_attention", False) \
+            or getattr(config, "attention_chunk_size", None) is not None:
+        return False
+    window = getattr(config, "sliding_window", None)
+    if window is None or (kinds and "sliding_attention" not in kinds):
+        return True
+    return longest is not None and longest <= window
 
 
 @contextlib.contextmanager

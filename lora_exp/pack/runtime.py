@@ -103,7 +103,8 @@ class PackRuntime:
         self.train_mode()
         #: the pack's rows are padded on the right: their attention needs no mask (generation's
         #: does); the model's own implementation, to restore, where it was switched
-        self.own_attention = causal_rows_attention(base.model, cfg.pack.attention)
+        longest = max(t.ids.shape[1] for t in (self.train_table, self.eval_table) if t is not None)
+        self.own_attention = causal_rows_attention(base.model, cfg.pack.attention, longest)
 
     def train_mode(self) -> None:
         train_mode(self.base.model, self.base_dropout)

@@ -24,6 +24,8 @@ from lora_exp.pack.rows import TokenTable, batch_schedule
 from lora_exp.pack.settings import PackConfig
 from lora_exp.pack.trainer import train_packed
 
+from helpers import family_model
+
 COMMON = ["data=seed", "lora=seed", "trainer=seed", "trainer.max_steps=30", "trainer.eval_steps=10",
           "trainer.logging_steps=5", "trainer.generation_metrics=[exact_match]", "trainer.max_new_tokens=8",
           "tracking=none", "trainer.batch_size=2"]
@@ -129,6 +131,34 @@ def test_right_padded_rows_attend_without_a_mask_as_with_it_and_padded_attention
     # the mask really is gone (padded positions now see padded keys), and comes back
     assert not torch.allclose(causal[~real], masked[~real], atol=1e-3)
     torch.testing.assert_close(again, masked)
+
+
+@pytest.mark.parametrize("slack", [0, -1])
+def test_a_sliding_window_as_long_as_the_rows_attends_without_a_mask_and_a_shorter_one_keeps_the_models(slack):
+    """Transformers' window lets position i see keys i - window < j <= i: a window of the longest
+    row's length masks nothing the causal mask does not, one position shorter it does."""
+    cfg = compose([*family_model("mistral"), "data=seed"])
+    base = load_base(cfg.model, torch.device("cpu"))
+    m = base.model.eval()
+    table = TokenTable.build(tokenize(load_rows(cfg.data), cfg.data, base.tokenizer).train,
+                             base.tokenizer.pad_token_id, torch.device("cpu"))
+    longest, real = table.ids.shape[1], table.mask.bool()
+    m.config.sliding_window = longest + slack
+    with torch.no_grad():
+        windowed = m(input_ids=table.ids, attention_mask=table.mask).logits
+        m.config.sliding_window = None
+        causal = m(input_ids=table.ids, attention_mask=table.mask).logits
+        m.config.sliding_window = longest + slack
+        assert torch.equal(windowed[real], causal[real]) == (slack == 0)
+        own = causal_rows_attention(m, longest=longest)
+        assert (own is not None) == (slack == 0) and causal_rows_attention(m) is None  # a row length unknown
+        if own is None:  # forced on rows the window masks: refused, not computed without it
+            m.set_attn_implementation(CAUSAL_ROWS)
+            with pytest.raises(RuntimeError, match="sliding window of"):
+                m(input_ids=table.ids, attention_mask=table.mask)
+            return
+        rows = m(input_ids=table.ids, attention_mask=table.mask).logits
+    torch.testing.assert_close(rows[real], windowed[real], rtol=1e-5, atol=1e-5)
 
 
 def test_slots_are_reused_continuous_batching_gives_the_same_trials():
