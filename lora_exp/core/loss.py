@@ -7,10 +7,10 @@ matrix against ~100M parameters in its layers), so the loss here runs the model'
 the hidden states of the positions that predict a label, and projects only those. The value is
 the same mean cross-entropy over the same tokens as the model's own loss.
 
-Only for models whose logits are exactly `head(last hidden state)` and whose head is a plain
-linear layer (`backbone_and_head`, which checks it once per model by running it); a model that
-soft-caps, scales or otherwise changes its logits (Gemma 2, Cohere, Granite) computes its own.
-`logit_transform` says what such a model does, for the pack's head (`pack.rows.OutputHead`).
+Only for models whose head is a plain linear layer applied to the last hidden state, followed by
+nothing, a scale (Granite, Cohere) or a soft cap (Gemma 2): `logit_transform` finds which by running
+the model once, and the loss here does the same to the head's output (as the pack's head does,
+`pack.rows.OutputHead`). Any other model computes its own loss.
 """
 from __future__ import annotations
 
@@ -34,9 +34,13 @@ class LogitTransform:
     scale: float = 1.0
     softcap: float | None = None
 
-    @property
-    def identity(self) -> bool:
-        return self.scale == 1.0 and self.softcap is None
+    def __call__(self, z: torch.Tensor) -> torch.Tensor:
+        """The logits from the head's output `z`, in its dtype, as the model's forward makes them."""
+        if self.scale != 1.0:
+            z = z * self.scale
+        if self.softcap is not None:
+            z = torch.tanh(z / self.softcap) * self.softcap
+        return z
 
 
 #: the probe's answer for each model seen (architectures do not change under a model)
@@ -46,25 +50,17 @@ _UNKNOWN = object()
 
 def causal_lm_loss(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Mean cross-entropy of the next token over the positions whose label is not -100."""
-    parts = backbone_and_head(model)
-    if parts is None:
+    parts = _parts(model)
+    transform = _transform(*parts) if parts is not None else None
+    if parts is None or transform is None:
         return model(**batch).loss
-    backbone, head = parts
+    _, backbone, head = parts
     hidden = backbone(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                       use_cache=False).last_hidden_state
     labels = batch["labels"][:, 1:]
     keep = labels != -100
-    logits = head(hidden[:, :-1][keep])
+    logits = transform(head(hidden[:, :-1][keep]))
     return F.cross_entropy(logits.float(), labels[keep])
-
-
-def backbone_and_head(model: Any) -> tuple[Any, torch.nn.Linear] | None:
-    """The model's backbone and its LM head where its logits are exactly `head(backbone(ids)
-    .last_hidden_state)`, a plain linear layer applied to the last hidden state and nothing after;
-    else None (the model must compute its own logits)."""
-    parts = _parts(model)
-    transform = _transform(*parts) if parts is not None else None
-    return parts[1:] if parts is not None and transform is not None and transform.identity else None
 
 
 def logit_transform(model: Any) -> LogitTransform | None:

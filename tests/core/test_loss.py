@@ -7,7 +7,7 @@ import torch
 from lora_exp.compose import compose
 from lora_exp.core.adapters import attach_adapter, detach_adapter, train_mode
 from lora_exp.core.data import collate, load_rows, tokenize
-from lora_exp.core.loss import LogitTransform, backbone_and_head, causal_lm_loss, logit_transform
+from lora_exp.core.loss import LogitTransform, causal_lm_loss, logit_transform
 from lora_exp.core.models import load_base
 
 from helpers import TRANSFORMED_LOGITS, family_model
@@ -56,23 +56,29 @@ def test_a_model_whose_head_is_adapted_computes_its_own_loss():
     detach_adapter(model)
 
 
-@pytest.mark.parametrize("family", [*TRANSFORMED_LOGITS, "qwen2", "gemma", "phi3"])
-def test_only_a_model_whose_logits_are_its_heads_output_alone_takes_the_head_apart(family):
-    """Gemma 2 soft-caps its logits, Granite and Cohere scale them: projecting the last hidden state
-    through the head alone would train another loss. Checked by running the model, not by its name;
-    the check leaves the random state and each module's train/eval mode as they were."""
+@pytest.mark.parametrize("family", [*TRANSFORMED_LOGITS, "qwen2", "gemma", "phi3", "minicpm3"])
+def test_a_model_that_scales_or_caps_its_heads_output_gets_the_same_from_the_head_alone(family):
+    """Gemma 2 soft-caps its logits, Granite and Cohere scale them: the head's output alone would be
+    another loss, so the loss does what the model does after it; MiniCPM3 scales the hidden state
+    before its head and computes its own. Found by running the model, not by its name; the check
+    leaves the random state and each module's train/eval mode as they were."""
     base, model, batch = _trial([*family_model(family), "data=qa_demo", "lora.preset=all_linear",
-                                 "lora.lora_dropout=0.1"])
+                                 "lora.lora_dropout=0.0"])
     train_mode(model, False)
     modes = [m.training for m in model.modules()]
     rng = torch.get_rng_state()
-    found = backbone_and_head(model)
-    assert (found is None) == (family in TRANSFORMED_LOGITS), family
+    assert (logit_transform(model) is None) == (family == "minicpm3")
     assert torch.equal(torch.get_rng_state(), rng) and [m.training for m in model.modules()] == modes
-    model.eval()
-    with torch.no_grad():
-        ours, theirs = causal_lm_loss(model, batch), model(**batch).loss
+    rows = []
+    hook = base.model.get_output_embeddings().register_forward_pre_hook(lambda m, a: rows.append(a[0].shape[0]))
+    ours, ours_grads = _loss_and_grads(model, causal_lm_loss, batch)
+    hook.remove()
+    scored = int((batch["labels"][:, 1:] != -100).sum())
+    assert rows == ([scored] if family != "minicpm3" else [batch["input_ids"].shape[0]])  # only scored positions
+    theirs, their_grads = _loss_and_grads(model, lambda m, b: m(**b).loss, batch)
     torch.testing.assert_close(ours, theirs, rtol=1e-6, atol=0)
+    for name, grad in ours_grads.items():
+        torch.testing.assert_close(grad, their_grads[name], rtol=1e-4, atol=1e-7, msg=name)
     detach_adapter(model)
 
 
