@@ -109,7 +109,8 @@ def workload(name: str, tokenizer: str, folder: Path, batch: int | None = None,
     if name in ("qwen", "gemma3"):
         train, validation = write_rows(folder, tokenizer, tokens or 512)
         return str(ROOT / "bench" / "sweeps" / "qwen_512.yaml"), common + [
-            f"model.architecture={QWEN_ARCH if name == 'qwen' else GEMMA3_ARCH}", f"data.train_files=[{train}]", f"data.validation_files=[{validation}]",
+            f"model.architecture={QWEN_ARCH if name == 'qwen' else GEMMA3_ARCH}", f"data.train_files=[{train}]",
+            f"data.validation_files=[{validation}]",
             f"trainer.batch_size={batch or 1}"] + ([f"data.max_length={tokens}"] if tokens else [])
     raise SystemExit(f"unknown workload {name}")
 
@@ -401,7 +402,7 @@ def main() -> None:
     args = parser.parse_args()
     require_tokenizer(parser, args.tokenizer)
     if args.tokens and args.workload == "default":
-        parser.error("--tokens sets the qwen and gemma3 workloads' row length; the default workload's rows are qa_demo's")
+        parser.error("--tokens sets the qwen and gemma3 workloads' row length; the default workload's are qa_demo's")
     with tempfile.TemporaryDirectory(prefix="lora-exp-workload-") as tmp:
         sweep, overrides = workload(args.workload, args.tokenizer, Path(tmp), args.batch, args.tokens)
         if args.command == "engine":
