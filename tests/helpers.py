@@ -16,7 +16,7 @@ TINY = ["model=tiny_gpt2", "data=seed", "trainer.max_steps=30", "trainer.batch_s
         "trainer.eval_steps=10", "trainer.max_new_tokens=8", "trainer.warmup_steps=0",
         "trainer.generation_metrics=[exact_match,token_f1,rouge_l]"]
 
-#: tiny random models of seventeen families, each with what it does of its own around its linear
+#: tiny random models of eighteen families, each with what it does of its own around its linear
 #: layers: family -> (its architecture beyond the shared sizes, its linear modules)
 _SIZES = ("num_hidden_layers:2,hidden_size:64,num_attention_heads:4,vocab_size:257,initializer_range:0.2,"
           "max_position_embeddings:512")
@@ -29,7 +29,7 @@ FAMILIES = {
     "mistral": (f"sliding_window:8,{_GQA}", _LLAMA_LIKE),
     "gemma": (f"head_dim:16,{_GQA}", _LLAMA_LIKE),  # scaled embeddings
     "gemma2": (f"head_dim:16,{_GQA}", _LLAMA_LIKE),  # soft-capped attention scores and logits
-    "gemma3_text": (f"head_dim:16,sliding_window:64,layer_types:[sliding_attention,full_attention],{_GQA}",
+    "gemma3_text": (f"head_dim:16,sliding_window:128,layer_types:[sliding_attention,full_attention],{_GQA}",
                     _LLAMA_LIKE),  # a sliding window longer than the rows: the pack's attention
     "olmo2": (_GQA, _LLAMA_LIKE),
     "granite": (f"logits_scaling:8.0,{_GQA}", _LLAMA_LIKE),  # scaled logits
@@ -39,6 +39,8 @@ FAMILIES = {
     "phi": (_GQA, ("q_proj", "k_proj", "v_proj", "dense", "fc1", "fc2")),  # parallel attention and MLP
     "starcoder2": (f"sliding_window:null,{_GQA}", ("q_proj", "k_proj", "v_proj", "o_proj", "c_fc", "c_proj")),
     "mixtral": (f"sliding_window:null,num_local_experts:4,num_experts_per_tok:2,{_GQA}", _LLAMA_LIKE[:4]),
+    # attention sinks, which the pack's attention does not do (it keeps the model's), and experts
+    "gpt_oss": (f"head_dim:16,sliding_window:128,num_local_experts:4,num_experts_per_tok:2,{_GQA}", _LLAMA_LIKE[:4]),
     "gpt_neox": ("intermediate_size:128", _NEOX),
     "falcon": ("new_decoder_architecture:false,multi_query:true", _NEOX),
     # latent attention; hidden states scaled before the head: the model makes its own logits

@@ -12,6 +12,20 @@ from torch import nn
 
 #: the attention implementation a pack trains and evaluates with (transformers' AttentionInterface)
 CAUSAL_ROWS = "lora_exp_causal_rows"
+#: positions of the probe that checks a model attends with the pack's attention as with its own
+PROBE_POSITIONS = 12
+#: what models hand attention beyond q, k, v and the mask that changes its result, and the pack's
+#: attention does not do: attention sinks (GPT-OSS), soft-capped scores (Gemma 2)
+_NOT_DONE = ("s_aux", "softcap")
+
+
+#: while `_attends_as_its_own` runs: its check is of the model's attention, not of the kernels (which
+#: it would compile for a dtype the pack may not train in)
+_probing = False
+
+
+class UnsupportedAttention(RuntimeError):
+    """A model asks the pack's attention for something it does not do."""
 
 
 def _causal_rows_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -24,10 +38,13 @@ def _causal_rows_attention(module: nn.Module, query: torch.Tensor, key: torch.Te
     positions go through the pack's attention kernels; longer ones, and the CPU, through sdpa with
     `is_causal`."""
     if sliding_window is not None and sliding_window < key.shape[2]:
-        raise RuntimeError(f"pack attention: rows of {key.shape[2]} positions under a sliding window of "
-                           f"{sliding_window}; the pack takes the model's own attention for such rows")
+        raise UnsupportedAttention(f"pack attention: rows of {key.shape[2]} positions under a sliding window of "
+                                   f"{sliding_window}; the pack takes the model's own attention for such rows")
+    asked = [name for name in _NOT_DONE if kwargs.get(name) is not None]
+    if asked:
+        raise UnsupportedAttention(f"pack attention: {type(module).__name__} asks for {', '.join(asked)}")
     query, key, value = attention_inputs(query, key, value)
-    if query.is_cuda or os.environ.get("TRITON_INTERPRET") == "1":  # (the interpreter runs them on the CPU)
+    if not _probing and (query.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"):  # (the interpreter: CPU)
         from lora_exp.pack.kernels import attention
 
         if attention.fits(query, key):
@@ -53,11 +70,20 @@ def attention_inputs(query: torch.Tensor, key: torch.Tensor,
 
 
 def causal_rows_attention(model: Any, setting: str = "rows", longest: int | None = None) -> str | None:
-    """Switch `model` to CAUSAL_ROWS if it attends through sdpa or eager attention with what is a
-    plain causal mask on rows of up to `longest` positions: no sliding window shorter than that
-    (Gemma 3's 512 or 1,024, Mistral 7B v0.1's 4,096 and Phi-3's 2,047 mask nothing more on shorter
-    rows), no chunked or bidirectional attention, no soft-capped scores. Returns the implementation
-    it had, to restore, or None (unchanged). `pack.attention=model` keeps the model's own."""
+    """Switch `model` to CAUSAL_ROWS where `pack_attention` says it may; returns the implementation
+    it had, to restore, or None (unchanged)."""
+    return switch_attention(model) if pack_attention(model, setting, longest) else None
+
+
+def pack_attention(model: Any, setting: str = "rows", longest: int | None = None) -> bool:
+    """Whether `model` (as transformers built it, before the pack wraps its layers) may attend
+    through CAUSAL_ROWS on rows of up to `longest` positions: it attends through sdpa or eager
+    attention with what is a plain causal mask there (no sliding window shorter than that: Gemma
+    3's 512 or 1,024, Mistral 7B v0.1's 4,096 and Phi-3's 2,047 mask nothing more on shorter rows;
+    no chunked or bidirectional attention, no soft-capped scores), and run once on a few tokens it
+    gives the logits it gives with its own (`_attends_as_its_own`: attention sinks, or anything
+    else a model does in its attention that its config does not say, keep its own). The model is
+    left as it was. `pack.attention=model` keeps the model's own."""
     config = model.config
     own = config._attn_implementation
     if (setting == "model" or own not in ("sdpa", "eager")
@@ -65,12 +91,48 @@ def causal_rows_attention(model: Any, setting: str = "rows", longest: int | None
             or not _plain_causal(config, longest)
             or getattr(config, "attn_logit_softcapping", None) is not None
             or getattr(config, "reorder_and_upcast_attn", False) or getattr(config, "add_cross_attention", False)):
-        return None
+        return False
+    return _attends_as_its_own(model, own)
+
+
+def switch_attention(model: Any) -> str:
+    """Switch `model` to CAUSAL_ROWS; returns the implementation it had."""
     from transformers import AttentionInterface
 
+    own = model.config._attn_implementation
     AttentionInterface.register(CAUSAL_ROWS, _causal_rows_attention)
     model.set_attn_implementation(CAUSAL_ROWS)
     return own
+
+
+def _attends_as_its_own(model: Any, own: str) -> bool:
+    """The model's logits on PROBE_POSITIONS tokens (one row, no padding) through CAUSAL_ROWS and
+    through `own`, in eval mode and without gradients, agree (to a few roundings of its dtype); the
+    global random state is not used, and each module's train/eval mode and the implementation are
+    put back."""
+    param = next(model.parameters())
+    vocab = model.get_input_embeddings().num_embeddings
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, vocab, (1, PROBE_POSITIONS), generator=generator).to(param.device)
+    global _probing
+    training = {m: m.training for m in model.modules()}
+    model.eval()
+    _probing = True
+    try:
+        with torch.no_grad():
+            theirs = model(input_ids=ids, use_cache=False).logits.float()
+            switch_attention(model)
+            try:
+                ours = model(input_ids=ids, use_cache=False).logits.float()
+            except UnsupportedAttention:
+                return False
+    finally:
+        _probing = False
+        model.set_attn_implementation(own)
+        for module, mode in training.items():
+            module.training = mode
+    tol = 1e-4 if param.dtype in (torch.float32, torch.float64) else 2e-2
+    return bool(torch.allclose(ours, theirs, rtol=tol, atol=tol * float(theirs.abs().max())))
 
 
 def _plain_causal(config: Any, longest: int | None) -> bool:

@@ -26,7 +26,7 @@ from lora_exp.core.evaluation import (
 )
 from lora_exp.core.loss import logit_transform
 from lora_exp.core.models import BaseModel
-from lora_exp.pack.attention import causal_rows_attention, padded_attention
+from lora_exp.pack.attention import pack_attention, padded_attention, switch_attention
 from lora_exp.pack.model import PackedModel
 from lora_exp.pack.rows import OutputHead, TokenTable, slot_losses
 
@@ -83,6 +83,13 @@ class PackRuntime:
         #: identity, a scale or a soft cap (`OutputHead` does it too); None: the loss takes the
         #: model's own logits
         transform = logit_transform(base.model)
+        self.train_table = TokenTable.build(data.train, self.pad, self.device)
+        self.eval_table = (TokenTable.build(data.validation, self.pad, self.device, "answer_labels")
+                           if data.validation else None)
+        # the pack's rows are padded on the right: their attention needs no mask (generation's
+        # does). Checked, like the head, before the pack wraps the model; switched at the end.
+        longest = max(t.ids.shape[1] for t in (self.train_table, self.eval_table) if t is not None)
+        rows_attention = pack_attention(base.model, cfg.pack.attention, longest)
         self.pm = PackedModel(base, slots, max_rank, modules, compile=compile or cfg.pack.compile, low_precision=bf16,
                               lora=cfg.pack.lora)
         # the head in the compute dtype: bf16 under autocast, else the base's own (a bf16 base's bf16)
@@ -93,18 +100,13 @@ class PackRuntime:
                      "model's own logits at every position, and evals run %d rows a forward",
                      type(base.model).__name__, self.eval_batch_size)
         self.weights = FrozenWeights(base.model) if bf16 else None
-        self.train_table = TokenTable.build(data.train, self.pad, self.device)
-        self.eval_table = (TokenTable.build(data.validation, self.pad, self.device, "answer_labels")
-                           if data.validation else None)
         #: seconds of host work since the last progress line, by what (and `starts`: a count)
         self.host_s: Counter[str] = Counter()
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         self.train_mode()
-        #: the pack's rows are padded on the right: their attention needs no mask (generation's
-        #: does); the model's own implementation, to restore, where it was switched
-        longest = max(t.ids.shape[1] for t in (self.train_table, self.eval_table) if t is not None)
-        self.own_attention = causal_rows_attention(base.model, cfg.pack.attention, longest)
+        #: the model's own attention implementation, to restore, where the pack switched it
+        self.own_attention = switch_attention(base.model) if rows_attention else None
 
     def train_mode(self) -> None:
         train_mode(self.base.model, self.base_dropout)

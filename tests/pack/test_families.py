@@ -1,10 +1,11 @@
-"""A packed trial trains as it does alone on seventeen model families, each doing something of its
+"""A packed trial trains as it does alone on eighteen model families, each doing something of its
 own around its linear layers: biases on q/k/v (Qwen2), q/k norms (Qwen3, OLMo 2),
 fused q/k/v and gate/up projections (Phi-3, GPT-NeoX, Falcon), sliding windows shorter than the
 rows (Mistral: the model's own attention) and no shorter (Gemma 3: the pack's),
 soft-capped attention scores and logits (Gemma 2), scaled embeddings (Gemma) or logits
 (Granite, Cohere), hidden states scaled before the head and latent attention (MiniCPM3),
-parallel attention and MLP (GPT-NeoX, Phi), mixtures of experts (Mixtral).
+parallel attention and MLP (GPT-NeoX, Phi), mixtures of experts (Mixtral, GPT-OSS), attention
+sinks (GPT-OSS: the model's own attention).
 Tiny random models of each (`helpers.FAMILIES`), two trials on different modules, CPU. The GPU's
 kernels are checked on Gemma 2 and Gemma 3 by bench/gpu_matrix.py."""
 from __future__ import annotations

@@ -19,7 +19,7 @@ from lora_exp.core.randomness import dropout_mask, module_keys, row_keys
 from lora_exp.core.recording import NullTracker
 from lora_exp.core.status import TrialStatus
 from lora_exp.core.training import run_trial
-from lora_exp.pack.attention import CAUSAL_ROWS, causal_rows_attention, padded_attention
+from lora_exp.pack.attention import CAUSAL_ROWS, causal_rows_attention, pack_attention, padded_attention
 from lora_exp.pack.rows import TokenTable, batch_schedule
 from lora_exp.pack.settings import PackConfig
 from lora_exp.pack.trainer import train_packed
@@ -159,6 +159,23 @@ def test_a_sliding_window_as_long_as_the_rows_attends_without_a_mask_and_a_short
             return
         rows = m(input_ids=table.ids, attention_mask=table.mask).logits
     torch.testing.assert_close(rows[real], windowed[real], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["gpt_oss", "qwen2"])
+def test_a_model_whose_attention_does_more_than_the_packs_keeps_its_own(family, monkeypatch):
+    """GPT-OSS adds a learned sink to each head's softmax, which no config key names: the pack's
+    attention refuses what it does not do, and the probe (both models' logits on a few tokens)
+    finds it on its own. The check leaves the model, its modes and the random state as they were."""
+    from lora_exp.pack import attention
+
+    base = load_base(compose([*family_model(family), "data=seed"]).model, torch.device("cpu"))
+    m = base.model.train()
+    own, rng = m.config._attn_implementation, torch.get_rng_state()
+    assert pack_attention(m, longest=64) == (family == "qwen2")
+    monkeypatch.setattr(attention, "_NOT_DONE", ())  # the probe alone
+    assert pack_attention(m, longest=64) == (family == "qwen2")
+    assert m.config._attn_implementation == own and all(x.training for x in m.modules())
+    assert torch.equal(torch.get_rng_state(), rng)
 
 
 def test_slots_are_reused_continuous_batching_gives_the_same_trials():
