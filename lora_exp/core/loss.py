@@ -21,6 +21,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from lora_exp.core.models import evaluating
+
 #: positions of the probe that finds what a model does to its logits after the head (`logit_transform`)
 PROBE_POSITIONS = 8
 
@@ -107,18 +109,14 @@ def _probe(hf: Any, backbone: Any, head: torch.nn.Linear) -> LogitTransform | No
         seen["output"] = (100 * torch.randn(out.shape, generator=generator)).to(out.device, out.dtype)
         return seen["output"]
 
-    training = {m: m.training for m in hf.modules()}
     hooks = [head.register_forward_pre_hook(take_input), head.register_forward_hook(replace_output)]
-    hf.eval()
     try:
-        with torch.no_grad():
+        with evaluating(hf):
             logits = hf(input_ids=ids, use_cache=False).logits
             hidden = backbone(input_ids=ids, use_cache=False).last_hidden_state
     finally:
         for hook in hooks:
             hook.remove()
-        for module, mode in training.items():
-            module.training = mode
     if "output" not in seen or logits.shape != seen["output"].shape or seen["input"].shape != hidden.shape:
         return None
     if not torch.allclose(seen["input"].float(), hidden.float(), rtol=1e-5, atol=1e-6):

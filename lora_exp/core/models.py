@@ -2,6 +2,7 @@
 random init. A loaded base is frozen and shared: every trial in a process attaches to it."""
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import logging
 import os
@@ -10,7 +11,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 
@@ -226,3 +227,17 @@ def prepare_gguf(cfg: ModelConfig) -> Path:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+@contextlib.contextmanager
+def evaluating(model: torch.nn.Module) -> Iterator[None]:
+    """`model` in eval mode and without gradients for a while (a probe of what it computes); each
+    module's train/eval mode is put back after."""
+    training = {m: m.training for m in model.modules()}
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        for module, mode in training.items():
+            module.training = mode

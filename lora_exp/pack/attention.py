@@ -10,6 +10,8 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
+from lora_exp.core.models import evaluating
+
 #: the attention implementation a pack trains and evaluates with (transformers' AttentionInterface)
 CAUSAL_ROWS = "lora_exp_causal_rows"
 #: positions of the probe that checks a model attends with the pack's attention as with its own
@@ -34,7 +36,7 @@ def _causal_rows_attention(module: nn.Module, query: torch.Tensor, key: torch.Te
     """Causal attention with no mask tensor. A pack's rows (TokenTable) are padded on the right
     only, so the causal mask alone gives every real position exactly the keys its padding mask
     gives it (padded positions compute values no loss reads), and a sliding window no shorter than
-    the rows masks nothing more (`causal_rows_attention` checks that). On CUDA, rows of up to 64
+    the rows masks nothing more (`pack_attention` checks that). On CUDA, rows of up to 64
     positions go through the pack's attention kernels; longer ones, and the CPU, through sdpa with
     `is_causal`."""
     if sliding_window is not None and sliding_window < key.shape[2]:
@@ -115,11 +117,9 @@ def _attends_as_its_own(model: Any, own: str) -> bool:
     generator = torch.Generator().manual_seed(0)
     ids = torch.randint(0, vocab, (1, PROBE_POSITIONS), generator=generator).to(param.device)
     global _probing
-    training = {m: m.training for m in model.modules()}
-    model.eval()
     _probing = True
     try:
-        with torch.no_grad():
+        with evaluating(model):
             theirs = model(input_ids=ids, use_cache=False).logits.float()
             switch_attention(model)
             try:
@@ -129,8 +129,6 @@ def _attends_as_its_own(model: Any, own: str) -> bool:
     finally:
         _probing = False
         model.set_attn_implementation(own)
-        for module, mode in training.items():
-            module.training = mode
     tol = 1e-4 if param.dtype in (torch.float32, torch.float64) else 2e-2
     return bool(torch.allclose(ours, theirs, rtol=tol, atol=tol * float(theirs.abs().max())))
 
