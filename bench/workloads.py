@@ -12,6 +12,9 @@ Workloads (random weights of the real architectures; speed does not depend on we
   heads of 256, 1 key/value head, intermediate 6912, vocabulary 262144; a sliding window of 512
   on five layers of six), for the pack's attention against the model's (`--override
   pack.attention=model`).
+- `gemma2`: the same on Gemma 2 2B's architecture (26 layers, hidden 2304, 8 heads of 256, 4
+  key/value heads, intermediate 9216, vocabulary 256000; attention scores capped at 50, logits at
+  30).
 
     python bench/workloads.py sweep --workload default --trials 256 --pack auto
     python bench/workloads.py sweep --workload default --trials 8 --pack 1        # unpacked (workers=1)
@@ -53,6 +56,12 @@ GEMMA3_ARCH = ("{model_type: gemma3_text, hidden_size: 1152, intermediate_size: 
                "num_attention_heads: 4, num_key_value_heads: 1, head_dim: 256, query_pre_attn_scalar: 256, "
                "vocab_size: 262144, max_position_embeddings: 32768, sliding_window: 512, rope_theta: 1000000.0, "
                "rms_norm_eps: 1.0e-06, tie_word_embeddings: true}")
+GEMMA2_ARCH = ("{model_type: gemma2, hidden_size: 2304, intermediate_size: 9216, num_hidden_layers: 26, "
+               "num_attention_heads: 8, num_key_value_heads: 4, head_dim: 256, query_pre_attn_scalar: 256, "
+               "vocab_size: 256000, max_position_embeddings: 8192, sliding_window: 4096, "
+               "attn_logit_softcapping: 50.0, final_logit_softcapping: 30.0, rms_norm_eps: 1.0e-06, "
+               "tie_word_embeddings: true}")
+ARCHS = {"qwen": QWEN_ARCH, "gemma3": GEMMA3_ARCH, "gemma2": GEMMA2_ARCH}
 
 
 def default_tokenizer() -> str:
@@ -106,10 +115,10 @@ def workload(name: str, tokenizer: str, folder: Path, batch: int | None = None,
     if name == "default":
         return "default", common + [f"model.architecture={smollm2_arch(tokenizer)}"] + \
             ([f"trainer.batch_size={batch}"] if batch else [])
-    if name in ("qwen", "gemma3"):
+    if name in ARCHS:
         train, validation = write_rows(folder, tokenizer, tokens or 512)
         return str(ROOT / "bench" / "sweeps" / "qwen_512.yaml"), common + [
-            f"model.architecture={QWEN_ARCH if name == 'qwen' else GEMMA3_ARCH}", f"data.train_files=[{train}]",
+            f"model.architecture={ARCHS[name]}", f"data.train_files=[{train}]",
             f"data.validation_files=[{validation}]",
             f"trainer.batch_size={batch or 1}"] + ([f"data.max_length={tokens}"] if tokens else [])
     raise SystemExit(f"unknown workload {name}")
@@ -374,7 +383,7 @@ def cmd_sweep(args: argparse.Namespace, sweep: str, overrides: list[str], tmp: s
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("command", choices=["engine", "sweep"])
-    parser.add_argument("--workload", choices=["default", "qwen", "gemma3"], default="default")
+    parser.add_argument("--workload", choices=["default", *ARCHS], default="default")
     parser.add_argument("--tokenizer", default=default_tokenizer(),
                         help="a folder with SmolLM2's tokenizer and config.json (default: the one `make setup` writes)")
     parser.add_argument("--batch", type=int, default=None)
@@ -402,7 +411,7 @@ def main() -> None:
     args = parser.parse_args()
     require_tokenizer(parser, args.tokenizer)
     if args.tokens and args.workload == "default":
-        parser.error("--tokens sets the qwen and gemma3 workloads' row length; the default workload's are qa_demo's")
+        parser.error("--tokens sets the 512-token workloads' row length; the default workload's are qa_demo's")
     with tempfile.TemporaryDirectory(prefix="lora-exp-workload-") as tmp:
         sweep, overrides = workload(args.workload, args.tokenizer, Path(tmp), args.batch, args.tokens)
         if args.command == "engine":
