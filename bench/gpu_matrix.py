@@ -6,10 +6,10 @@ Cells: {GPT-2, Llama with grouped-query attention (4 query heads, 2 key/value he
 bf16} x {pack.compile off, full} x {rows of <= 64 tokens, rows of 65-1024 tokens} x {batch 1, 8};
 tiny random models (2 layers) with the byte-level tokenizer, generated Q/A text of those lengths.
 Beyond these 32, a cell's model may be `gemma2` (Gemma 2's soft-capped logits, which the pack's
-head caps as the model does, and soft-capped attention scores: the pack takes the model's own
-attention) or `gemma3` (a sliding window of 1,024 on every other layer, no shorter than the rows:
-the pack's own attention), and its precision `bf16base`: bf16 autocast on a base loaded in bf16
-(`model.dtype=bf16`), its fp32 reference the trial alone on the fp32 base in fp32.
+head caps as the model does, and soft-capped attention scores) or `gemma3` (a sliding window of
+128 on every other layer, shorter than most long rows); on long rows the pack's attention computes
+both through FlexAttention. Its precision may be `bf16base`: bf16 autocast on a base loaded in
+bf16 (`model.dtype=bf16`), its fp32 reference the trial alone on the fp32 base in fp32.
 
 Each cell runs `lora-exp sweep ... pack=4` end to end (6 trials through 4 slots, so slots are
 reused; random search over r, alpha, dropout, targets and lr; 16 steps, evals every 8; a real
@@ -51,13 +51,17 @@ MODELS = {"gpt2": ["model=tiny_gpt2", "model.architecture.n_positions=1024"],
           "llama": ["model=tiny_llama", "model.architecture.max_position_embeddings=1024"],
           # beyond the issue's cells: soft-capped logits (core.loss.logit_transform, pack.rows.OutputHead)
           # and attention scores (the model's own attention, pack.attention)
+          # and attention scores (eager attention, what transformers 5.24 picks for Gemma 2; the GPU
+          # machine's 5.17 picks sdpa, which leaves the cap out)
           "gemma2": ["model=tiny_llama", "model.architecture={model_type:gemma2,head_dim:16,num_hidden_layers:2,"
                      "hidden_size:64,intermediate_size:128,num_attention_heads:4,num_key_value_heads:2,"
-                     "max_position_embeddings:1024,vocab_size:257,initializer_range:0.2}"],
-          # a sliding window as long as the longest rows: the pack's attention on every layer
+                     "max_position_embeddings:1024,vocab_size:257,initializer_range:0.2}",
+                     "model.attn_implementation=eager"],
+          # a sliding window of 128 on every other layer: longer than the short rows, shorter than
+          # most long ones
           "gemma3": ["model=tiny_llama", "model.architecture={model_type:gemma3_text,head_dim:32,num_hidden_layers:2,"
                      "hidden_size:64,intermediate_size:128,num_attention_heads:4,num_key_value_heads:2,"
-                     "sliding_window:1024,layer_types:[sliding_attention,full_attention],query_pre_attn_scalar:32,"
+                     "sliding_window:128,layer_types:[sliding_attention,full_attention],query_pre_attn_scalar:32,"
                      "max_position_embeddings:1024,vocab_size:257,initializer_range:0.2}"]}
 ROWS = {"short": (20, 64), "long": (65, 1024)}
 STEPS, EVAL_STEPS, TRIALS, SLOTS = 16, 8, 6, 4

@@ -1,9 +1,12 @@
 """Attention over a pack's rows: they are padded on the right only, so the causal mask alone is
 every real position's mask, and the pack attends without building one (transformers'
-`AttentionInterface`). Generation pads on the left: it gets the model's own attention back."""
+`AttentionInterface`). A sliding window shorter than the rows and soft-capped scores (Gemma 2)
+are computed from positions too: FlexAttention on CUDA, the eager formula elsewhere. Generation
+pads on the left: it gets the model's own attention back."""
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 from typing import Any, Iterator
 
@@ -17,8 +20,14 @@ CAUSAL_ROWS = "lora_exp_causal_rows"
 #: positions of the probe that checks a model attends with the pack's attention as with its own
 PROBE_POSITIONS = 12
 #: what models hand attention beyond q, k, v and the mask that changes its result, and the pack's
-#: attention does not do: attention sinks (GPT-OSS), soft-capped scores (Gemma 2)
-_NOT_DONE = ("s_aux", "softcap")
+#: attention does not do: attention sinks (GPT-OSS)
+_NOT_DONE = ("s_aux",)
+#: outside compiled steps on CUDA, rows of at least this many positions whose scores are capped or
+#: windowed go through FlexAttention (one tiled kernel; it computes 128-position blocks, which
+#: shorter rows would waste), shorter ones through the eager formula
+FLEX_FROM = 128
+#: block masks by (positions, window, device index), built at their first use
+_BLOCK_MASKS: dict[tuple[int, int | None, int | None], Any] = {}
 
 
 #: while `_attends_as_its_own` runs: its check is of the model's attention, not of the kernels (which
@@ -32,20 +41,21 @@ class UnsupportedAttention(RuntimeError):
 
 def _causal_rows_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                            attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
-                           sliding_window: int | None = None, **kwargs: Any) -> tuple[torch.Tensor, None]:
+                           sliding_window: int | None = None, softcap: float | None = None,
+                           **kwargs: Any) -> tuple[torch.Tensor, None]:
     """Causal attention with no mask tensor. A pack's rows (TokenTable) are padded on the right
     only, so the causal mask alone gives every real position exactly the keys its padding mask
     gives it (padded positions compute values no loss reads), and a sliding window no shorter than
-    the rows masks nothing more (`pack_attention` checks that). On CUDA, rows of up to 64
-    positions go through the pack's attention kernels; longer ones, and the CPU, through sdpa with
-    `is_causal`."""
-    if sliding_window is not None and sliding_window < key.shape[2]:
-        raise UnsupportedAttention(f"pack attention: rows of {key.shape[2]} positions under a sliding window of "
-                                   f"{sliding_window}; the pack takes the model's own attention for such rows")
+    the rows masks nothing more. On CUDA, rows of up to 64 positions go through the pack's
+    attention kernels; longer ones, and the CPU, through sdpa with `is_causal`. A shorter window
+    or soft-capped scores: `masked_rows_attention`."""
     asked = [name for name in _NOT_DONE if kwargs.get(name) is not None]
     if asked:
         raise UnsupportedAttention(f"pack attention: {type(module).__name__} asks for {', '.join(asked)}")
     query, key, value = attention_inputs(query, key, value)
+    window = sliding_window if sliding_window is not None and sliding_window < key.shape[2] else None
+    if window is not None or softcap is not None:
+        return masked_rows_attention(query, key, value, dropout, scaling, window, softcap), None
     if not _probing and (query.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"):  # (the interpreter: CPU)
         from lora_exp.pack.kernels import attention
 
@@ -56,6 +66,70 @@ def _causal_rows_attention(module: nn.Module, query: torch.Tensor, key: torch.Te
     out = nn.functional.scaled_dot_product_attention(query, key, value, dropout_p=dropout, scale=scaling,
                                                      is_causal=True, enable_gqa=query.shape[1] != key.shape[1])
     return out.transpose(1, 2).contiguous(), None
+
+
+def masked_rows_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, dropout: float,
+                          scaling: float | None, window: int | None, softcap: float | None) -> torch.Tensor:
+    """Causal attention over right-padded rows whose scores are soft-capped (`softcap * tanh(s /
+    softcap)`, Gemma 2) and/or whose keys lie within `window` positions (j > i - window), as
+    transformers' eager attention computes them, without a mask tensor from the padding. q, k and v
+    [rows, heads, positions, dim] in one dtype; returns [rows, positions, heads, dim]. A compiled
+    step computes the eager formula, which it fuses (as fast as FlexAttention compiled into the
+    step, or faster: docs/packed-trials.md); outside one, on CUDA, rows of FLEX_FROM positions or
+    more without dropout go through FlexAttention, compiled on its own, with a block mask that
+    skips the blocks no query sees and the cap as its score modification."""
+    n = key.shape[2]
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    if query.is_cuda and not _probing and not dropout and n >= FLEX_FROM and not torch.compiler.is_compiling():
+        out = _compiled_flex()(query, key, value, score_mod=_capped(softcap) if softcap is not None else None,
+                               block_mask=_block_mask(n, window, query.device), scale=scale,
+                               enable_gqa=query.shape[1] != key.shape[1])
+        return out.transpose(1, 2).contiguous()
+    groups = query.shape[1] // key.shape[1]
+    if groups > 1:  # as transformers' repeat_kv
+        key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
+    scores = torch.matmul(query, key.transpose(2, 3)) * scale
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
+    pos = torch.arange(n, device=query.device)
+    allowed = pos[None, :] <= pos[:, None]
+    if window is not None:
+        allowed = allowed & (pos[None, :] > pos[:, None] - window)
+    probs = torch.softmax(scores.masked_fill(~allowed, float("-inf")), dim=-1, dtype=torch.float32).to(query.dtype)
+    if dropout:
+        probs = nn.functional.dropout(probs, p=dropout, training=True)
+    return torch.matmul(probs, value).transpose(1, 2).contiguous()
+
+
+def _block_mask(n: int, window: int | None, device: torch.device) -> Any:
+    """The causal (and windowed) block mask over rows of `n` positions, built once."""
+    key = (n, window, device.index)
+    if key not in _BLOCK_MASKS:
+        from torch.nn.attention.flex_attention import create_block_mask
+
+        def causal(b: Any, h: Any, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+            return (k <= q) if window is None else (k <= q) & (k > q - window)
+
+        _BLOCK_MASKS[key] = create_block_mask(causal, None, None, n, n, device=str(device))
+    return _BLOCK_MASKS[key]
+
+
+@functools.cache
+def _capped(softcap: float) -> Any:
+    """FlexAttention's score modification for a cap: one function per cap, so compiled code is reused."""
+    def score_mod(score: torch.Tensor, b: Any, h: Any, q: Any, k: Any) -> torch.Tensor:
+        return torch.tanh(score / softcap) * softcap
+
+    return score_mod
+
+
+@functools.cache
+def _compiled_flex() -> Any:
+    """FlexAttention compiled on its own, for steps that are not compiled (uncompiled it computes
+    the whole score matrix)."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return torch.compile(flex_attention, dynamic=False)
 
 
 def attention_inputs(query: torch.Tensor, key: torch.Tensor,
@@ -80,21 +154,25 @@ def causal_rows_attention(model: Any, setting: str = "rows", longest: int | None
 def pack_attention(model: Any, setting: str = "rows", longest: int | None = None) -> bool:
     """Whether `model` (as transformers built it, before the pack wraps its layers) may attend
     through CAUSAL_ROWS on rows of up to `longest` positions: it attends through sdpa or eager
-    attention with what is a plain causal mask there (no sliding window shorter than that: Gemma
-    3's 512 or 1,024, Mistral 7B v0.1's 4,096 and Phi-3's 2,047 mask nothing more on shorter rows;
-    no chunked or bidirectional attention, no soft-capped scores), and run once on a few tokens it
-    gives the logits it gives with its own (`_attends_as_its_own`: attention sinks, or anything
-    else a model does in its attention that its config does not say, keep its own). The model is
-    left as it was. `pack.attention=model` keeps the model's own."""
+    attention, each layer causally (with or without a sliding window; no chunked or bidirectional
+    attention), and run on a few tokens (more than its window where rows are longer than that) it
+    gives the logits it gives with its own (`_attends_as_its_own`: attention sinks, a window the
+    model applies only through its masks, or anything else a model does in its attention that its
+    config does not say, keep its own). The model is left as it was. `pack.attention=model` keeps
+    the model's own."""
     config = model.config
     own = config._attn_implementation
     if (setting == "model" or own not in ("sdpa", "eager")
             or not getattr(model, "_supports_attention_backend", False)
-            or not _plain_causal(config, longest)
-            or getattr(config, "attn_logit_softcapping", None) is not None
+            or not _causal_layers(config)
             or getattr(config, "reorder_and_upcast_attn", False) or getattr(config, "add_cross_attention", False)):
         return False
-    return _attends_as_its_own(model, own)
+    positions = PROBE_POSITIONS
+    window = getattr(config, "sliding_window", None)
+    if window is not None and (longest is None or longest > window):  # where the window masks keys
+        positions = window + PROBE_POSITIONS if longest is None else min(window + PROBE_POSITIONS, longest)
+        positions = min(positions, getattr(config, "max_position_embeddings", None) or positions)
+    return _attends_as_its_own(model, own, positions)
 
 
 def switch_attention(model: Any) -> str:
@@ -107,15 +185,15 @@ def switch_attention(model: Any) -> str:
     return own
 
 
-def _attends_as_its_own(model: Any, own: str) -> bool:
-    """The model's logits on PROBE_POSITIONS tokens (one row, no padding) through CAUSAL_ROWS and
+def _attends_as_its_own(model: Any, own: str, positions: int = PROBE_POSITIONS) -> bool:
+    """The model's logits on `positions` tokens (one row, no padding) through CAUSAL_ROWS and
     through `own`, in eval mode and without gradients, agree (to a few roundings of its dtype); the
     global random state is not used, and each module's train/eval mode and the implementation are
     put back."""
     param = next(model.parameters())
     vocab = model.get_input_embeddings().num_embeddings
     generator = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, vocab, (1, PROBE_POSITIONS), generator=generator).to(param.device)
+    ids = torch.randint(0, vocab, (1, positions), generator=generator).to(param.device)
     global _probing
     _probing = True
     try:
@@ -133,18 +211,13 @@ def _attends_as_its_own(model: Any, own: str) -> bool:
     return bool(torch.allclose(ours, theirs, rtol=tol, atol=tol * float(theirs.abs().max())))
 
 
-def _plain_causal(config: Any, longest: int | None) -> bool:
-    """Whether every layer's mask is the causal one on rows of up to `longest` positions
-    (transformers' sliding window lets position i see keys i - window < j <= i); an unknown
-    `longest` takes any window as shorter."""
+def _causal_layers(config: Any) -> bool:
+    """Whether every layer attends causally, over all earlier keys or a sliding window of them (no
+    chunks, no bidirectional attention)."""
     kinds = set(getattr(config, "layer_types", None) or ())
-    if not kinds <= {"full_attention", "sliding_attention"} or getattr(config, "use_bidirectional_attention", False) \
-            or getattr(config, "attention_chunk_size", None) is not None:
-        return False
-    window = getattr(config, "sliding_window", None)
-    if window is None or (kinds and "sliding_attention" not in kinds):
-        return True
-    return longest is not None and longest <= window
+    return (kinds <= {"full_attention", "sliding_attention"}
+            and not getattr(config, "use_bidirectional_attention", False)
+            and getattr(config, "attention_chunk_size", None) is None)
 
 
 @contextlib.contextmanager

@@ -1,11 +1,11 @@
 """A packed trial trains as it does alone on eighteen model families, each doing something of its
 own around its linear layers: biases on q/k/v (Qwen2), q/k norms (Qwen3, OLMo 2),
 fused q/k/v and gate/up projections (Phi-3, GPT-NeoX, Falcon), sliding windows shorter than the
-rows (Mistral: the model's own attention) and no shorter (Gemma 3: the pack's),
-soft-capped attention scores and logits (Gemma 2), scaled embeddings (Gemma) or logits
-(Granite, Cohere), hidden states scaled before the head and latent attention (MiniCPM3),
-parallel attention and MLP (GPT-NeoX, Phi), mixtures of experts (Mixtral, GPT-OSS), attention
-sinks (GPT-OSS: the model's own attention).
+rows (Mistral) and no shorter (Gemma 3), soft-capped attention scores and logits (Gemma 2),
+scaled embeddings (Gemma) or logits (Granite, Cohere), hidden states scaled before the head and
+latent attention (MiniCPM3), parallel attention and MLP (GPT-NeoX, Phi), mixtures of experts
+(Mixtral, GPT-OSS), attention sinks (GPT-OSS). Each attends through the pack's attention but
+those in OWN_ATTENTION.
 Tiny random models of each (`helpers.FAMILIES`), two trials on different modules, CPU. The GPU's
 kernels are checked on Gemma 2 and Gemma 3 by bench/gpu_matrix.py."""
 from __future__ import annotations
@@ -19,6 +19,7 @@ from lora_exp.core.models import load_base
 from lora_exp.core.recording import NullTracker
 from lora_exp.core.status import TrialStatus
 from lora_exp.core.training import run_trial
+from lora_exp.pack.attention import pack_attention
 from lora_exp.pack.trainer import train_packed
 
 from helpers import FAMILIES, family_model
@@ -27,6 +28,9 @@ COMMON = ["data=seed", "lora=seed", "trainer=seed", "trainer.max_steps=20", "tra
           "trainer.logging_steps=5", "trainer.generation_metrics=[exact_match]", "trainer.max_new_tokens=8",
           "tracking=none", "trainer.batch_size=2",
           "trainer.eval_batch_size=2"]  # a pack whose model makes its own logits evals a few rows at a time
+#: the families a pack leaves their own attention: no attention interface to switch (StableLM,
+#: Falcon), attention sinks (GPT-OSS)
+OWN_ATTENTION = ("stablelm", "falcon", "gpt_oss")
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -41,6 +45,8 @@ def test_a_packed_trial_trains_as_alone_on_every_family(family):
     base = load_base(cfgs[0].model, torch.device("cpu"))
     assert base.model.config.model_type == family
     data = tokenize(load_rows(cfgs[0].data), cfgs[0].data, base.tokenizer)
+    longest = max(len(e.input_ids) for e in data.train + data.validation)
+    assert pack_attention(base.model, "rows", longest) == (family not in OWN_ATTENTION)
     alone = [run_trial(c, base, data, NullTracker()) for c in cfgs]
     packed = train_packed(cfgs, base, data)
     for a, p in zip(alone, packed):

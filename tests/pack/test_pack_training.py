@@ -133,32 +133,36 @@ def test_right_padded_rows_attend_without_a_mask_as_with_it_and_padded_attention
     torch.testing.assert_close(again, masked)
 
 
-@pytest.mark.parametrize("slack", [0, -1])
-def test_a_sliding_window_as_long_as_the_rows_attends_without_a_mask_and_a_shorter_one_keeps_the_models(slack):
-    """Transformers' window lets position i see keys i - window < j <= i: a window of the longest
-    row's length masks nothing the causal mask does not, one position shorter it does."""
-    cfg = compose([*family_model("mistral"), "data=seed"])
+@pytest.mark.parametrize("family", ["mistral", "gemma2"])
+def test_a_window_shorter_than_the_rows_and_capped_scores_get_the_models_logits_through_the_packs_attention(family):
+    """Mistral's sliding window (8 positions, on rows of up to 98) and Gemma 2's soft-capped scores:
+    the pack's attention computes them from positions alone, with no mask from the padding, and each
+    real position gets the model's own logits; without the window or the cap they differ."""
+    cfg = compose([*family_model(family), "data=seed"])
     base = load_base(cfg.model, torch.device("cpu"))
     m = base.model.eval()
     table = TokenTable.build(tokenize(load_rows(cfg.data), cfg.data, base.tokenizer).train,
                              base.tokenizer.pad_token_id, torch.device("cpu"))
     longest, real = table.ids.shape[1], table.mask.bool()
-    m.config.sliding_window = longest + slack
+    attentions = [x for x in m.modules() if hasattr(x, "attn_logit_softcapping")]
+    window = m.config.sliding_window
     with torch.no_grad():
-        windowed = m(input_ids=table.ids, attention_mask=table.mask).logits
-        m.config.sliding_window = None
-        causal = m(input_ids=table.ids, attention_mask=table.mask).logits
-        m.config.sliding_window = longest + slack
-        assert torch.equal(windowed[real], causal[real]) == (slack == 0)
+        theirs = m(input_ids=table.ids, attention_mask=table.mask).logits
+        if family == "mistral":
+            assert m.config.sliding_window < longest
+            m.config.sliding_window = None
+        for x in attentions:
+            x.attn_logit_softcapping = None
+        plain = m(input_ids=table.ids, attention_mask=table.mask).logits
+        m.config.sliding_window = window
+        for x in attentions:
+            x.attn_logit_softcapping = m.config.attn_logit_softcapping
+        assert not torch.allclose(plain[real], theirs[real], atol=1e-3)
         own = causal_rows_attention(m, longest=longest)
-        assert (own is not None) == (slack == 0) and causal_rows_attention(m) is None  # a row length unknown
-        if own is None:  # forced on rows the window masks: refused, not computed without it
-            m.set_attn_implementation(CAUSAL_ROWS)
-            with pytest.raises(RuntimeError, match="sliding window of"):
-                m(input_ids=table.ids, attention_mask=table.mask)
-            return
-        rows = m(input_ids=table.ids, attention_mask=table.mask).logits
-    torch.testing.assert_close(rows[real], windowed[real], rtol=1e-5, atol=1e-5)
+        assert own is not None and m.config._attn_implementation == CAUSAL_ROWS
+        ours = m(input_ids=table.ids, attention_mask=table.mask).logits
+        m.set_attn_implementation(own)
+    torch.testing.assert_close(ours[real], theirs[real], rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("family", ["gpt_oss", "qwen2"])
