@@ -169,7 +169,9 @@ def pack_attention(model: Any, setting: str = "rows", longest: int | None = None
         return False
     positions = PROBE_POSITIONS
     window = getattr(config, "sliding_window", None)
-    if window is not None and (longest is None or longest > window):  # where the window masks keys
+    kinds = getattr(config, "layer_types", None) or ("sliding_attention",)
+    if window is not None and "sliding_attention" in kinds and (longest is None or longest > window):
+        # where the window masks keys
         positions = window + PROBE_POSITIONS if longest is None else min(window + PROBE_POSITIONS, longest)
         positions = min(positions, getattr(config, "max_position_embeddings", None) or positions)
     return _attends_as_its_own(model, own, positions)

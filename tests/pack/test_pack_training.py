@@ -2,6 +2,7 @@
 adapter is a normal peft adapter with the same logits. CPU, tiny models, in process."""
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import shutil
@@ -163,6 +164,20 @@ def test_a_window_shorter_than_the_rows_and_capped_scores_get_the_models_logits_
         ours = m(input_ids=table.ids, attention_mask=table.mask).logits
         m.set_attn_implementation(own)
     torch.testing.assert_close(ours[real], theirs[real], rtol=1e-5, atol=1e-5)
+
+
+def test_a_window_the_model_applies_only_through_its_masks_keeps_the_models_attention():
+    """Where rows are longer than the window, the probe runs past it: a model whose attention
+    layers do not pass their window on (Mistral's, made to apply it through its masks alone) keeps
+    its own attention, which a probe shorter than the window would not find."""
+    cfg = compose([*family_model("mistral"), "model.architecture.sliding_window=16", "data=seed"])
+    m = load_base(cfg.model, torch.device("cpu")).model
+    assert pack_attention(m, longest=98)
+    for layer in m.model.layers:
+        layer.self_attn.config = copy.copy(m.config)
+        layer.self_attn.config.sliding_window = None
+    assert not pack_attention(m, longest=98)
+    assert pack_attention(m, longest=16)  # rows no longer than the window: it masks nothing
 
 
 @pytest.mark.parametrize("family", ["gpt_oss", "qwen2"])
