@@ -213,6 +213,11 @@ def cmd_engine(args: argparse.Namespace, sweep: str, overrides: list[str]) -> No
 
     import torch
 
+    if args.flex_from is not None:
+        from lora_exp.pack import attention
+
+        attention.FLEX_FROM = args.flex_from
+
     from lora_exp.core.data import load_rows, tokenize
     from lora_exp.core.models import load_base, pick_device
     from lora_exp.core.recording import NullTracker
@@ -396,6 +401,10 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--auto", type=int, default=0, help="engine: also run pack=auto's sizing for N trials")
     parser.add_argument("--lora", default="kernels", help="engine: pack.lora values to time (kernels,bmm)")
+    parser.add_argument("--flex-from", type=int, default=None,
+                        help="engine: rows this long or longer take FlexAttention in uncompiled steps where "
+                             "scores are capped or windowed (lora_exp.pack.attention.FLEX_FROM); past the rows: "
+                             "the formula")
     parser.add_argument("--lora-configs", default="",
                         help="engine: LoRA kernel constants to time, e.g. 'BM=64;BM=128,BK=64'")
     parser.add_argument("--profile", action="store_true")
