@@ -16,9 +16,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import statistics
-import time
+
+from timing import alternately
 
 
 def main() -> None:
@@ -73,15 +75,8 @@ def main() -> None:
             continue
         usable[name] = backend
         diffs[name] = max((a.float() - b).abs().max().item() for a, b in zip(got, ref))
-    times = {name: [] for name in usable}
-    for _ in range(args.rounds):
-        for name, backend in usable.items():
-            torch.cuda.synchronize()
-            start = time.perf_counter()
-            for _ in range(args.repeat):
-                run(backend)
-            torch.cuda.synchronize()
-            times[name].append((time.perf_counter() - start) / args.repeat * 1e3)
+    times = alternately({name: functools.partial(run, backend) for name, backend in usable.items()}, args.rounds,
+                        args.repeat, torch.cuda.synchronize)
     kernels = {}
     if args.kernels:
         from torch.profiler import ProfilerActivity, profile

@@ -20,9 +20,11 @@ Prints one JSON line: each way's median ms and its largest difference from an fp
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import statistics
-import time
+
+from timing import alternately
 
 CASES = {"gemma2": ("32,8,4,512,256", 50.0, 0), "gemma2-9b": ("32,16,8,512,256", 50.0, 0),
          "gemma3": ("32,4,1,1024,256", 0.0, 512)}
@@ -120,15 +122,8 @@ def main() -> None:
         usable.append(way)
         if way != "sdpa, is_causal":
             diffs[way] = max(((a.float() - b).abs().max() / b.abs().max()).item() for a, b in zip(got, ref))
-    times = {way: [] for way in usable}
-    for _ in range(args.rounds):
-        for way in usable:
-            torch.cuda.synchronize()
-            start = time.perf_counter()
-            for _ in range(args.repeat):
-                run(way)
-            torch.cuda.synchronize()
-            times[way].append((time.perf_counter() - start) / args.repeat * 1e3)
+    times = alternately({way: functools.partial(run, way) for way in usable}, args.rounds, args.repeat,
+                        torch.cuda.synchronize)
     peak = {}
     for way in usable:
         torch.cuda.reset_peak_memory_stats()
