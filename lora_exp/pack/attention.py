@@ -21,7 +21,7 @@ CAUSAL_ROWS = "lora_exp_causal_rows"
 PROBE_POSITIONS = 12
 #: what models hand attention beyond q, k, v and the mask that changes its result, and the pack's
 #: attention does not do: attention sinks (GPT-OSS)
-_NOT_DONE = ("s_aux",)
+_NOT_DONE = {"s_aux": "attention sinks"}
 #: outside compiled steps on CUDA, rows of at least this many positions whose scores are capped or
 #: windowed go through FlexAttention (one tiled kernel; it computes 128-position blocks, which
 #: shorter rows would waste), shorter ones through the eager formula
@@ -30,7 +30,7 @@ FLEX_FROM = 128
 _BLOCK_MASKS: dict[tuple[int, int | None, int | None], Any] = {}
 
 
-#: while `_attends_as_its_own` runs: its check is of the model's attention, not of the kernels (which
+#: while `_probe` runs: its check is of the model's attention, not of the kernels (which
 #: it would compile for a dtype the pack may not train in)
 _probing = False
 
@@ -49,9 +49,10 @@ def _causal_rows_attention(module: nn.Module, query: torch.Tensor, key: torch.Te
     the rows masks nothing more. On CUDA, rows of up to 64 positions go through the pack's
     attention kernels; longer ones, and the CPU, through sdpa with `is_causal`. A shorter window
     or soft-capped scores: `masked_rows_attention`."""
-    asked = [name for name in _NOT_DONE if kwargs.get(name) is not None]
+    asked = [f"{what} ({name})" for name, what in _NOT_DONE.items() if kwargs.get(name) is not None]
     if asked:
-        raise UnsupportedAttention(f"pack attention: {type(module).__name__} asks for {', '.join(asked)}")
+        raise UnsupportedAttention(f"{type(module).__name__} asks the pack's attention for {', '.join(asked)}, "
+                                   "which it does not compute")
     query, key, value = attention_inputs(query, key, value)
     window = sliding_window if sliding_window is not None and sliding_window < key.shape[2] else None
     if window is not None or softcap is not None:
@@ -152,21 +153,32 @@ def causal_rows_attention(model: Any, setting: str = "rows", longest: int | None
 
 
 def pack_attention(model: Any, setting: str = "rows", longest: int | None = None) -> bool:
-    """Whether `model` (as transformers built it, before the pack wraps its layers) may attend
-    through CAUSAL_ROWS on rows of up to `longest` positions: it attends through sdpa or eager
-    attention, each layer causally (with or without a sliding window; no chunked or bidirectional
-    attention), and run on a few tokens (more than its window where rows are longer than that) it
-    gives the logits it gives with its own (`_attends_as_its_own`: attention sinks, a window the
-    model applies only through its masks, or anything else a model does in its attention that its
-    config does not say, keep its own). The model is left as it was. `pack.attention=model` keeps
-    the model's own."""
+    """Whether `model` may attend through CAUSAL_ROWS on rows of up to `longest` positions
+    (`own_attention_reason` finds no reason for it to keep its own)."""
+    return own_attention_reason(model, setting, longest) is None
+
+
+def own_attention_reason(model: Any, setting: str = "rows", longest: int | None = None) -> str | None:
+    """Why `model` (as transformers built it, before the pack wraps its layers) keeps its own
+    attention on rows of up to `longest` positions, or None where it may attend through
+    CAUSAL_ROWS: it attends through sdpa or eager attention, each layer causally (with or without
+    a sliding window; no chunked or bidirectional attention), and run on a few tokens (more than
+    its window where rows are longer than that) it gives the logits it gives with its own
+    (`_probe`: attention sinks, a window the model applies only through its masks, or anything
+    else a model does in its attention that its config does not say, keep its own). The model is
+    left as it was. `pack.attention=model` keeps the model's own."""
     config = model.config
     own = config._attn_implementation
-    if (setting == "model" or own not in ("sdpa", "eager")
-            or not getattr(model, "_supports_attention_backend", False)
-            or not _causal_layers(config)
-            or getattr(config, "reorder_and_upcast_attn", False) or getattr(config, "add_cross_attention", False)):
-        return False
+    if setting == "model":
+        return "pack.attention=model"
+    if own not in ("sdpa", "eager"):
+        return f"its attention implementation is {own}, not sdpa or eager"
+    if not getattr(model, "_supports_attention_backend", False):
+        return "it takes no other attention implementation (transformers' AttentionInterface)"
+    if not _causal_layers(config):
+        return "its layers attend in chunks or both ways, not causally"
+    if getattr(config, "reorder_and_upcast_attn", False) or getattr(config, "add_cross_attention", False):
+        return "it reorders and upcasts its attention scores, or attends across to another sequence"
     positions = PROBE_POSITIONS
     window = getattr(config, "sliding_window", None)
     kinds = getattr(config, "layer_types", None) or ("sliding_attention",)
@@ -174,7 +186,7 @@ def pack_attention(model: Any, setting: str = "rows", longest: int | None = None
         # where the window masks keys
         positions = window + PROBE_POSITIONS if longest is None else min(window + PROBE_POSITIONS, longest)
         positions = min(positions, getattr(config, "max_position_embeddings", None) or positions)
-    return _attends_as_its_own(model, own, positions)
+    return _probe(model, own, positions)
 
 
 def switch_attention(model: Any) -> str:
@@ -187,11 +199,11 @@ def switch_attention(model: Any) -> str:
     return own
 
 
-def _attends_as_its_own(model: Any, own: str, positions: int = PROBE_POSITIONS) -> bool:
-    """The model's logits on `positions` tokens (one row, no padding) through CAUSAL_ROWS and
-    through `own`, in eval mode and without gradients, agree (to a few roundings of its dtype); the
-    global random state is not used, and each module's train/eval mode and the implementation are
-    put back."""
+def _probe(model: Any, own: str, positions: int = PROBE_POSITIONS) -> str | None:
+    """None where the model's logits on `positions` tokens (one row, no padding) through
+    CAUSAL_ROWS and through `own`, in eval mode and without gradients, agree (to a few roundings of
+    its dtype), else how they differ; the global random state is not used, and each module's
+    train/eval mode and the implementation are put back."""
     param = next(model.parameters())
     vocab = model.get_input_embeddings().num_embeddings
     generator = torch.Generator().manual_seed(0)
@@ -204,13 +216,17 @@ def _attends_as_its_own(model: Any, own: str, positions: int = PROBE_POSITIONS) 
             switch_attention(model)
             try:
                 ours = model(input_ids=ids, use_cache=False).logits.float()
-            except UnsupportedAttention:
-                return False
+            except UnsupportedAttention as exc:
+                return str(exc)
     finally:
         _probing = False
         model.set_attn_implementation(own)
     tol = 1e-4 if param.dtype in (torch.float32, torch.float64) else 2e-2
-    return bool(torch.allclose(ours, theirs, rtol=tol, atol=tol * float(theirs.abs().max())))
+    if torch.allclose(ours, theirs, rtol=tol, atol=tol * float(theirs.abs().max())):
+        return None
+    return (f"on {positions} tokens its logits through the pack's attention are up to "
+            f"{float((ours - theirs).abs().max()):.3g} from its own: its attention does something its config "
+            "does not say (attention sinks, a window applied only through its masks)")
 
 
 def _causal_layers(config: Any) -> bool:

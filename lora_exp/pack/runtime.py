@@ -26,7 +26,7 @@ from lora_exp.core.evaluation import (
 )
 from lora_exp.core.loss import logit_transform
 from lora_exp.core.models import BaseModel
-from lora_exp.pack.attention import pack_attention, padded_attention, switch_attention
+from lora_exp.pack.attention import own_attention_reason, padded_attention, switch_attention
 from lora_exp.pack.model import PackedModel
 from lora_exp.pack.rows import OutputHead, TokenTable, slot_losses
 
@@ -89,7 +89,11 @@ class PackRuntime:
         # the pack's rows are padded on the right: their attention needs no mask (generation's
         # does). Checked, like the head, before the pack wraps the model; switched at the end.
         longest = max(t.ids.shape[1] for t in (self.train_table, self.eval_table) if t is not None)
-        rows_attention = pack_attention(base.model, cfg.pack.attention, longest)
+        kept = own_attention_reason(base.model, cfg.pack.attention, longest)
+        rows_attention = kept is None
+        if kept is not None:
+            log.info("pack: %s keeps its own attention (%s, with masks): %s", type(base.model).__name__,
+                     base.model.config._attn_implementation, kept)
         self.pm = PackedModel(base, slots, max_rank, modules, compile=compile or cfg.pack.compile, low_precision=bf16,
                               lora=cfg.pack.lora)
         # the head in the compute dtype: bf16 under autocast, else the base's own (a bf16 base's bf16)

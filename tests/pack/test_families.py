@@ -10,6 +10,8 @@ Tiny random models of each (`helpers.FAMILIES`), two trials on different modules
 kernels are checked on Gemma 2 and Gemma 3 by bench/gpu_matrix.py."""
 from __future__ import annotations
 
+import logging
+
 import pytest
 import torch
 
@@ -19,7 +21,6 @@ from lora_exp.core.models import load_base
 from lora_exp.core.recording import NullTracker
 from lora_exp.core.status import TrialStatus
 from lora_exp.core.training import run_trial
-from lora_exp.pack.attention import pack_attention
 from lora_exp.pack.trainer import train_packed
 
 from helpers import FAMILIES, family_model
@@ -34,7 +35,7 @@ OWN_ATTENTION = ("stablelm", "falcon", "gpt_oss")
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_a_packed_trial_trains_as_alone_on_every_family(family):
+def test_a_packed_trial_trains_as_alone_on_every_family(family, caplog):
     modules = FAMILIES[family][1]
     every = "[" + ",".join(modules) + "]"
     trials = [["lora.r=4", "lora.lora_alpha=8", "lora.lora_dropout=0.1", "trainer.lr=1e-3",
@@ -45,10 +46,11 @@ def test_a_packed_trial_trains_as_alone_on_every_family(family):
     base = load_base(cfgs[0].model, torch.device("cpu"))
     assert base.model.config.model_type == family
     data = tokenize(load_rows(cfgs[0].data), cfgs[0].data, base.tokenizer)
-    longest = max(len(e.input_ids) for e in data.train + data.validation)
-    assert pack_attention(base.model, "rows", longest) == (family not in OWN_ATTENTION)
     alone = [run_trial(c, base, data, NullTracker()) for c in cfgs]
-    packed = train_packed(cfgs, base, data)
+    with caplog.at_level(logging.INFO, logger="lora_exp.pack.runtime"):
+        packed = train_packed(cfgs, base, data)
+    kept = [r.getMessage() for r in caplog.records if "keeps its own attention" in r.getMessage()]
+    assert bool(kept) == (family in OWN_ATTENTION), kept  # said, with its reason, where it does
     for a, p in zip(alone, packed):
         assert a.status == p.status == TrialStatus.COMPLETE
         assert a.metrics["trainable_params"] == p.metrics["trainable_params"] > 0

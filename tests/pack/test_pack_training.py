@@ -20,7 +20,13 @@ from lora_exp.core.randomness import dropout_mask, module_keys, row_keys
 from lora_exp.core.recording import NullTracker
 from lora_exp.core.status import TrialStatus
 from lora_exp.core.training import run_trial
-from lora_exp.pack.attention import CAUSAL_ROWS, causal_rows_attention, pack_attention, padded_attention
+from lora_exp.pack.attention import (
+    CAUSAL_ROWS,
+    causal_rows_attention,
+    own_attention_reason,
+    pack_attention,
+    padded_attention,
+)
 from lora_exp.pack.rows import TokenTable, batch_schedule
 from lora_exp.pack.settings import PackConfig
 from lora_exp.pack.trainer import train_packed
@@ -190,9 +196,13 @@ def test_a_model_whose_attention_does_more_than_the_packs_keeps_its_own(family, 
     base = load_base(compose([*family_model(family), "data=seed"]).model, torch.device("cpu"))
     m = base.model.train()
     own, rng = m.config._attn_implementation, torch.get_rng_state()
-    assert pack_attention(m, longest=64) == (family == "qwen2")
-    monkeypatch.setattr(attention, "_NOT_DONE", ())  # the probe alone
-    assert pack_attention(m, longest=64) == (family == "qwen2")
+    reason = own_attention_reason(m, longest=64)
+    assert (reason is None) == (family == "qwen2")
+    assert family == "qwen2" or "for attention sinks (s_aux)" in reason
+    monkeypatch.setattr(attention, "_NOT_DONE", {})  # the probe alone
+    reason = own_attention_reason(m, longest=64)
+    assert (reason is None) == (family == "qwen2")
+    assert family == "qwen2" or "on 12 tokens its logits through the pack's attention are up to" in reason
     assert m.config._attn_implementation == own and all(x.training for x in m.modules())
     assert torch.equal(torch.get_rng_state(), rng)
 
