@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import weakref
 from typing import Any, Iterator
 
 import torch
@@ -26,6 +27,9 @@ _NOT_DONE = {"s_aux": "attention sinks"}
 #: windowed go through FlexAttention (one tiled kernel; it computes 128-position blocks, which
 #: shorter rows would waste), shorter ones through the eager formula
 FLEX_FROM = 128
+#: each model's probe answers by (its implementation, positions, dtype): a sweep sizes a pack and
+#: then makes it, and a model's attention does not change under it
+_PROBED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 #: block masks by (positions, window, device index), built at their first use
 _BLOCK_MASKS: dict[tuple[int, int | None, int | None], Any] = {}
 
@@ -186,7 +190,11 @@ def own_attention_reason(model: Any, setting: str = "rows", longest: int | None 
         # where the window masks keys
         positions = window + PROBE_POSITIONS if longest is None else min(window + PROBE_POSITIONS, longest)
         positions = min(positions, getattr(config, "max_position_embeddings", None) or positions)
-    return _probe(model, own, positions)
+    answers = _PROBED.setdefault(model, {})
+    key = (own, positions, next(model.parameters()).dtype)
+    if key not in answers:
+        answers[key] = _probe(model, own, positions)
+    return answers[key]
 
 
 def switch_attention(model: Any) -> str:

@@ -7,6 +7,7 @@ import dataclasses
 import json
 import shutil
 import time
+import weakref
 from pathlib import Path
 
 import pytest
@@ -20,6 +21,7 @@ from lora_exp.core.randomness import dropout_mask, module_keys, row_keys
 from lora_exp.core.recording import NullTracker
 from lora_exp.core.status import TrialStatus
 from lora_exp.core.training import run_trial
+from lora_exp.pack import attention
 from lora_exp.pack.attention import (
     CAUSAL_ROWS,
     causal_rows_attention,
@@ -182,6 +184,7 @@ def test_a_window_the_model_applies_only_through_its_masks_keeps_the_models_atte
     for layer in m.model.layers:
         layer.self_attn.config = copy.copy(m.config)
         layer.self_attn.config.sliding_window = None
+    attention._PROBED.clear()  # the model changed under the probe's answer
     assert not pack_attention(m, longest=98)
     assert pack_attention(m, longest=16)  # rows no longer than the window: it masks nothing
 
@@ -191,20 +194,22 @@ def test_a_model_whose_attention_does_more_than_the_packs_keeps_its_own(family, 
     """GPT-OSS adds a learned sink to each head's softmax, which no config key names: the pack's
     attention refuses what it does not do, and the probe (both models' logits on a few tokens)
     finds it on its own. The check leaves the model, its modes and the random state as they were."""
-    from lora_exp.pack import attention
-
     base = load_base(compose([*family_model(family), "data=seed"]).model, torch.device("cpu"))
     m = base.model.train()
     own, rng = m.config._attn_implementation, torch.get_rng_state()
     reason = own_attention_reason(m, longest=64)
     assert (reason is None) == (family == "qwen2")
     assert family == "qwen2" or "for attention sinks (s_aux)" in reason
-    monkeypatch.setattr(attention, "_NOT_DONE", {})  # the probe alone
+    monkeypatch.setattr(attention, "_NOT_DONE", {})  # the probe alone (not its answer from before)
+    monkeypatch.setattr(attention, "_PROBED", weakref.WeakKeyDictionary())
     reason = own_attention_reason(m, longest=64)
     assert (reason is None) == (family == "qwen2")
     assert family == "qwen2" or "on 12 tokens its logits through the pack's attention are up to" in reason
     assert m.config._attn_implementation == own and all(x.training for x in m.modules())
     assert torch.equal(torch.get_rng_state(), rng)
+    forwards = []
+    m.register_forward_pre_hook(lambda *_: forwards.append(1))
+    assert own_attention_reason(m, longest=64) == reason and not forwards  # asked again: answered from before
 
 
 def test_slots_are_reused_continuous_batching_gives_the_same_trials():
