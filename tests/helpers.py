@@ -43,14 +43,15 @@ FAMILIES = {
     "gpt_oss": (f"head_dim:16,sliding_window:128,num_local_experts:4,num_experts_per_tok:2,{_GQA}", _LLAMA_LIKE[:4]),
     "gpt_neox": ("intermediate_size:128", _NEOX),
     "falcon": ("new_decoder_architecture:false,multi_query:true", _NEOX),
-    # latent attention; hidden states scaled before the head: the model makes its own logits
+    # latent attention; hidden states scaled before the head
     "minicpm3": ("intermediate_size:128,num_key_value_heads:4,q_lora_rank:16,kv_lora_rank:16,qk_nope_head_dim:8,"
                  "qk_rope_head_dim:8,v_head_dim:16,dim_model_base:16",
                  ("q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj", "gate_proj", "up_proj",
                   "down_proj")),
 }
-#: the families whose logits are not their LM head's output alone (soft-capped or scaled)
-TRANSFORMED_LOGITS = ("gemma2", "granite", "cohere")
+#: the families whose logits are not their LM head's output alone (soft-capped or scaled, or the
+#: head's input scaled)
+TRANSFORMED_LOGITS = ("gemma2", "granite", "cohere", "minicpm3")
 
 
 def family_model(family: str) -> list[str]:

@@ -93,10 +93,11 @@ def _transform(hf: Any, backbone: Any, head: torch.nn.Linear) -> LogitTransform 
 
 def _probe(hf: Any, backbone: Any, head: torch.nn.Linear) -> LogitTransform | None:
     """Run the model once on a few tokens with the head's output replaced by values far from 0:
-    the head's input must be the backbone's last hidden state (nothing scaled before it), and the
-    model's logits those values untouched, scaled, or soft-capped at the config's
-    `final_logit_softcapping`. In eval mode and without gradients; the global random state is not
-    used."""
+    the head's input must be the backbone's last hidden state, or that times a number where the
+    head has no bias (MiniCPM3 divides it by hidden_size / dim_model_base: the head's output is
+    then scaled by that number), and the model's logits those values untouched, scaled, or
+    soft-capped at the config's `final_logit_softcapping`. In eval mode and without gradients; the
+    global random state is not used."""
     device = head.weight.device
     ids = (torch.arange(PROBE_POSITIONS, device=device) % head.out_features).unsqueeze(0)
     seen: dict[str, torch.Tensor] = {}
@@ -119,17 +120,27 @@ def _probe(hf: Any, backbone: Any, head: torch.nn.Linear) -> LogitTransform | No
             hook.remove()
     if "output" not in seen or logits.shape != seen["output"].shape or seen["input"].shape != hidden.shape:
         return None
-    if not torch.allclose(seen["input"].float(), hidden.float(), rtol=1e-5, atol=1e-6):
-        return None
     # a bf16 model (or autocast) scales or caps in bf16: a tolerance of a few of its roundings
     tol = 1e-5 if logits.dtype in (torch.float32, torch.float64) else 2e-2
+    x, h = seen["input"].double(), hidden.double()
+    before: float | None = 1.0
+    if not torch.allclose(x, h, rtol=1e-5, atol=1e-6):
+        before = _scale_of(x, h, tol) if head.bias is None else None
+        if before is None:
+            return None
     z, logits = seen["output"].double(), logits.double()
     if torch.equal(logits, z):
-        return LogitTransform()
-    scale = float((logits * z).sum() / (z * z).sum())
-    if scale != 0 and torch.allclose(logits, z * scale, rtol=tol, atol=0):
-        return LogitTransform(scale=scale)
+        return LogitTransform(scale=before)
+    scale = _scale_of(logits, z, tol)
+    if scale is not None:
+        return LogitTransform(scale=before * scale)
     cap = getattr(getattr(hf, "config", None), "final_logit_softcapping", None)
     if cap and torch.allclose(logits, cap * torch.tanh(z / cap), rtol=tol, atol=tol):
-        return LogitTransform(softcap=float(cap))
+        return LogitTransform(scale=before, softcap=float(cap))
     return None
+
+
+def _scale_of(y: torch.Tensor, x: torch.Tensor, tol: float) -> float | None:
+    """The number y is x times (least squares), where it is that to `tol` relative; else None."""
+    scale = float((y * x).sum() / (x * x).sum())
+    return scale if scale != 0 and torch.allclose(y, x * scale, rtol=tol, atol=0) else None

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from lora_exp.compose import compose
+from lora_exp.core import loss as core_loss
 from lora_exp.core.adapters import attach_adapter, detach_adapter, train_mode
 from lora_exp.core.data import collate, load_rows, tokenize
 from lora_exp.core.loss import LogitTransform, causal_lm_loss, logit_transform
@@ -56,25 +57,26 @@ def test_a_model_whose_head_is_adapted_computes_its_own_loss():
     detach_adapter(model)
 
 
-@pytest.mark.parametrize("family", [*TRANSFORMED_LOGITS, "qwen2", "gemma", "phi3", "minicpm3"])
+@pytest.mark.parametrize("family", [*TRANSFORMED_LOGITS, "qwen2", "gemma", "phi3"])
 def test_a_model_that_scales_or_caps_its_heads_output_gets_the_same_from_the_head_alone(family):
-    """Gemma 2 soft-caps its logits, Granite and Cohere scale them: the head's output alone would be
-    another loss, so the loss does what the model does after it; MiniCPM3 scales the hidden state
-    before its head and computes its own. Found by running the model, not by its name; the check
-    leaves the random state and each module's train/eval mode as they were."""
+    """Gemma 2 soft-caps its logits, Granite and Cohere scale them, MiniCPM3 scales the hidden
+    state before its head (a bias-free head: the same as scaling its output): the head's output
+    alone would be another loss, so the loss does what the model does. Found by running the model,
+    not by its name; the check leaves the random state and each module's train/eval mode as they
+    were."""
     base, model, batch = _trial([*family_model(family), "data=qa_demo", "lora.preset=all_linear",
                                  "lora.lora_dropout=0.0"])
     train_mode(model, False)
     modes = [m.training for m in model.modules()]
     rng = torch.get_rng_state()
-    assert (logit_transform(model) is None) == (family == "minicpm3")
+    assert logit_transform(model) is not None
     assert torch.equal(torch.get_rng_state(), rng) and [m.training for m in model.modules()] == modes
     rows = []
     hook = base.model.get_output_embeddings().register_forward_pre_hook(lambda m, a: rows.append(a[0].shape[0]))
     ours, ours_grads = _loss_and_grads(model, causal_lm_loss, batch)
     hook.remove()
     scored = int((batch["labels"][:, 1:] != -100).sum())
-    assert rows == ([scored] if family != "minicpm3" else [batch["input_ids"].shape[0]])  # only scored positions
+    assert rows == [scored]  # the head makes logits at the scored positions only
     theirs, their_grads = _loss_and_grads(model, lambda m, b: m(**b).loss, batch)
     torch.testing.assert_close(ours, theirs, rtol=1e-6, atol=0)
     for name, grad in ours_grads.items():
@@ -85,10 +87,17 @@ def test_a_model_that_scales_or_caps_its_heads_output_gets_the_same_from_the_hea
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
 def test_what_a_model_does_to_its_heads_output_is_found_in_either_precision(dtype):
     """The pack's head scales or caps as the model does (pack.rows.OutputHead); on a bf16 base
-    the model does it in bf16. A model that scales its hidden states before the head (MiniCPM3)
-    does something else: None, and the pack takes its own logits."""
+    the model does it in bf16. MiniCPM3 divides the head's input by hidden_size / dim_model_base
+    (64 / 16); with a bias on its head that is no scale of the head's output: None, and the pack
+    takes the model's own logits."""
     expected = {"gemma2": LogitTransform(softcap=30.0), "granite": LogitTransform(scale=1 / 8),
-                "cohere": LogitTransform(scale=1 / 16), "qwen2": LogitTransform(), "minicpm3": None}
+                "cohere": LogitTransform(scale=1 / 16), "qwen2": LogitTransform(),
+                "minicpm3": LogitTransform(scale=1 / 4)}
     for family, transform in expected.items():
         base = load_base(compose([*family_model(family), f"model.dtype={dtype}"]).model, torch.device("cpu"))
         assert logit_transform(base.model) == transform, family
+    head = base.model.lm_head
+    base.model.lm_head = torch.nn.Linear(head.in_features, head.out_features, dtype=head.weight.dtype)
+    base.model.lm_head.weight = head.weight
+    core_loss._TRANSFORMS.clear()  # the model changed under the probe's answer
+    assert logit_transform(base.model) is None

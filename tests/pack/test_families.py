@@ -34,8 +34,11 @@ COMMON = ["data=seed", "lora=seed", "trainer=seed", "trainer.max_steps=20", "tra
 OWN_ATTENTION = ("stablelm", "falcon", "gpt_oss")
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-def test_a_packed_trial_trains_as_alone_on_every_family(family, caplog):
+@pytest.mark.parametrize("name", [*FAMILIES, "minicpm3+head_bias"])
+def test_a_packed_trial_trains_as_alone_on_every_family(name, caplog):
+    """`minicpm3+head_bias`: MiniCPM3 with a bias on its head, whose logits are then no transform of
+    the head's output (`core.loss.logit_transform`): the pack takes the model's own logits."""
+    family, _, variant = name.partition("+")
     modules = FAMILIES[family][1]
     every = "[" + ",".join(modules) + "]"
     trials = [["lora.r=4", "lora.lora_alpha=8", "lora.lora_dropout=0.1", "trainer.lr=1e-3",
@@ -45,12 +48,19 @@ def test_a_packed_trial_trains_as_alone_on_every_family(family, caplog):
     cfgs = [compose([*family_model(family), *COMMON, *t]) for t in trials]
     base = load_base(cfgs[0].model, torch.device("cpu"))
     assert base.model.config.model_type == family
+    if variant == "head_bias":
+        head = base.model.lm_head
+        torch.manual_seed(0)
+        base.model.lm_head = torch.nn.Linear(head.in_features, head.out_features).requires_grad_(False)
+        base.model.lm_head.weight = head.weight
     data = tokenize(load_rows(cfgs[0].data), cfgs[0].data, base.tokenizer)
     alone = [run_trial(c, base, data, NullTracker()) for c in cfgs]
     with caplog.at_level(logging.INFO, logger="lora_exp.pack.runtime"):
         packed = train_packed(cfgs, base, data)
-    kept = [r.getMessage() for r in caplog.records if "keeps its own attention" in r.getMessage()]
+    said = [r.getMessage() for r in caplog.records]
+    kept = [m for m in said if "keeps its own attention" in m]
     assert bool(kept) == (family in OWN_ATTENTION), kept  # said, with its reason, where it does
+    assert any("does more to its LM head's output" in m for m in said) == (variant == "head_bias")
     for a, p in zip(alone, packed):
         assert a.status == p.status == TrialStatus.COMPLETE
         assert a.metrics["trainable_params"] == p.metrics["trainable_params"] > 0
@@ -58,6 +68,6 @@ def test_a_packed_trial_trains_as_alone_on_every_family(family, caplog):
             ours, theirs = getattr(p, curve), getattr(a, curve)
             assert [s for s, _ in ours] == [s for s, _ in theirs] and ours, curve
             for (step, x), (_, y) in zip(theirs, ours):
-                assert abs(x - y) <= 1e-4 * abs(x), (family, curve, step, x, y)
+                assert abs(x - y) <= 1e-4 * abs(x), (name, curve, step, x, y)
         assert a.generations["adapter_output"] == p.generations["adapter_output"]
     assert packed[0].loss_curve[-1][1] != packed[1].loss_curve[-1][1]
