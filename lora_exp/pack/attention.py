@@ -1,8 +1,8 @@
 """Attention over a pack's rows: they are padded on the right only, so the causal mask alone is
 every real position's mask, and the pack attends without building one (transformers'
 `AttentionInterface`). A sliding window shorter than the rows and soft-capped scores (Gemma 2)
-are computed from positions too: FlexAttention on CUDA, the eager formula elsewhere. Generation
-pads on the left: it gets the model's own attention back."""
+are computed from positions too: the eager formula, fused in compiled steps; FlexAttention in
+uncompiled ones on CUDA. Generation pads on the left: it gets the model's own attention back."""
 from __future__ import annotations
 
 import contextlib
