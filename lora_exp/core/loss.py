@@ -7,10 +7,11 @@ matrix against ~100M parameters in its layers), so the loss here runs the model'
 the hidden states of the positions that predict a label, and projects only those. The value is
 the same mean cross-entropy over the same tokens as the model's own loss.
 
-Only for models whose head is a plain linear layer applied to the last hidden state, followed by
-nothing, a scale (Granite, Cohere) or a soft cap (Gemma 2): `logit_transform` finds which by running
-the model once, and the loss here does the same to the head's output (as the pack's head does,
-`pack.rows.OutputHead`). Any other model computes its own loss.
+Only for models whose head is a plain linear layer applied to the last hidden state (or to that
+times a number, MiniCPM3, where the head has no bias), followed by nothing, a scale (Granite,
+Cohere) or a soft cap (Gemma 2): `logit_transform` finds which by running the model once, and the
+loss here does the same to the head's output (as the pack's head does, `pack.rows.OutputHead`).
+Any other model computes its own loss.
 """
 from __future__ import annotations
 
