@@ -50,7 +50,6 @@ sys.path.insert(0, str(ROOT))
 MODELS = {"gpt2": ["model=tiny_gpt2", "model.architecture.n_positions=1024"],
           "llama": ["model=tiny_llama", "model.architecture.max_position_embeddings=1024"],
           # beyond the cells: soft-capped logits (core.loss.logit_transform, pack.rows.OutputHead)
-          # and attention scores (the model's own attention, pack.attention)
           # and attention scores (eager attention, what transformers 5.24 picks for Gemma 2; the GPU
           # machine's 5.17 picks sdpa, which leaves the cap out)
           "gemma2": ["model=tiny_llama", "model.architecture={model_type:gemma2,head_dim:16,num_hidden_layers:2,"
