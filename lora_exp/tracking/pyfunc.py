@@ -36,7 +36,10 @@ class AdapterModel(mlflow.pyfunc.PythonModel):
         raw = yaml.safe_load(Path(context.artifacts["config"]).read_text())  # data: nothing is imported from it
         self.cfg = from_container(raw, raw.get("overrides") or [])
         self.base = load_base(self.cfg.model, pick_device(self.cfg.trainer.device))
-        self.model = PeftModel.from_pretrained(self.base.model, context.artifacts["adapter"]).to(self.base.device)
+        with warnings.catch_warnings():  # peft asks transformers 5 a deprecated name; not the user's to act on
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+            self.model = PeftModel.from_pretrained(self.base.model, context.artifacts["adapter"])
+        self.model.to(self.base.device)
         self.model.eval()
 
     def predict(self, context, model_input, params=None):  # no type hints: MLflow would read them as the signature

@@ -9,6 +9,7 @@ import re
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import pytest
@@ -128,7 +129,10 @@ def test_the_best_adapter_loads_with_mlflow_pyfunc_and_generates(workdir, store,
     assert model.source_run_id == parent.info.run_id and str(model.status) == "READY"
     assert {m.key for m in model.metrics} >= {"final_eval_loss", "exact_match"}  # linked to its trial's metrics
     monkeypatch.setenv("MLFLOW_TRACKING_URI", store)  # what mlflow.set_tracking_uri does, undone after the test
-    loaded = mlflow.pyfunc.load_model("models:/tiny@best")
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        loaded = mlflow.pyfunc.load_model("models:/tiny@best")
+    assert not [w for w in seen if issubclass(w.category, FutureWarning)], [str(w.message) for w in seen]
     answers = loaded.predict(["Q: What is LoRA?\nA:", "Q: Why train?\nA:"], params={"max_new_tokens": 4})
     assert isinstance(answers, list) and len(answers) == 2 and all(isinstance(a, str) for a in answers)
     # the same answers as the run's own adapter gives through `lora-exp generate`
