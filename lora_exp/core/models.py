@@ -100,7 +100,7 @@ def load_base(cfg: ModelConfig, device: torch.device) -> BaseModel:
     start = time.perf_counter()
     if cfg.source == "random":
         tokenizer = load_tokenizer(cfg.tokenizer or "byte", cfg)
-        model = build_random_model(cfg, tokenizer)
+        model = build_random_model(cfg, tokenizer, device)
     else:
         folder = prepare_gguf(cfg) if cfg.source == "gguf_package" else cfg.path
         tokenizer = load_tokenizer(cfg.tokenizer or str(folder), cfg)
@@ -164,8 +164,13 @@ def byte_tokenizer() -> Any:
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=BYTE_EOS, pad_token=BYTE_EOS)
 
 
-def build_random_model(cfg: ModelConfig, tokenizer: Any) -> Any:
-    """Random init from `architecture` (transformers config kwargs), seeded by init_seed."""
+def build_random_model(cfg: ModelConfig, tokenizer: Any, device: torch.device | None = None) -> Any:
+    """Random init from `architecture` (transformers config kwargs), seeded by init_seed.
+
+    On a CUDA `device` the weights are made there: on the CPU, initialising them (torch's default
+    init, then the model's own) takes minutes for a model of billions of parameters (an 8B
+    Llama: 268 s on a 16-core host). The same seed gives other weights on a GPU than on the
+    CPU (each device's generator), the same on the same kind of GPU."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     arch = dict(cfg.architecture)
@@ -179,7 +184,9 @@ def build_random_model(cfg: ModelConfig, tokenizer: Any) -> Any:
     if config.vocab_size < len(tokenizer):
         raise ConfigError(f"model.architecture.vocab_size: {config.vocab_size} is smaller than the "
                           f"tokenizer's {len(tokenizer)} tokens")
-    with torch.random.fork_rng(devices=[]):
+    on_gpu = device is not None and device.type == "cuda"
+    where = torch.device(device) if on_gpu else torch.device("cpu")
+    with torch.random.fork_rng(devices=[where] if on_gpu else [], device_type="cuda"), where:
         torch.manual_seed(cfg.init_seed)
         # built in the dtype, as from_pretrained builds it (buffers such as rotary frequencies stay fp32)
         return AutoModelForCausalLM.from_config(config, dtype=weights_dtype(cfg),
