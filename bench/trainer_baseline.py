@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from workloads import BF16_PEAK, counted_flops, default_tokenizer, require_tokenizer, sampled_configs, workload  # noqa: E402
+from workloads import ARCHS, BF16_PEAK, counted_flops, default_tokenizer, require_tokenizer, sampled_configs, workload  # noqa: E402
 
 CUDA = torch.cuda.is_available()
 sync = torch.cuda.synchronize if CUDA else (lambda: None)
@@ -115,7 +115,7 @@ def run_one(cfg, base, data, tmp: str) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--workload", choices=["default", "qwen"], default="default")
+    parser.add_argument("--workload", choices=["default", *ARCHS], default="default")
     parser.add_argument("--tokenizer", default=default_tokenizer())
     parser.add_argument("--batch", type=int, default=None)
     parser.add_argument("--trials", type=int, default=2)

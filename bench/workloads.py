@@ -15,6 +15,9 @@ Workloads (random weights of the real architectures; speed does not depend on we
 - `gemma2`: the same on Gemma 2 2B's architecture (26 layers, hidden 2304, 8 heads of 256, 4
   key/value heads, intermediate 9216, vocabulary 256000; attention scores capped at 50, logits at
   30).
+- `llama1b`, `llama8b`: the same on Llama 3.2 1B's architecture (16 layers, hidden 2048, 32 heads,
+  8 key/value heads, intermediate 8192, vocabulary 128256) and Llama 3.1 8B's (32 layers, hidden
+  4096, intermediate 14336); the 8B's base in bf16 (`--override model.dtype=bf16`) on an 80 GB card.
 
     python bench/workloads.py sweep --workload default --trials 256 --pack auto
     python bench/workloads.py sweep --workload default --trials 8 --pack 1        # unpacked (workers=1)
@@ -61,7 +64,16 @@ GEMMA2_ARCH = ("{model_type: gemma2, hidden_size: 2304, intermediate_size: 9216,
                "vocab_size: 256000, max_position_embeddings: 8192, sliding_window: 4096, "
                "attn_logit_softcapping: 50.0, final_logit_softcapping: 30.0, rms_norm_eps: 1.0e-06, "
                "tie_word_embeddings: true}")
-ARCHS = {"qwen": QWEN_ARCH, "gemma3": GEMMA3_ARCH, "gemma2": GEMMA2_ARCH}
+#: Llama 3.2 1B's and Llama 3.1 8B's (grouped-query attention, vocabulary 128256; the 8B's base
+#: fits an 80 GB card in bf16: add `--override model.dtype=bf16`)
+LLAMA1B_ARCH = ("{model_type: llama, hidden_size: 2048, intermediate_size: 8192, num_hidden_layers: 16, "
+                "num_attention_heads: 32, num_key_value_heads: 8, vocab_size: 128256, max_position_embeddings: 8192, "
+                "rope_theta: 500000.0, rms_norm_eps: 1.0e-05, tie_word_embeddings: true}")
+LLAMA8B_ARCH = ("{model_type: llama, hidden_size: 4096, intermediate_size: 14336, num_hidden_layers: 32, "
+                "num_attention_heads: 32, num_key_value_heads: 8, vocab_size: 128256, max_position_embeddings: 8192, "
+                "rope_theta: 500000.0, rms_norm_eps: 1.0e-05, tie_word_embeddings: false}")
+ARCHS = {"qwen": QWEN_ARCH, "gemma3": GEMMA3_ARCH, "gemma2": GEMMA2_ARCH, "llama1b": LLAMA1B_ARCH,
+         "llama8b": LLAMA8B_ARCH}
 
 
 def default_tokenizer() -> str:
