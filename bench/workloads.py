@@ -251,6 +251,8 @@ def cmd_engine(args: argparse.Namespace, sweep: str, overrides: list[str]) -> No
         ceiling = rates["8192x8192x8192"] * 1e12
         print(json.dumps({"what": "cuBLAS bf16 TFLOP/s", **rates}), flush=True)
     base = load_base(cfgs[0].model, device)
+    print(json.dumps({"what": "base model", "load_s": round(base.load_seconds, 1),
+                      "params": sum(p.numel() for p in base.model.parameters())}), flush=True)
     data = tokenize(load_rows(cfgs[0].data), cfgs[0].data, base.tokenizer)
     from lora_exp.sweep.spec import load_sweep
 
