@@ -185,7 +185,7 @@ def build_random_model(cfg: ModelConfig, tokenizer: Any, device: torch.device | 
         raise ConfigError(f"model.architecture.vocab_size: {config.vocab_size} is smaller than the "
                           f"tokenizer's {len(tokenizer)} tokens")
     on_gpu = device is not None and device.type == "cuda"
-    where = torch.device(device) if on_gpu else torch.device("cpu")
+    where = device if on_gpu else torch.device("cpu")
     with torch.random.fork_rng(devices=[where] if on_gpu else [], device_type="cuda"), where:
         torch.manual_seed(cfg.init_seed)
         # built in the dtype, as from_pretrained builds it (buffers such as rotary frequencies stay fp32)
