@@ -23,7 +23,7 @@ import statistics
 import torch
 import triton
 
-from lora_exp.pack.kernels import lora, lora_gemm, lora_tiled, restore_constants, set_constants
+from lora_exp.pack.kernels import lora, lora_gemm, lora_slot, lora_tiled, restore_constants, set_constants
 
 #: (name, in, out) of a Qwen2.5-0.5B layer's linear modules
 MODULES = (("q", 896, 896), ("k", 896, 128), ("v", 896, 128), ("o", 896, 896),
@@ -48,7 +48,7 @@ def shrink(xs, a, scale, rank, b):
     rmax = a.shape[1]
     h = torch.empty(k, m, rmax, device=xs.device, dtype=xs.dtype)
     dummy = torch.empty(1, device=xs.device, dtype=xs.dtype)
-    lora._fwd_kernel[(k, 1, triton.cdiv(m, lora.BM))](
+    lora_slot.delta_kernel[(k, 1, triton.cdiv(m, lora.BM))](
         xs, a, b, dummy, h, scale, rank, xs, xs, xs, m, m, fin, 0, 1, xs.stride(0), a.stride(0), a.stride(1),
         b.stride(0), b.stride(1), rmax, SPLIT=1, DROPOUT=False, ADD=True, BM=lora.BM, BR=lora.block_r(rmax),
         BK=lora.BK, BN=lora.BN, PREC=lora.precision(xs.dtype), **lora.launch_options())

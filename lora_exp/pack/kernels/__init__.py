@@ -1,10 +1,10 @@
 """The pack's Triton kernels, each a torch custom op (or launcher) with a torch reference it is
 tested against: `adamw` (the optimizer over every slot's live blocks), `lora` (each slot's LoRA
-delta, its own rank and modules only; `lora_tiled`: its backward for long row groups;
-`lora_gemm`: the base product with the delta in its epilogue, off by default), `swiglu` (a SwiGLU
-MLP's activation with its down projection's LoRA), `head` (the next-token loss and the logits'
-gradient), `attention` (causal attention over short rows), and `hash` (the counter hash of
-`core.randomness`, bit for bit, and the dropout masks on it)."""
+delta, its own rank and modules only; `lora_slot`: its programs; `lora_tiled`: the backward of
+long row groups; `lora_gemm`: the base product with the delta in its epilogue, off by default),
+`swiglu` (a SwiGLU MLP's activation with its down projection's LoRA), `head` (the next-token
+loss and the logits' gradient), `attention` (causal attention over short rows), and `hash` (the
+counter hash of `core.randomness`, bit for bit, and the dropout masks on it)."""
 from __future__ import annotations
 
 import importlib
