@@ -188,7 +188,6 @@ LORA_SCRIPT = textwrap.dedent('''
 ''')
 
 
-
 GEMM_SCRIPT = textwrap.dedent('''
     # The base layer's product with each slot's delta in its epilogue (kernels.lora_gemm, lora.GEMM)
     # against the same op with cuBLAS's product and the delta added in place (GEMM=0): long row

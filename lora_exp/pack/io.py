@@ -143,7 +143,6 @@ class QueuedTracker:
         self.io.submit("rmtree", self.number, path)
 
 
-
 # --- the tracking process -------------------------------------------------------------------------
 
 
@@ -226,7 +225,6 @@ class Heartbeats:
     def close(self) -> None:
         self.stop.set()
         self.thread.join(timeout=5)
-
 
 
 class TrackingTasks:

@@ -277,7 +277,6 @@ def top_up(study: Any, n_trials: int, storage_url: str) -> int:
     return max(0, n_trials - live)
 
 
-
 def load_base_cache(study: Any, base: Any) -> None:
     """Base-model eval loss and generations are the same for every trial: computed once per study."""
     prefix = _cache_prefix(base)
