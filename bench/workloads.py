@@ -244,7 +244,10 @@ def cmd_engine(args: argparse.Namespace, sweep: str, overrides: list[str]) -> No
     device = pick_device("auto")
     cuda = device.type == "cuda"
     sync = torch.cuda.synchronize if cuda else (lambda: None)
-    cfgs = sampled_configs(sweep, overrides, max(int(k) for k in args.k.split(",")))
+    ks = [k for k in args.k.split(",") if k != "auto"]
+    if len(ks) < len(args.k.split(",")) and not args.auto:
+        raise SystemExit("--k auto needs --auto N (the K pack=auto chooses for N trials)")
+    cfgs = sampled_configs(sweep, overrides, max([args.auto, *(int(k) for k in ks)]))
     ceiling = 0.0
     if cuda:  # the card's matmul ceiling: a large square product, and the MLP's and the head's shapes at 64 x 512 rows
         rates = matmul_rates([(8192, 8192, 8192), (32768, 896, 4864), (32768, 4864, 896), (32768, 896, 151936)])
@@ -258,13 +261,16 @@ def cmd_engine(args: argparse.Namespace, sweep: str, overrides: list[str]) -> No
 
     plan = type("Plan", (), {"spec": load_sweep(sweep)})()
     max_rank, modules = pack_shape(plan, cfgs[0])
-    if args.auto:
-        start = time.perf_counter()
-        k, why = choose_slots(base, data, cfgs[0], max_rank, modules, args.auto)
-        print(json.dumps({"what": "pack=auto", "k": k, "why": why, "seconds": round(time.perf_counter() - start, 1)}),
-              flush=True)
-    for mode, lora, k in [(m, lo, int(k)) for m in args.compile.split(",") for lo in args.lora.split(",")
-                          for k in args.k.split(",")]:
+    chosen = {}
+    if args.auto:  # the probes of the first mode's step, and of the eager step where that is another
+        for mode in dict.fromkeys([args.compile.split(",")[0], "off"]):
+            start = time.perf_counter()
+            k, why = choose_slots(base, data, cfgs[0], max_rank, modules, args.auto, mode)
+            chosen.setdefault("auto", k)
+            print(json.dumps({"what": "pack=auto", "compile": mode, "k": k, "why": why,
+                              "seconds": round(time.perf_counter() - start, 1)}), flush=True)
+    for mode, lora, k in [(m, lo, int(chosen.get(k, k))) for m in args.compile.split(",")
+                          for lo in args.lora.split(",") for k in args.k.split(",")]:
         trials = [dataclasses.replace(c, pack=dataclasses.replace(c.pack, compile=mode, lora=lora))
                   for c in cfgs[:k]]
         if cuda:
@@ -410,7 +416,7 @@ def main() -> None:
                         help="qwen: rows of this many tokens (data.max_length) instead of 512")
     parser.add_argument("--trials", type=int, default=256)
     parser.add_argument("--pack", default="auto")
-    parser.add_argument("--k", default="64")
+    parser.add_argument("--k", default="64", help="engine: slots, comma-separated; auto: what --auto chose")
     parser.add_argument("--compile", default="full")
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--auto", type=int, default=0, help="engine: also run pack=auto's sizing for N trials")

@@ -47,6 +47,13 @@ class SlotSpec:
         return self.alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
 
 
+def kernel_deltas(mode: str, device: torch.device, lora: str, max_rank: int) -> bool:
+    """A pack compiled in `mode` (`pack.compile`, resolved) computes its training step's LoRA
+    deltas with the LoRA kernels (`kernels.lora`): a `layers`, `full` or `graphs` step on CUDA,
+    `pack.lora=kernels`, ranks up to 64; else through bmm's over every slot padded to the pack's rank."""
+    return mode in ("layers", "full", "graphs") and device.type == "cuda" and lora == "kernels" and max_rank <= 64
+
+
 class PackedModel:
     """The base model with every module any trial may target wrapped in a PackedLoraLayer.
 
@@ -77,7 +84,7 @@ class PackedModel:
         self.kernels = self.compile and self.device.type == "cuda"
         #: the LoRA deltas of its compiled training step through the LoRA kernels (kernels.lora) (each slot's
         #: own rank and modules only), else through bmm's over every slot padded to the pack's rank
-        self.groups.kernels = self.kernels and self.static and lora == "kernels" and max_rank <= 64
+        self.groups.kernels = kernel_deltas(self.mode, self.device, lora, max_rank)
         if self.groups.kernels:
             from lora_exp.pack.kernels.lora import split_for
 

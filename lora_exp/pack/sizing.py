@@ -2,11 +2,15 @@
 GPU's memory holds) and `pack.compile=auto` (compile the step only where it pays).
 
 Slots: one slot's memory is measured, not guessed. Two small probe packs (PROBE slots) train two
-eager steps each at the heaviest point of the search (the pack's rank on every module it wraps,
+steps each at the heaviest point of the search (the pack's rank on every module it wraps,
 dropout on), with the pack's real rows; the difference of their peaks is one slot's memory (its
 LoRA weights, gradients and AdamW moments plus its rows' activations), the rest is what the pack
-needs whatever its size. K is what the free memory holds with HEADROOM to spare, never more than
-the trials there are to run (an empty slot still computes: the step's shapes are fixed).
+needs whatever its size. The probes run the step the pack will run, uncompiled: where its
+compiled step goes through the LoRA kernels (`model.kernel_deltas`), through them, its layers
+eager (compiling them keeps less, never more, and would cost a compile for each probe's shape);
+else through bmm's, as `off` and `parts` run. K is what the free memory holds with HEADROOM to
+spare, never more than the trials there are to run (an empty slot still computes: the step's
+shapes are fixed).
 
 Compile: a compiled step is faster, but compiling costs a fixed time up front (seconds for a
 2-layer model; for a 30-layer one ~30 s for `layers`, minutes for `full`) that a short sweep never earns back. `auto`
@@ -29,6 +33,8 @@ import torch
 from lora_exp.config import RunConfig
 from lora_exp.core.data import PreparedData
 from lora_exp.core.models import BaseModel, cache_dir
+from lora_exp.pack.compile import compile_mode
+from lora_exp.pack.model import kernel_deltas
 
 #: slots of the two probe packs (their difference is one slot's memory)
 PROBE = (2, 6)
@@ -54,6 +60,8 @@ class SlotMemory:
     per_slot: float
     fixed: float
     free: float
+    #: measured on the LoRA kernels' step (else the eager step's bmm's)
+    kernels: bool = False
 
     def holds(self) -> int:
         return max(0, int((self.free * HEADROOM - self.fixed) // max(self.per_slot, 1.0)))
@@ -67,20 +75,25 @@ def heaviest(cfg: RunConfig, max_rank: int, modules: Sequence[str]) -> RunConfig
 
 
 def measure_slot_memory(base: BaseModel, data: PreparedData, cfg: RunConfig, max_rank: int,
-                        modules: Sequence[str]) -> SlotMemory:
-    """One slot's memory and the pack's fixed part, from two probe packs' peaks (CUDA only)."""
+                        modules: Sequence[str], compile: str = "off") -> SlotMemory:
+    """One slot's memory and the pack's fixed part, from two probe packs' peaks (CUDA only), for
+    a pack compiled in `compile` (`pack.compile`, resolved): its step through the LoRA kernels,
+    uncompiled, where that one's goes through them; else the eager step."""
     from lora_exp.core.recording import NullTracker
     from lora_exp.pack.trainer import PackTrainer
 
     device = base.device
     heavy = heaviest(cfg, max_rank, modules)
+    kernels = kernel_deltas(compile, device, cfg.pack.lora, max_rank)
     peaks = []
     for k in PROBE:
         torch.cuda.synchronize(device)
         torch.cuda.empty_cache()
         start = torch.cuda.memory_allocated(device)
         torch.cuda.reset_peak_memory_stats(device)
-        trainer = PackTrainer(base, data, heavy, k, max_rank, modules, compile="off")
+        trainer = PackTrainer(base, data, heavy, k, max_rank, modules, compile="layers" if kernels else "off")
+        if kernels:
+            trainer.stepper.layers = None  # the layers eager: no compile for the probe's shapes
         try:
             for slot in range(k):
                 trainer.start(slot, heavy, NullTracker())
@@ -94,28 +107,47 @@ def measure_slot_memory(base: BaseModel, data: PreparedData, cfg: RunConfig, max
     torch.cuda.empty_cache()
     per_slot = max(1.0, (peaks[1] - peaks[0]) / (PROBE[1] - PROBE[0]))
     fixed = max(0.0, peaks[0] - PROBE[0] * per_slot)
-    return SlotMemory(per_slot=per_slot, fixed=fixed, free=float(torch.cuda.mem_get_info(device)[0]))
+    return SlotMemory(per_slot=per_slot, fixed=fixed, free=float(torch.cuda.mem_get_info(device)[0]),
+                      kernels=kernels)
 
 
 def choose_slots(base: BaseModel, data: PreparedData, cfg: RunConfig, max_rank: int, modules: Sequence[str],
-                 trials: int) -> tuple[int, str]:
-    """`pack=auto`: the slots for `trials` trials to run, and a line that says why."""
+                 trials: int, compile: str = "off") -> tuple[int, str]:
+    """`pack=auto`: the slots for `trials` trials to run on a pack compiled in `compile`
+    (`pack.compile`, resolved), and a line that says why."""
     if base.device.type != "cuda":
         return 1, f"pack=auto: one trial at a time on {base.device} (packing pays on a GPU)"
-    memory = measure_slot_memory(base, data, cfg, max_rank, modules)
+    memory = measure_slot_memory(base, data, cfg, max_rank, modules, compile)
     holds = memory.holds()
     k = max(1, min(trials, holds, MAX_SLOTS))
     gib = 1024 ** 3
     limit = ("the trials to run" if k == trials else f"the {MAX_SLOTS}-slot cap" if k == MAX_SLOTS
              else "GPU memory")
+    step = "the LoRA kernels' step, layers uncompiled" if memory.kernels else "an eager step"
     why = (f"pack=auto: {k} slots (limited by {limit}): a slot needs {memory.per_slot / gib:.3f} GiB at the "
            f"heaviest point of the search (rank {max_rank} on {len(modules)} modules, batch "
-           f"{cfg.trainer.batch_size} x {max(len(e.input_ids) for e in data.train)} positions), the pack "
+           f"{cfg.trainer.batch_size} x {max(len(e.input_ids) for e in data.train)} positions; {step}), the pack "
            f"{memory.fixed / gib:.2f} GiB more; {memory.free / gib:.1f} GiB free holds {holds} at "
            f"{HEADROOM:.0%}; {trials} trials to run")
     if k == 0 or holds == 0:
         raise MemoryError(f"pack=auto: not even one slot fits: {why}")
     return k, why
+
+
+def choose_pack(base: BaseModel, data: PreparedData, cfg: RunConfig, max_rank: int, modules: Sequence[str],
+                trials: int, steps: int, positions: int) -> tuple[int, str, str, str]:
+    """`pack=auto`: the slots and the compile mode together, and the lines that say why. The
+    probes measure the step of the mode `pack.compile` names; for `auto`, that of `layers` first,
+    and where the steps ahead at that K then leave `parts` (whose deltas go through bmm's, which
+    keep more), that step's, at the K it allows."""
+    device = base.device
+    guess = compile_mode(cfg.pack.compile, device)
+    slots, why = choose_slots(base, data, cfg, max_rank, modules, trials, guess)
+    compile, compile_why = choose_compile(cfg, device, slots, trials, steps, positions)
+    if kernel_deltas(guess, device, cfg.pack.lora, max_rank) != kernel_deltas(compile, device, cfg.pack.lora,
+                                                                             max_rank):
+        slots, why = choose_slots(base, data, cfg, max_rank, modules, trials, compile)
+    return slots, why, compile, compile_why
 
 
 def choose_compile(cfg: RunConfig, device: torch.device, slots: int, trials: int, steps: int,

@@ -25,7 +25,7 @@ from lora_exp.core.training import total_steps
 from lora_exp.pack import checkpoints as pack_checkpoints
 from lora_exp.pack.io import IOClient, QueuedTracker
 from lora_exp.pack.sampler import ClaimedTrial, Sampler
-from lora_exp.pack.sizing import choose_compile, choose_slots, use_project_compile_cache
+from lora_exp.pack.sizing import choose_compile, choose_pack, use_project_compile_cache
 from lora_exp.pack.slots import SlotRun, pack_key
 from lora_exp.pack.study_view import PackPruning, StudyView
 from lora_exp.pack.trainer import PackTrainer
@@ -317,12 +317,13 @@ class PackedSweep:
         # this worker's share of the trials still to run
         trials = max(1, -(-(plan.n_trials - plan.done_at_start - self.closed) // plan.workers))
         slots = plan.pack
-        if slots == "auto":
-            slots, why = choose_slots(base, data, cfg, max_rank, modules, trials)
-            log.info("%s", why)
         positions = cfg.trainer.batch_size * max((len(e.input_ids) for e in data.train), default=0)
-        compile, why = choose_compile(cfg, base.device, int(slots), trials, total_steps(cfg, len(data.train)),
-                                      positions)
+        steps = total_steps(cfg, len(data.train))
+        if slots == "auto":
+            slots, slots_why, compile, why = choose_pack(base, data, cfg, max_rank, modules, trials, steps, positions)
+            log.info("%s", slots_why)
+        else:
+            compile, why = choose_compile(cfg, base.device, int(slots), trials, steps, positions)
         trainer = PackTrainer(base, data, cfg, int(slots), max_rank, modules, compile=compile)
         trainer.set_eval_batch_hook(self.view.refresh)
         log.info("packing up to %d trials on %s (rank %d, modules %s); %s", int(slots), self.context.device,

@@ -5,11 +5,13 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import torch
 
 from lora_exp.compose import compose
-from lora_exp.pack.sizing import choose_compile, sources_digest, use_project_compile_cache
+from lora_exp.pack import sizing
+from lora_exp.pack.sizing import choose_compile, choose_pack, sources_digest, use_project_compile_cache
 
 
 def test_pack_compile_auto_records_short_steps_as_cuda_graphs_and_compiles_only_what_pays():
@@ -24,6 +26,38 @@ def test_pack_compile_auto_records_short_steps_as_cuda_graphs_and_compiles_only_
     assert choose_compile(cfg, torch.device("cpu"), 4, 8, 2500, 26)[0] == "off"
     as_set = compose(["model=tiny_gpt2", "data=seed", "pack.compile=layers"])
     assert choose_compile(as_set, cuda, 1024, 4096, 2500, 26) == ("layers", "pack.compile=layers (as set)")
+
+
+def test_pack_auto_probes_the_step_the_pack_will_run(monkeypatch):
+    """The probes measure the LoRA kernels' step where the pack's compiled step goes through them
+    (`layers` for `auto`), and again the eager step's bmm's where the steps ahead at that K leave
+    `parts`; a mode set by hand is probed as set."""
+    probed = []
+
+    def probe(base, data, cfg, max_rank, modules, trials, compile):
+        probed.append((compile, max_rank))
+        return {"layers": 40, "full": 40, "off": 10, "parts": 10}[compile], f"K for {compile}"
+
+    monkeypatch.setattr(sizing, "choose_slots", probe)
+    cuda = SimpleNamespace(device=torch.device("cuda"))
+    cfg = compose(["model=tiny_gpt2", "data=seed"])
+    # 512-token rows, 300 steps a trial: 64 trials at K=40 have 600 steps ahead: layers, one probe
+    assert choose_pack(cuda, None, cfg, 32, ["c_attn"], 64, 300, 512)[:3] == (40, "K for layers", "layers")
+    assert probed == [("layers", 32)]
+    # 40 trials of 40 steps at K=40: 40 steps ahead, too few to compile: parts, probed again as parts runs
+    probed.clear()
+    slots, why, mode, mode_why = choose_pack(cuda, None, cfg, 32, ["c_attn"], 40, 40, 400)
+    assert (slots, why, mode) == (10, "K for parts", "parts") and "40 pack steps ahead" in mode_why, mode_why
+    assert probed == [("layers", 32), ("parts", 32)]
+    # ranks over 64 go through bmm's in any mode: one probe
+    probed.clear()
+    assert choose_pack(cuda, None, cfg, 128, ["c_attn"], 40, 40, 400)[:3] == (40, "K for layers", "parts")
+    assert probed == [("layers", 128)]
+    # as set: that mode's step, once
+    probed.clear()
+    full = compose(["model=tiny_gpt2", "data=seed", "pack.compile=full"])
+    assert choose_pack(cuda, None, full, 32, ["c_attn"], 40, 40, 400)[:3] == (40, "K for full", "full")
+    assert probed == [("full", 32)]
 
 
 def test_the_digest_of_the_sources_changes_with_any_source_and_only_with_them(tmp_path):
