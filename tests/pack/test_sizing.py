@@ -1,5 +1,5 @@
-"""What `pack.compile=auto` compiles, where a pack's compiled graphs are kept, and that another
-version of lora-exp's kernels never loads them."""
+"""What `pack.compile=auto` compiles, which step `pack=auto`'s probes measure, where a pack's
+compiled graphs are kept, and that another version of lora-exp's kernels never loads them."""
 from __future__ import annotations
 
 import os
