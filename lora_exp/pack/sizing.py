@@ -137,9 +137,10 @@ def choose_slots(base: BaseModel, data: PreparedData, cfg: RunConfig, max_rank: 
 def choose_pack(base: BaseModel, data: PreparedData, cfg: RunConfig, max_rank: int, modules: Sequence[str],
                 trials: int, steps: int, positions: int) -> tuple[int, str, str, str]:
     """`pack=auto`: the slots and the compile mode together, and the lines that say why. The
-    probes measure the step of the mode `pack.compile` names; for `auto`, that of `layers` first,
-    and where the steps ahead at that K then leave `parts` (whose deltas go through bmm's, which
-    keep more), that step's, at the K it allows."""
+    probes measure the step of the mode `pack.compile` names; for `auto`, that of `layers` first.
+    Where the steps ahead at that K leave `parts` (whose deltas go through bmm's, which keep
+    more), its step is probed for the K it allows, and the mode decided again at that K: with
+    fewer slots, compiling may pay after all (a compiled step keeps less than the bmm's)."""
     device = base.device
     guess = compile_mode(cfg.pack.compile, device)
     slots, why = choose_slots(base, data, cfg, max_rank, modules, trials, guess)
@@ -147,6 +148,7 @@ def choose_pack(base: BaseModel, data: PreparedData, cfg: RunConfig, max_rank: i
     if kernel_deltas(guess, device, cfg.pack.lora, max_rank) != kernel_deltas(compile, device, cfg.pack.lora,
                                                                              max_rank):
         slots, why = choose_slots(base, data, cfg, max_rank, modules, trials, compile)
+        compile, compile_why = choose_compile(cfg, device, slots, trials, steps, positions)
     return slots, why, compile, compile_why
 
 

@@ -44,19 +44,26 @@ def test_pack_auto_probes_the_step_the_pack_will_run(monkeypatch):
     # 512-token rows, 300 steps a trial: 64 trials at K=40 have 600 steps ahead: layers, one probe
     assert choose_pack(cuda, None, cfg, 32, ["c_attn"], 64, 300, 512)[:3] == (40, "K for layers", "layers")
     assert probed == [("layers", 32)]
-    # 40 trials of 40 steps at K=40: 40 steps ahead, too few to compile: parts, probed again as parts runs
+    # 10 trials of 40 steps at K=40: 40 steps ahead, too few to compile: parts, probed again as
+    # parts runs; at its K=10 still 40 steps ahead
+    probed.clear()
+    slots, why, mode, mode_why = choose_pack(cuda, None, cfg, 32, ["c_attn"], 10, 40, 400)
+    assert (slots, why, mode) == (10, "K for parts", "parts") and "40 pack steps ahead" in mode_why, mode_why
+    assert probed == [("layers", 32), ("parts", 32)]
+    # 40 trials: parts at K=40, but at the K=10 the bmm's allow, 160 steps ahead: the layers
+    # compiled at that K (the default sweep's case: 256 trials of 40 steps on the H200)
     probed.clear()
     slots, why, mode, mode_why = choose_pack(cuda, None, cfg, 32, ["c_attn"], 40, 40, 400)
-    assert (slots, why, mode) == (10, "K for parts", "parts") and "40 pack steps ahead" in mode_why, mode_why
+    assert (slots, why, mode) == (10, "K for parts", "layers") and "160 pack steps ahead" in mode_why, mode_why
     assert probed == [("layers", 32), ("parts", 32)]
     # ranks over 64 go through bmm's in any mode: one probe
     probed.clear()
-    assert choose_pack(cuda, None, cfg, 128, ["c_attn"], 40, 40, 400)[:3] == (40, "K for layers", "parts")
+    assert choose_pack(cuda, None, cfg, 128, ["c_attn"], 10, 40, 400)[:3] == (40, "K for layers", "parts")
     assert probed == [("layers", 128)]
     # as set: that mode's step, once
     probed.clear()
     full = compose(["model=tiny_gpt2", "data=seed", "pack.compile=full"])
-    assert choose_pack(cuda, None, full, 32, ["c_attn"], 40, 40, 400)[:3] == (40, "K for full", "full")
+    assert choose_pack(cuda, None, full, 32, ["c_attn"], 10, 40, 400)[:3] == (40, "K for full", "full")
     assert probed == [("full", 32)]
 
 
