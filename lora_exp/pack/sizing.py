@@ -7,10 +7,10 @@ dropout on), with the pack's real rows; the difference of their peaks is one slo
 LoRA weights, gradients and AdamW moments plus its rows' activations), the rest is what the pack
 needs whatever its size. The probes run the step the pack will run, uncompiled: where its
 compiled step goes through the LoRA kernels (`model.kernel_deltas`), through them, its layers
-eager (compiling them keeps less, never more, and would cost a compile for each probe's shape);
-else through bmm's, as `off` and `parts` run. K is what the free memory holds with HEADROOM to
-spare, never more than the trials there are to run (an empty slot still computes: the step's
-shapes are fixed).
+eager (compiling them keeps less, as tests/gpu/test_pack_gpu.py checks, and probing compiled
+would cost a compile for each probe's shape); else through bmm's, as `off` and `parts` run.
+K is what the free memory holds with HEADROOM to spare, never more than the trials there are to
+run (an empty slot still computes: the step's shapes are fixed).
 
 Compile: a compiled step is faster, but compiling costs a fixed time up front (seconds for a
 2-layer model; for a 30-layer one ~30 s for `layers`, minutes for `full`) that a short sweep never earns back. `auto`
