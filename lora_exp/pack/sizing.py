@@ -74,36 +74,45 @@ def heaviest(cfg: RunConfig, max_rank: int, modules: Sequence[str]) -> RunConfig
     return dataclasses.replace(cfg, lora=lora)
 
 
+def pack_peak(base: BaseModel, data: PreparedData, cfg: RunConfig, k: int, max_rank: int, modules: Sequence[str],
+              compile: str, compile_layers: bool = True) -> float:
+    """Bytes a pack of `k` slots, each holding `cfg`'s trial, allocates at its peak over two steps
+    (the second has AdamW's moments and every gradient buffer) beyond what was allocated before
+    it (CUDA only); without `compile_layers`, its layers run eagerly whatever `compile` says."""
+    from lora_exp.core.recording import NullTracker
+    from lora_exp.pack.trainer import PackTrainer
+
+    device = base.device
+    torch.cuda.synchronize(device)
+    torch.cuda.empty_cache()
+    start = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    trainer = PackTrainer(base, data, cfg, k, max_rank, modules, compile=compile)
+    if not compile_layers:
+        trainer.stepper.layers = None
+    try:
+        for slot in range(k):
+            trainer.start(slot, cfg, NullTracker())
+        for _ in range(2):
+            trainer.train_step()
+        torch.cuda.synchronize(device)
+        return float(torch.cuda.max_memory_allocated(device) - start)
+    finally:
+        trainer.close()
+        del trainer
+
+
 def measure_slot_memory(base: BaseModel, data: PreparedData, cfg: RunConfig, max_rank: int,
                         modules: Sequence[str], compile: str = "off") -> SlotMemory:
     """One slot's memory and the pack's fixed part, from two probe packs' peaks (CUDA only), for
     a pack compiled in `compile` (`pack.compile`, resolved): its step through the LoRA kernels,
     uncompiled, where that one's goes through them; else the eager step."""
-    from lora_exp.core.recording import NullTracker
-    from lora_exp.pack.trainer import PackTrainer
-
     device = base.device
     heavy = heaviest(cfg, max_rank, modules)
     kernels = kernel_deltas(compile, device, cfg.pack.lora, max_rank)
-    peaks = []
-    for k in PROBE:
-        torch.cuda.synchronize(device)
-        torch.cuda.empty_cache()
-        start = torch.cuda.memory_allocated(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        trainer = PackTrainer(base, data, heavy, k, max_rank, modules, compile="layers" if kernels else "off")
-        if kernels:
-            trainer.stepper.layers = None  # the layers eager: no compile for the probe's shapes
-        try:
-            for slot in range(k):
-                trainer.start(slot, heavy, NullTracker())
-            for _ in range(2):  # the second step has AdamW's moments and every gradient buffer
-                trainer.train_step()
-            torch.cuda.synchronize(device)
-            peaks.append(torch.cuda.max_memory_allocated(device) - start)
-        finally:
-            trainer.close()
-            del trainer
+    # the layers eager: no compile for the probes' shapes
+    peaks = [pack_peak(base, data, heavy, k, max_rank, modules, "layers" if kernels else "off", compile_layers=False)
+             for k in PROBE]
     torch.cuda.empty_cache()
     per_slot = max(1.0, (peaks[1] - peaks[0]) / (PROBE[1] - PROBE[0]))
     fixed = max(0.0, peaks[0] - PROBE[0] * per_slot)

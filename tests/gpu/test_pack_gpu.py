@@ -7,7 +7,7 @@ import torch
 from lora_exp.compose import compose
 from lora_exp.core.data import load_rows, tokenize
 from lora_exp.core.models import load_base
-from lora_exp.pack.sizing import HEADROOM, choose_slots, heaviest, measure_slot_memory
+from lora_exp.pack.sizing import HEADROOM, choose_slots, heaviest, measure_slot_memory, pack_peak
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
@@ -33,9 +33,7 @@ def test_the_probes_of_a_compiled_pack_measure_at_least_what_its_compiled_step_k
     than the eager step's bmm's keep, never less than the compiled step keeps a slot."""
     import dataclasses
 
-    from lora_exp.core.recording import NullTracker
     from lora_exp.pack.settings import PackConfig
-    from lora_exp.pack.trainer import PackTrainer
 
     cfg = compose(["model=tiny_llama", "data=seed", "trainer.precision=bf16", "trainer.batch_size=4",
                    "trainer.generation_metrics=[exact_match]"])
@@ -47,22 +45,7 @@ def test_the_probes_of_a_compiled_pack_measure_at_least_what_its_compiled_step_k
     assert kernels.kernels and not eager.kernels
     assert kernels.per_slot < eager.per_slot
     heavy = dataclasses.replace(heaviest(cfg, 16, modules), pack=PackConfig(compile="layers"))
-    peaks = []
-    for k in (2, 6):
-        torch.cuda.synchronize()
-        torch.cuda.empty_cache()
-        start = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-        trainer = PackTrainer(base, data, heavy, k, 16, modules, compile="layers")
-        try:
-            for slot in range(k):
-                trainer.start(slot, heavy, NullTracker())
-            for _ in range(2):
-                trainer.train_step()
-            torch.cuda.synchronize()
-            peaks.append(torch.cuda.max_memory_allocated() - start)
-        finally:
-            trainer.close()
+    peaks = [pack_peak(base, data, heavy, k, 16, modules, "layers") for k in (2, 6)]
     compiled = (peaks[1] - peaks[0]) / 4
     assert 0 < compiled <= kernels.per_slot, (compiled, kernels.per_slot, eager.per_slot)
 
