@@ -10,7 +10,8 @@ compiled step goes through the LoRA kernels (`model.kernel_deltas`), through the
 eager (compiling them keeps less, as tests/gpu/test_pack_gpu.py checks, and probing compiled
 would cost a compile for each probe's shape); else through bmm's, as `off` and `parts` run.
 K is what the free memory holds with HEADROOM to spare, never more than the trials there are to
-run (an empty slot still computes: the step's shapes are fixed).
+run, and of that the fewest slots that run them in as many waves (`balanced`): an empty slot
+still computes, the step's shapes being fixed.
 
 Compile: a compiled step is faster, but compiling costs a fixed time up front (seconds for a
 2-layer model; for a 30-layer one ~30 s for `layers`, minutes for `full`) that a short sweep never earns back. `auto`
@@ -128,12 +129,16 @@ def choose_slots(base: BaseModel, data: PreparedData, cfg: RunConfig, max_rank: 
         return 1, f"pack=auto: one trial at a time on {base.device} (packing pays on a GPU)"
     memory = measure_slot_memory(base, data, cfg, max_rank, modules, compile)
     holds = memory.holds()
-    k = max(1, min(trials, holds, MAX_SLOTS))
+    fit = max(1, min(trials, holds, MAX_SLOTS))
+    k, waves = balanced(trials, fit)
     gib = 1024 ** 3
-    limit = ("the trials to run" if k == trials else f"the {MAX_SLOTS}-slot cap" if k == MAX_SLOTS
+    limit = ("the trials to run" if fit == trials else f"the {MAX_SLOTS}-slot cap" if fit == MAX_SLOTS
              else "GPU memory")
+    limit = (f"limited by {limit}" if k == fit else
+             f"{fit} fit, limited by {limit}; {k} run the {trials} trials in the same {waves} waves, and a "
+             f"step costs less: a slot without a trial computes all the same")
     step = "the LoRA kernels' step, layers uncompiled" if memory.kernels else "an eager step"
-    why = (f"pack=auto: {k} slots (limited by {limit}): a slot needs {memory.per_slot / gib:.3f} GiB at the "
+    why = (f"pack=auto: {k} slots ({limit}): a slot needs {memory.per_slot / gib:.3f} GiB at the "
            f"heaviest point of the search (rank {max_rank} on {len(modules)} modules, batch "
            f"{cfg.trainer.batch_size} x {max(len(e.input_ids) for e in data.train)} positions; {step}), the pack "
            f"{memory.fixed / gib:.2f} GiB more; {memory.free / gib:.1f} GiB free holds {holds} at "
@@ -141,6 +146,16 @@ def choose_slots(base: BaseModel, data: PreparedData, cfg: RunConfig, max_rank: 
     if k == 0 or holds == 0:
         raise MemoryError(f"pack=auto: not even one slot fits: {why}")
     return k, why
+
+
+def balanced(trials: int, fit: int) -> tuple[int, int]:
+    """The fewest slots that run `trials` trials in as few waves as `fit` slots do, and that
+    number of waves: a pack's step computes every slot, held or empty (its shapes are fixed), so
+    256 trials on the 199 slots that fit would run a second wave of 57 at the cost of 199; 128
+    slots run the same two waves with 71 fewer slots a step. (Pruned trials free their slots
+    for the trials queued either way.)"""
+    waves = -(-trials // fit)
+    return -(-trials // waves), waves
 
 
 def choose_pack(base: BaseModel, data: PreparedData, cfg: RunConfig, max_rank: int, modules: Sequence[str],

@@ -1,5 +1,6 @@
-"""What `pack.compile=auto` compiles, which step `pack=auto`'s probes measure, where a pack's
-compiled graphs are kept, and that another version of lora-exp's kernels never loads them."""
+"""What `pack.compile=auto` compiles, which step `pack=auto`'s probes measure, how many of the
+slots that fit it takes, where a pack's compiled graphs are kept, and that another version of
+lora-exp's kernels never loads them."""
 from __future__ import annotations
 
 import os
@@ -11,7 +12,15 @@ import torch
 
 from lora_exp.compose import compose
 from lora_exp.pack import sizing
-from lora_exp.pack.sizing import choose_compile, choose_pack, sources_digest, use_project_compile_cache
+from lora_exp.pack.sizing import (
+    SlotMemory,
+    balanced,
+    choose_compile,
+    choose_pack,
+    choose_slots,
+    sources_digest,
+    use_project_compile_cache,
+)
 
 
 def test_pack_compile_auto_records_short_steps_as_cuda_graphs_and_compiles_only_what_pays():
@@ -65,6 +74,34 @@ def test_pack_auto_probes_the_step_the_pack_will_run(monkeypatch):
     full = compose(["model=tiny_gpt2", "data=seed", "pack.compile=full"])
     assert choose_pack(cuda, None, full, 32, ["c_attn"], 10, 40, 400)[:3] == (40, "K for full", "full")
     assert probed == [("full", 32)]
+
+
+def test_pack_auto_runs_the_trials_on_the_fewest_slots_that_take_as_few_waves(monkeypatch):
+    """Every slot of a pack computes, a trial in it or not: of the K that fit, `pack=auto` takes
+    the fewest that run the trials in as many waves (the default sweep on an H100: 199 fit, 256
+    trials; 128 run them in the same two waves), and says so. The measurement is the GPU test's
+    (tests/gpu/test_pack_gpu.py); here it is given, as the H100 measured it."""
+    gib = 1024 ** 3
+    memory = SlotMemory(per_slot=0.330 * gib, fixed=0.34 * gib, free=77.8 * gib, kernels=True)
+    assert memory.holds() == 199
+    monkeypatch.setattr(sizing, "measure_slot_memory", lambda *args: memory)
+    cuda = SimpleNamespace(device=torch.device("cuda"))
+    data = SimpleNamespace(train=[SimpleNamespace(input_ids=[0] * 50)])
+    cfg = compose(["model=tiny_llama", "data=seed"])
+
+    def slots(trials):
+        return choose_slots(cuda, data, cfg, 16, ["q_proj", "v_proj"], trials, "layers")
+
+    k, why = slots(256)
+    assert k == 128, why
+    assert why.startswith("pack=auto: 128 slots (199 fit, limited by GPU memory; 128 run the 256 trials in the "
+                          "same 2 waves"), why
+    assert "a slot needs 0.330 GiB" in why and "77.8 GiB free holds 199" in why, why
+    assert slots(398) == (199, slots(398)[1]) and "(limited by GPU memory)" in slots(398)[1]  # two full waves
+    assert slots(400)[0] == 134                                                             # three waves
+    assert slots(150)[0] == 150 and "(limited by the trials to run)" in slots(150)[1]
+    assert [balanced(t, f) for t, f in [(256, 199), (32, 25), (5, 5), (7, 1), (3000, 1024), (10 ** 9, 700)]] == [
+        (128, 2), (16, 2), (5, 1), (1, 7), (1000, 3), (700, 1428572)]
 
 
 def test_the_digest_of_the_sources_changes_with_any_source_and_only_with_them(tmp_path):
