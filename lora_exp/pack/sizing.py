@@ -161,17 +161,25 @@ def balanced(trials: int, fit: int) -> tuple[int, int]:
 def choose_pack(base: BaseModel, data: PreparedData, cfg: RunConfig, max_rank: int, modules: Sequence[str],
                 trials: int, steps: int, positions: int) -> tuple[int, str, str, str]:
     """`pack=auto`: the slots and the compile mode together, and the lines that say why. The
-    probes measure the step of the mode `pack.compile` names; for `auto`, that of `layers` first.
-    Where the steps ahead at that K leave `parts` (whose deltas go through bmm's, which keep
-    more), its step is probed for the K it allows, and the mode decided again at that K: with
-    fewer slots, compiling may pay after all (a compiled step keeps less than the bmm's)."""
+    probes measure the step of the mode `pack.compile` names. For `auto`, where a compiled step
+    would go through the LoRA kernels, the bmm step (`parts`, which keeps the most) is probed
+    first: if the K it allows takes every trial, so does the compiled step's, and the mode is
+    decided at that K without probing the kernels (whose Triton kernels compile for 11-20 s on an
+    H100, in vain where a short sweep then runs `parts`). Else `layers` is probed; where the steps ahead at
+    its K leave `parts`, the bmm step's K sizes the pack, and the mode is decided again at that K:
+    with fewer slots, compiling may pay after all (a compiled step keeps less than the bmm's)."""
     device = base.device
     guess = compile_mode(cfg.pack.compile, device)
+    kernels = kernel_deltas(guess, device, cfg.pack.lora, max_rank)
+    bmm = None
+    if cfg.pack.compile == "auto" and kernels:
+        bmm = choose_slots(base, data, cfg, max_rank, modules, trials, "parts")
+        if bmm[0] >= trials:
+            return *bmm, *choose_compile(cfg, device, bmm[0], trials, steps, positions)
     slots, why = choose_slots(base, data, cfg, max_rank, modules, trials, guess)
     compile, compile_why = choose_compile(cfg, device, slots, trials, steps, positions)
-    if kernel_deltas(guess, device, cfg.pack.lora, max_rank) != kernel_deltas(compile, device, cfg.pack.lora,
-                                                                             max_rank):
-        slots, why = choose_slots(base, data, cfg, max_rank, modules, trials, compile)
+    if kernels != kernel_deltas(compile, device, cfg.pack.lora, max_rank):
+        slots, why = bmm or choose_slots(base, data, cfg, max_rank, modules, trials, compile)
         compile, compile_why = choose_compile(cfg, device, slots, trials, steps, positions)
     return slots, why, compile, compile_why
 

@@ -38,41 +38,47 @@ def test_pack_compile_auto_records_short_steps_as_cuda_graphs_and_compiles_only_
 
 
 def test_pack_auto_probes_the_step_the_pack_will_run(monkeypatch):
-    """The probes measure the LoRA kernels' step where the pack's compiled step goes through them
-    (`layers` for `auto`), and again the eager step's bmm's where the steps ahead at that K leave
-    `parts`; a mode set by hand is probed as set."""
+    """For `auto`, the bmm step (`parts`) is probed first: where its K takes every trial, the mode
+    is decided at that K and the LoRA kernels' step is never probed (their compiles spared);
+    else the kernels' step (`layers`) sizes the pack, or, where the steps ahead at its K leave
+    `parts`, the bmm step's K does. A mode set by hand is probed as set, once."""
     probed = []
 
     def probe(base, data, cfg, max_rank, modules, trials, compile):
         probed.append((compile, max_rank))
-        return {"layers": 40, "full": 40, "off": 10, "parts": 10}[compile], f"K for {compile}"
+        return min(trials, {"layers": 40, "full": 40, "off": 10, "parts": 10}[compile]), f"K for {compile}"
 
     monkeypatch.setattr(sizing, "choose_slots", probe)
     cuda = SimpleNamespace(device=torch.device("cuda"))
     cfg = compose(["model=tiny_gpt2", "data=seed"])
-    # 512-token rows, 300 steps a trial: 64 trials at K=40 have 600 steps ahead: layers, one probe
+    # 512-token rows, 300 steps a trial: 64 trials at the kernels' K=40 have 600 steps ahead: layers
     assert choose_pack(cuda, None, cfg, 32, ["c_attn"], 64, 300, 512)[:3] == (40, "K for layers", "layers")
-    assert probed == [("layers", 32)]
-    # 10 trials of 40 steps at K=40: 40 steps ahead, too few to compile: parts, probed again as
-    # parts runs; at its K=10 still 40 steps ahead
+    assert probed == [("parts", 32), ("layers", 32)]
+    # 10 trials of 40 steps: the bmm step's K takes all 10, one wave of 40 steps, too few to
+    # compile: parts, and no probe of the kernels
     probed.clear()
     slots, why, mode, mode_why = choose_pack(cuda, None, cfg, 32, ["c_attn"], 10, 40, 400)
     assert (slots, why, mode) == (10, "K for parts", "parts") and "40 pack steps ahead" in mode_why, mode_why
-    assert probed == [("layers", 32), ("parts", 32)]
-    # 40 trials: parts at K=40, but at the K=10 the bmm's allow, 160 steps ahead: the layers
-    # compiled at that K (the default sweep's case: 256 trials of 40 steps on the H200)
+    assert probed == [("parts", 32)]
+    # 8 trials of 300 steps: all 8 on the bmm step's K, 300 steps ahead: layers at K=8, which the
+    # compiled step (keeping less) holds too; one probe
+    probed.clear()
+    assert choose_pack(cuda, None, cfg, 32, ["c_attn"], 8, 300, 400)[:3] == (8, "K for parts", "layers")
+    assert probed == [("parts", 32)]
+    # 40 trials of 40 steps: parts at the kernels' K=40 (40 steps ahead), but at the K=10 the
+    # bmm's allow, 160 steps ahead: the layers compiled at that K
     probed.clear()
     slots, why, mode, mode_why = choose_pack(cuda, None, cfg, 32, ["c_attn"], 40, 40, 400)
     assert (slots, why, mode) == (10, "K for parts", "layers") and "160 pack steps ahead" in mode_why, mode_why
-    assert probed == [("layers", 32), ("parts", 32)]
+    assert probed == [("parts", 32), ("layers", 32)]
     # ranks over 64 go through bmm's in any mode: one probe
     probed.clear()
-    assert choose_pack(cuda, None, cfg, 128, ["c_attn"], 10, 40, 400)[:3] == (40, "K for layers", "parts")
+    assert choose_pack(cuda, None, cfg, 128, ["c_attn"], 40, 40, 400)[:3] == (40, "K for layers", "parts")
     assert probed == [("layers", 128)]
     # as set: that mode's step, once
     probed.clear()
     full = compose(["model=tiny_gpt2", "data=seed", "pack.compile=full"])
-    assert choose_pack(cuda, None, full, 32, ["c_attn"], 10, 40, 400)[:3] == (40, "K for full", "full")
+    assert choose_pack(cuda, None, full, 32, ["c_attn"], 40, 40, 400)[:3] == (40, "K for full", "full")
     assert probed == [("full", 32)]
 
 
