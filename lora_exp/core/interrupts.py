@@ -9,9 +9,16 @@ places are unsafe:
   fails with "database is locked";
 - **inside a `__del__`** (a finalizer the collector runs wherever it runs: the `regex` module's,
   during ROUGE scoring, say): Python prints "Exception ignored" with a traceback and goes on,
-  and the stop is lost.
+  and the stop is lost;
+- **inside the thread machinery** (`threading`, `concurrent.futures`): a thread pool's first
+  `submit` (MLflow's artifact repository's, as a trial starts) starts a worker thread and then
+  registers it for Python's exit, which wakes the registered ones; a stop between the two left a
+  thread that nothing wakes, and the process waited for it at exit forever (a worker of a sweep
+  sent SIGTERM, and the sweep with it). A stop inside a `Condition`'s wait can also leave its
+  lock released twice ("release unlocked lock").
 
-So a stop that lands while the main thread runs SQLAlchemy's code or a finalizer (the handler's
+So a stop that lands while the main thread runs SQLAlchemy's code, a finalizer or the thread
+machinery's code (the handler's
 frame and its callers say so) is held until that call is over, then raised: the signal is
 re-sent to the main thread every few milliseconds, and its handler looks again at where it
 lands. And a stop once raised is raised again by `check()`, which the training, evaluation and
@@ -84,10 +91,12 @@ def stopping() -> bool:
 
 
 def unsafe(frame: Any) -> bool:
-    """`frame`, or a caller of it, is SQLAlchemy's (under MLflow's and Optuna's stores) or a
-    finalizer's (`__del__`): no place to raise a stop."""
+    """`frame`, or a caller of it, is SQLAlchemy's (under MLflow's and Optuna's stores), a
+    finalizer's (`__del__`) or the thread machinery's: no place to raise a stop."""
     while frame is not None:
-        if frame.f_code.co_name == "__del__" or frame.f_globals.get("__name__", "").startswith("sqlalchemy"):
+        module = frame.f_globals.get("__name__", "")
+        if (frame.f_code.co_name == "__del__" or module == "threading"
+                or module.startswith(("sqlalchemy", "concurrent.futures"))):
             return True
         frame = frame.f_back
     return False

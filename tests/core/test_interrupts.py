@@ -143,3 +143,50 @@ def test_once_stopping_a_second_sigterm_cuts_no_cleanup_short_but_ctrl_c_still_d
             pytest.fail("a second SIGTERM interrupted the cleanup of the first")
         with pytest.raises(KeyboardInterrupt):
             signal.raise_signal(signal.SIGINT)
+
+
+def test_a_stop_that_lands_in_a_thread_pools_bookkeeping_leaves_every_thread_registered_for_pythons_exit():
+    """The CI hang: SIGTERM landed in the first `submit` of MLflow's artifact thread pool, after
+    it started a worker thread and before it registered that thread for Python's exit (which wakes
+    the registered ones); the worker process then waited at exit for a thread nothing would wake,
+    and the sweep for that worker. Here the stop lands at every Python call of the pool's and
+    threading's code in a first `submit`; each time it must come out of it, with every thread the
+    pool started registered (and no lock of threading's left broken)."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+    from concurrent.futures import thread as pool_threads
+
+    landed = 0
+    for n in range(1, 10_000):
+        calls = 0
+        pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"stop-test-{n}")
+        with interrupts.answering():
+
+            def land(frame, event, arg, n=n):
+                nonlocal calls
+                if event == "call" and frame.f_globals.get("__name__", "").startswith(("concurrent.futures",
+                                                                                        "threading")):
+                    calls += 1
+                    if calls == n:
+                        sys.setprofile(None)
+                        signal.raise_signal(signal.SIGTERM)
+
+            try:
+                sys.setprofile(land)
+                pool.submit(time.sleep, 0)
+                sys.setprofile(None)
+                for _ in range(200):  # a held stop is raised within a few ms of the call's end
+                    time.sleep(0.01)
+                if calls < n:  # the call made fewer calls: every point was tried
+                    break
+                pytest.fail(f"a stop that landed at call {n} was lost")
+            except KeyboardInterrupt as exc:
+                sys.setprofile(None)
+                landed += 1
+                frames = [f.filename for f in traceback.extract_tb(exc.__traceback__)]
+                assert not [f for f in frames if f.endswith((f"{os.sep}threading.py", f"{os.sep}thread.py"))], frames
+        started = [t for t in threading.enumerate() if t.name.startswith(f"stop-test-{n}_")]
+        unregistered = [t.name for t in started if t not in pool_threads._threads_queues]
+        pool.shutdown(wait=True)  # wakes its threads through its own queue, registered or not
+        assert not unregistered, f"a stop at call {n} left {unregistered} for Python's exit to wait for, forever"
+    assert landed > 5, landed
