@@ -164,10 +164,11 @@ def choose_pack(base: BaseModel, data: PreparedData, cfg: RunConfig, max_rank: i
     probes measure the step of the mode `pack.compile` names. For `auto`, where a compiled step
     would go through the LoRA kernels, the bmm step (`parts`, which keeps the most) is probed
     first: if the K it allows takes every trial, so does the compiled step's, and the mode is
-    decided at that K without probing the kernels (whose Triton kernels compile for 11-20 s on an
-    H100, in vain where a short sweep then runs `parts`). Else `layers` is probed; where the steps ahead at
-    its K leave `parts`, the bmm step's K sizes the pack, and the mode is decided again at that K:
-    with fewer slots, compiling may pay after all (a compiled step keeps less than the bmm's)."""
+    decided at that K without probing the kernels (whose Triton kernels compile for 11-20 s on
+    an H100, in vain where a short sweep then runs `parts`). Else `layers` is probed; where the
+    steps ahead at its K leave `parts`, the bmm step's K sizes the pack, and the mode is decided
+    again at that K: with fewer slots, compiling may pay after all (a compiled step keeps less
+    than the bmm's)."""
     device = base.device
     guess = compile_mode(cfg.pack.compile, device)
     kernels = kernel_deltas(guess, device, cfg.pack.lora, max_rank)
