@@ -20,8 +20,8 @@ places are unsafe:
 So a stop that lands while the main thread runs SQLAlchemy's code, a finalizer or the thread
 machinery's code (the handler's frame and its callers say so) is held until that call is over,
 then raised: the signal is re-sent to the main thread every few milliseconds, and its handler
-looks again at where it lands. And a stop once raised is raised again by `check()`, which the training, evaluation and
-pack loops call at each step, in case a library swallowed it.
+looks again at where it lands. And a stop once raised is raised again by `check()`, which the
+training, evaluation and pack loops call at each step, in case a library swallowed it.
 
 The CLI's main runs every command in `answering()`: both signals stop it now. A command with its
 own answer (a sweep: the first Ctrl-C finishes the trial in flight) nests its own `answering()`."""

@@ -132,10 +132,10 @@ def choose_slots(base: BaseModel, data: PreparedData, cfg: RunConfig, max_rank: 
     fit = max(1, min(trials, holds, MAX_SLOTS))
     k, waves = balanced(trials, fit)
     gib = 1024 ** 3
-    limit = ("the trials to run" if fit == trials else f"the {MAX_SLOTS}-slot cap" if fit == MAX_SLOTS
+    bound = ("the trials to run" if fit == trials else f"the {MAX_SLOTS}-slot cap" if fit == MAX_SLOTS
              else "GPU memory")
-    limit = (f"limited by {limit}" if k == fit else
-             f"{fit} fit, limited by {limit}; {k} run the {trials} trials in the same {waves} waves, and a "
+    limit = (f"limited by {bound}" if k == fit else
+             f"{fit} fit, limited by {bound}; {k} run the {trials} trials in the same {waves} waves, and a "
              f"step costs less: a slot without a trial computes all the same")
     step = "the LoRA kernels' step, layers uncompiled" if memory.kernels else "an eager step"
     why = (f"pack=auto: {k} slots ({limit}): a slot needs {memory.per_slot / gib:.3f} GiB at the "
