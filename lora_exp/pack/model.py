@@ -133,7 +133,11 @@ class PackedModel:
         #: own forward's ops elsewhere)
         self._swiglu = [m for m in self.model.modules() if swiglu_mlp(m)]
         for mlp in self._swiglu:
-            mlp.forward = functools.partial(swiglu_forward, mlp)
+            # one bound forward per MLP, kept on it for every pack made on this base: compiled
+            # layers guard on the object, so a new one would recompile them for each pack
+            if "_pack_forward" not in mlp.__dict__:
+                mlp._pack_forward = functools.partial(swiglu_forward, mlp)
+            mlp.forward = mlp._pack_forward
         self.weights = [w for layer in self.layers.values() for w in (layer.lora_A, layer.lora_B)]
         #: elements of each tensor's slot prefix the slot trains (r * width, 0 if untargeted)
         self.live_len = torch.zeros(len(self.tensors), slots, dtype=torch.int32, device=self.device)
@@ -269,7 +273,7 @@ class PackedModel:
                 buf[slot].zero_()
 
     def close(self) -> None:
-        """Unwrap: the base model is exactly as it was."""
+        """Unwrap: the base model computes exactly as it did (its MLPs keep their bound pack forward, unused)."""
         for mlp in self._swiglu:
             del mlp.forward  # the class's own forward again
         self._swiglu.clear()
