@@ -47,16 +47,31 @@ def repeated_blocks(model: nn.Module) -> list[nn.Module]:
     return best
 
 
+def _requires_grad(module: nn.Module, args: Any, output: Any) -> Any:
+    """A forward hook: the (frozen) embeddings' output requires grad where grad is on."""
+    if isinstance(output, torch.Tensor) and torch.is_grad_enabled() and not output.requires_grad:
+        return output.requires_grad_()
+    return None
+
+
 class CompiledLayers:
     """Regional compilation: while `active()`, every repeated block of the model runs one
     compiled function, its class's `forward` compiled once: the blocks' parameters and buffers
     are inputs of its graph (torch.compile inlines modules), so all the blocks share it. Outside
-    (evals, generation with its growing key/value cache) the blocks run eagerly."""
+    (evals, generation with its growing key/value cache) the blocks run eagerly.
+
+    The first block's input would not require grad (the embeddings are frozen) where every other
+    block's does, and the graph guards on that: a second graph, compiled again, for one block of
+    30. While active, the input embeddings' output requires grad instead, so one graph serves all;
+    the first block's input gradient it computes is ~1% of a step's products, never read (the
+    pack's backward asks autograd for the LoRA tensors' gradients only)."""
 
     def __init__(self, model: nn.Module):
         self.blocks = repeated_blocks(model)
         forward = type(self.blocks[0]).forward if self.blocks else None
         self.fn = compiled(forward) if forward is not None else None
+        embeddings = getattr(model, "get_input_embeddings", None)
+        self.embeddings = embeddings() if embeddings is not None else None
 
     @contextlib.contextmanager
     def active(self) -> Iterator[None]:
@@ -65,9 +80,12 @@ class CompiledLayers:
             return
         for block in self.blocks:
             block.forward = functools.partial(self.fn, block)
+        hook = self.embeddings.register_forward_hook(_requires_grad) if self.embeddings is not None else None
         try:
             yield
         finally:
+            if hook is not None:
+                hook.remove()
             for block in self.blocks:
                 del block.forward  # the class's own forward again
 

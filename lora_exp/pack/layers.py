@@ -4,6 +4,7 @@ CUDA step and through bmm's elsewhere; `matches` is peft's rule for which module
 targets. `model.PackedModel` wraps the base model's modules in them."""
 from __future__ import annotations
 
+import functools
 from typing import Iterable
 
 import torch
@@ -173,6 +174,17 @@ def swiglu_mlp(module: nn.Module) -> bool:
     return (type(module).__name__ in SWIGLU_MLPS and isinstance(getattr(module, "down_proj", None), PackedLoraLayer)
             and type(getattr(module, "act_fn", None)).__name__ in ("SiLU", "SiLUActivation")
             and all(isinstance(getattr(module, n, None), nn.Module) for n in ("gate_proj", "up_proj")))
+
+
+@functools.cache
+def swiglu_class(cls: type) -> type:
+    """`cls` with `swiglu_forward` as its forward: a pack's SwiGLU MLPs take this class while it
+    runs. A class rather than a forward bound to each module, because compiled layers guard on
+    what `mlp.forward` is: one bound object per layer compiled one graph per layer (30 on
+    SmolLM2), and a new one per pack compiled them all again. Same name, so checks by class
+    name (`swiglu_mlp`, the model families) see the model's own."""
+    return type(cls.__name__, (cls,), {"forward": swiglu_forward, "__module__": cls.__module__,
+                                        "__qualname__": cls.__qualname__})
 
 
 def swiglu_forward(mlp: nn.Module, x: torch.Tensor) -> torch.Tensor:

@@ -9,7 +9,6 @@ freed when its trial finishes or is pruned, and a new trial takes it (continuous
 """
 from __future__ import annotations
 
-import functools
 import math
 from dataclasses import dataclass
 from typing import Any, Iterable
@@ -20,7 +19,7 @@ from torch import nn
 
 from lora_exp.core.randomness import init_lora_a
 from lora_exp.pack.compile import COMPILE_MODES, compile_mode
-from lora_exp.pack.layers import Groups, PackedLoraLayer, layer_shape, matches, swiglu_forward, swiglu_mlp
+from lora_exp.pack.layers import Groups, PackedLoraLayer, layer_shape, matches, swiglu_class, swiglu_mlp
 
 
 @dataclass
@@ -133,11 +132,7 @@ class PackedModel:
         #: own forward's ops elsewhere)
         self._swiglu = [m for m in self.model.modules() if swiglu_mlp(m)]
         for mlp in self._swiglu:
-            # one bound forward per MLP, kept on it for every pack made on this base: compiled
-            # layers guard on the object, so a new one would recompile them for each pack
-            if "_pack_forward" not in mlp.__dict__:
-                mlp._pack_forward = functools.partial(swiglu_forward, mlp)
-            mlp.forward = mlp._pack_forward
+            mlp.__class__ = swiglu_class(type(mlp))
         self.weights = [w for layer in self.layers.values() for w in (layer.lora_A, layer.lora_B)]
         #: elements of each tensor's slot prefix the slot trains (r * width, 0 if untargeted)
         self.live_len = torch.zeros(len(self.tensors), slots, dtype=torch.int32, device=self.device)
@@ -273,9 +268,9 @@ class PackedModel:
                 buf[slot].zero_()
 
     def close(self) -> None:
-        """Unwrap: the base model computes exactly as it did (its MLPs keep their bound pack forward, unused)."""
+        """Unwrap: the base model is exactly as it was."""
         for mlp in self._swiglu:
-            del mlp.forward  # the class's own forward again
+            mlp.__class__ = type(mlp).__bases__[0]  # its own class again
         self._swiglu.clear()
         for parent, child, module in self._originals:
             setattr(parent, child, module)
