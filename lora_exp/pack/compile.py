@@ -63,8 +63,9 @@ class CompiledLayers:
     The first block's input would not require grad (the embeddings are frozen) where every other
     block's does, and the graph guards on that: a second graph, compiled again, for one block of
     30. While active, the input embeddings' output requires grad instead, so one graph serves all;
-    the first block's input gradient it computes is ~1% of a step's products, never read (the
-    pack's backward asks autograd for the LoRA tensors' gradients only)."""
+    the first block's input gradient it computes, never read (the pack's backward asks autograd
+    for the LoRA tensors' gradients only), is ~1% of a step's products on a model of 30 blocks
+    and ~2.5% on GPT-2's 12 (~0.4 ms of the seed's 52 ms step at K=1024, counted, not timed)."""
 
     def __init__(self, model: nn.Module):
         self.blocks = repeated_blocks(model)
