@@ -36,12 +36,13 @@ def log_plots(client: Any, record: Any, study: Any, trials: list[Any]) -> None:
     complete = [t for t in trials if t.state.name == "COMPLETE"]
     if record.multi:
         plots = {"pareto_front": lambda: ov.plot_pareto_front(study, target_names=record.metrics)} if complete else {}
-    else:
-        plots = {"optimization_history": lambda: ov.plot_optimization_history(study)}
+    elif complete:  # before the first completed trial Optuna would draw empty axes and warn of it
+        plots = {"optimization_history": lambda: ov.plot_optimization_history(study),
+                 "parallel_coordinate": lambda: ov.plot_parallel_coordinate(study)}
         if len(complete) >= 2 and record.n_searched >= 2:
             plots["param_importances"] = lambda: ov.plot_param_importances(study)
-        if complete:
-            plots["parallel_coordinate"] = lambda: ov.plot_parallel_coordinate(study)
+    else:
+        plots = {}
     for name, make in plots.items():
         try:
             ax = make()
