@@ -14,6 +14,7 @@ Claiming trials and sampling their parameters run in a process of their own too 
 from __future__ import annotations
 
 import logging
+import math
 import multiprocessing
 import os
 import queue
@@ -63,10 +64,13 @@ class IOClient:
         self.results = ctx.SimpleQueue()
         # kept here: a child unpickles it after `start` returns, and it must still exist then
         self.done = ctx.Array("i", 2)  # trials this pack closed: [completed or pruned, failed]
+        #: when (Unix time) the packed worker expects its trials done, NaN while it cannot say; the
+        #: trial lines' ETA. One float, written by the worker only: no lock
+        self.eta = ctx.Value("d", math.nan, lock=False)
         self.tasks = [ctx.SimpleQueue() for _ in range(n)]
         self.pending: list[list[tuple[Any, ...]]] = [[] for _ in range(n)]
         self.processes = [ctx.Process(target=tracking_main, args=(plan, self.tasks[i], self.results, worker_index, i,
-                                                          self.done),
+                                                          self.done, self.eta),
                                       name=f"lora-exp-tracking-{i}", daemon=True)
                           for i in range(n)]
         for process in self.processes:
@@ -146,7 +150,8 @@ class QueuedTracker:
 # --- the tracking process -------------------------------------------------------------------------
 
 
-def tracking_main(plan: SweepPlan, tasks: Any, results: Any, worker_index: int, index: int, done: Any) -> None:
+def tracking_main(plan: SweepPlan, tasks: Any, results: Any, worker_index: int, index: int, done: Any,
+                  eta: Any = None) -> None:
     name_process(f"lora-exp-track{index}")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     for noisy in NOISY_LOGGERS:
@@ -157,7 +162,7 @@ def tracking_main(plan: SweepPlan, tasks: Any, results: Any, worker_index: int, 
     quiet_libraries()
     study = open_study(plan.spec, plan.options.storage, plan.study_name, create=False)
     beats = Heartbeats(study, plan.spec.heartbeat)
-    worker = TrackingTasks(plan, study, results, done, beats, refreshes=index == 0)
+    worker = TrackingTasks(plan, study, results, done, beats, refreshes=index == 0, eta=eta)
     worker.label = f"w{worker_index} " if plan.workers > 1 else ""
     # the pipe is drained as soon as a batch arrives, so the trainer's `send` never blocks while
     # this process is busy writing (a round of 1024 Optuna reports takes seconds on sqlite)
@@ -231,11 +236,12 @@ class TrackingTasks:
     """The tasks a tracking process runs, in the order the training process queued them."""
 
     def __init__(self, plan: SweepPlan, study: Any, results: Any, done: Any, beats: Heartbeats,
-                 refreshes: bool = True):
+                 refreshes: bool = True, eta: Any = None):
         self.plan, self.study, self.results, self.beats = plan, study, results, beats
         self.trackers: dict[int, Any] = {}
         self.errors: dict[int, str] = {}
         self.done = done  # trials closed by all of this pack's tracking processes: [done, failed]
+        self.eta = eta  # `IOClient.eta`
         self.refreshes = refreshes  # the one process that refreshes the parent run
         self.last_refresh = time.monotonic()
         self.label = ""  # which worker's count, when several run
@@ -306,7 +312,9 @@ class TrackingTasks:
             self.done[int(outcome.status is TrialStatus.FAIL)] += 1
             counts = (self.plan.done_at_start + self.done[0], self.done[1])
         # counted here, not read from the study: a wave of a thousand trials closes at once
-        print_trial_line(self.plan, self.study, outcome, f"{outcome.wall_s:.1f}s, packed", self.label, counts)
+        eta_at = self.eta.value if self.eta is not None else math.nan
+        print_trial_line(self.plan, self.study, outcome, f"{outcome.wall_s:.1f}s, packed", self.label, counts,
+                         max(0.0, eta_at - time.time()) if math.isfinite(eta_at) else None)
 
     def refresh(self, final: bool = False) -> None:
         if not self.refreshes:

@@ -135,6 +135,14 @@ class SlotTable:
     def occupied(self) -> np.ndarray:
         return np.array([run is not None for run in self.runs])
 
+    def steps_left(self) -> tuple[int, int]:
+        """(steps its live trials have left to train, the steps of a trial: their mean length, 0
+        with none live)."""
+        live = self.occupied()
+        if not live.any():
+            return 0, 0
+        return int((self.steps_total - self.host_step)[live].sum()), round(float(self.steps_total[live].mean()))
+
     def training(self, paused: set[int]) -> np.ndarray:
         """Slots whose trial trains this step (not held for an eval or its generations)."""
         return np.array([run is not None and slot not in paused for slot, run in enumerate(self.runs)])

@@ -122,6 +122,9 @@ class PackTrainer:
     def live(self) -> int:
         return self.table.live()
 
+    def steps_left(self) -> tuple[int, int]:
+        return self.table.steps_left()
+
     def ending_within(self, steps: int, fraction: float = 1.0) -> int:
         return self.table.ending_within(steps, fraction)
 

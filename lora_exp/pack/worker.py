@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import time
 from typing import Any
@@ -86,6 +87,31 @@ class Pace:
         return int(seconds / self.seconds) + 1 if self.seconds else 1
 
 
+class Eta:
+    """Seconds until a pack's trials are done: the steps its live trials have left, plus a
+    trial's steps for each trial of the budget not yet started, at the trial-steps a second the
+    pack ran since its first step (compiling left out; evals, generations and trial starts in).
+    Its trials end in waves, so the command's rate of finished trials says little until late.
+    Pruned trials end early, so the estimate falls as the pruner stops them."""
+
+    def __init__(self) -> None:
+        self.mark: tuple[Any, float, int] | None = None  # (the pack, when, its trial-steps then)
+        self.per_trial = 0
+
+    def update(self, trainer: Any, pending: int) -> float | None:
+        now = time.perf_counter()
+        if self.mark is None or self.mark[0] is not trainer:
+            self.mark = (trainer, now, trainer.trial_steps)
+            return None
+        _, since, steps_then = self.mark
+        ran = trainer.trial_steps - steps_then
+        left, per_trial = trainer.steps_left()
+        self.per_trial = per_trial or self.per_trial
+        if ran <= 0 or now <= since:
+            return None
+        return (left + pending * self.per_trial) * (now - since) / ran
+
+
 def pack_shape(plan: SweepPlan, cfg: RunConfig) -> tuple[int, list[str]]:
     """The largest rank and every module any trial of the space may target."""
     space = plan.spec.space
@@ -134,6 +160,7 @@ class PackedSweep:
         self.trainer: PackTrainer | None = None
         self.client: Any = None  # an MLflow client, made when a retried trial's checkpoint is read
         self.pace = Pace()
+        self.eta = Eta()
         self.prunes = not isinstance(study.pruner, optuna.pruners.NopPruner)
 
     def too_many(self) -> bool:
@@ -188,12 +215,13 @@ class PackedSweep:
                     self.failed += failed
                     self.closed += 1 - failed
                 trainer.host_s["finish"] += time.perf_counter() - t0
+                done = self.plan.done_at_start + self.closed
+                eta = self._eta(trainer, done)
                 line = trainer.progress(PROGRESS_SECONDS, self.verbose)
                 if line:
-                    done = self.plan.done_at_start + self.closed
                     log.info("pack: %d/%d trials done [%s]; %s", done, self.plan.n_trials,
                              progress_text(done, self.plan.done_at_start, self.plan.n_trials, self.plan.started,
-                                           self.failed), line)
+                                           self.failed, eta), line)
             self.failures += len(self.io.poll())
             t0 = time.perf_counter()
             self.io.send()
@@ -212,6 +240,15 @@ class PackedSweep:
                 continue
             if self.exhausted:
                 return
+
+    def _eta(self, trainer: PackTrainer, done: int) -> float | None:
+        """`Eta`'s estimate, shared with the tracking processes for the trial lines. With several
+        workers each sees only its own trials, so the lines keep the command's rate."""
+        if self.plan.workers != 1:
+            return None
+        eta = self.eta.update(trainer, max(0, self.plan.n_trials - done - trainer.live()))
+        self.io.eta.value = time.time() + eta if eta is not None else math.nan
+        return eta
 
     def _ending(self, steps: int) -> int:
         """Slots likely to free within `steps` steps: trials ending, and a share of those an eval may prune."""

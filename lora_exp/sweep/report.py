@@ -35,15 +35,19 @@ def duration(seconds: float) -> str:
     return f"{seconds / 3600:.1f} h"
 
 
-def progress_text(done: int, done_at_start: int, n_trials: int, started: float, failed: int = 0) -> str:
-    """Elapsed time since this command started, the ETA of the study's last trial at this
-    command's rate so far, and that rate in trials an hour."""
+def progress_text(done: int, done_at_start: int, n_trials: int, started: float, failed: int = 0,
+                  eta_s: float | None = None) -> str:
+    """Elapsed time since this command started, the ETA of the study's last trial, and this
+    command's rate so far in trials an hour. The ETA is `eta_s` where the caller has a better
+    one (a pack, whose trials end in waves, from its trial-steps left), else the trials left at
+    that rate."""
     elapsed = max(1e-6, time.time() - started)
     finished = done - done_at_start
     parts = [f"elapsed {duration(elapsed)}"]
     if finished > 0:
         rate = finished / elapsed
-        parts += [f"ETA {duration(max(0, n_trials - done) / rate)}", f"{3600 * rate:.1f} trials/h"]
+        eta = eta_s if eta_s is not None else max(0, n_trials - done) / rate
+        parts += [f"ETA {duration(eta)}", f"{3600 * rate:.1f} trials/h"]
     if failed:
         parts.append(f"{failed} failed")
     return ", ".join(parts)

@@ -162,12 +162,12 @@ def _failed(trial: Any, overrides: list[str], reason: str, start: float) -> Tria
 
 
 def print_trial_line(plan: SweepPlan, study: Any, outcome: TrialOutcome, wall: str, label: str = "",
-                     counts: tuple[int, int] | None = None) -> None:
+                     counts: tuple[int, int] | None = None, eta_s: float | None = None) -> None:
     """The trial's line: `[done/n_trials]` (completed and pruned trials: failed ones are replaced)
     counted from the study unless `counts` (done, failed) are given, and the sweep's elapsed time,
-    ETA and rate so far."""
+    ETA (`eta_s` if given) and rate so far."""
     done, failed = counts if counts is not None else study_counts(study)
     at_step = outcome.steps if outcome.status is TrialStatus.PRUNED else None
-    progress = progress_text(done, plan.done_at_start, plan.n_trials, plan.started, failed)
+    progress = progress_text(done, plan.done_at_start, plan.n_trials, plan.started, failed, eta_s)
     write_line(trial_line(plan.spec.metrics, plan.n_trials, f"{label}{done}", outcome.number, outcome.status,
                           outcome.shown_value, outcome.overrides, wall, at_step, progress))

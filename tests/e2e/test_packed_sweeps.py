@@ -16,6 +16,12 @@ def _rel(a: float, b: float) -> float:
     return abs(a - b) / max(abs(a), 1e-12)
 
 
+def _seconds(shown: str) -> float:
+    """A trial line's duration ("12s", "1.5 min", "2.0 h") in seconds."""
+    number, unit = re.fullmatch(r"([\d.]+) ?(s|min|h)", shown).groups()
+    return float(number) * {"s": 1, "min": 60, "h": 3600}[unit]
+
+
 def test_packed_sweep_records_every_trial_and_its_best_reruns_the_same(workdir, store):
     import optuna
     from mlflow.tracking import MlflowClient
@@ -29,6 +35,11 @@ def test_packed_sweep_records_every_trial_and_its_best_reruns_the_same(workdir, 
     # each trial's line once, with its own count (a line another process wrote into mid-line still counts)
     counts = sorted(int(m.group(1)) for m in re.finditer(r"\[(\d+)/7\] trial", proc.stdout))
     assert counts == list(range(1, 8)), proc.stdout + proc.stderr[-3000:]
+    # the first trial's ETA is the pack's (its wave's steps left, then the 3 trials not started
+    # in 4 slots: about the first wave's training again), not 6 x the time the first took
+    elapsed, eta = (_seconds(v) for v in re.search(r"\[1/7\] trial .*?\[elapsed ([^,]+), ETA ([^,]+),",
+                                                       proc.stdout).groups())
+    assert eta < elapsed, proc.stdout
     study = optuna.load_study(study_name="tiny", storage=f"sqlite:///{workdir}/mlruns/optuna.db")
     states = [t.state.name for t in study.trials]
     assert len(states) == 7 and "FAIL" not in states and states.count("COMPLETE") >= 2
