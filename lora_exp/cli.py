@@ -9,6 +9,7 @@ import sys
 from typing import Any, NoReturn, Sequence
 
 from lora_exp import __version__
+from lora_exp.core import logs
 from lora_exp.errors import LoraExpError
 
 log = logging.getLogger("lora_exp")
@@ -22,7 +23,6 @@ EXIT_CODES = """exit codes:
 
 RUN_ID_HELP = ("RUN_ID: a trial's or a training run's id, a sweep's parent run id (= its best trial), "
                "or models:/NAME@ALIAS")
-NOISY_LIBRARIES = ("httpx", "urllib3", "alembic", "mlflow", "datasets", "filelock", "absl", "sentence_transformers")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -39,15 +39,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.environ["LORA_EXP_VERBOSE"] = "1"  # worker and helper processes inherit it
     else:  # MLflow sets its loggers' level when imported (later): it reads this
         os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
-    logging.basicConfig(level=logging.WARNING if quiet else logging.INFO,
-                        format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    logs.configure(quiet=quiet)
     import warnings
 
     # Deprecation chatter from transformers/peft internals, not actionable by a user.
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", message=".*loss_type=None.*")
-    for noisy in NOISY_LIBRARIES:
-        logging.getLogger(noisy).setLevel(logging.INFO if verbose else logging.WARNING)
     from lora_exp.core import interrupts
 
     try:

@@ -23,6 +23,7 @@ import threading
 import time
 from typing import Any
 
+from lora_exp.core import logs
 from lora_exp.core.recording import NullTracker
 from lora_exp.core.status import TrialStatus
 from lora_exp.errors import LoraExpError
@@ -31,7 +32,7 @@ from lora_exp.sweep.outcome import TrialOutcome, record_outcome
 from lora_exp.sweep.plan import SweepPlan, usable_cores
 from lora_exp.sweep.storage import open_study
 from lora_exp.sweep.trial import print_trial_line
-from lora_exp.sweep.worker import NOISY_LOGGERS, quiet_libraries
+from lora_exp.sweep.worker import quiet_libraries
 from lora_exp.tracking import parent
 from lora_exp.tracking.provenance import provenance
 from lora_exp.tracking.runs import open_run
@@ -153,9 +154,7 @@ class QueuedTracker:
 def tracking_main(plan: SweepPlan, tasks: Any, results: Any, worker_index: int, index: int, done: Any,
                   eta: Any = None) -> None:
     name_process(f"lora-exp-track{index}")
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
-    for noisy in NOISY_LOGGERS:
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    logs.configure()
     import signal
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C goes to the trainer, which closes us in order

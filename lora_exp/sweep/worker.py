@@ -18,7 +18,7 @@ import threading
 import time
 from typing import Any, Callable, Iterator
 
-from lora_exp.core import interrupts
+from lora_exp.core import interrupts, logs
 from lora_exp.core.status import TrialStatus
 from lora_exp.errors import LoraExpError
 from lora_exp.sweep.claims import claim_waiting_trial
@@ -38,7 +38,6 @@ FAILURE_LIMIT_EXIT = 3
 #: got it too (a Ctrl-C reaches the whole group) before passing it on (a `kill -INT` reached the
 #: sweep alone)
 PASS_ON_S = 2.0
-NOISY_LOGGERS = ("httpx", "urllib3", "alembic", "mlflow", "datasets", "filelock", "absl", "sentence_transformers")
 
 #: (plan, worker index, stop flag, study, context) -> False if the failure limit stopped it
 PackedWorker = Callable[[SweepPlan, int, "StopFlag", Any, WorkerContext], bool]
@@ -316,9 +315,7 @@ def worker_entry(plan: SweepPlan, index: int, gpu: str | None = None, packed: Pa
         # each worker sees its one GPU as cuda:0: the same compiled graphs on every GPU, so a
         # worker whose pack starts second reuses the first one's compile cache (lora_exp.pack)
         os.environ["CUDA_VISIBLE_DEVICES"] = gpu
-    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s [w{index}] %(message)s", datefmt="%H:%M:%S")
-    for noisy in NOISY_LOGGERS:
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    logs.configure(f"%(asctime)s [w{index}] %(message)s")
     quiet_libraries()
     try:
         finished = run_worker(plan, index, n_workers=None, packed=packed, received=received)
