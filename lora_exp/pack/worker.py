@@ -409,11 +409,15 @@ class PackedSweep:
 
 
 def finish_run(plan: SweepPlan, run: SlotRun, io: IOClient) -> int:
-    """Queue the trial's closing (run closed, then Optuna told); returns 1 if it failed."""
+    """Queue the trial's closing (run closed, then Optuna told); returns 1 if it failed. The pack's
+    pruner counts it as finished from now on, before the stores do."""
     trial, overrides, started = run.handle
     outcome = outcome_of(trial.number, trial._trial_id, run.result, plan.spec.metrics, plan.spec.multi, overrides,
                          time.perf_counter() - started, run.error)
     io.submit("finish", trial.number, outcome)
+    for callback in run.callbacks:
+        if isinstance(callback, PackPruning):
+            callback.closed(outcome.status, outcome.value)
     return int(outcome.status is TrialStatus.FAIL)
 
 

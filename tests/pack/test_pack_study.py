@@ -256,3 +256,60 @@ def test_the_sampling_process_opens_its_study_and_sampler_without_importing_torc
     proc = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert json.loads(proc.stdout.strip().splitlines()[-1]) == [True, []]
+
+
+def test_a_packs_pruner_counts_the_trials_it_finished_before_the_storage_records_them(tmp_path):
+    """A pack's finished trials reach the storage through its tracking process, seconds later
+    (a wave of 128 took ~15 s on an H100, where the next wave's first eval came ~2 s after it):
+    its pruner must count them at once, or a fast pack prunes nothing (0 of 256 on the GPU). Each
+    counts once after the storage has it; a failed trial never does."""
+    import types
+
+    import optuna
+    from optuna.trial import TrialState
+
+    from lora_exp.core.recording import TrialResult
+    from lora_exp.core.status import TrialStatus
+    from lora_exp.pack.study_view import PackPruning, StudyView
+    from lora_exp.pack.worker import finish_run
+
+    url = f"sqlite:///{tmp_path}/optuna.db"
+    study = optuna.create_study(storage=url, study_name="s", pruner=optuna.pruners.MedianPruner(
+        n_startup_trials=3, n_warmup_steps=10))  # the default sweep's
+    view = StudyView(study)
+    submitted = []
+    io = types.SimpleNamespace(submit=lambda *args: submitted.append(args))  # the tracking process's queue
+    plan = types.SimpleNamespace(spec=types.SimpleNamespace(metrics=["eval_loss"], multi=False))
+
+    def run(loss: float, status: TrialStatus = TrialStatus.COMPLETE, error: str | None = None):
+        trial = study.ask()
+        trial.suggest_float("x", 0, 1)
+        pruning = PackPruning(trial, "eval_loss", view, io)
+        view.refresh()
+        pruned = pruning.on_eval(10, {"eval_loss": loss})
+        result = TrialResult(status=status, steps=20, metrics={"eval_loss": loss - 0.1})
+        slot_run = types.SimpleNamespace(handle=(trial, [], time.perf_counter()), result=result, error=error,
+                                         callbacks=[pruning])
+        return pruned, slot_run
+
+    first = [run(1.0 + i / 100) for i in range(3)]
+    assert not any(pruned for pruned, _ in first)
+    failed = run(0.5, error="CUDA error")[1]
+    for _, slot_run in first:
+        finish_run(plan, slot_run, io)
+    finish_run(plan, failed, io)
+    assert {t.state for t in study.get_trials()} == {TrialState.RUNNING}  # the storage knows of no end yet
+    assert [s[0] for s in submitted].count("finish") == 4
+
+    pruned, _ = run(5.0)
+    assert pruned  # worse than the median of the three the pack finished
+    assert not run(1.005)[0]
+    assert [t.value for t in view.get_trials(states=(TrialState.COMPLETE,))] == [0.9, 0.91, 0.92]
+
+    for _, slot_run in first:  # the tracking process catches up
+        trial = slot_run.handle[0]
+        study.tell(trial.number, slot_run.result.metrics["eval_loss"])
+    view.refresh()
+    complete = view.get_trials(states=(TrialState.COMPLETE,))
+    assert sorted(t.number for t in complete) == [0, 1, 2]  # each once
+    assert all(t.intermediate_values == {} for t in complete)  # the storage's copies: reports not sent here
