@@ -47,6 +47,14 @@ MAX_SLOTS = 1024
 #: and compiling them takes ~27-35 s, and at Qwen2.5-0.5B's 512-token rows (K=64) a step with them
 #: takes ~0.2 s against 0.53 s with `parts` (docs/benchmarks.md): it pays from ~64-100 steps
 COMPILE_PAYS_STEPS = 64
+#: a slot's positions a step (batch x longest row) up to which `auto` also records the step as a
+#: CUDA graph (`graphs`). Such a step is ~1,500 small kernels, which the host takes about as long
+#: to launch as the GPU to run, or longer: the seed's GPT-2 at K=1024 (26 positions) 62.0 ms a
+#: step, 51.6 replayed (H200); the default sweep's SmolLM2 at K=128 (8 x 50) 239.0 ms, 135.0
+#: replayed (H100). At 512 (Qwen2.5-0.5B, K=64) the GPU is the bound: replayed, the same within
+#: the noise. Beyond that the graph would gain nothing, and no model's recorded step was checked
+#: against the trial alone on the GPU there (docs/benchmarks.md)
+GRAPHS_MAX_POSITIONS = 512
 
 
 @dataclasses.dataclass
@@ -154,7 +162,7 @@ def balanced(trials: int, fit: int) -> tuple[int, int]:
 
 
 def choose_pack(base: BaseModel, data: PreparedData, cfg: RunConfig, max_rank: int, modules: Sequence[str],
-                trials: int, steps: int) -> tuple[int, str, str, str]:
+                trials: int, steps: int, positions: int) -> tuple[int, str, str, str]:
     """`pack=auto`: the slots and the compile mode together, and the lines that say why. The
     probes measure the step of the mode `pack.compile` names. For `auto`, where a compiled step
     would go through the LoRA kernels, the bmm step (`parts`, which keeps the most) is probed
@@ -171,23 +179,20 @@ def choose_pack(base: BaseModel, data: PreparedData, cfg: RunConfig, max_rank: i
     if cfg.pack.compile == "auto" and kernels:
         bmm = choose_slots(base, data, cfg, max_rank, modules, trials, "parts")
         if bmm[0] >= trials:
-            return *bmm, *choose_compile(cfg, device, bmm[0], trials, steps)
+            return *bmm, *choose_compile(cfg, device, bmm[0], trials, steps, positions)
     slots, why = choose_slots(base, data, cfg, max_rank, modules, trials, guess)
-    compile, compile_why = choose_compile(cfg, device, slots, trials, steps)
+    compile, compile_why = choose_compile(cfg, device, slots, trials, steps, positions)
     if kernels != kernel_deltas(compile, device, cfg.pack.lora, max_rank):
         slots, why = bmm or choose_slots(base, data, cfg, max_rank, modules, trials, compile)
-        compile, compile_why = choose_compile(cfg, device, slots, trials, steps)
+        compile, compile_why = choose_compile(cfg, device, slots, trials, steps, positions)
     return slots, why, compile, compile_why
 
 
-def choose_compile(cfg: RunConfig, device: torch.device, slots: int, trials: int, steps: int) -> tuple[str, str]:
-    """`pack.compile=auto` on CUDA: `graphs` (the layers compiled, the step replayed as one CUDA
-    graph) when the pack has COMPILE_PAYS_STEPS steps ahead or more (its trials' steps over its
-    slots), else `parts`. Elsewhere `off`. The graph costs a step's recording (~2.5 s) and no
-    memory the step did not have; it takes the host's launches out of the step, which bound it
-    wherever the kernels are small: on the default sweep's rows (K=128 x 8 x 50) on an H100 a step
-    took 135.0 ms against 239.0 with `layers`, at the seed's 51.6 against 62.0 (H200), and at
-    Qwen2.5-0.5B's 512-token rows, where the GPU is the bound, the same within the noise."""
+def choose_compile(cfg: RunConfig, device: torch.device, slots: int, trials: int, steps: int,
+                   positions: int = 0) -> tuple[str, str]:
+    """`pack.compile=auto` on CUDA: `layers` when the pack has COMPILE_PAYS_STEPS steps ahead or
+    more (its trials' steps over its slots), `graphs` then where a slot's step has at most
+    GRAPHS_MAX_POSITIONS `positions` (batch x longest row), else `parts`. Elsewhere `off`."""
     setting = cfg.pack.compile
     if setting != "auto":
         return setting, f"pack.compile={setting} (as set)"
@@ -195,8 +200,11 @@ def choose_compile(cfg: RunConfig, device: torch.device, slots: int, trials: int
         return "off", "pack.compile=auto: off on the CPU"
     ahead = math.ceil(trials / max(1, slots)) * steps
     if ahead >= COMPILE_PAYS_STEPS:
-        return "graphs", (f"pack.compile=auto: graphs ({ahead} pack steps ahead; compiling the layers pays from "
-                          f"{COMPILE_PAYS_STEPS}, and the step is replayed as one CUDA graph)")
+        why = f"{ahead} pack steps ahead; compiling the layers pays from {COMPILE_PAYS_STEPS}"
+        if 0 < positions <= GRAPHS_MAX_POSITIONS:
+            return "graphs", (f"pack.compile=auto: graphs ({why}; {positions} positions a slot's step, short "
+                              f"enough that launching the step would bound it)")
+        return "layers", f"pack.compile=auto: layers ({why})"
     return "parts", (f"pack.compile=auto: parts ({ahead} pack steps ahead: compiling the layers pays from "
                      f"{COMPILE_PAYS_STEPS}; `pack.compile=layers` compiles them anyway)")
 

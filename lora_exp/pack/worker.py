@@ -354,12 +354,13 @@ class PackedSweep:
         # this worker's share of the trials still to run
         trials = max(1, -(-(plan.n_trials - plan.done_at_start - self.closed) // plan.workers))
         slots = plan.pack
+        positions = cfg.trainer.batch_size * max((len(e.input_ids) for e in data.train), default=0)
         steps = total_steps(cfg, len(data.train))
         if slots == "auto":
-            slots, slots_why, compile, why = choose_pack(base, data, cfg, max_rank, modules, trials, steps)
+            slots, slots_why, compile, why = choose_pack(base, data, cfg, max_rank, modules, trials, steps, positions)
             log.info("%s", slots_why)
         else:
-            compile, why = choose_compile(cfg, base.device, int(slots), trials, steps)
+            compile, why = choose_compile(cfg, base.device, int(slots), trials, steps, positions)
         trainer = PackTrainer(base, data, cfg, int(slots), max_rank, modules, compile=compile)
         trainer.set_eval_batch_hook(self.view.refresh)
         log.info("packing up to %d trials on %s (rank %d, modules %s); %s", int(slots), self.context.device,

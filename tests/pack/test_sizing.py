@@ -23,18 +23,20 @@ from lora_exp.pack.sizing import (
 )
 
 
-def test_pack_compile_auto_records_the_step_as_a_cuda_graph_where_compiling_pays():
+def test_pack_compile_auto_records_short_steps_as_cuda_graphs_and_compiles_only_what_pays():
     cfg, cuda = compose(["model=tiny_gpt2", "data=seed"]), torch.device("cuda")
-    # the seed's sweep (K=1024, 2,500 steps a trial), the default sweep (K=143 x 40 steps, two
-    # waves) and 512-token rows (300 steps): as many steps ahead as pay for compiling, and more
-    assert choose_compile(cfg, cuda, 1024, 4096, 2500)[0] == "graphs"
-    mode, why = choose_compile(cfg, cuda, 143, 256, 40)
+    # the seed's sweep: 26-token rows, batch 1, 2,500 steps a trial, K=1024
+    assert choose_compile(cfg, cuda, 1024, 4096, 2500, 26)[0] == "graphs"
+    # the default sweep (batch 8 x 50 tokens) and 512-token rows: recorded too; 1,024 positions a
+    # slot's step, where the GPU is the bound: the layers compiled, not recorded
+    mode, why = choose_compile(cfg, cuda, 143, 256, 40, 400)
     assert mode == "graphs" and "80 pack steps ahead" in why, why
-    assert choose_compile(cfg, cuda, 64, 64, 300)[0] == "graphs"
-    assert choose_compile(cfg, cuda, 64, 64, 40)[0] == "parts"        # too few steps ahead to compile
-    assert choose_compile(cfg, torch.device("cpu"), 4, 8, 2500)[0] == "off"
+    assert choose_compile(cfg, cuda, 64, 64, 300, 512)[0] == "graphs"
+    assert choose_compile(cfg, cuda, 32, 64, 300, 1024)[0] == "layers"
+    assert choose_compile(cfg, cuda, 64, 64, 40, 26)[0] == "parts"        # too few steps ahead to compile
+    assert choose_compile(cfg, torch.device("cpu"), 4, 8, 2500, 26)[0] == "off"
     as_set = compose(["model=tiny_gpt2", "data=seed", "pack.compile=layers"])
-    assert choose_compile(as_set, cuda, 1024, 4096, 2500) == ("layers", "pack.compile=layers (as set)")
+    assert choose_compile(as_set, cuda, 1024, 4096, 2500, 26) == ("layers", "pack.compile=layers (as set)")
 
 
 def test_pack_auto_probes_the_step_the_pack_will_run(monkeypatch):
@@ -51,34 +53,34 @@ def test_pack_auto_probes_the_step_the_pack_will_run(monkeypatch):
     monkeypatch.setattr(sizing, "choose_slots", probe)
     cuda = SimpleNamespace(device=torch.device("cuda"))
     cfg = compose(["model=tiny_gpt2", "data=seed"])
-    # 300 steps a trial: 64 trials at the kernels' K=40 have 600 steps ahead: graphs
-    assert choose_pack(cuda, None, cfg, 32, ["c_attn"], 64, 300)[:3] == (40, "K for layers", "graphs")
+    # 512-token rows, 300 steps a trial: 64 trials at the kernels' K=40 have 600 steps ahead: graphs
+    assert choose_pack(cuda, None, cfg, 32, ["c_attn"], 64, 300, 512)[:3] == (40, "K for layers", "graphs")
     assert probed == [("parts", 32), ("layers", 32)]
     # 10 trials of 40 steps: the bmm step's K takes all 10, one wave of 40 steps, too few to
     # compile: parts, and no probe of the kernels
     probed.clear()
-    slots, why, mode, mode_why = choose_pack(cuda, None, cfg, 32, ["c_attn"], 10, 40)
+    slots, why, mode, mode_why = choose_pack(cuda, None, cfg, 32, ["c_attn"], 10, 40, 400)
     assert (slots, why, mode) == (10, "K for parts", "parts") and "40 pack steps ahead" in mode_why, mode_why
     assert probed == [("parts", 32)]
     # 8 trials of 300 steps: all 8 on the bmm step's K, 300 steps ahead: graphs at K=8, which the
     # compiled step (keeping less) holds too; one probe
     probed.clear()
-    assert choose_pack(cuda, None, cfg, 32, ["c_attn"], 8, 300)[:3] == (8, "K for parts", "graphs")
+    assert choose_pack(cuda, None, cfg, 32, ["c_attn"], 8, 300, 400)[:3] == (8, "K for parts", "graphs")
     assert probed == [("parts", 32)]
     # 40 trials of 40 steps: parts at the kernels' K=40 (40 steps ahead), but at the K=10 the
     # bmm's allow, 160 steps ahead: compiled (and recorded) at that K
     probed.clear()
-    slots, why, mode, mode_why = choose_pack(cuda, None, cfg, 32, ["c_attn"], 40, 40)
+    slots, why, mode, mode_why = choose_pack(cuda, None, cfg, 32, ["c_attn"], 40, 40, 400)
     assert (slots, why, mode) == (10, "K for parts", "graphs") and "160 pack steps ahead" in mode_why, mode_why
     assert probed == [("parts", 32), ("layers", 32)]
     # ranks over 64 go through bmm's in any mode: one probe
     probed.clear()
-    assert choose_pack(cuda, None, cfg, 128, ["c_attn"], 40, 40)[:3] == (40, "K for layers", "parts")
+    assert choose_pack(cuda, None, cfg, 128, ["c_attn"], 40, 40, 400)[:3] == (40, "K for layers", "parts")
     assert probed == [("layers", 128)]
     # as set: that mode's step, once
     probed.clear()
     full = compose(["model=tiny_gpt2", "data=seed", "pack.compile=full"])
-    assert choose_pack(cuda, None, full, 32, ["c_attn"], 40, 40)[:3] == (40, "K for full", "full")
+    assert choose_pack(cuda, None, full, 32, ["c_attn"], 40, 40, 400)[:3] == (40, "K for full", "full")
     assert probed == [("full", 32)]
 
 
