@@ -52,6 +52,11 @@ class StudyView:
         from now on, until a read of the storage shows it."""
         self._ended[trial.number] = trial
 
+    def forget(self, numbers: list[int]) -> None:
+        """Trials the tracking process failed (their run could not be closed): not finished after all."""
+        for number in numbers:
+            self._ended.pop(number, None)
+
     def get_trials(self, deepcopy: bool = True, states: Any = None) -> list[Any]:
         return [t for t in [*self._trials, *self._ended.values()] if states is None or t.state in states]
 

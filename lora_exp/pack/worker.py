@@ -222,7 +222,9 @@ class PackedSweep:
                     log.info("pack: %d/%d trials done [%s]; %s", done, self.plan.n_trials,
                              progress_text(done, self.plan.done_at_start, self.plan.n_trials, self.plan.started,
                                            self.failed, eta), line)
-            self.failures += len(self.io.poll())
+            lost = self.io.poll()  # trials the tracking process could not record: failed, not finished
+            self.view.forget(lost)
+            self.failures += len(lost)
             t0 = time.perf_counter()
             self.io.send()
             trainer.host_s["send"] += time.perf_counter() - t0
