@@ -5,9 +5,9 @@ trials the pack itself finished as soon as they finish.
 flight that is ~0.1-0.3 s per call, per trial, per eval. Here the study is read once per batch of
 evals (at most every few seconds) and each trial's own intermediate values come from memory; the
 reports go to the storage through the tracking process, in order. That process records a trial
-once it has closed its run, seconds after the pack finished it (a wave of 128 trials finishing at
-once took ~15 s on an H100), while a fast step has the next wave at its first eval in ~2 s: read
-from the storage alone, a median pruner found almost no finished trial there and pruned none of
+once it has closed its run, seconds after the pack finished it (of a wave of 128 trials finishing
+at once on an H100, 60 were recorded 15 s later), while a fast step has the next wave at its
+first eval in ~2 s: read from the storage alone, a median pruner found almost no finished trial there and pruned none of
 256. So the view adds the trials the pack finished that the storage does not show yet."""
 from __future__ import annotations
 
