@@ -7,8 +7,9 @@ evals (at most every few seconds) and each trial's own intermediate values come 
 reports go to the storage through the tracking process, in order. That process records a trial
 once it has closed its run, seconds after the pack finished it (of a wave of 128 trials finishing
 at once on an H100, 60 were recorded 15 s later), while a fast step has the next wave at its
-first eval in ~2 s: read from the storage alone, a median pruner found almost no finished trial there and pruned none of
-256. So the view adds the trials the pack finished that the storage does not show yet."""
+first eval in ~2 s: read from the storage alone, a median pruner found almost no finished trial
+there and pruned none of 256. So the view adds the trials the pack finished that the storage does
+not show yet."""
 from __future__ import annotations
 
 import time
