@@ -112,6 +112,13 @@ class Eta:
         return (left + pending * self.per_trial) * (now - since) / ran
 
 
+def share_left(plan: SweepPlan, closed: int) -> int:
+    """A worker's share of the trials still to run: those the sweep had to run when it started,
+    over its workers (they claim from one queue, so their shares stay about even), less the
+    `closed` ones it finished. With one worker, every trial left."""
+    return max(0, -(-(plan.n_trials - plan.done_at_start) // plan.workers) - closed)
+
+
 def pack_shape(plan: SweepPlan, cfg: RunConfig) -> tuple[int, list[str]]:
     """The largest rank and every module any trial of the space may target."""
     space = plan.spec.space
@@ -216,7 +223,7 @@ class PackedSweep:
                     self.closed += 1 - failed
                 trainer.host_s["finish"] += time.perf_counter() - t0
                 done = self.plan.done_at_start + self.closed
-                eta = self._eta(trainer, done)
+                eta = self._eta(trainer)
                 line = trainer.progress(PROGRESS_SECONDS, self.verbose)
                 if line:
                     log.info("pack: %d/%d trials done [%s]; %s", done, self.plan.n_trials,
@@ -243,12 +250,10 @@ class PackedSweep:
             if self.exhausted:
                 return
 
-    def _eta(self, trainer: PackTrainer, done: int) -> float | None:
-        """`Eta`'s estimate, shared with the tracking processes for the trial lines. With several
-        workers each sees only its own trials, so the lines keep the command's rate."""
-        if self.plan.workers != 1:
-            return None
-        eta = self.eta.update(trainer, max(0, self.plan.n_trials - done - trainer.live()))
+    def _eta(self, trainer: PackTrainer) -> float | None:
+        """`Eta`'s estimate of this worker's share of the trials left, shared with its tracking
+        processes for the trial lines."""
+        eta = self.eta.update(trainer, max(0, share_left(self.plan, self.closed) - trainer.live()))
         self.io.eta.value = time.time() + eta if eta is not None else math.nan
         return eta
 
@@ -353,8 +358,7 @@ class PackedSweep:
         base, data = self.context.prepare(cfg)
         load_base_cache(self.study, base)
         max_rank, modules = pack_shape(plan, cfg)
-        # this worker's share of the trials still to run
-        trials = max(1, -(-(plan.n_trials - plan.done_at_start - self.closed) // plan.workers))
+        trials = max(1, share_left(plan, self.closed))
         slots = plan.pack
         positions = cfg.trainer.batch_size * max((len(e.input_ids) for e in data.train), default=0)
         steps = total_steps(cfg, len(data.train))

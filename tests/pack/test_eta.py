@@ -43,6 +43,16 @@ def test_the_estimate_is_the_trial_steps_left_at_the_rate_the_pack_ran(monkeypat
     assert eta.update(Pack(2), pending=5) is None
 
 
+def test_a_workers_share_of_the_trials_left():
+    from types import SimpleNamespace
+
+    plan = SimpleNamespace(n_trials=300, done_at_start=44, workers=1)
+    assert worker.share_left(plan, 0) == 256 and worker.share_left(plan, 100) == 156
+    plan.workers = 3  # 256 over 3 workers: 86 each at most
+    assert worker.share_left(plan, 0) == 86 and worker.share_left(plan, 80) == 6
+    assert worker.share_left(plan, 90) == 0  # a fast worker finished more than its share
+
+
 def test_slot_table_steps_left_counts_live_slots_only():
     table = SlotTable(3, eval_steps=None, evaluates=False)
     assert table.steps_left() == (0, 0)
