@@ -65,7 +65,7 @@ def cmd_sweep(args: list[str], packed: PackedWorker | None = None) -> int:
     if spec.multi and spec.pruner.get("name") != "none":
         print(f"note: pruning is off: Optuna cannot prune multi-objective studies ({', '.join(spec.metrics)})")
     record = parent.SweepRecord(study_name, base_cfg.tracking, spec.objectives, n_trials, tuple(base_overrides),
-                                len(spec.space))
+                                len(spec.space), storage=options.storage)
     run_id = parent.open_parent(base_cfg.tracking, study, parent_params(spec, options, study_name),
                                 spec.text or "", created)
     record = dataclasses.replace(record, run_id=run_id)

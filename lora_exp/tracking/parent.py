@@ -3,6 +3,7 @@ after every trial with the best trial, a table of all trials, Optuna's plots and
 overlay; the best adapter as a parent artifact and as a registered model with alias `best`."""
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -14,6 +15,7 @@ from typing import Any
 from lora_exp.compose import override_value
 from lora_exp.config import TrackingConfig
 from lora_exp.tracking.answers import log_answers, top_trials
+from lora_exp.tracking.locks import store_lock
 from lora_exp.tracking.provenance import provenance, redact_text
 from lora_exp.tracking.runs import write_table
 from lora_exp.tracking.store import connect
@@ -46,6 +48,8 @@ class SweepRecord:
     #: how many keys the space searches (parameter importances need two)
     n_searched: int
     run_id: str | None = None
+    #: the Optuna storage's URL, whose lock has one process at a time publish the best adapter
+    storage: str | None = None
 
     @property
     def metrics(self) -> list[str]:
@@ -166,7 +170,7 @@ def refresh(record: SweepRecord, study: Any, number: int, final: bool = False) -
             _log_summary(client, record, study, trials)
         best = best_trial(study)
         if best is not None and (best.number == number or final):
-            _publish_best(client, record, best)
+            _publish_best(client, record, study)
         if draw and not drawn:
             log_plots(client, record, study, trials)
             client.set_tag(record.run_id, DRAWN_TAG, digest)
@@ -267,11 +271,17 @@ def tables(front: list[Any], trials: list[Any]) -> tuple[str, ...]:
                  or (t == "answers.json" and any(x.state.name == "COMPLETE" for x in trials)))
 
 
-def _publish_best(client: Any, record: SweepRecord, best: Any) -> None:
-    run_id = best.user_attrs.get("mlflow_run_id")
-    if run_id and publish_adapter(client, record.study_name, record.run_id, run_id, best.number, best.value):
-        log.info("best so far: trial %d (%s=%.4f) -> models:/%s@%s", best.number, record.metric, best.value,
-                 record.study_name, BEST_ALIAS)
+def _publish_best(client: Any, record: SweepRecord, study: Any) -> None:
+    """The study's best trial published, one process at a time (the storage's lock), the best read
+    again inside it: two workers that finish together publish it once (not two model versions of
+    one run), and neither publishes an older best over a newer one."""
+    lock = store_lock(record.storage, f"best-{record.study_name}") if record.storage else contextlib.nullcontext()
+    with lock:
+        best = best_trial(study)
+        run_id = best.user_attrs.get("mlflow_run_id") if best is not None else None
+        if run_id and publish_adapter(client, record.study_name, record.run_id, run_id, best.number, best.value):
+            log.info("best so far: trial %d (%s=%.4f) -> models:/%s@%s", best.number, record.metric, best.value,
+                     record.study_name, BEST_ALIAS)
 
 
 def publish_adapter(client: Any, name: str, parent_run_id: str | None, run_id: str, number: int, value: Any) -> bool:

@@ -162,6 +162,48 @@ def test_two_workers_on_one_postgresql_study(workdir, store, postgres_url):
     _assert_exact(postgres_url, store, 8)
 
 
+def _refresh_at_once(barrier, record, storage):
+    import optuna
+
+    from lora_exp.tracking import parent
+
+    study = optuna.load_study(study_name=record.study_name, storage=storage)
+    barrier.wait()
+    parent.refresh(record, study, 0, final=True)
+
+
+def test_two_processes_that_publish_the_best_at_once_register_it_once(workdir, store):
+    """Two workers (or machines) that finish together both refresh the parent run: the best
+    trial's adapter becomes one model version, not one per process."""
+    import multiprocessing
+
+    import mlflow
+
+    from lora_exp.config import TrackingConfig
+    from lora_exp.tracking.parent import SweepRecord
+
+    proc = run_cli("sweep", "sweep=tiny", "n_trials=1", cwd=workdir)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    client = mlflow.MlflowClient(store)
+    client.delete_registered_model("tiny")  # as before the first publication
+    storage = f"sqlite:///{workdir}/mlruns/optuna.db"
+    study = load_study(storage)
+    record = SweepRecord("tiny", TrackingConfig(uri=store), (("eval_loss", "minimize"),), 1, (), 2,
+                         run_id=study.user_attrs["mlflow_parent_run_id"], storage=storage)
+    ctx = multiprocessing.get_context("spawn")
+    barrier = ctx.Barrier(2)
+    procs = [ctx.Process(target=_refresh_at_once, args=(barrier, record, storage)) for _ in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=300)
+    assert [p.exitcode for p in procs] == [0, 0]
+    versions = client.search_model_versions("name='tiny'")
+    assert len(versions) == 1, [(v.version, v.run_id) for v in versions]
+    best = client.get_model_version_by_alias("tiny", "best")
+    assert best.run_id == study.best_trial.user_attrs["mlflow_run_id"]
+
+
 def test_a_trial_line_goes_out_in_one_write(monkeypatch):
     """Tracking processes print trial lines at once; with PYTHONUNBUFFERED, `print` writes the
     text and its newline separately and two processes' lines interleave (seen once in CI)."""
