@@ -155,6 +155,23 @@ def override_value(override: str) -> Any:
     return parsed.value()
 
 
+def train_command(overrides: list[str] | tuple[str, ...]) -> str:
+    """The `lora-exp train` command that trains what these overrides describe (a sweep's base, then
+    a trial's own): each key once, at its last value (the one Hydra keeps), and without `pack.*`,
+    which only says how a sweep packed its trials (a packed trial trains as it does alone); quoted
+    where a shell would read a value otherwise (`[a,b]` is a glob, a mapping has spaces)."""
+    import shlex
+
+    kept: dict[str, str] = {}
+    for text in overrides:
+        key = text.partition("=")[0].lstrip("+~")
+        if key == "pack" or key.startswith("pack."):
+            continue
+        kept.pop(key, None)  # the last value, where it came
+        kept[key] = text
+    return " ".join(["lora-exp train", *map(shlex.quote, kept.values())])
+
+
 def _with(base_dict: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     import copy
 

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from lora_exp.compose import train_command
 from lora_exp.errors import ConfigError
 from lora_exp.runs.recorded import tracking_for
 from lora_exp.sweep.plan import default_storage
@@ -79,7 +80,7 @@ def describe_best(study: Any, store: list[str] | None = None) -> str:
         f"run id:     {best.user_attrs.get('mlflow_run_id', '-')}",
         f"objective:  {best.value:.6g}",
         f"params:     {trained_params(best)}",
-        f"reproduce:  lora-exp train {' '.join([*base, *overrides])}",
+        f"reproduce:  {train_command([*base, *overrides])}",
         f"rerun:      lora-exp rerun {' '.join([best.user_attrs.get('mlflow_run_id', '-'), *store])}",
     ])
 
@@ -104,7 +105,7 @@ def describe_front(study: Any) -> str:
     for t in front:
         values = "  ".join(f"{m}={v:.6g}" for m, v in zip(metrics, t.values))
         lines.append(f"trial {t.number:>3}  {values}  run {t.user_attrs.get('mlflow_run_id', '-')}")
-        lines.append(f"           lora-exp train {' '.join([*base, *t.user_attrs.get('overrides', [])])}")
+        lines.append(f"           {train_command([*base, *t.user_attrs.get('overrides', [])])}")
     lines.append(f"pick one: lora-exp best --promote RUN_ID  (models:/{study.study_name}@best then names it)")
     return "\n".join(lines)
 

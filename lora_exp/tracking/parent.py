@@ -12,7 +12,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from lora_exp.compose import override_value
+from lora_exp.compose import override_value, train_command
 from lora_exp.config import TrackingConfig
 from lora_exp.tracking.answers import log_answers, top_trials
 from lora_exp.tracking.locks import store_lock
@@ -359,8 +359,7 @@ def finish_parent(study: Any, record: SweepRecord, stopped: str | None = None) -
     if best is not None:
         run_id = best.user_attrs.get("mlflow_run_id") or "-"
         lines.append(f"best: trial {best.number}  {record.metric}={best.value:.4f}  run {run_id}")
-        command = " ".join(["lora-exp train", *record.base_overrides, *best.user_attrs.get("overrides", [])])
-        lines.append(f"reproduce: {command}")
+        lines.append(f"reproduce: {train_command([*record.base_overrides, *best.user_attrs.get('overrides', [])])}")
         if record.run_id:
             lines.append(f"parent run {record.run_id}; best adapter: models:/{record.study_name}@{BEST_ALIAS}")
     front = pareto_front(study)

@@ -4,8 +4,13 @@ helper processes that die."""
 from __future__ import annotations
 
 import json
+import os
 import re
+import shlex
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -26,7 +31,8 @@ def test_packed_sweep_records_every_trial_and_its_best_reruns_the_same(workdir, 
     import optuna
     from mlflow.tracking import MlflowClient
 
-    args = ["sweep", "sweep=tiny", "pack=4", "n_trials=7", "trainer.base_dropout=false"]
+    # trainer.max_steps=30 again (the sweep's base sets it): the reproduce line names it once
+    args = ["sweep", "sweep=tiny", "pack=4", "n_trials=7", "trainer.base_dropout=false", "trainer.max_steps=30"]
     # two tracking processes (one on a 2-core machine by default): each trial's tasks in order in
     # one of them, the [n/7] count shared, the parent run refreshed by one, last
     proc = run_cli(*args, cwd=workdir, env={"LORA_EXP_PACK_TRACKERS": "2"})
@@ -87,6 +93,20 @@ def test_packed_sweep_records_every_trial_and_its_best_reruns_the_same(workdir, 
     line = next(ln for ln in rerun.stdout.splitlines() if ln.startswith("final_eval_loss"))
     original, again = (float(v) for v in line.split()[1:3])
     assert _rel(original, again) <= 1e-3  # printed with 6 significant digits
+
+    # the summary's `reproduce:` line, pasted into a shell, trains the best trial alone: each key
+    # once, no pack.* (how the sweep packed it), the list value quoted (bash and zsh read `[a,b]`
+    # as a glob), and the same eval loss as the trial packed (fp32, no base dropout: 1e-4)
+    line = next(ln for ln in proc.stdout.splitlines() if ln.startswith("reproduce: ")).removeprefix("reproduce: ")
+    words = shlex.split(line)
+    keys = [w.partition("=")[0] for w in words[2:]]
+    assert len(keys) == len(set(keys)) and not any(k.startswith("pack") for k in keys), line
+    assert "trainer.generation_metrics=[exact_match,token_f1,rouge_l]" in words, line
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    alone = subprocess.run(["bash", "-c", line], cwd=workdir, capture_output=True, text=True, timeout=600, env=env)
+    assert alone.returncode == 0, alone.stderr[-3000:]
+    run_id = re.search(r"run ([0-9a-f]{32})", alone.stdout.split("done:", 1)[1]).group(1)
+    assert _rel(client.get_run(run_id).data.metrics["final_eval_loss"], best.value) <= 1e-4
 
 
 def test_pack_option_bad_values_fail_in_one_line_before_any_model_loads(workdir):
