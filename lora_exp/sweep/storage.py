@@ -10,7 +10,7 @@ from typing import Any
 
 from lora_exp.errors import ConfigError, LoraExpError
 from lora_exp.sweep.spec import SweepSpec
-from lora_exp.tracking.locks import store_lock
+from lora_exp.tracking.locks import sqlite_wal, store_lock
 from lora_exp.tracking.provenance import redact_uri
 
 log = logging.getLogger("lora_exp")
@@ -114,6 +114,7 @@ def rdb_storage(url: str, **kwargs: Any) -> Any:
     the study) collide on `alembic_version` ("duplicate key value"). Every opener takes the lock."""
     import optuna
 
+    sqlite_wal(url)
     with store_lock(url, "optuna-init"):
         return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs(url), **kwargs)
 
@@ -132,12 +133,11 @@ def open_study(plan_or_spec: SweepSpec, storage_url: str, study_name: str, creat
         # migrations) and the study, the others find them
         with store_lock(storage_url, "optuna-init"), warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # heartbeats, retries
+            sqlite_wal(storage_url)
             storage = optuna.storages.RDBStorage(  # rdb_storage's lock, held on to create the study
                 storage_url, engine_kwargs=engine_kwargs(storage_url),
                 heartbeat_interval=int(max(1, spec.heartbeat)), grace_period=int(max(2, spec.grace)),
                 **retry_stale(max_retry=RETRIES))
-            if storage_url.startswith("sqlite:///"):
-                sqlite_wal(storage.engine)
             if create:
                 try:
                     return optuna.create_study(study_name=study_name, storage=storage, load_if_exists=False,
@@ -153,28 +153,6 @@ def open_study(plan_or_spec: SweepSpec, storage_url: str, study_name: str, creat
     except Exception as exc:  # SQLAlchemy / driver errors: unreachable or wrong URL
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ConfigError(f"storage: cannot open {redact_uri(storage_url)}: {first[:300]}") from exc
-
-
-def sqlite_wal(engine: Any) -> None:
-    """Write-ahead logging on a SQLite store: a packed sweep's sampler, tracking processes and
-    workers write one file at once; in WAL mode readers no longer wait for a writer's commit,
-    and a commit is one sync of the log, not of the journal and the database."""
-    import sqlite3
-
-    from sqlalchemy import event
-
-    def pragmas(dbapi_connection: Any, record: Any) -> None:
-        cursor = dbapi_connection.cursor()
-        try:
-            cursor.execute("PRAGMA journal_mode=WAL")  # kept in the file: once is enough
-            cursor.execute("PRAGMA synchronous=NORMAL")  # WAL stays consistent; a power cut may lose the last commits
-        except sqlite3.OperationalError:  # locked by a writer just now: the next connection sets it
-            pass
-        finally:
-            cursor.close()
-
-    event.listen(engine, "connect", pragmas)
-    engine.dispose()  # connections opened before (creating the tables) reconnect with it
 
 
 def engine_kwargs(url: str) -> dict[str, Any]:

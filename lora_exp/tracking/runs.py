@@ -33,6 +33,7 @@ class MlflowTracker:
         self.flush_seconds = flush_seconds
         self._buffer: list[Any] = []
         self._last_flush = time.monotonic()
+        self._tables: list[str] = []  # the table artifacts logged (the run tag lists them all)
 
     def log_params(self, params: dict[str, Any]) -> None:
         from mlflow.entities import Param
@@ -49,17 +50,24 @@ class MlflowTracker:
         if len(self._buffer) >= 1000 or time.monotonic() - self._last_flush >= self.flush_seconds:
             self.flush()
 
-    def flush(self) -> None:
-        while self._buffer:
-            chunk, self._buffer = self._buffer[:1000], self._buffer[1000:]
-            self.client.log_batch(self.run_id, metrics=chunk, synchronous=True)
+    def flush(self, tags: dict[str, Any] | None = None) -> None:
+        """Send the buffered metrics (and `tags`, in the same request: closing a run)."""
+        from mlflow.entities import RunTag
+
+        pending = [RunTag(k, redact_text(str(v))[:8000]) for k, v in (tags or {}).items()]
+        while self._buffer or pending:
+            # MLflow's limits a request: 1000 metrics, 100 tags, 1000 entries in all
+            tags_now, pending = pending[:100], pending[100:]
+            chunk, self._buffer = self._buffer[:1000 - len(tags_now)], self._buffer[1000 - len(tags_now):]
+            self.client.log_batch(self.run_id, metrics=chunk, tags=tags_now, synchronous=True)
         self._last_flush = time.monotonic()
 
     def set_tags(self, tags: dict[str, Any]) -> None:
         from mlflow.entities import RunTag
 
-        self.client.log_batch(self.run_id, tags=[RunTag(k, redact_text(str(v))[:8000]) for k, v in tags.items()],
-                              synchronous=True)
+        items = [RunTag(k, redact_text(str(v))[:8000]) for k, v in tags.items()]
+        for i in range(0, len(items), 100):
+            self.client.log_batch(self.run_id, tags=items[i:i + 100], synchronous=True)
 
     def log_text(self, text: str, artifact_file: str) -> None:
         self.client.log_text(self.run_id, redact_text(text), artifact_file)
@@ -68,7 +76,11 @@ class MlflowTracker:
         self.client.log_artifacts(self.run_id, str(local_dir), artifact_path)
 
     def log_table(self, table: dict[str, list[Any]], artifact_file: str) -> None:
-        self.client.log_table(self.run_id, data=table, artifact_file=artifact_file)
+        """The table as MLflow's table artifact (`write_table`: MlflowClient.log_table lists the
+        run's artifacts and reads the whole run back first, a third of a packed trial's recording)."""
+        if artifact_file not in self._tables:
+            self._tables.append(artifact_file)
+        write_table(self.client, self.run_id, table, artifact_file, tuple(self._tables))
 
     def delete_artifacts(self, path: str) -> None:
         """Remove a folder of this run's artifacts (a finished trial's checkpoint)."""
@@ -158,9 +170,7 @@ def open_run(cfg: TrackingConfig, run_name: str | None = None, tags: dict[str, A
 def close_run(tracker: MlflowTracker, status: str, tags: dict[str, Any] | None = None) -> None:
     """Flush and close the run with `status`. Not best effort: a run that cannot be closed
     (tracking server gone) must fail its caller, so nothing counts as done without its run."""
-    if tags:
-        tracker.set_tags(tags)
-    tracker.flush()
+    tracker.flush(tags)
     tracker.client.set_terminated(tracker.run_id, status)
 
 

@@ -9,7 +9,7 @@ from typing import Any
 
 from lora_exp.config import TrackingConfig
 from lora_exp.errors import ConfigError
-from lora_exp.tracking.locks import store_lock
+from lora_exp.tracking.locks import sqlite_wal, store_lock
 from lora_exp.tracking.provenance import redact_uri
 
 log = logging.getLogger(__name__)
@@ -17,6 +17,9 @@ log = logging.getLogger(__name__)
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 
 _clients: dict[str, Any] = {}
+#: (uri, experiment name) -> its id, once found or created in this process (a pack opens a run a
+#: trial; the id of an experiment never changes)
+_experiments: dict[tuple[str, str], str] = {}
 #: tracking servers that answered `check_uri` in this process (connect does not ask them again)
 _answered: set[str] = set()
 
@@ -45,14 +48,23 @@ def check_uri(cfg: TrackingConfig) -> str:
 def connect(cfg: TrackingConfig) -> tuple[Any, str]:
     """An MlflowClient for `cfg.uri` and the id of `cfg.experiment` (created if missing)."""
     uri = check_uri(cfg)
+    logging.getLogger("alembic").setLevel(logging.WARNING)
+    client = _clients.get(uri)
+    if client is not None and (uri, cfg.experiment) in _experiments:
+        return client, _experiments[uri, cfg.experiment]
+    client, experiment_id = _connect(cfg, uri, client)
+    _experiments[uri, cfg.experiment] = experiment_id
+    return client, experiment_id
+
+
+def _connect(cfg: TrackingConfig, uri: str, client: Any) -> tuple[Any, str]:
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
-    logging.getLogger("alembic").setLevel(logging.WARNING)
-    client = _clients.get(uri)
     try:
         if client is None:
             with store_lock(uri, "mlflow-init"):  # one process at a time runs a new store's migrations
+                sqlite_wal(uri)
                 client = MlflowClient(tracking_uri=uri)
                 experiment = client.get_experiment_by_name(cfg.experiment)
             _clients[uri] = client
