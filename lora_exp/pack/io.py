@@ -178,6 +178,10 @@ def tracking_main(plan: SweepPlan, tasks: Any, results: Any, worker_index: int, 
                 return
 
     threading.Thread(target=pump, daemon=True, name="lora-exp-inbox").start()
+    if worker.refreshes and plan.base.tracking.enabled:
+        from lora_exp.tracking.sweep_plots import preload
+
+        threading.Thread(target=preload, daemon=True, name="lora-exp-preload").start()
     try:
         while True:
             batch = inbox.get()

@@ -25,6 +25,22 @@ def cost_curve(trials: list[Any], minimize: bool = True) -> list[tuple[float, fl
     return out
 
 
+def preload() -> None:
+    """Import what drawing the plots needs (matplotlib, Optuna's plots, and its parameter
+    importances, which import scikit-learn and SciPy: ~5 s on 2 cores). A pack's tracking process
+    that refreshes the parent run calls it in a thread when it starts, while the first trials
+    train, so the sweep's last refresh does not pay it after the last trial."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot  # noqa: F401
+        import optuna.importance  # noqa: F401
+        from optuna.visualization import matplotlib as ov  # noqa: F401
+    except Exception as exc:  # noqa: BLE001 - the plots import them again, and say what fails
+        log.debug("preloading the plots' modules failed: %s", exc)
+
+
 def log_plots(client: Any, record: Any, study: Any, trials: list[Any]) -> None:
     """Every plot of the parent run (`record`: its `SweepRecord`), written again."""
     import matplotlib
