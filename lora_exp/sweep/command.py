@@ -84,9 +84,9 @@ def cmd_sweep(args: list[str], packed: PackedWorker | None = None) -> int:
                      base_cfg, workers, done_at_start=done_at_start)
     parent.close_orphan_runs(record, study)
     monitor = parent.monitor_system(record)
-    log.info("%d trials to run now, %d worker(s)%s", added, workers,
-             "" if not plan.packed else ", trials packed as many at once as the GPU holds" if plan.pack == "auto"
-             else f", {plan.pack} trials at once each")
+    packing = ("" if not plan.packed else f", {plan.pack} trials at once each" if plan.pack != "auto"
+               else ", pack=auto (as many trials at once as the GPU holds; on a CPU one at a time)")
+    log.info("%d trials to run now, %d worker(s)%s", added, workers, packing)
     stopped: str | None = "an error"
     finished = False
     try:
