@@ -56,7 +56,7 @@ class MlflowTracker:
 
         pending = [RunTag(k, redact_text(str(v))[:8000]) for k, v in (tags or {}).items()]
         while self._buffer or pending:
-            # MLflow's limits a request: 1000 metrics, 100 tags, 1000 entries in all
+            # MLflow's limits on one request: 1000 metrics, 100 tags, 1000 entries in all
             tags_now, pending = pending[:100], pending[100:]
             chunk, self._buffer = self._buffer[:1000 - len(tags_now)], self._buffer[1000 - len(tags_now):]
             self.client.log_batch(self.run_id, metrics=chunk, tags=tags_now, synchronous=True)
