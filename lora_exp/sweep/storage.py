@@ -114,7 +114,6 @@ def rdb_storage(url: str, **kwargs: Any) -> Any:
     the study) collide on `alembic_version` ("duplicate key value"). Every opener takes the lock."""
     import optuna
 
-    sqlite_wal(url)
     with store_lock(url, "optuna-init"):
         return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs(url), **kwargs)
 

@@ -18,8 +18,9 @@ _WAL_FILES: set[str] = set()
 
 
 def sqlite_wal(url: str) -> None:
-    """Write-ahead logging on the sqlite store at `url` (MLflow's or Optuna's), for every
-    connection this process opens to it from now on: readers no longer wait for a writer, and a
+    """Write-ahead logging on the sqlite store at `url` (MLflow's or Optuna's), which this process
+    is about to write (a reader leaves a store's mode alone), for every connection it opens to
+    it from now on: readers no longer wait for a writer, and a
     commit no longer syncs a rollback journal and the database file several times
     (`synchronous=NORMAL`: the store stays consistent; a power cut may lose the last commits).
     Recording a packed trial synced the disk ~36 times in SQLite's default journal mode, and less
@@ -27,12 +28,39 @@ def sqlite_wal(url: str) -> None:
     if not url.startswith("sqlite:///"):
         return
     if not _WAL_FILES:
+        import atexit
+
         from sqlalchemy import event
         from sqlalchemy.engine import Engine
 
         # every engine's connections (MLflow makes its own engine), each checked against the files here
         event.listen(Engine, "connect", _wal_pragmas)
-    _WAL_FILES.add(str(Path(url[len("sqlite:///"):]).expanduser().resolve()))
+        atexit.register(_checkpoint)
+    path = Path(url[len("sqlite:///"):]).expanduser().resolve()
+    if str(path) in _WAL_FILES:
+        return
+    _WAL_FILES.add(str(path))
+    if path.is_file():  # connections this process opened before (a reader's) follow the file's mode
+        _pragmas(path, "PRAGMA journal_mode=WAL")
+
+
+def _checkpoint() -> None:
+    """At exit, the write-ahead log moved into the database file: the command ends with
+    `os._exit`, which closes no connection, so SQLite would leave the last commits in `-wal`
+    (safe, but lost to whoever copies the database file alone)."""
+    for path in _WAL_FILES:
+        _pragmas(Path(path), "PRAGMA wal_checkpoint(TRUNCATE)")
+
+
+def _pragmas(path: Path, *statements: str) -> None:
+    import sqlite3
+
+    try:
+        with contextlib.closing(sqlite3.connect(path, timeout=5)) as db:
+            for statement in statements:
+                db.execute(statement).fetchall()
+    except sqlite3.Error:  # busy, or gone: the next connection (or exit) does it
+        pass
 
 
 def _wal_pragmas(dbapi_connection: Any, record: Any) -> None:

@@ -15,7 +15,7 @@ from typing import Any
 from lora_exp.compose import override_value, train_command
 from lora_exp.config import TrackingConfig
 from lora_exp.tracking.answers import log_answers, top_trials
-from lora_exp.tracking.locks import store_lock
+from lora_exp.tracking.locks import sqlite_wal, store_lock
 from lora_exp.tracking.provenance import provenance, redact_text
 from lora_exp.tracking.runs import write_table
 from lora_exp.tracking.store import connect
@@ -72,6 +72,7 @@ def open_parent(cfg: TrackingConfig, study: Any, params: dict[str, Any], sweep_t
     same moment waits for the parent's id to appear in the study (so there is one parent)."""
     if not cfg.enabled:
         return None
+    sqlite_wal(cfg.uri)  # a sweep's processes write the store at once
     client, experiment_id = connect(cfg)
     run_id = study.user_attrs.get(PARENT_ATTR)
     deadline = time.monotonic() + 60

@@ -14,6 +14,7 @@ from typing import Any, Iterator
 
 from lora_exp.config import TrackingConfig, resolve_path
 from lora_exp.core.recording import NullTracker, Tracker
+from lora_exp.tracking.locks import sqlite_wal
 from lora_exp.tracking.provenance import provenance, redact_text
 from lora_exp.tracking.store import connect
 
@@ -158,6 +159,7 @@ def open_run(cfg: TrackingConfig, run_name: str | None = None, tags: dict[str, A
              flush_seconds: float | None = None) -> MlflowTracker:
     """A new run (nested under `parent_run_id` if given), tagged with the provenance
     (`base_tags`, read once by a caller that opens many runs) and `tags`."""
+    sqlite_wal(cfg.uri)
     client, experiment_id = connect(cfg)
     all_tags = {**(base_tags if base_tags is not None else provenance()), **(tags or {})}
     if parent_run_id:

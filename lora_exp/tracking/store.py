@@ -9,7 +9,7 @@ from typing import Any
 
 from lora_exp.config import TrackingConfig
 from lora_exp.errors import ConfigError
-from lora_exp.tracking.locks import sqlite_wal, store_lock
+from lora_exp.tracking.locks import store_lock
 from lora_exp.tracking.provenance import redact_uri
 
 log = logging.getLogger(__name__)
@@ -64,7 +64,6 @@ def _connect(cfg: TrackingConfig, uri: str, client: Any) -> tuple[Any, str]:
     try:
         if client is None:
             with store_lock(uri, "mlflow-init"):  # one process at a time runs a new store's migrations
-                sqlite_wal(uri)
                 client = MlflowClient(tracking_uri=uri)
                 experiment = client.get_experiment_by_name(cfg.experiment)
             _clients[uri] = client

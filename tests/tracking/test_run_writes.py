@@ -57,3 +57,22 @@ def test_sqlite_stores_are_written_ahead(tmp_path):
     for name in ("mlflow.db", "optuna.db"):
         with sqlite3.connect(tmp_path / name) as db:
             assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal", name
+
+
+def test_a_command_leaves_everything_it_recorded_in_the_database_file(tmp_path):
+    """A command ends with os._exit (no connection closed): its write-ahead log is moved into the
+    database file at exit, so the file alone, copied elsewhere, holds the finished run."""
+    import shutil
+
+    from helpers import run_cli
+
+    proc = run_cli("train", "model=tiny_gpt2", "data=seed", "trainer.max_steps=2", "trainer.max_new_tokens=2",
+                   cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    wal = tmp_path / "mlruns" / "mlflow.db-wal"
+    assert not wal.exists() or wal.stat().st_size == 0
+    shutil.copy(tmp_path / "mlruns" / "mlflow.db", tmp_path / "alone.db")
+    with sqlite3.connect(tmp_path / "alone.db") as db:
+        assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"  # as the command left it
+        assert db.execute("SELECT status FROM runs").fetchall() == [("FINISHED",)]
+        assert db.execute("SELECT count(*) FROM metrics WHERE key = 'train_loss'").fetchone()[0] == 2
